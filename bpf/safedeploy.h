@@ -1,0 +1,247 @@
+/* safedeploy: the one header shared by every BPF program (bcc dialect).
+ *
+ * Every struct here is mirrored once in userspace, in ocihook/maps.py; a kernel test
+ * compares the two layouts with what bcc compiled. Change both together.
+ *
+ * Programs are compiled once, pinned under $SAFEDEPLOY_BPFFS/<source-hash>/ and shared
+ * by every policed cgroup. Per-cgroup state lives in the maps below, keyed by the id of
+ * the cgroup the policy was applied to; a program finds it by walking the ancestors of
+ * the current cgroup, so nested cgroups inherit their container's policy.
+ */
+#ifndef SAFEDEPLOY_H
+#define SAFEDEPLOY_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+
+/* bcc 0.26's helpers.h lacks this one (helper 123, kernel 5.7+) */
+static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
+    (void *)BPF_FUNC_get_current_ancestor_cgroup_id;
+
+#define SD_MAX_DEPTH 16          /* cgroup levels walked to find a policy */
+#define SD_RULE_DEFAULT 0xffff   /* event/verdict came from the policy default */
+#define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
+
+#define SD_ALLOW 0
+#define SD_DENY 1
+
+#define SD_MODE_ENFORCE 0
+#define SD_MODE_AUDIT 1
+
+#define SD_EV_ALLOWED 0
+#define SD_EV_BLOCKED 1
+#define SD_EV_WOULD_BLOCK 2
+
+#define SD_KIND_CONNECT 1
+#define SD_KIND_SENDMSG 2
+#define SD_KIND_DNS 3
+
+#define SD_STAT_EVENTS_DROPPED 0
+#define SD_STAT_DECISIONS 1
+#define SD_STAT_DENIED 2
+#define SD_NSTATS 4
+
+/* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
+struct sd_cgroup {
+    __u8 mode;          /* SD_MODE_* */
+    __u8 dflt;          /* SD_ALLOW | SD_DENY: verdict when no rule applies */
+    __u8 has_resolvers; /* 1: port-53 traffic only to the resolvers map */
+    __u8 pad;
+    __u32 generation;   /* userspace's instance number, for stale-entry checks */
+};
+
+/* cidrs: LPM trie. The fixed part (proto, pad, port, cgid: 96 bits) always matches in
+ * full; prefixlen = 96 + the rule's prefix in the IPv6 (v4-mapped) address space. port 0
+ * holds rules that cover every port; tcp and udp are separate entries. */
+struct sd_cidr_key {
+    __u32 prefixlen;
+    __u8 proto;         /* IPPROTO_TCP | IPPROTO_UDP */
+    __u8 pad;
+    __u16 port;         /* host order; 0 = any port */
+    __u64 cgid;
+    __u32 addr[4];      /* network order; IPv4 as ::ffff:a.b.c.d */
+};
+#define SD_CIDR_FIXED_BITS 96
+
+struct sd_cidr_val {
+    __u16 rule;         /* index of the rule in the policy */
+    __u8 verdict;       /* SD_ALLOW | SD_DENY */
+    __u8 plen;          /* the rule's prefix length (0..128) */
+};
+
+/* resolvers: (cgid, address) -> 1, consulted for port 53 when has_resolvers */
+struct sd_addr_key {
+    __u64 cgid;
+    __u32 addr[4];
+};
+
+/* events: aggregation of decisions, drained into the report. Nothing is lost while no
+ * one listens; a full map counts SD_STAT_EVENTS_DROPPED instead. */
+struct sd_event_key {
+    __u64 cgid;         /* cgroup the policy belongs to */
+    __u32 addr[4];
+    __u32 pid;          /* tgid */
+    __u16 port;         /* host order */
+    __u16 rule;
+    __u8 verdict;       /* SD_EV_* */
+    __u8 kind;          /* SD_KIND_* */
+    __u8 proto;
+    __u8 family;        /* 4 | 6 */
+    __u32 name_id;      /* 0, or a key of the names map (DNS) */
+};
+
+struct sd_event_val {
+    __u64 count;
+    __u64 first_ns;     /* CLOCK_BOOTTIME */
+    __u64 last_ns;
+    __u32 uid;
+    __u32 pad;
+    char comm[16];
+};
+
+BPF_HASH(cgroups, __u64, struct sd_cgroup, 16384);
+BPF_LPM_TRIE(cidrs, struct sd_cidr_key, struct sd_cidr_val, 262144);
+BPF_HASH(resolvers, struct sd_addr_key, __u8, 16384);
+BPF_HASH(events, struct sd_event_key, struct sd_event_val, 65536);
+BPF_PERCPU_ARRAY(stats, __u64, SD_NSTATS);
+
+static __always_inline void sd_stat(__u32 idx)
+{
+    __u64 *v = stats.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+static __always_inline struct sd_cgroup *sd_cgroup_of(__u64 id)
+{
+    return cgroups.lookup(&id);
+}
+
+/* The policy of the nearest policed ancestor (or the cgroup itself). ANCESTOR(level)
+ * is sd_current_ancestor_cgroup_id or bpf_skb_ancestor_cgroup_id. */
+#define SD_FIND_POLICY(ANCESTOR, cgid_out)                                   \
+    ({                                                                       \
+        struct sd_cgroup *found_ = 0;                                        \
+        _Pragma("unroll") for (int lvl_ = 0; lvl_ < SD_MAX_DEPTH; lvl_++) {  \
+            __u64 id_ = ANCESTOR(lvl_);                                      \
+            if (!id_)                                                        \
+                break;                                                       \
+            struct sd_cgroup *p_ = sd_cgroup_of(id_);                        \
+            if (p_) {                                                        \
+                found_ = p_;                                                 \
+                *(cgid_out) = id_;                                           \
+            }                                                                \
+        }                                                                    \
+        found_;                                                              \
+    })
+
+static __always_inline int sd_is_v4mapped(const __u32 *a)
+{
+    return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+/* Best of two CIDR matches: longest prefix, then deny, then lowest rule index. */
+static __always_inline struct sd_cidr_val *sd_better(struct sd_cidr_val *a, struct sd_cidr_val *b)
+{
+    if (!a)
+        return b;
+    if (!b)
+        return a;
+    if (a->plen != b->plen)
+        return a->plen > b->plen ? a : b;
+    if (a->verdict != b->verdict)
+        return a->verdict == SD_DENY ? a : b;
+    return a->rule <= b->rule ? a : b;
+}
+
+struct sd_dest {
+    __u32 addr[4];
+    __u16 port;
+    __u8 proto;
+    __u8 family;
+};
+
+/* Verdict of the policy of cgid for dest (decide() in ocihook/policy.py is the
+ * reference). *rule receives the deciding rule index. */
+static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u16 *rule)
+{
+    if (pol->has_resolvers && d->port == 53) {
+        struct sd_addr_key rk = {};
+        rk.cgid = cgid;
+        __builtin_memcpy(rk.addr, d->addr, sizeof(rk.addr));
+        *rule = SD_RULE_RESOLVERS;
+        return resolvers.lookup(&rk) ? SD_ALLOW : SD_DENY;
+    }
+    struct sd_cidr_key k = {};
+    k.prefixlen = SD_CIDR_FIXED_BITS + 128;
+    k.proto = d->proto;
+    k.port = d->port;
+    k.cgid = cgid;
+    __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+    struct sd_cidr_val *by_port = cidrs.lookup(&k);
+    k.port = 0;
+    struct sd_cidr_val *any_port = cidrs.lookup(&k);
+    struct sd_cidr_val *best = sd_better(by_port, any_port);
+    if (best) {
+        *rule = best->rule;
+        return best->verdict;
+    }
+    *rule = SD_RULE_DEFAULT;
+    return pol->dflt;
+}
+
+static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule, __u8 ev, __u8 kind, __u32 name_id)
+{
+    struct sd_event_key k = {};
+    k.cgid = cgid;
+    __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+    k.pid = bpf_get_current_pid_tgid() >> 32;
+    k.port = d->port;
+    k.rule = rule;
+    k.verdict = ev;
+    k.kind = kind;
+    k.proto = d->proto;
+    k.family = d->family;
+    k.name_id = name_id;
+    __u64 now = bpf_ktime_get_boot_ns();
+    struct sd_event_val *v = events.lookup(&k);
+    if (v) {
+        __sync_fetch_and_add(&v->count, 1);
+        v->last_ns = now;
+        return;
+    }
+    struct sd_event_val nv = {};
+    nv.count = 1;
+    nv.first_ns = now;
+    nv.last_ns = now;
+    nv.uid = (__u32)bpf_get_current_uid_gid();
+    bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
+    if (events.insert(&k, &nv) != 0) {
+        v = events.lookup(&k); /* lost a race with another CPU */
+        if (v)
+            __sync_fetch_and_add(&v->count, 1);
+        else
+            sd_stat(SD_STAT_EVENTS_DROPPED);
+    }
+}
+
+/* Decide, record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */
+static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 kind)
+{
+    __u16 rule = SD_RULE_DEFAULT;
+    __u8 verdict = sd_decide(cgid, pol, d, &rule);
+    sd_stat(SD_STAT_DECISIONS);
+    if (verdict == SD_ALLOW) {
+        sd_record(cgid, d, rule, SD_EV_ALLOWED, kind, 0);
+        return 1;
+    }
+    sd_stat(SD_STAT_DENIED);
+    if (pol->mode == SD_MODE_AUDIT) {
+        sd_record(cgid, d, rule, SD_EV_WOULD_BLOCK, kind, 0);
+        return 1;
+    }
+    sd_record(cgid, d, rule, SD_EV_BLOCKED, kind, 0);
+    return 0;
+}
+
+#endif /* SAFEDEPLOY_H */

@@ -1,0 +1,43 @@
+/* safedeploy: cgroup sock_addr programs — connect(2) for TCP/UDP and unconnected UDP
+ * sendmsg(2), IPv4 and IPv6. Returning 0 makes the syscall fail with EPERM at once. */
+#include "safedeploy.h"
+
+static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_dest *d, __u8 kind)
+{
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    if (!pol)
+        return 1;
+    __u32 proto = ctx->protocol;
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        return 1; /* other protocols are out of scope of connect/sendmsg rules */
+    d->proto = proto;
+    d->port = bpf_ntohs((__u16)ctx->user_port);
+    return sd_enforce(cgid, pol, d, kind);
+}
+
+static __always_inline int sd_v4(struct bpf_sock_addr *ctx, __u8 kind)
+{
+    struct sd_dest d = {};
+    d.addr[2] = bpf_htonl(0xffff);
+    d.addr[3] = ctx->user_ip4;
+    d.family = 4;
+    return sd_sock_addr(ctx, &d, kind);
+}
+
+static __always_inline int sd_v6(struct bpf_sock_addr *ctx, __u8 kind)
+{
+    struct sd_dest d = {};
+    d.addr[0] = ctx->user_ip6[0];
+    d.addr[1] = ctx->user_ip6[1];
+    d.addr[2] = ctx->user_ip6[2];
+    d.addr[3] = ctx->user_ip6[3];
+    /* ::ffff:a.b.c.d is judged as the IPv4 address it is */
+    d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
+    return sd_sock_addr(ctx, &d, kind);
+}
+
+int sd_connect4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_CONNECT); }
+int sd_connect6(struct bpf_sock_addr *ctx) { return sd_v6(ctx, SD_KIND_CONNECT); }
+int sd_sendmsg4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_SENDMSG); }
+int sd_sendmsg6(struct bpf_sock_addr *ctx) { return sd_v6(ctx, SD_KIND_SENDMSG); }

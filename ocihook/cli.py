@@ -1,0 +1,232 @@
+"""The ``safedeploy`` command line (typer). Thin: parse, call the module that does the job,
+turn its one-line errors into ``safedeploy: ...`` on stderr and an exit status."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    name="safedeploy",
+    help="Hermetic deploy environments: only the destinations a policy allows are reachable; "
+         "the circular dependencies of an outage fail fast with EPERM and are reported.",
+    no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None, add_completion=False)
+policy_app = typer.Typer(help="Validate and explain policies.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg if msg.startswith("safedeploy:") else f"safedeploy: {msg}", err=True)
+
+
+@contextlib.contextmanager
+def _errors():
+    """Known failures become one line on stderr and exit status 1, never a traceback."""
+    from .bpfsys import BpfError
+    from .cgroup import CgroupError
+    from .loader import LoaderError
+    from .policy import PolicyError
+    from .report import ReportError
+    from .runner import RunError
+    try:
+        yield
+    except PolicyError as e:
+        for line in e.errors or [str(e)]:
+            _err(line)
+        raise typer.Exit(1) from None
+    except (BpfError, CgroupError, LoaderError, ReportError, RunError) as e:
+        _err(str(e))
+        raise typer.Exit(1) from None
+    except PermissionError as e:
+        _err(f"{e.filename or 'operation'}: permission denied (run as root)")
+        raise typer.Exit(1) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"safedeploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+# -- policy -------------------------------------------------------------------------
+@policy_app.command("validate")
+def policy_validate(files: List[Path] = typer.Argument(..., help="Policy files (YAML or JSON).")) -> None:
+    """Check policies against the schema and semantics. Exit 0 when all are valid; else
+    print `FILE: <json-path>: <message>` lines and exit 1."""
+    from .policy import validate_files
+    problems = validate_files(files)
+    for line in problems:
+        typer.echo(line, err=True)
+    if problems:
+        raise typer.Exit(1)
+    for f in files:
+        typer.echo(f"{f}: valid")
+
+
+@policy_app.command("explain")
+def policy_explain(
+    file: Path = typer.Argument(..., help="Policy file."),
+    dest: str = typer.Argument(..., help="name[:port], ip[:port] or [v6]:port, e.g. api.github.com:443"),
+    proto: str = typer.Option("tcp", "--proto", help="tcp or udp."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Print the verdict for one destination and the rule that decided it.
+
+    Example: safedeploy policy explain deploy.yaml api.github.com:443
+    """
+    from .policy import display_ip, decide, load_policy_file, parse_dest
+    if proto not in ("tcp", "udp"):
+        _err(f"--proto must be tcp or udp, not {proto!r}")
+        raise typer.Exit(2)
+    with _errors():
+        pol = load_policy_file(file)
+        try:
+            d = parse_dest(dest, proto)
+        except ValueError as e:
+            _err(f"{dest}: {e}")
+            raise typer.Exit(2) from None
+        dec = decide(pol, d)
+    out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
+           "proto": d.proto, "verdict": dec.verdict, "effective": dec.effective, "rule": dec.rule_text,
+           "reason": dec.reason, "mode": pol.mode}
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    why = f" ({dec.reason})" if dec.reason else ""
+    typer.echo(f"{dec.verdict.upper()} {dest} [{d.proto}] — rule: {dec.rule_text}{why}; "
+               f"in {pol.mode} mode this is {dec.effective}")
+
+
+# -- run ----------------------------------------------------------------------------
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_cmd(
+    cmd: List[str] = typer.Argument(..., help="The command, after --."),
+    policy: Path = typer.Option(..., "--policy", "-p", help="Policy file (YAML or JSON)."),
+    audit: bool = typer.Option(False, "--audit", help="Block nothing; record what would be blocked."),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="Write the report here "
+                                               "(default $SAFEDEPLOY_LOG_DIR/<run-id>.jsonl)."),
+    fail_on_violation: bool = typer.Option(False, "--fail-on-violation",
+                                           help="Exit 3 when anything was blocked or would have been (CI gates)."),
+) -> None:
+    """Run CMD (and every process it starts) in its own cgroup under a policy.
+
+    Example: safedeploy run --policy deploy.yaml -- ./deploy.sh --env prod
+
+    Exits with CMD's status (or 3 with --fail-on-violation when anything was blocked or
+    would have been); blocked destinations are summarised on stderr.
+    """
+    from . import loader, report, runner
+    from .policy import load_policy_file
+    with _errors():
+        pol = load_policy_file(policy)
+        if audit:
+            pol = dataclasses.replace(pol, mode="audit")
+        res = runner.run(cmd, pol, report_file, log=loader.stderr_log)
+    for line in report.summary(res.records):
+        _err(line)
+    _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations)")
+    if fail_on_violation and res.violations:
+        raise typer.Exit(runner.EXIT_VIOLATION)
+    raise typer.Exit(res.returncode)
+
+
+# -- report -------------------------------------------------------------------------
+@app.command("report")
+def report_cmd(
+    target: str = typer.Argument(..., help="A container/run id (looked up in $SAFEDEPLOY_LOG_DIR) or a report file."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Show a report: who tried to reach what, and what was blocked."""
+    from . import report, settings
+    path = Path(target)
+    if not path.exists():
+        path = settings.log_dir() / f"{target}.jsonl"
+    with _errors():
+        records = report.load(path)
+    if fmt == "json":
+        for rec in report.aggregate(records):
+            typer.echo(json.dumps(rec))
+    elif fmt == "table":
+        typer.echo(report.format_table(records), nl=False)
+    else:
+        _err(f"--format must be table or json, not {fmt!r}")
+        raise typer.Exit(2)
+
+
+# -- status / doctor ----------------------------------------------------------------
+@app.command("status")
+def status_cmd() -> None:
+    """Policed cgroups, program versions and map fill levels."""
+    from . import loader
+    from .maps import PinnedMaps
+    root = loader.settings.bpffs_root()
+    current = loader.pin_dir()
+    versions = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not versions:
+        typer.echo(f"no programs pinned under {root} (they are compiled on first use)")
+        typer.echo("policed cgroups: 0")
+        return
+    with _errors():
+        total = 0
+        for ver in versions:
+            if not loader.is_pinned(ver):
+                typer.echo(f"version {ver.name}: incomplete pins")
+                continue
+            tag = " (current)" if ver == current else ""
+            with PinnedMaps.open(ver) as maps:
+                cgs = maps.policed_cgroups()
+                total += len(cgs)
+                typer.echo(f"version {ver.name}{tag}: {len(cgs)} policed cgroups")
+                for cgid, val in sorted(cgs.items()):
+                    mode = "audit" if val.mode else "enforce"
+                    typer.echo(f"  cgroup {cgid}: {mode}, default {'deny' if val.dflt else 'allow'}")
+                for name, (n, cap) in maps.fill().items():
+                    typer.echo(f"  map {name}: {n}/{cap}")
+                for name, n in maps.stats().items():
+                    typer.echo(f"  {name}: {n}")
+        typer.echo(f"policed cgroups: {total}")
+
+
+@app.command("doctor")
+def doctor_cmd() -> None:
+    """Check kernel, cgroup v2, bpffs, privileges, bcc, headers and runtimes."""
+    from .doctor import run_checks
+    ok = True
+    for name, good, detail, required in run_checks():
+        mark = "ok  " if good else ("FAIL" if required else "warn")
+        typer.echo(f"{mark} {name}: {detail}")
+        ok &= good or not required
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("demo")
+def demo_cmd() -> None:
+    """The main job on a built-in example: a deploy script under a real policy reaches an
+    allowed local service, is refused the circular dependency, and the report is printed."""
+    from .demo import run_demo
+    with _errors():
+        raise typer.Exit(run_demo())
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

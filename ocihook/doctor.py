@@ -1,0 +1,80 @@
+"""``safedeploy doctor``: is this host able to enforce policies? Each check says why not."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from . import cgroup, loader, settings
+
+Check = tuple[str, bool, str, bool]  # name, ok, detail, required
+
+
+def _bcc() -> Check:
+    try:
+        import bcc  # noqa: F401, PLC0415
+    except ImportError as e:
+        return ("bcc", False, f"not importable ({e}); apt install python3-bpfcc and use a "
+                "--system-site-packages venv", True)
+    return ("bcc", True, f"bcc from {Path(bcc.__file__).parent}", True)
+
+
+def _headers() -> Check:
+    kdir = Path("/lib/modules") / platform.release()
+    build = kdir / "build"
+    if (build / "include").is_dir():
+        return ("kernel headers", True, f"{build} -> {build.resolve()}", True)
+    return ("kernel headers", False, f"{build} missing; run packaging/setup-host.sh "
+            "(links Debian's linux-headers for bcc)", True)
+
+
+def _cgroup2() -> Check:
+    try:
+        mnt = cgroup.cgroup2_mount()
+    except cgroup.CgroupError as e:
+        return ("cgroup v2", False, str(e), True)
+    return ("cgroup v2", True, f"mounted at {mnt}", True)
+
+
+def _bpffs() -> Check:
+    root = settings.bpffs_root()
+    if loader._bpffs_mounted(root.parent):
+        return ("bpffs", True, f"{root.parent} is a bpf filesystem", True)
+    return ("bpffs", False, f"{root.parent} is not bpffs (safedeploy mounts it on first use)", False)
+
+
+def _root() -> Check:
+    if os.geteuid() == 0:
+        return ("privileges", True, "root (CAP_BPF, CAP_SYS_ADMIN)", True)
+    return ("privileges", False, "not root: loading programs and attaching to cgroups needs root", True)
+
+
+def _kernel() -> Check:
+    rel = platform.release()
+    ok = Path("/sys/kernel/btf/vmlinux").exists()
+    return ("kernel", True, f"{rel}" + (", BTF" if ok else ", no BTF"), True)
+
+
+def _tool(name: str, required: bool) -> Check:
+    path = shutil.which(name)
+    if not path:
+        return (name, False, "not installed", required)
+    try:
+        ver = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        ver = "installed"
+    return (name, True, f"{path}: {ver}", required)
+
+
+def _programs() -> Check:
+    pins = loader.pin_dir()
+    if loader.is_pinned(pins):
+        return ("programs", True, f"pinned at {pins} (warm start)", False)
+    return ("programs", False, f"not pinned yet at {pins} (first use compiles them)", False)
+
+
+def run_checks() -> list[Check]:
+    return [_root(), _kernel(), _cgroup2(), _bpffs(), _bcc(), _headers(), _programs(),
+            _tool("runc", False), _tool("podman", False)]

@@ -1,0 +1,78 @@
+"""Turn raw kernel events (maps.EventKey/EventVal) into report records (DESIGN.md §5)."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Iterable
+
+from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, EventKey, EventVal, addr_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .policy import Policy
+
+FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
+          "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen")
+
+
+def boot_ns_to_rfc3339(ns: int) -> str:
+    """CLOCK_BOOTTIME nanoseconds (bpf_ktime_get_boot_ns) -> RFC 3339 UTC wall time."""
+    now_boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    wall = time.time_ns() - (now_boot - ns)
+    return datetime.fromtimestamp(wall / 1e9, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def proc_cmdline(pid: int, proc: str = "/proc") -> str | None:
+    """The command line of a live process, or None."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+    return " ".join(args) if raw else None
+
+
+def display_ip(addr) -> str:
+    mapped = addr.ipv4_mapped
+    return str(mapped) if mapped is not None else addr.compressed
+
+
+def rule_of(policy: "Policy", index: int) -> tuple[str, str | None]:
+    """(rule text as written, reason) for a rule index from the kernel."""
+    if index == C["SD_RULE_DEFAULT"]:
+        return "default", None
+    if index == C["SD_RULE_RESOLVERS"]:
+        return "dns.resolvers", None
+    if 0 <= index < len(policy.rules):
+        rule = policy.rules[index]
+        return rule.text, rule.reason
+    return f"rule#{index}", None
+
+
+def to_records(raw: Iterable[tuple[EventKey, EventVal]], policy: "Policy", container: str,
+               cmdlines: dict[int, str] | None = None, names: dict[int, str] | None = None) -> list[dict]:
+    out = []
+    for key, val in raw:
+        rule, reason = rule_of(policy, key.rule)
+        cmd = (cmdlines or {}).get(key.pid) or proc_cmdline(key.pid)
+        out.append({
+            "container": container,
+            "policy": policy.name,
+            "verdict": VERDICT_NAME.get(key.verdict, str(key.verdict)),
+            "kind": KIND_NAME.get(key.kind, str(key.kind)),
+            "proto": PROTO_NAME.get(key.proto, str(key.proto)),
+            "family": key.family,
+            "dst_ip": display_ip(addr_of(key.addr)),
+            "dst_port": key.port,
+            "domain": (names or {}).get(key.name_id) if key.name_id else None,
+            "pid": key.pid,
+            "comm": val.comm.decode(errors="replace"),
+            "cmdline": cmd,
+            "uid": val.uid,
+            "rule": rule,
+            "reason": reason,
+            "count": val.count,
+            "first_seen": boot_ns_to_rfc3339(val.first_ns),
+            "last_seen": boot_ns_to_rfc3339(val.last_ns),
+        })
+    return out

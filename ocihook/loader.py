@@ -1,0 +1,227 @@
+"""Compile (bcc, once), pin, open and attach safedeploy's BPF programs.
+
+Cold path: :func:`ensure_programs` compiles ``bpf/*.c`` with bcc and pins every program
+and map under ``$SAFEDEPLOY_BPFFS/<source-hash>/``. Warm path: the pins exist, so
+:class:`Programs` opens them with plain bpf(2) calls — bcc is imported only to compile.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import bpfsys, cgroup, settings
+from .maps import BPF_DIR, HEADER, MAPS
+
+# bcc program type numbers (enum bpf_prog_type)
+PROG_CGROUP_SKB = 8
+PROG_CGROUP_SOCK_ADDR = 18
+
+# (function in bpf/*.c, program type, attach type)
+PROGRAMS: tuple[tuple[str, int, int], ...] = (
+    ("sd_connect4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_CONNECT),
+    ("sd_connect6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
+    ("sd_sendmsg4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_SENDMSG),
+    ("sd_sendmsg6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG),
+)
+SOURCES = ("sock_addr.c",)
+CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
+BPFFS_MAGIC_TYPE = "bpf"
+
+
+class LoaderError(Exception):
+    """Programs could not be compiled, pinned, opened or attached; str() is one line."""
+
+
+def source_text() -> str:
+    """One translation unit: the header, then every source (bcc rewrites map calls only
+    in the main file, so the header is inlined rather than #included)."""
+    parts = [HEADER.read_text()]
+    for name in SOURCES:
+        parts.append(re.sub(r'^#include "safedeploy\.h"\s*$', "", (BPF_DIR / name).read_text(), flags=re.M))
+    return "\n".join(parts)
+
+
+def source_hash() -> str:
+    """Version of the programs: sources, flags and the running kernel."""
+    h = hashlib.sha256()
+    h.update(source_text().encode())
+    h.update(" ".join(CFLAGS).encode())
+    h.update(platform.release().encode())
+    return h.hexdigest()[:16]
+
+
+def pin_dir(version: str | None = None) -> Path:
+    return settings.bpffs_root() / (version or source_hash())
+
+
+def _pin_names() -> list[str]:
+    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in MAPS]
+
+
+def is_pinned(path: Path) -> bool:
+    return all((path / name).exists() for name in _pin_names())
+
+
+def _bpffs_mounted(path: Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            mnt = pre.split(" ")[4]
+            if post.split(" ", 1)[0] == BPFFS_MAGIC_TYPE and (target == mnt or target.startswith(mnt.rstrip("/") + "/")):
+                return True
+    return False
+
+
+def ensure_bpffs() -> Path:
+    """Make sure $SAFEDEPLOY_BPFFS lives on a bpf filesystem (mount one if needed)."""
+    root = settings.bpffs_root()
+    mount_at = root.parent
+    if not _bpffs_mounted(mount_at):
+        mount_at.mkdir(parents=True, exist_ok=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", os.fsencode(mount_at), b"bpf", 0, b"mode=0700") != 0:
+            err = ctypes.get_errno()
+            raise LoaderError(f"cannot mount bpffs at {mount_at}: {os.strerror(err)}")
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _compile_and_pin(target: Path, log=None) -> None:
+    try:
+        from bcc import BPF  # noqa: PLC0415 — the only bcc import, cold path only
+    except ImportError as e:
+        raise LoaderError(f"bcc is not importable ({e}); install python3-bpfcc") from None
+    t0 = time.monotonic()
+    if log:
+        log(f"safedeploy: compiling BPF programs {target.name} (first use on this kernel)...")
+    # bcc prints "Unable to find kernel headers" to stdout: keep stdout clean for callers
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        try:
+            b = BPF(text=source_text(), cflags=list(CFLAGS))
+        except Exception as e:
+            raise LoaderError(f"BPF compile failed ({e}); check kernel headers with 'safedeploy doctor'") from None
+        tmp = target.parent / f"tmp_{os.getpid()}_{int(time.time() * 1000)}"
+        tmp.mkdir()
+        try:
+            for name, ptype, atype in PROGRAMS:
+                try:
+                    fn = b.load_func(name, ptype, attach_type=atype)
+                except Exception as e:
+                    raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
+                bpfsys.obj_pin(fn.fd, str(tmp / f"prog_{name}"))
+            for name in MAPS:
+                bpfsys.obj_pin(b[name].map_fd, str(tmp / f"map_{name}"))
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            b.cleanup()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    if log:
+        log(f"safedeploy: programs pinned at {target} in {time.monotonic() - t0:.2f}s")
+
+
+def ensure_programs(log=None) -> Path:
+    """The pin directory of the current program version, compiling and pinning it first
+    when absent. Safe against parallel callers (flock)."""
+    target = pin_dir()
+    if is_pinned(target):
+        return target
+    ensure_bpffs()
+    with cgroup.locked(settings.lock_file()):
+        if is_pinned(target):
+            return target
+        if target.exists():  # a partial directory (e.g. pins removed by hand): rebuild
+            shutil.rmtree(target, ignore_errors=True)
+        _compile_and_pin(target, log)
+    return target
+
+
+class Programs:
+    """Open fds of the pinned programs of one version; attach them to cgroups."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fds: dict[str, int] = {}
+        try:
+            for name, _, _ in PROGRAMS:
+                self.fds[name] = bpfsys.obj_get(str(path / f"prog_{name}"))
+        except bpfsys.BpfError as e:
+            self.close()
+            raise LoaderError(f"programs at {path} are not usable: {e}") from None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self) -> "Programs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def attach(self, cgroup_path: Path) -> None:
+        """Attach every program (BPF_F_ALLOW_MULTI); all or nothing."""
+        fd = _open_cgroup(cgroup_path)
+        done = []
+        try:
+            for name, _, atype in PROGRAMS:
+                try:
+                    bpfsys.prog_attach(self.fds[name], fd, atype)
+                except bpfsys.BpfError as e:
+                    if e.errno == 17:  # EEXIST: this very program is attached already
+                        continue
+                    raise LoaderError(f"cannot attach {name} to {cgroup_path}: {e.strerror}") from None
+                done.append((name, atype))
+        except BaseException:
+            for name, atype in done:
+                with contextlib.suppress(bpfsys.BpfError):
+                    bpfsys.prog_detach(self.fds[name], fd, atype)
+            raise
+        finally:
+            os.close(fd)
+
+    def detach(self, cgroup_path: Path) -> int:
+        """Detach every program from a cgroup; returns how many were attached."""
+        try:
+            fd = _open_cgroup(cgroup_path)
+        except LoaderError:
+            return 0  # cgroup gone: the kernel detached them
+        try:
+            return sum(int(bpfsys.prog_detach(self.fds[name], fd, atype)) for name, _, atype in PROGRAMS)
+        finally:
+            os.close(fd)
+
+    def attached_to(self, cgroup_path: Path) -> int:
+        fd = _open_cgroup(cgroup_path)
+        try:
+            mine = {bpfsys.prog_id(pfd) for pfd in self.fds.values()}
+            return sum(len(mine.intersection(bpfsys.prog_query(fd, atype))) for _, _, atype in PROGRAMS)
+        finally:
+            os.close(fd)
+
+
+def _open_cgroup(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LoaderError(f"cannot open cgroup {path}: {e.strerror}") from None
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,244 @@
+"""Userspace side of bpf/safedeploy.h: the map layouts, and policy <-> map entries.
+
+The ctypes structures below are the only userspace copy of the header's structs; the
+``SD_*`` constants are read from the header itself. A kernel test compares both with
+what bcc compiled. Nothing here imports bcc.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from . import bpfsys
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .policy import Policy
+
+BPF_DIR = Path(os.environ.get("SAFEDEPLOY_BPF_SRC", Path(__file__).resolve().parent.parent / "bpf"))
+HEADER = BPF_DIR / "safedeploy.h"
+
+
+def _read_constants(header: Path) -> dict[str, int]:
+    text = header.read_text()
+    return {m[1]: int(m[2], 0) for m in re.finditer(r"^#define (SD_[A-Z0-9_]+) (0x[0-9a-fA-F]+|\d+)\b", text, re.M)}
+
+
+C = _read_constants(HEADER)
+IPPROTO = {"tcp": 6, "udp": 17}
+PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns"}
+VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
+                C["SD_EV_WOULD_BLOCK"]: "would-block"}
+
+
+class SdCgroup(ctypes.Structure):
+    _fields_ = [("mode", ctypes.c_uint8), ("dflt", ctypes.c_uint8), ("has_resolvers", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("generation", ctypes.c_uint32)]
+
+
+class CidrKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+                ("port", ctypes.c_uint16), ("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16)]
+
+
+class CidrVal(ctypes.Structure):
+    _fields_ = [("rule", ctypes.c_uint16), ("verdict", ctypes.c_uint8), ("plen", ctypes.c_uint8)]
+
+
+class AddrKey(ctypes.Structure):
+    _fields_ = [("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16)]
+
+
+class EventKey(ctypes.Structure):
+    _fields_ = [("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16), ("pid", ctypes.c_uint32),
+                ("port", ctypes.c_uint16), ("rule", ctypes.c_uint16), ("verdict", ctypes.c_uint8),
+                ("kind", ctypes.c_uint8), ("proto", ctypes.c_uint8), ("family", ctypes.c_uint8),
+                ("name_id", ctypes.c_uint32)]
+
+
+class EventVal(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint64), ("first_ns", ctypes.c_uint64), ("last_ns", ctypes.c_uint64),
+                ("uid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
+
+
+U8 = ctypes.c_uint8
+U64 = ctypes.c_uint64
+
+# map name in the header -> (key type, value type); the pins are named map_<name>
+MAPS: dict[str, tuple[type, type]] = {
+    "cgroups": (U64, SdCgroup),
+    "cidrs": (CidrKey, CidrVal),
+    "resolvers": (AddrKey, U8),
+    "events": (EventKey, EventVal),
+    "stats": (ctypes.c_uint32, U64),
+}
+# the maps that hold per-cgroup policy (cleared when a cgroup is released)
+POLICY_MAPS = ("cidrs", "resolvers")
+
+
+def _addr_bytes(addr: ipaddress.IPv6Address) -> ctypes.Array:
+    return (ctypes.c_uint8 * 16).from_buffer_copy(addr.packed)
+
+
+def addr_of(raw) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(bytes(raw))
+
+
+def cgroup_entry(policy: "Policy", generation: int) -> SdCgroup:
+    return SdCgroup(mode=C["SD_MODE_AUDIT"] if policy.mode == "audit" else C["SD_MODE_ENFORCE"],
+                    dflt=C["SD_DENY"] if policy.default == "deny" else C["SD_ALLOW"],
+                    has_resolvers=1 if policy.resolvers is not None else 0,
+                    generation=generation & 0xFFFFFFFF)
+
+
+def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
+    """LPM entries for the CIDR rules. Rules that land on the same key are merged as
+    decide() breaks ties: deny beats allow, then the lowest index."""
+    merged: dict[tuple, tuple[int, int, int]] = {}
+    for rule in policy.rules:
+        if rule.kind != "cidr":
+            continue
+        verdict = C["SD_DENY"] if rule.verdict == "deny" else C["SD_ALLOW"]
+        protos = [rule.proto] if rule.proto else ["tcp", "udp"]
+        for proto in protos:
+            for port in rule.ports or (0,):
+                slot = (IPPROTO[proto], port, rule.network.network_address.packed, rule.network.prefixlen)
+                cand = (verdict, rule.index, rule.network.prefixlen)
+                old = merged.get(slot)
+                if old is None or (cand[0], -cand[1]) > (old[0], -old[1]):
+                    merged[slot] = cand
+    out = []
+    for (proto, port, addr, plen), (verdict, index, _) in merged.items():
+        key = CidrKey(prefixlen=C["SD_CIDR_FIXED_BITS"] + plen, proto=proto, port=port, cgid=cgid)
+        key.addr[:] = addr
+        out.append((key, CidrVal(rule=index, verdict=verdict, plen=plen)))
+    return out
+
+
+def resolver_entries(policy: "Policy", cgid: int) -> list[tuple[AddrKey, ctypes.c_uint8]]:
+    return [(AddrKey(cgid=cgid, addr=_addr_bytes(a)), U8(1)) for a in policy.resolvers or ()]
+
+
+@dataclass
+class PinnedMaps:
+    """Open fds of the pinned maps of one program version."""
+    fds: dict[str, int]
+
+    @classmethod
+    def open(cls, pin_dir: Path) -> "PinnedMaps":
+        fds = {}
+        try:
+            for name in MAPS:
+                fds[name] = bpfsys.obj_get(str(pin_dir / f"map_{name}"))
+        except Exception:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(fds)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self) -> "PinnedMaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- per-cgroup policy -------------------------------------------------------
+    def policy_of(self, cgid: int) -> SdCgroup | None:
+        val = SdCgroup()
+        return val if bpfsys.map_lookup(self.fds["cgroups"], U64(cgid), val) else None
+
+    def load_policy(self, cgid: int, policy: "Policy", generation: int) -> None:
+        """Write the rules, then the cgroup header that makes the programs use them.
+        Fails (and leaves nothing behind) when the cgroup already has a policy."""
+        if self.policy_of(cgid) is not None:
+            raise bpfsys.BpfError(17, f"cgroup {cgid} already has a safedeploy policy")
+        try:
+            for key, val in cidr_entries(policy, cgid):
+                bpfsys.map_update(self.fds["cidrs"], key, val)
+            for key, val in resolver_entries(policy, cgid):
+                bpfsys.map_update(self.fds["resolvers"], key, val)
+            bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(policy, generation),
+                              bpfsys.BPF_NOEXIST)
+        except Exception:
+            self.unload_policy(cgid)
+            raise
+
+    def unload_policy(self, cgid: int) -> int:
+        """Remove the header first (programs stop using the rules), then every rule
+        entry of cgid. Returns how many entries were removed."""
+        removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
+        for name in POLICY_MAPS:
+            key_type = MAPS[name][0]
+            fd = self.fds[name]
+            for key in bpfsys.map_keys(fd, key_type):
+                if key.cgid == cgid:
+                    removed += int(bpfsys.map_delete(fd, key))
+        return removed
+
+    def entries_of(self, cgid: int) -> int:
+        """How many map entries (policy and events) belong to cgid."""
+        n = int(self.policy_of(cgid) is not None)
+        for name in (*POLICY_MAPS, "events"):
+            n += sum(1 for k in bpfsys.map_keys(self.fds[name], MAPS[name][0]) if k.cgid == cgid)
+        return n
+
+    def policed_cgroups(self) -> dict[int, SdCgroup]:
+        out = {}
+        for key in bpfsys.map_keys(self.fds["cgroups"], U64):
+            val = SdCgroup()
+            if bpfsys.map_lookup(self.fds["cgroups"], key, val):
+                out[key.value] = val
+        return out
+
+    # -- events ------------------------------------------------------------------
+    def drain_events(self, cgids: Iterable[int]) -> list[tuple[EventKey, EventVal]]:
+        """Take (read and delete) every aggregated event of the given cgroups."""
+        wanted = set(cgids)
+        fd = self.fds["events"]
+        out = []
+        for key in bpfsys.map_keys(fd, EventKey):
+            if key.cgid not in wanted:
+                continue
+            val = EventVal()
+            if bpfsys.map_lookup(fd, key, val):
+                bpfsys.map_delete(fd, key)
+                out.append((key, val))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Per-CPU counters summed over CPUs."""
+        ncpu = possible_cpus()
+        names = {v: k[len("SD_STAT_"):].lower() for k, v in C.items() if k.startswith("SD_STAT_")}
+        out = {}
+        for idx, name in sorted(names.items()):
+            buf = (ctypes.c_uint64 * ncpu)()
+            bpfsys.map_lookup(self.fds["stats"], ctypes.c_uint32(idx), buf)
+            out[name] = sum(buf)
+        return out
+
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """(entries, max_entries) of each hash/LPM map."""
+        out = {}
+        for name in ("cgroups", "cidrs", "resolvers", "events"):
+            n = len(bpfsys.map_keys(self.fds[name], MAPS[name][0]))
+            out[name] = (n, bpfsys.map_info(self.fds[name])["max_entries"])
+        return out
+
+
+def possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n

@@ -1,0 +1,128 @@
+"""Reports: JSON Lines on disk (DESIGN.md §5), a readable table, stderr summary, syslog."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Iterable
+
+from .events import FIELDS
+
+_IDENTITY = ("container", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain", "pid", "rule")
+_VERDICT_ORDER = {"blocked": 0, "would-block": 1, "allowed": 2}
+
+
+class ReportError(Exception):
+    """A report cannot be read; str() is one line."""
+
+
+def aggregate(records: Iterable[dict]) -> list[dict]:
+    """One record per distinct (process, destination, verdict, rule); counts add up,
+    first/last times widen. Sorted: blocked first, then by destination."""
+    merged: dict[tuple, dict] = {}
+    for rec in records:
+        ident = tuple(rec.get(k) for k in _IDENTITY)
+        cur = merged.get(ident)
+        if cur is None:
+            merged[ident] = dict(rec)
+            continue
+        cur["count"] += rec["count"]
+        cur["first_seen"] = min(cur["first_seen"], rec["first_seen"])
+        cur["last_seen"] = max(cur["last_seen"], rec["last_seen"])
+        cur["cmdline"] = cur.get("cmdline") or rec.get("cmdline")
+    return sorted(merged.values(), key=lambda r: (_VERDICT_ORDER.get(r["verdict"], 9), r.get("domain") or "",
+                                                  r["dst_ip"], r["dst_port"], r["pid"]))
+
+
+def write(records: Iterable[dict], path: Path) -> Path:
+    """Write (or extend: an existing report's lines are merged in) a JSON Lines report."""
+    records = list(records)
+    if path.exists():
+        records = load(path) + records
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        for rec in aggregate(records):
+            f.write(json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: Path) -> list[dict]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such report") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: cannot read: {e}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}:{n}: not JSON: {e.msg}") from None
+        if not isinstance(rec, dict) or "verdict" not in rec:
+            raise ReportError(f"{path}:{n}: not a safedeploy report record")
+        out.append(rec)
+    return out
+
+
+def _dest(rec: dict) -> str:
+    ip = rec["dst_ip"]
+    host = f"[{ip}]" if ":" in ip else ip
+    where = f"{host}:{rec['dst_port']}/{rec['proto']}"
+    return f"{rec['domain']} ({where})" if rec.get("domain") else where
+
+
+def format_table(records: list[dict]) -> str:
+    """Grouped by verdict; one line per destination and process."""
+    if not records:
+        return "no network activity recorded\n"
+    lines = []
+    for verdict in ("blocked", "would-block", "allowed"):
+        group = [r for r in aggregate(records) if r["verdict"] == verdict]
+        if not group:
+            continue
+        lines.append(f"{verdict.upper()} ({sum(r['count'] for r in group)} attempts)")
+        rows = [(_dest(r), f"{r['pid']} {r['comm']}", str(r["count"]), r["rule"] + (f" — {r['reason']}" if r.get("reason") else ""),
+                 r.get("cmdline") or "") for r in group]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        head = ("DESTINATION", "PROCESS", "COUNT", "RULE")
+        widths = [max(w, len(h)) for w, h in zip(widths, head)]
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  COMMAND")
+        for row in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary(records: list[dict]) -> list[str]:
+    """Lines for stderr: one per blocked (or would-block) destination."""
+    out = []
+    for r in aggregate(records):
+        if r["verdict"] == "allowed":
+            continue
+        why = f" ({r['reason']})" if r.get("reason") else ""
+        out.append(f"safedeploy: {r['verdict']}: {_dest(r)} by pid {r['pid']} {r['comm']} "
+                   f"x{r['count']} rule {r['rule']}{why}")
+    return out
+
+
+def syslog_blocked(records: list[dict], ident: str = "safedeploy", dev: str = "/dev/log") -> int:
+    """One syslog line per blocked destination (when /dev/log exists). Returns lines sent."""
+    lines = [line.removeprefix("safedeploy: ") for line in summary(records)]
+    if not lines or not os.path.exists(dev):
+        return 0
+    sent = 0
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(dev)
+            for line in lines:
+                s.send(f"<36>{ident}: {line}".encode())  # facility auth(4)*8 + warning(4)
+                sent += 1
+    except OSError:
+        pass
+    return sent

@@ -1,0 +1,77 @@
+"""``safedeploy run``: a host command (and all its children) in a fresh cgroup under a policy."""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import cgroup, events, report, session, settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .policy import Policy
+
+EXIT_VIOLATION = 3
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    records: list[dict] = field(default_factory=list)
+    report_path: Path | None = None
+    run_id: str = ""
+
+    @property
+    def violations(self) -> int:
+        return sum(r["count"] for r in self.records if r["verdict"] != "allowed")
+
+
+def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=None) -> RunResult:
+    """Run cmd under policy; always cleans up its cgroup, map entries and attachment."""
+    run_id = f"run-{os.getpid()}-{secrets.token_hex(3)}"
+    path = cgroup.create(run_id)
+    att = None
+    try:
+        att = session.apply(path, policy, log)
+        try:
+            proc = subprocess.Popen(cmd, preexec_fn=lambda: cgroup.move_self(path))
+        except OSError as e:
+            raise RunError(f"cannot run {cmd[0]}: {e.strerror}") from None
+        returncode = _wait_forwarding_signals(proc)
+    finally:
+        raw = []
+        try:
+            cgroup.remove(path)  # kill leftovers first: no unprotected window
+        finally:
+            if att is not None:
+                raw = session.release(att)
+    records = events.to_records(raw, policy, run_id)
+    out = report_path or settings.log_dir() / f"{run_id}.jsonl"
+    report.write(records, out)
+    report.syslog_blocked(records)
+    return RunResult(returncode, report.aggregate(records), out, run_id)
+
+
+class RunError(Exception):
+    """The command could not be started; str() is one line."""
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    """Wait for proc; SIGINT/SIGTERM/SIGHUP go to it instead of killing us mid-cleanup."""
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig)) for s in forwarded}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc if rc >= 0 else 128 - rc
+
+
+def stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+

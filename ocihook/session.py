@@ -1,0 +1,62 @@
+"""A policy's life on one cgroup: apply (maps + attach), release (detach, drain, clean).
+
+Shared by ``safedeploy run`` and the OCI hook. All or nothing: a failure while applying
+removes whatever was already written or attached.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import cgroup, loader
+from .maps import EventKey, EventVal, PinnedMaps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .policy import Policy
+
+
+@dataclass
+class Attachment:
+    cgroup: Path
+    cgid: int
+    pin_dir: Path
+    generation: int
+
+    def to_dict(self) -> dict:
+        return {"cgroup": str(self.cgroup), "cgid": self.cgid, "pin_dir": str(self.pin_dir),
+                "generation": self.generation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Attachment":
+        return cls(Path(d["cgroup"]), int(d["cgid"]), Path(d["pin_dir"]), int(d["generation"]))
+
+
+def apply(cgroup_path: Path, policy: "Policy", log=None) -> Attachment:
+    """Load policy for cgroup_path and attach the shared programs to it."""
+    pins = loader.ensure_programs(log)
+    cgid = cgroup.cgroup_id(cgroup_path)
+    att = Attachment(cgroup_path, cgid, pins, time.time_ns() & 0xFFFFFFFF)
+    with PinnedMaps.open(pins) as maps, loader.Programs(pins) as progs:
+        maps.load_policy(cgid, policy, att.generation)
+        try:
+            progs.attach(cgroup_path)
+        except BaseException:
+            maps.unload_policy(cgid)
+            raise
+    return att
+
+
+def release(att: Attachment) -> list[tuple[EventKey, EventVal]]:
+    """Detach (if the cgroup still exists), take the events, remove every map entry.
+    Idempotent: releasing twice returns no events the second time."""
+    if not att.pin_dir.exists():
+        return []
+    with PinnedMaps.open(att.pin_dir) as maps:
+        with contextlib.suppress(loader.LoaderError), loader.Programs(att.pin_dir) as progs:
+            if att.cgroup.exists() and cgroup.cgroup_id(att.cgroup) == att.cgid:
+                progs.detach(att.cgroup)
+        maps.unload_policy(att.cgid)
+        return maps.drain_events([att.cgid])
