@@ -108,7 +108,7 @@ def _compile_and_pin(target: Path, log=None) -> None:
     try:
         os.dup2(2, 1)
         try:
-            b = BPF(text=source_text(), cflags=list(CFLAGS))
+            b = BPF(text=source_text().encode(), cflags=list(CFLAGS))
         except Exception as e:
             raise LoaderError(f"BPF compile failed ({e}); check kernel headers with 'safedeploy doctor'") from None
         tmp = target.parent / f"tmp_{os.getpid()}_{int(time.time() * 1000)}"

@@ -1,0 +1,41 @@
+"""Test helpers shared by every test directory."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require(ok: bool, why: str) -> None:
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"prerequisite missing under CI=true: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def kernel_prereqs() -> None:
+    require(os.geteuid() == 0, "needs root (CAP_BPF, CAP_SYS_ADMIN)")
+    from ocihook import cgroup
+    try:
+        cgroup.cgroup2_mount()
+    except cgroup.CgroupError as e:
+        require(False, str(e))
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        require(False, "bcc (python3-bpfcc) not importable")
+    require((Path("/lib/modules") / platform.release() / "build" / "include").is_dir(),
+            "kernel headers for bcc missing (run packaging/setup-host.sh)")
+
+
+def runtime_prereqs(*tools: str) -> None:
+    kernel_prereqs()
+    for tool in tools:
+        require(shutil.which(tool) is not None, f"{tool} not installed")

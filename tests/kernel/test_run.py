@@ -1,0 +1,107 @@
+"""`safedeploy run` end to end: the real CLI, a real script, a real report, nothing left over."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ocihook import cgroup, loader
+from ocihook.maps import PinnedMaps
+
+POLICY = """
+version: 1
+name: run-test
+default: deny
+allow:
+  - "127.0.0.1/32"
+deny:
+  - {cidr: 127.0.0.2/32, reason: "circular: auth service"}
+"""
+
+SCRIPT = r"""
+import socket, sys
+def try_(host, port):
+    s = socket.socket()
+    try:
+        s.connect((host, port)); return "ok"
+    except ConnectionRefusedError: return "refused"
+    except PermissionError: return "EPERM"
+print(try_("127.0.0.1", %d), try_("127.0.0.2", 443), try_("127.0.0.9", 80))
+sys.exit(7)
+"""
+
+
+def safedeploy(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ocihook.cli", *args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
+    lst = listener("127.0.0.1")
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    rep = tmp_path / "r.jsonl"
+    before = set(os.listdir(cgroup.cgroup2_mount() / "safedeploy"))
+    with PinnedMaps.open(pins) as maps:
+        policed_before = set(maps.policed_cgroups())
+    res = safedeploy("run", "--policy", str(pol), "--report", str(rep), "--",
+                     sys.executable, "-c", SCRIPT % lst.port)
+    assert res.returncode == 7, res.stderr               # CMD's own status
+    assert res.stdout.split() == ["ok", "EPERM", "EPERM"]
+    assert "blocked: 127.0.0.2:443/tcp" in res.stderr and "circular: auth service" in res.stderr
+    recs = [json.loads(line) for line in rep.read_text().splitlines()]
+    blocked = {(r["dst_ip"], r["dst_port"]): r for r in recs if r["verdict"] == "blocked"}
+    assert set(blocked) == {("127.0.0.2", 443), ("127.0.0.9", 80)}
+    assert blocked[("127.0.0.9", 80)]["rule"] == "default"
+    assert blocked[("127.0.0.2", 443)]["reason"] == "circular: auth service"
+    assert all(r["policy"] == "run-test" and r["comm"].startswith("python") for r in recs)
+    # nothing of the run remains: cgroup, map entries (policy and events), attachments
+    assert set(os.listdir(cgroup.cgroup2_mount() / "safedeploy")) == before
+    with PinnedMaps.open(pins) as maps:
+        assert set(maps.policed_cgroups()) == policed_before
+    assert loader.is_pinned(pins)  # the shared programs stay for the next run
+
+
+def test_run_audit_and_fail_on_violation(tmp_path):
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    rep = tmp_path / "r.jsonl"
+    res = safedeploy("run", "--policy", str(pol), "--audit", "--fail-on-violation", "--report", str(rep), "--",
+                     sys.executable, "-c", SCRIPT % 9)
+    assert res.returncode == 3, res.stderr
+    assert res.stdout.split() == ["refused", "refused", "refused"]   # audit blocks nothing
+    verdicts = {json.loads(line)["verdict"] for line in rep.read_text().splitlines()}
+    assert verdicts == {"would-block", "allowed"}
+
+
+def test_run_default_report_location_and_report_command(tmp_path):
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    res = safedeploy("run", "--policy", str(pol), "--", sys.executable, "-c", SCRIPT % 9)
+    assert res.returncode == 7
+    logs = list(Path(os.environ["SAFEDEPLOY_LOG_DIR"]).glob("run-*.jsonl"))
+    assert len(logs) == 1 and str(logs[0]) in res.stderr
+    table = safedeploy("report", logs[0].stem)
+    assert table.returncode == 0 and "BLOCKED" in table.stdout and "127.0.0.2:443/tcp" in table.stdout
+    js = safedeploy("report", str(logs[0]), "--format", "json")
+    assert {json.loads(line)["verdict"] for line in js.stdout.splitlines()} == {"blocked", "allowed"}
+
+
+def test_run_bad_policy_is_one_line_and_runs_nothing(tmp_path):
+    pol = tmp_path / "bad.yaml"
+    pol.write_text("version: 1\nname: x\nallow: ['10.0.0.1/8']\n")
+    marker = tmp_path / "ran"
+    res = safedeploy("run", "--policy", str(pol), "--", "touch", str(marker))
+    assert res.returncode == 1
+    assert len(res.stderr.strip().splitlines()) == 1 and "$.allow[0]" in res.stderr
+    assert "Traceback" not in res.stderr and not marker.exists()
+
+
+def test_run_missing_command_is_clear(tmp_path):
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    res = safedeploy("run", "--policy", str(pol), "--", "/nonexistent/deploy.sh")
+    assert res.returncode == 1 and "cannot run /nonexistent/deploy.sh" in res.stderr
+    assert "Traceback" not in res.stderr
