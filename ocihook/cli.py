@@ -212,6 +212,46 @@ def doctor_cmd() -> None:
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command("install")
+def install_cmd(
+    hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir",
+                                   help="Where podman reads oci-hooks(5) files (stock podman: only this one)."),
+    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path",
+                                   help="Where to put the hook launcher the hooks.d files point to."),
+    preload: bool = typer.Option(True, "--preload/--no-preload", help="Compile and pin the programs now."),
+) -> None:
+    """Install the OCI hook (hooks.d files + launcher), /etc/safedeploy/policies with an
+    example, mount bpffs and preload the programs, so container starts are warm.
+
+    Then: podman run --annotation safedeploy.policy=example ...
+    """
+    from .install import install
+    with _errors():
+        install(hooks_dir, hook_path, preload, log=typer.echo)
+
+
+@app.command("uninstall")
+def uninstall_cmd(
+    hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir"),
+    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path"),
+) -> None:
+    """Remove the hook and hooks.d files; clean state; unpin programs no container uses.
+    Policies and reports are kept."""
+    from .install import uninstall
+    with _errors():
+        uninstall(hooks_dir, hook_path, log=typer.echo)
+
+
+@app.command("gc")
+def gc_cmd() -> None:
+    """Clean up after containers whose poststop never ran (a killed runtime): write their
+    reports, drop their map entries and state, remove unused old program versions."""
+    from .install import gc
+    with _errors():
+        n = gc(log=typer.echo)
+    typer.echo(f"gc: {n} objects removed")
+
+
 @app.command("demo")
 def demo_cmd() -> None:
     """The main job on a built-in example: a deploy script under a real policy reaches an

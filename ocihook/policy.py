@@ -67,6 +67,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_LIKE = re.compile(r"[0-9.]+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NORMALISED_KEYS = {"version", "name", "mode", "default", "allow", "deny"}
 _TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
 
 
@@ -174,10 +175,18 @@ def load_policy_text(text: str | bytes, source: str = "<policy>", fmt: str | Non
 def load_policy_trusted(json_text: str, source: str) -> Policy:
     """Reload ``Policy.to_json()`` output without jsonschema (for caches written by safedeploy)."""
     try:
-        return _build(json.loads(json_text), source, _Problems([]))
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        message = f"not a normalised safedeploy policy: {type(error).__name__}"
-        raise PolicyError([_line(source, (), message)]) from None
+        document = json.loads(json_text)
+        if not (
+            isinstance(document, dict)
+            and _NORMALISED_KEYS <= document.keys() <= _NORMALISED_KEYS | {"dns"}
+            and document["version"] == 1
+            and document["mode"] in ("enforce", "audit")
+            and document["default"] in ("deny", "allow")
+        ):
+            raise ValueError("not in Policy.to_json() form")
+        return _build(document, source, _Problems([]))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise PolicyError([_line(source, (), "not a normalised safedeploy policy")]) from None
 
 
 def validate_files(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
@@ -673,7 +682,7 @@ def _applies(rule: Rule, dest: Dest, ip: ipaddress.IPv6Address | None) -> bool:
 
 def _name_rank(rule: Rule) -> tuple[int, bool, bool, int]:
     assert rule.name is not None
-    return (rule.name.count(".") + 1, not rule.wildcard, rule.verdict == "deny", -rule.index)
+    return (rule.name.count(".") + 1, not rule.wildcard, rule.verdict == "deny", rule.index)
 
 
 def _cidr_rank(rule: Rule) -> tuple[int, bool, int]:

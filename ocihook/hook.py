@@ -1,0 +1,272 @@
+"""``safedeploy-hook [prestart|createRuntime|poststop]``: the OCI hook (DESIGN.md §3, §4).
+
+Reads the OCI state JSON on stdin. prestart/createRuntime resolve the policy named by the
+annotation ``safedeploy.policy``, load it for the container's cgroup v2 and attach the
+shared pinned programs; poststop drains the events into the report and removes every map
+entry and the state file. Fails closed: any error is one ``safedeploy:`` line on stderr
+and exit 1, so the runtime refuses to start the container, with nothing left attached.
+
+Hot path: no bcc, typer or jsonschema import; a policy already validated once is reloaded
+from a cache keyed by the content hash of the annotation and the policy file.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from . import cgroup, settings
+from .policy import Policy, PolicyError, load_policy_text, load_policy_trusted
+
+ANNOTATION = "safedeploy.policy"
+MODE_ANNOTATION = "safedeploy.mode"
+MAX_STATE_BYTES = 4 << 20
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,255}")
+_POLICY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+STAGES = {"prestart": "start", "createRuntime": "start", "create": "start", "poststop": "stop"}
+
+
+class HookError(Exception):
+    """A reason to refuse the container; str() is one line."""
+
+
+# -- input --------------------------------------------------------------------------
+def read_state(raw: bytes) -> dict:
+    """The OCI state, parsed loosely (runc, crun and podman differ): an object with an id."""
+    if len(raw) > MAX_STATE_BYTES:
+        raise HookError("OCI state on stdin is larger than 4 MiB")
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HookError(f"OCI state on stdin is not JSON ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:80]})") from None
+    if not isinstance(state, dict):
+        raise HookError("OCI state on stdin is not a JSON object")
+    cid = state.get("id")
+    if not isinstance(cid, str) or not _ID.fullmatch(cid):
+        raise HookError(f"OCI state has no valid container id (got {str(cid)[:60]!r})")
+    return state
+
+
+def annotations_of(state: dict) -> dict[str, str]:
+    """Annotations from the state, else from the bundle's config.json."""
+    ann = state.get("annotations")
+    if isinstance(ann, dict) and ann:
+        return {str(k): str(v) for k, v in ann.items()}
+    bundle = state.get("bundle")
+    if isinstance(bundle, str) and bundle:
+        try:
+            with open(Path(bundle) / "config.json", "rb") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        ann = cfg.get("annotations") if isinstance(cfg, dict) else None
+        if isinstance(ann, dict):
+            return {str(k): str(v) for k, v in ann.items()}
+    return {}
+
+
+def stage_of(argv: list[str], state: dict) -> str:
+    """'start' or 'stop': from argv, else from the state's status."""
+    if argv:
+        if argv[0] not in STAGES:
+            raise HookError(f"unknown hook stage {argv[0]!r} (expected prestart, createRuntime or poststop)")
+        return STAGES[argv[0]]
+    return "stop" if state.get("status") == "stopped" else "start"
+
+
+# -- policy resolution --------------------------------------------------------------
+def policy_source(value: str, policy_dir: Path | None = None) -> tuple[str, bytes]:
+    """(source label, document bytes) for an annotation value: NAME, file:/abs, {json}, base64:..."""
+    value = value.strip()
+    if not value:
+        raise HookError(f"annotation {ANNOTATION} is empty")
+    if value.startswith("{"):
+        return "annotation (inline JSON)", value.encode()
+    if value.startswith("base64:"):
+        try:
+            return "annotation (base64)", base64.b64decode(value[7:], validate=True)
+        except (binascii.Error, ValueError):
+            raise HookError(f"annotation {ANNOTATION}: invalid base64") from None
+    if value.startswith("file:"):
+        path = Path(value[5:])
+        if not path.is_absolute():
+            raise HookError(f"annotation {ANNOTATION}: file: needs an absolute path, got {value[5:]!r}")
+        return str(path), _read(path)
+    if not _POLICY_NAME.fullmatch(value) or ".." in value:
+        raise HookError(f"annotation {ANNOTATION}: {value[:60]!r} is not a policy name, file:, base64: or JSON")
+    base = policy_dir or settings.policy_dir()
+    for ext in (".yaml", ".yml", ".json"):
+        path = base / f"{value}{ext}"
+        if path.is_file():
+            return str(path), _read(path)
+    raise HookError(f"unknown policy {value!r}: no {value}.yaml, .yml or .json in {base}")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20 | 1)
+    except OSError as e:
+        raise HookError(f"cannot read policy {path}: {e.strerror}") from None
+
+
+def resolve_policy(value: str, mode: str | None = None, policy_dir: Path | None = None) -> Policy:
+    """The validated policy an annotation names (mode override applied). Validation runs
+    once per distinct document; afterwards the normalised form comes from the cache."""
+    source, raw = policy_source(value, policy_dir)
+    if mode is not None and mode not in ("audit", "enforce"):
+        raise HookError(f"annotation {MODE_ANNOTATION} must be audit or enforce, not {mode[:30]!r}")
+    digest = hashlib.sha256(source.encode() + b"\0" + raw).hexdigest()
+    cache = settings.state_dir() / "policy-cache" / f"{digest}.json"
+    policy = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, PolicyError):
+        policy = load_policy_trusted(cache.read_text(), source)
+    if policy is None:
+        policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(policy.to_json())
+            os.replace(tmp, cache)
+    if mode is not None:
+        policy = dataclasses.replace(policy, mode=mode)
+    return policy
+
+
+# -- state files ----------------------------------------------------------------------
+def state_path(cid: str) -> Path:
+    return settings.state_dir() / f"{cid}.json"
+
+
+def write_state(cid: str, data: dict) -> None:
+    path = state_path(cid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def read_state_file(cid: str) -> dict | None:
+    try:
+        return json.loads(state_path(cid).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise HookError(f"state file {state_path(cid)} is unreadable: {e}") from None
+
+
+# -- stages -----------------------------------------------------------------------------
+def container_cgroup(pid: int) -> Path:
+    """The container's own cgroup v2; never the root or the runtime's own cgroup (that
+    would police the host)."""
+    mount = cgroup.cgroup2_mount()
+    path = cgroup.cgroup_of_pid(pid, mount=mount)
+    if path == mount:
+        raise HookError(f"container process {pid} is in the root cgroup v2: no cgroup of its own to police")
+    with contextlib.suppress(cgroup.CgroupError):
+        if path == cgroup.cgroup_of_pid(os.getpid(), mount=mount):
+            raise HookError(f"container process {pid} shares the runtime's cgroup {path}: refusing to police it")
+    return path
+
+
+def start(state: dict, ann: dict[str, str], log=None) -> dict:
+    """prestart/createRuntime: policy -> maps -> attach -> state file."""
+    from . import session  # noqa: PLC0415 — keeps `import ocihook.hook` light for no-annotation containers
+    cid = state["id"]
+    pid = state.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise HookError(f"OCI state of {cid} has no container pid (status {state.get('status')!r})")
+    policy = resolve_policy(ann[ANNOTATION], ann.get(MODE_ANNOTATION))
+    path = container_cgroup(pid)
+    if read_state_file(cid) is not None:
+        raise HookError(f"container {cid} is already policed (state file {state_path(cid)} exists)")
+    record = {"id": cid, "pid": pid, "policy": json.loads(policy.to_json()), "policy_source": policy.source,
+              "mode": policy.mode, "cgroup": str(path), "cgid": cgroup.cgroup_id(path),
+              "started": time.time(), "attachment": None}
+    write_state(cid, record)  # first: a crash from here on leaves something gc can clean
+    try:
+        att = session.apply(path, policy, log)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            state_path(cid).unlink()
+        raise
+    record["attachment"] = att.to_dict()
+    write_state(cid, record)
+    return record
+
+
+def stop(state: dict) -> Path | None:
+    """poststop: drain events into the report, remove map entries and the state file.
+    A container that is already cleaned (or was never policed) is fine."""
+    from . import events, report, session  # noqa: PLC0415
+    from .maps import PinnedMaps  # noqa: PLC0415
+    cid = state["id"]
+    record = read_state_file(cid)
+    if record is None:
+        return None
+    policy = load_policy_trusted(json.dumps(record["policy"]), record.get("policy_source", "state"))
+    policy = dataclasses.replace(policy, mode=record.get("mode", policy.mode))
+    if record.get("attachment"):
+        raw = session.release(session.Attachment.from_dict(record["attachment"]))
+    else:  # prestart died between the state file and the attachment: clean by cgroup id
+        from . import loader  # noqa: PLC0415
+        pins = loader.pin_dir()
+        raw = []
+        if pins.exists():
+            with PinnedMaps.open(pins) as maps:
+                maps.unload_policy(record["cgid"])
+                raw = maps.drain_events([record["cgid"]])
+    records = events.to_records(raw, policy, cid)
+    out = report.write(records, settings.log_dir() / f"{cid}.jsonl")
+    report.syslog_blocked(records)
+    with contextlib.suppress(FileNotFoundError):
+        state_path(cid).unlink()
+    return out
+
+
+def run(argv: list[str], stdin: bytes, log=None) -> int:
+    state = read_state(stdin)
+    stage = stage_of(argv, state)
+    if stage == "stop":
+        stop(state)
+        return 0
+    ann = annotations_of(state)
+    if ANNOTATION not in ann:
+        return 0  # not ours: touch nothing
+    start(state, ann, log)
+    return 0
+
+
+def _fail(msg: str) -> int:
+    sys.stderr.write(f"safedeploy: {msg}\n")
+    sys.stderr.flush()
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        stdin = sys.stdin.buffer.read(MAX_STATE_BYTES + 1)
+        rc = run(argv, stdin, log=lambda m: sys.stderr.write(m + "\n"))
+    except HookError as e:
+        rc = _fail(str(e))
+    except PolicyError as e:
+        rc = _fail(str(e).removeprefix("safedeploy: "))
+    except Exception as e:  # noqa: BLE001 — fail closed with one line, whatever it was
+        from .bpfsys import BpfError  # noqa: PLC0415
+        known = isinstance(e, (BpfError, OSError)) or type(e).__name__ in ("LoaderError", "CgroupError")
+        rc = _fail(str(e) if known else f"internal error: {e.__class__.__name__}: {e}")
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

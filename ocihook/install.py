@@ -1,0 +1,136 @@
+"""``safedeploy install | uninstall | gc``: put the hook where runtimes find it, take it
+away again, and clean up after containers whose poststop never ran."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from . import cgroup, loader, settings
+from .maps import BPF_DIR
+
+PACKAGING = BPF_DIR.parent / "packaging" / "hooks.d"
+EXAMPLE_POLICY = BPF_DIR.parent / "examples" / "policies" / "demo.yaml"
+DEFAULT_HOOKS_DIR = Path("/usr/share/containers/oci/hooks.d")
+DEFAULT_HOOK_PATH = Path("/usr/local/libexec/safedeploy/safedeploy-hook")
+HOOK_FILES = ("safedeploy-prestart.json", "safedeploy-poststop.json")
+
+
+def hook_env() -> list[str]:
+    """The environment baked into hooks.d (podman runs poststop with an empty one)."""
+    return ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            f"SAFEDEPLOY_POLICY_DIR={settings.policy_dir()}",
+            f"SAFEDEPLOY_LOG_DIR={settings.log_dir()}",
+            f"SAFEDEPLOY_STATE_DIR={settings.state_dir()}",
+            f"SAFEDEPLOY_BPFFS={settings.bpffs_root()}"]
+
+
+def render_hooks(hook_path: Path) -> dict[str, dict]:
+    """The packaged hooks.d files with the real hook path and this environment."""
+    out = {}
+    for name in HOOK_FILES:
+        doc = json.loads((PACKAGING / name).read_text())
+        doc["hook"]["path"] = str(hook_path)
+        doc["hook"]["env"] = hook_env()
+        out[name] = doc
+    return out
+
+
+def write_hook_wrapper(hook_path: Path) -> None:
+    """A tiny launcher: this interpreter, isolated from the caller's PYTHON* variables."""
+    hook_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = hook_path.with_name(f".{hook_path.name}.tmp")
+    tmp.write_text(f"#!/bin/sh\nexec {sys.executable} -E -m ocihook.hook \"$@\"\n")
+    tmp.chmod(0o755)
+    os.replace(tmp, hook_path)
+
+
+def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, hook_path: Path = DEFAULT_HOOK_PATH,
+            preload: bool = True, log=print) -> None:
+    write_hook_wrapper(hook_path)
+    log(f"hook: {hook_path}")
+    hooks_dir.mkdir(parents=True, exist_ok=True)
+    for name, doc in render_hooks(hook_path).items():
+        (hooks_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"hooks.d: {hooks_dir / name}")
+    pdir = settings.policy_dir()
+    pdir.mkdir(parents=True, exist_ok=True)
+    example = pdir / "example.yaml"
+    if not example.exists() and EXAMPLE_POLICY.exists():
+        shutil.copyfile(EXAMPLE_POLICY, example)
+        log(f"example policy: {example} (use --annotation safedeploy.policy=example)")
+    for d in (settings.state_dir(), settings.log_dir()):
+        d.mkdir(parents=True, exist_ok=True)
+    loader.ensure_bpffs()
+    if preload:
+        log(f"programs: {loader.ensure_programs(log=log)}")
+
+
+def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR, hook_path: Path = DEFAULT_HOOK_PATH, log=print) -> None:
+    for name in HOOK_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (hooks_dir / name).unlink()
+            log(f"removed {hooks_dir / name}")
+    with contextlib.suppress(FileNotFoundError):
+        hook_path.unlink()
+        log(f"removed {hook_path}")
+    gc(log=log, keep_current=False)
+    root = settings.bpffs_root()
+    left = [v for v in root.iterdir() if v.is_dir()] if root.is_dir() else []
+    if left:
+        log(f"kept programs {', '.join(v.name for v in left)}: containers are still policed")
+    elif root.is_dir():
+        root.rmdir()
+        log(f"removed {root}")
+
+
+def _live_cgroup_ids() -> set[int]:
+    ids = set()
+    for root, _dirs, _files in os.walk(cgroup.cgroup2_mount()):
+        with contextlib.suppress(OSError):
+            ids.add(os.stat(root).st_ino)
+    return ids
+
+
+def gc(log=print, keep_current: bool = True) -> int:
+    """Release containers whose cgroup is gone (poststop never ran), drop map entries of
+    vanished cgroups, and remove program versions nobody uses. Returns objects removed."""
+    from . import hook  # noqa: PLC0415
+    from .maps import PinnedMaps  # noqa: PLC0415
+    removed = 0
+    live = _live_cgroup_ids()
+    sdir = settings.state_dir()
+    for path in sorted(sdir.glob("*.json")) if sdir.is_dir() else []:
+        try:
+            rec = json.loads(path.read_text())
+            cid, cgid = rec["id"], int(rec["cgid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            removed += 1
+            continue
+        if cgid in live:
+            continue
+        report = hook.stop({"id": cid})
+        log(f"gc: released {cid} (cgroup gone); report {report}")
+        removed += 1
+    root = settings.bpffs_root()
+    current = loader.pin_dir()
+    for ver in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        busy = 0
+        if loader.is_pinned(ver):
+            with PinnedMaps.open(ver) as maps:
+                for cgid in maps.policed_cgroups():
+                    if cgid in live:
+                        busy += 1
+                        continue
+                    removed += maps.unload_policy(cgid) + len(maps.drain_events([cgid]))
+                    log(f"gc: dropped map entries of vanished cgroup {cgid} ({ver.name})")
+        if busy or (ver == current and keep_current):
+            continue
+        shutil.rmtree(ver, ignore_errors=True)
+        log(f"gc: removed unused program version {ver.name}")
+        removed += 1
+    return removed

@@ -1,0 +1,73 @@
+"""podman --runtime runc with the packaged hooks.d files (installed into a test-local dir)."""
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+
+from rtutil import IMAGE, podman
+
+POLICY = """
+version: 1
+name: rollout
+default: allow
+deny:
+  - {cidr: 127.0.0.2/32, reason: "circular: auth service"}
+"""
+
+
+def _name() -> str:
+    return f"sdtest-{secrets.token_hex(4)}"
+
+
+def _run(hook, conf, name, *args, annotation=None):
+    ann = ["--annotation", f"safedeploy.policy={annotation}"] if annotation else []
+    return podman("run", "--rm", "--name", name, "--network", "host", *ann, *args, IMAGE, "sh", "-c",
+                  "echo x | nc 127.0.0.2 80; echo a=$?", conf=conf, hooks_dir=hook.dir)
+
+
+def _report(hook, name, conf):
+    files = list(hook.log_dir.glob("*.jsonl"))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines()]
+
+
+def test_podman_annotation_enforces_and_reports(hook, podman_image):
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    name = _name()
+    res = _run(hook, podman_image, name, annotation="rollout")
+    assert res.returncode == 0, res.stderr
+    assert "a=1" in res.stdout and "Operation not permitted" in res.stderr
+    recs = _report(hook, name, podman_image)
+    blocked = [r for r in recs if r["verdict"] == "blocked"]
+    assert [(r["dst_ip"], r["dst_port"], r["comm"], r["reason"]) for r in blocked] == \
+        [("127.0.0.2", 80, "nc", "circular: auth service")]
+    assert not list(hook.state_dir.glob("*.json")), "poststop left a state file"
+
+
+def test_podman_base64_policy_and_audit_override(hook, podman_image):
+    doc = base64.b64encode(POLICY.encode()).decode()
+    name = _name()
+    res = podman("run", "--rm", "--name", name, "--network", "host",
+                 "--annotation", f"safedeploy.policy=base64:{doc}", "--annotation", "safedeploy.mode=audit",
+                 IMAGE, "sh", "-c", "echo x | nc 127.0.0.2 80; echo a=$?", conf=podman_image, hooks_dir=hook.dir)
+    assert res.returncode == 0, res.stderr
+    assert "Connection refused" in res.stderr          # audit: nothing blocked
+    assert [r["verdict"] for r in _report(hook, name, podman_image)] == ["would-block"]
+
+
+def test_podman_unknown_policy_fails_closed(hook, podman_image):
+    name = _name()
+    res = podman("run", "--rm", "--name", name, "--network", "host", "--annotation", "safedeploy.policy=nope",
+                 IMAGE, "sh", "-c", "echo RAN", conf=podman_image, hooks_dir=hook.dir)
+    assert res.returncode != 0
+    assert "RAN" not in res.stdout
+    assert "safedeploy: unknown policy 'nope'" in res.stderr, res.stderr
+    podman("rm", "-f", name, conf=podman_image, hooks_dir=hook.dir)
+
+
+def test_podman_without_annotation_is_untouched(hook, podman_image):
+    res = _run(hook, podman_image, _name())
+    assert res.returncode == 0, res.stderr
+    assert "Connection refused" in res.stderr
+    assert not list(hook.log_dir.glob("*.jsonl")) and not list(hook.state_dir.glob("*.json"))

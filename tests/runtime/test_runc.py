@@ -1,0 +1,142 @@
+"""runc with the hook in config.json: real containers, real policies, real reports."""
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from ocihook import cgroup
+from ocihook.maps import PinnedMaps
+from rtutil import make_bundle, runc_run
+
+POLICY = """
+version: 1
+name: rollout
+default: deny
+allow:
+  - "127.0.0.1/32"
+deny:
+  - {cidr: 127.0.0.2/32, reason: "circular: auth service"}
+"""
+
+PROBE = "echo x | nc 127.0.0.2 80; echo a=$?; echo x | nc 127.0.0.1 {port}; echo b=$?"
+
+
+def _listener():
+    """A loopback service that answers and hangs up (so nc in the container finishes)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            conn.sendall(b"ok\n")
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return s
+
+
+def _cid() -> str:
+    return f"sdtest-{secrets.token_hex(4)}"
+
+
+def _records(hook, cid):
+    return [json.loads(line) for line in (hook.log_dir / f"{cid}.jsonl").read_text().splitlines()]
+
+
+def test_runc_denied_eperm_allowed_ok_report_and_no_state(tmp_path, rootfs, hook):
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    lst = _listener()
+    cid = _cid()
+    bundle = make_bundle(tmp_path / "b", rootfs, PROBE.format(port=lst.getsockname()[1]),
+                         annotations={"safedeploy.policy": "rollout"}, hook_path=hook.path, hook_env=hook.env)
+    with PinnedMaps.open(hook.pins) as maps:
+        before = set(maps.policed_cgroups())
+    res = runc_run(bundle, cid)
+    lst.close()
+    assert res.returncode == 0, res.stderr
+    assert "Operation not permitted" in res.stderr and "a=1" in res.stdout and "b=0" in res.stdout
+    recs = _records(hook, cid)
+    blocked = [r for r in recs if r["verdict"] == "blocked"]
+    assert len(blocked) == 1 and blocked[0]["dst_ip"] == "127.0.0.2" and blocked[0]["comm"] == "nc"
+    assert blocked[0]["container"] == cid and blocked[0]["reason"] == "circular: auth service"
+    assert any(r["verdict"] == "allowed" and r["dst_ip"] == "127.0.0.1" for r in recs)
+    assert not (hook.state_dir / f"{cid}.json").exists()
+    with PinnedMaps.open(hook.pins) as maps:
+        assert set(maps.policed_cgroups()) == before   # the container's entries are gone
+
+
+def test_runc_bad_policy_fails_closed(tmp_path, rootfs, hook):
+    (hook.policy_dir / "bad.yaml").write_text("version: 1\nname: bad\nallow: ['*foo.com']\n")
+    for value, needle in (("bad", "$.allow[0]"), ("nope", "unknown policy 'nope'"),
+                          ("base64:!!!", "invalid base64"), ("{not json", "")):
+        cid = _cid()
+        bundle = make_bundle(tmp_path / cid, rootfs, "touch /ran",
+                             annotations={"safedeploy.policy": value}, hook_path=hook.path, hook_env=hook.env)
+        res = runc_run(bundle, cid)
+        assert res.returncode != 0, f"{value}: container started"
+        assert "safedeploy:" in res.stderr and needle in res.stderr, res.stderr
+        assert not (bundle / "rootfs" / "ran").exists(), f"{value}: the container process ran"
+        assert not (hook.state_dir / f"{cid}.json").exists()
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+
+
+def test_runc_without_annotation_is_untouched(tmp_path, rootfs, hook):
+    cid = _cid()
+    bundle = make_bundle(tmp_path / "b", rootfs, "echo x | nc 127.0.0.2 9; echo a=$?",
+                         hook_path=hook.path, hook_env=hook.env)
+    res = runc_run(bundle, cid)
+    assert res.returncode == 0
+    assert "Connection refused" in res.stderr and "not permitted" not in res.stderr
+    assert not (hook.log_dir / f"{cid}.jsonl").exists()
+    assert not list(hook.state_dir.glob(f"{cid}*"))
+
+
+def test_gc_after_runtime_skipped_poststop(tmp_path, rootfs, hook):
+    """A runtime that dies never runs poststop: gc finds the vanished cgroup and cleans."""
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    cid = _cid()
+    bundle = make_bundle(tmp_path / "b", rootfs, "echo x | nc 127.0.0.2 80; true",
+                         annotations={"safedeploy.policy": "rollout"}, hook_path=hook.path, hook_env=hook.env,
+                         stages=("prestart",))
+    res = runc_run(bundle, cid)
+    assert res.returncode == 0, res.stderr
+    state = json.loads((hook.state_dir / f"{cid}.json").read_text())
+    cgid = state["cgid"]
+    with PinnedMaps.open(hook.pins) as maps:
+        assert cgid in maps.policed_cgroups()
+    from ocihook import install
+    assert install.gc(log=lambda *_: None) >= 1
+    assert not (hook.state_dir / f"{cid}.json").exists()
+    with PinnedMaps.open(hook.pins) as maps:
+        assert maps.entries_of(cgid) == 0
+    assert [r["dst_ip"] for r in _records(hook, cid) if r["verdict"] == "blocked"] == ["127.0.0.2"]
+
+
+def test_twenty_parallel_containers_each_get_their_own_policy(tmp_path, rootfs, hook):
+    jobs = []
+    for i in range(20):
+        mine, other = f"127.0.1.{i + 1}", f"127.0.1.{(i + 1) % 20 + 1}"
+        (hook.policy_dir / f"p{i}.yaml").write_text(
+            f"version: 1\nname: p{i}\ndefault: allow\ndeny: ['{mine}']\n")
+        script = f"echo x | nc {mine} 9; echo mine=$?; echo x | nc {other} 9; echo other=$?"
+        cid = _cid()
+        jobs.append((cid, make_bundle(tmp_path / cid, rootfs, script, annotations={"safedeploy.policy": f"p{i}"},
+                                      hook_path=hook.path, hook_env=hook.env), mine, other))
+    with ThreadPoolExecutor(20) as ex:
+        results = list(ex.map(lambda j: runc_run(j[1], j[0], timeout=120), jobs))
+    for (cid, _b, mine, other), res in zip(jobs, results):
+        assert res.returncode == 0, res.stderr
+        assert f"can't connect to remote host ({mine}): Operation not permitted" in res.stderr, res.stderr
+        assert f"({other}): Connection refused" in res.stderr, res.stderr
+        blocked = {r["dst_ip"] for r in _records(hook, cid) if r["verdict"] == "blocked"}
+        assert blocked == {mine}
+    assert not list(hook.state_dir.glob("sdtest-*.json"))
+    assert cgroup.cgroup2_mount().is_dir()
