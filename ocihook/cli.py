@@ -253,12 +253,18 @@ def gc_cmd() -> None:
 
 
 @app.command("demo")
-def demo_cmd() -> None:
-    """The main job on a built-in example: a deploy script under a real policy reaches an
-    allowed local service, is refused the circular dependency, and the report is printed."""
-    from .demo import run_demo
-    with _errors():
-        raise typer.Exit(run_demo())
+def demo_cmd(runtime: str = typer.Option("auto", "--runtime", help="podman, runc or auto (podman if installed).")) -> None:
+    """The main job on a built-in example: a real busybox container under the policy `demo`
+    reaches its package mirror, is refused the circular dependency (the auth service it
+    should repair) at once, and the report is printed."""
+    from .demo import DemoError, run_demo
+    try:
+        with _errors():
+            rc = run_demo(runtime, log=typer.echo)
+    except DemoError as e:
+        _err(str(e))
+        raise typer.Exit(1) from None
+    raise typer.Exit(rc)
 
 
 def main() -> None:

@@ -1,19 +1,32 @@
-"""``safedeploy demo``: a deploy script under a real policy, on this host's real kernel.
+"""``safedeploy demo``: the main job on a built-in example, for real.
 
-The "deploy script" reaches the package mirror it is allowed to use (a local listener on
-127.0.0.1) and tries the auth service that is down in this outage (127.0.0.2): a circular
-dependency that the policy refuses at once with EPERM instead of hanging the rollback.
+A busybox container (rootfs built from Debian's busybox-static, no registry needed) runs a
+"deploy script" under the policy ``demo``, started through the installed OCI hook: it fetches
+its artefact from the package mirror it is allowed to use (127.0.0.1) and then asks the auth
+service for a token — the service this very deploy is meant to repair (127.0.0.2, which
+accepts and then hangs, as a broken service does). The policy refuses that circular
+dependency at once with EPERM instead of letting the rollback hang, and the report says who
+tried what and which rule refused it.
 """
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
 import socket
-import sys
+import subprocess
+import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 
-from . import loader, report, runner
-from .policy import load_policy_text
+from . import install, report, settings
+
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "nc", "echo", "cat", "sleep", "touch", "ls", "true", "wget", "date")
+IMAGE = "localhost/safedeploy-demo-busybox:latest"
 
 POLICY = """\
 version: 1
@@ -21,57 +34,151 @@ name: demo
 mode: enforce
 default: deny
 allow:
-  - {cidr: 127.0.0.1/32, ports: [PORT], reason: "package mirror"}
+  - {cidr: 127.0.0.1/32, ports: [MIRROR], reason: "package mirror"}
 deny:
   - {cidr: 127.0.0.2/32, reason: "circular: the auth service is what this deploy repairs"}
 """
 
 SCRIPT = """\
-import socket, time
-def fetch(what, host, port):
-    t = time.monotonic()
-    try:
-        with socket.create_connection((host, port), timeout=10) as s:
-            s.sendall(b"GET /\\n"); data = s.recv(64)
-        print(f"deploy: {what:<28} ok   ({data.decode().strip()})")
-    except OSError as e:
-        print(f"deploy: {what:<28} FAIL {e.strerror} after {1000 * (time.monotonic() - t):.1f} ms")
-fetch("fetch artefact from mirror", "127.0.0.1", PORT)
-fetch("ask auth service for token", "127.0.0.2", 443)
-fetch("phone home to telemetry", "127.0.0.3", 8443)
+echo "deploy: fetching artefact from the mirror"
+echo GET | nc 127.0.0.1 MIRROR
+echo "deploy: asking the auth service for a token"
+if echo GET | nc -w 5 127.0.0.2 8443; then echo "deploy: got a token"; \
+else echo "deploy: auth unreachable, using break-glass credentials"; fi
+echo "deploy: phoning home to telemetry"
+echo GET | nc -w 5 127.0.0.3 8443 || true
+echo "deploy: rollout done"
 """
 
 
-def _serve(sock: socket.socket) -> None:
+class DemoError(Exception):
+    """The demo cannot run here; str() is one line."""
+
+
+# -- a busybox rootfs, bundles and podman images (tests use these too) ------------------
+def make_rootfs(dest: Path) -> Path:
+    if not BUSYBOX.exists():
+        raise DemoError(f"{BUSYBOX} missing: apt-get install busybox-static")
+    (dest / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
+    for applet in APPLETS:
+        link = dest / "bin" / applet
+        if not link.is_symlink():
+            link.symlink_to("busybox")
+    for d in ("proc", "sys", "dev", "tmp", "etc"):
+        (dest / d).mkdir(exist_ok=True)
+    return dest
+
+
+def import_image(rootfs: Path, image: str, env: dict | None = None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "rootfs.tar"
+        with tarfile.open(tar, "w") as t:
+            t.add(rootfs, arcname=".")
+        res = subprocess.run(["podman", "import", str(tar), image], capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise DemoError(f"podman import failed: {res.stderr.strip()[:200]}")
+
+
+def make_bundle(bundle: Path, rootfs: Path, script: str, *, annotations: dict | None = None,
+                hook_path: Path | None = None, hook_env: list[str] | None = None,
+                stages=("prestart", "poststop")) -> Path:
+    """A runc bundle that shares the host network (so loopback services are reachable),
+    with the hook in config.json the way oci-hooks would inject it."""
+    bundle.mkdir(parents=True, exist_ok=True)
+    if not (bundle / "rootfs").exists():
+        shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
+    (bundle / "config.json").unlink(missing_ok=True)
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["sh", "-c", script]
+    cfg["root"]["readonly"] = False
+    cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
+    if annotations:
+        cfg["annotations"] = annotations
+    if hook_path:
+        entry = {"path": str(hook_path), "env": hook_env or [], "timeout": 30}
+        cfg["hooks"] = {st: [dict(entry, args=["safedeploy-hook", st])] for st in stages}
+    (bundle / "config.json").write_text(json.dumps(cfg, indent=1))
+    return bundle
+
+
+# -- the local services ------------------------------------------------------------------
+def _serve(sock: socket.socket, answer: bytes | None) -> None:
     while True:
         try:
             conn, _ = sock.accept()
         except OSError:
             return
+        if answer is None:  # a broken service: accepts, then never answers
+            threading.Timer(30, conn.close).start()
+            continue
         with conn:
-            conn.recv(64)
-            conn.sendall(b"artefact v42\n")
+            conn.sendall(answer)
 
 
-def run_demo() -> int:
-    with socket.socket() as srv, tempfile.TemporaryDirectory(prefix="safedeploy-demo-") as tmp:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(8)
-        port = srv.getsockname()[1]
-        threading.Thread(target=_serve, args=(srv,), daemon=True).start()
-        policy_text = POLICY.replace("PORT", str(port))
-        print("== policy ==")
-        print(policy_text)
-        policy = load_policy_text(policy_text, "demo.yaml")
-        script = Path(tmp) / "deploy.py"
-        script.write_text(SCRIPT.replace("PORT", str(port)))
-        print("== safedeploy run --policy demo.yaml -- python3 deploy.py ==", flush=True)
-        res = runner.run([sys.executable, str(script)], policy, Path(tmp) / "report.jsonl", log=loader.stderr_log)
-        for line in report.summary(res.records):
-            print(line)
-        print(f"\n== safedeploy report {res.run_id} ==")
-        print(report.format_table(res.records))
-        blocked = {r["dst_ip"] for r in res.records if r["verdict"] == "blocked"}
-        ok = res.returncode == 0 and blocked == {"127.0.0.2", "127.0.0.3"}
-        print("demo: " + ("the circular dependency was cut and reported" if ok else "UNEXPECTED result"))
+def _service(host: str, port: int, answer: bytes | None) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(16)
+    threading.Thread(target=_serve, args=(s, answer), daemon=True).start()
+    return s
+
+
+def run_demo(runtime: str = "auto", log=print) -> int:
+    if runtime == "auto":
+        runtime = "podman" if shutil.which("podman") else "runc"
+    if not shutil.which(runtime) or not shutil.which("runc"):
+        raise DemoError(f"{runtime} is not installed (make demo installs it)")
+    work = Path(tempfile.mkdtemp(prefix="safedeploy-demo-"))
+    mirror = _service("127.0.0.1", 0, b"artefact v42 (sha256 ok)\n")
+    auth = _service("127.0.0.2", 8443, None)
+    try:
+        port = mirror.getsockname()[1]
+        pdir = settings.policy_dir()
+        pdir.mkdir(parents=True, exist_ok=True)
+        policy_text = POLICY.replace("MIRROR", str(port))
+        (pdir / "demo.yaml").write_text(policy_text)
+        log(f"== policy {pdir / 'demo.yaml'} ==\n{policy_text}")
+        hooks_dir, hook_path = work / "hooks.d", work / "safedeploy-hook"
+        install.install(hooks_dir, hook_path, preload=True, log=lambda m: log(f"install: {m}"))
+        rootfs = make_rootfs(work / "rootfs")
+        script = SCRIPT.replace("MIRROR", str(port))
+        cid = f"safedeploy-demo-{secrets.token_hex(3)}"
+        t0 = time.monotonic()
+        if runtime == "podman":
+            conf = work / "containers.conf"
+            conf.write_text("[containers]\ndefault_ulimits = []\n")
+            env = dict(os.environ, CONTAINERS_CONF=str(conf))
+            import_image(rootfs, IMAGE, env)
+            cidfile = work / "cid"
+            cmd = ["podman", "--runtime", "runc", "--hooks-dir", str(hooks_dir), "run", "--rm", "--name", cid,
+                   "--cidfile", str(cidfile), "--network", "host", "--annotation", "safedeploy.policy=demo",
+                   IMAGE, "sh", "-c", script]
+            log("== " + " ".join(cmd[:-3]) + " sh -c <deploy script> ==")
+            res = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=120)
+            cid = cidfile.read_text().strip() if cidfile.exists() else cid
+        else:
+            bundle = make_bundle(work / "bundle", rootfs, script, annotations={"safedeploy.policy": "demo"},
+                                 hook_path=hook_path, hook_env=install.hook_env())
+            log(f"== runc run --bundle {bundle} {cid} ==")
+            res = subprocess.run(["runc", "run", "--bundle", str(bundle), cid], text=True, capture_output=True,
+                                 timeout=120)
+        log(res.stdout + res.stderr)
+        log(f"(container finished in {time.monotonic() - t0:.2f}s, exit {res.returncode})")
+        path = settings.log_dir() / f"{cid}.jsonl"
+        if res.returncode != 0 or not path.exists():
+            raise DemoError(f"the container did not run as expected (exit {res.returncode}); see above")
+        records = report.load(path)
+        log(f"\n== safedeploy report {cid} ==   ({path})")
+        log(report.format_table(records))
+        blocked = {r["dst_ip"] for r in records if r["verdict"] == "blocked"}
+        ok = blocked == {"127.0.0.2", "127.0.0.3"} and "break-glass" in res.stdout
+        log("demo: " + ("the circular dependency failed fast and was reported" if ok else "UNEXPECTED result"))
         return 0 if ok else 1
+    finally:
+        mirror.close()
+        auth.close()
+        shutil.rmtree(work, ignore_errors=True)

@@ -682,7 +682,7 @@ def _applies(rule: Rule, dest: Dest, ip: ipaddress.IPv6Address | None) -> bool:
 
 def _name_rank(rule: Rule) -> tuple[int, bool, bool, int]:
     assert rule.name is not None
-    return (rule.name.count(".") + 1, not rule.wildcard, rule.verdict == "deny", rule.index)
+    return (rule.name.count(".") + 1, not rule.wildcard, rule.verdict == "deny", -rule.index)
 
 
 def _cidr_rank(rule: Rule) -> tuple[int, bool, int]:

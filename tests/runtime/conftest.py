@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from helpers import runtime_prereqs
 from ocihook import install, loader
-from rtutil import IMAGE, containers_conf, make_rootfs, rootfs_tar
+from rtutil import IMAGE, containers_conf, import_image, make_rootfs
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +40,5 @@ def hook(tmp_path):
 def podman_image(rootfs, tmp_path_factory):
     runtime_prereqs("runc", "podman")
     conf = containers_conf(tmp_path_factory.mktemp("podman") / "containers.conf")
-    tar = rootfs_tar(rootfs, tmp_path_factory.mktemp("img") / "busybox.tar")
-    env = dict(os.environ, CONTAINERS_CONF=str(conf))
-    subprocess.run(["podman", "import", str(tar), IMAGE], check=True, capture_output=True, env=env)
+    import_image(rootfs, IMAGE, dict(os.environ, CONTAINERS_CONF=str(conf)))
     return conf

@@ -1,0 +1,58 @@
+"""The hook against real processes and cgroups, without a runtime in between."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pathlib import Path
+
+from ocihook import cgroup
+
+POLICY = '{"version": 1, "name": "k", "default": "allow", "deny": ["127.0.0.2"]}'
+
+
+def _hook(state: dict, stage: str):
+    return subprocess.run([sys.executable, "-m", "ocihook.hook", stage], input=json.dumps(state).encode(),
+                          capture_output=True, timeout=60)
+
+
+def test_refuses_to_police_the_runtimes_own_cgroup(pins):
+    """A container without a cgroup of its own must not get the host policed."""
+    st = {"id": "shared", "pid": os.getpid(), "status": "creating",
+          "annotations": {"safedeploy.policy": POLICY}}
+    res = _hook(st, "prestart")
+    assert res.returncode == 1
+    err = res.stderr.decode()
+    assert err.startswith("safedeploy: container process") and ("runtime's cgroup" in err or "root cgroup" in err)
+    assert not (Path(os.environ["SAFEDEPLOY_STATE_DIR"]) / "shared.json").exists()
+
+
+def test_missing_process_fails_closed(pins):
+    st = {"id": "gone", "pid": 2 ** 22 + 7, "status": "creating", "annotations": {"safedeploy.policy": POLICY}}
+    res = _hook(st, "prestart")
+    assert res.returncode == 1 and b"safedeploy: process 4194311 does not exist" in res.stderr
+
+
+def test_prestart_then_poststop_on_a_real_cgroup(pins):
+    path = cgroup.create(f"hooktest-{os.getpid()}")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (path / "cgroup.procs").write_text(str(child.pid))
+        st = {"id": "real", "pid": child.pid, "status": "creating", "annotations": {"safedeploy.policy": POLICY}}
+        res = _hook(st, "prestart")
+        assert res.returncode == 0, res.stderr
+        sdir = Path(os.environ["SAFEDEPLOY_STATE_DIR"])
+        rec = json.loads((sdir / "real.json").read_text())
+        assert rec["cgid"] == cgroup.cgroup_id(path) and rec["attachment"]
+        again = _hook(st, "prestart")
+        assert again.returncode == 1 and b"already policed" in again.stderr
+        assert _hook({"id": "real", "status": "stopped"}, "poststop").returncode == 0
+        assert not (sdir / "real.json").exists()
+        assert (Path(os.environ["SAFEDEPLOY_LOG_DIR"]) / "real.jsonl").exists()
+        assert _hook({"id": "real", "status": "stopped"}, "poststop").returncode == 0  # idempotent
+    finally:
+        child.kill()
+        child.wait()
+        cgroup.remove(path)
