@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Iterable
-
 from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, EventKey, EventVal, addr_of
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from .policy import Policy
+    from typing import Iterable
 
 FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
           "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen")
@@ -37,27 +36,27 @@ def display_ip(addr) -> str:
     return str(mapped) if mapped is not None else addr.compressed
 
 
-def rule_of(policy: "Policy", index: int) -> tuple[str, str | None]:
+def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
     """(rule text as written, reason) for a rule index from the kernel."""
     if index == C["SD_RULE_DEFAULT"]:
         return "default", None
     if index == C["SD_RULE_RESOLVERS"]:
         return "dns.resolvers", None
-    if 0 <= index < len(policy.rules):
-        rule = policy.rules[index]
-        return rule.text, rule.reason
+    if 0 <= index < len(compiled["rules"]):
+        text, reason = compiled["rules"][index]
+        return text, reason
     return f"rule#{index}", None
 
 
-def to_records(raw: Iterable[tuple[EventKey, EventVal]], policy: "Policy", container: str,
+def to_records(raw: Iterable[tuple[EventKey, EventVal]], compiled: dict, container: str,
                cmdlines: dict[int, str] | None = None, names: dict[int, str] | None = None) -> list[dict]:
     out = []
     for key, val in raw:
-        rule, reason = rule_of(policy, key.rule)
+        rule, reason = rule_of(compiled, key.rule)
         cmd = (cmdlines or {}).get(key.pid) or proc_cmdline(key.pid)
         out.append({
             "container": container,
-            "policy": policy.name,
+            "policy": compiled["name"],
             "verdict": VERDICT_NAME.get(key.verdict, str(key.verdict)),
             "kind": KIND_NAME.get(key.kind, str(key.kind)),
             "proto": PROTO_NAME.get(key.proto, str(key.proto)),

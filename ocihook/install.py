@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -40,10 +41,13 @@ def render_hooks(hook_path: Path) -> dict[str, dict]:
 
 
 def write_hook_wrapper(hook_path: Path) -> None:
-    """A tiny launcher: this interpreter, isolated from the caller's PYTHON* variables."""
+    """A tiny launcher: this interpreter, ignoring PYTHON* variables, without site-packages
+    (the warm path needs only the standard library; the hook turns site on to validate)."""
+    pkg_root = Path(__file__).resolve().parent.parent
+    code = f"import sys; sys.path.insert(0, {str(pkg_root)!r}); from ocihook.hook import main; main()"
     hook_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = hook_path.with_name(f".{hook_path.name}.tmp")
-    tmp.write_text(f"#!/bin/sh\nexec {sys.executable} -E -m ocihook.hook \"$@\"\n")
+    tmp.write_text(f"#!/bin/sh\nexec {sys.executable} -S -E -c {shlex.quote(code)} \"$@\"\n")
     tmp.chmod(0o755)
     os.replace(tmp, hook_path)
 

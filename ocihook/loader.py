@@ -10,9 +10,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import platform
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,7 +52,7 @@ def source_hash() -> str:
     h = hashlib.sha256()
     h.update(source_text().encode())
     h.update(" ".join(CFLAGS).encode())
-    h.update(platform.release().encode())
+    h.update(os.uname().release.encode())
     return h.hexdigest()[:16]
 
 
@@ -124,6 +122,7 @@ def _compile_and_pin(target: Path, log=None) -> None:
                 bpfsys.obj_pin(b[name].map_fd, str(tmp / f"map_{name}"))
             os.rename(tmp, target)
         except BaseException:
+            import shutil  # noqa: PLC0415
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
@@ -146,6 +145,7 @@ def ensure_programs(log=None) -> Path:
         if is_pinned(target):
             return target
         if target.exists():  # a partial directory (e.g. pins removed by hand): rebuild
+            import shutil  # noqa: PLC0415
             shutil.rmtree(target, ignore_errors=True)
         _compile_and_pin(target, log)
     return target

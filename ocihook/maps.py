@@ -9,14 +9,14 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+TYPE_CHECKING = False  # typing is not imported on the hook's hot path
 
 from . import bpfsys
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Iterable
+
     from .policy import Policy
 
 BPF_DIR = Path(os.environ.get("SAFEDEPLOY_BPF_SRC", Path(__file__).resolve().parent.parent / "bpf"))
@@ -24,8 +24,16 @@ HEADER = BPF_DIR / "safedeploy.h"
 
 
 def _read_constants(header: Path) -> dict[str, int]:
-    text = header.read_text()
-    return {m[1]: int(m[2], 0) for m in re.finditer(r"^#define (SD_[A-Z0-9_]+) (0x[0-9a-fA-F]+|\d+)\b", text, re.M)}
+    """Every ``#define SD_NAME <integer>`` of the header (no regex: this is the hot path)."""
+    out = {}
+    for line in header.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "#define" and parts[1].startswith("SD_"):
+            try:
+                out[parts[1]] = int(parts[2], 0)
+            except ValueError:
+                continue
+    return out
 
 
 C = _read_constants(HEADER)
@@ -81,25 +89,34 @@ MAPS: dict[str, tuple[type, type]] = {
 POLICY_MAPS = ("cidrs", "resolvers")
 
 
-def _addr_bytes(addr: ipaddress.IPv6Address) -> ctypes.Array:
-    return (ctypes.c_uint8 * 16).from_buffer_copy(addr.packed)
-
-
 def addr_of(raw) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(bytes(raw))
 
 
-def cgroup_entry(policy: "Policy", generation: int) -> SdCgroup:
-    return SdCgroup(mode=C["SD_MODE_AUDIT"] if policy.mode == "audit" else C["SD_MODE_ENFORCE"],
-                    dflt=C["SD_DENY"] if policy.default == "deny" else C["SD_ALLOW"],
-                    has_resolvers=1 if policy.resolvers is not None else 0,
+def compile_policy(policy: "Policy") -> dict:
+    """A policy in kernel form, JSON-serialisable: what the hook caches and what state
+    files keep, so the warm path needs neither the policy module nor a re-parse.
+    Entry keys are stored with cgid 0; :func:`_with_cgid` fills it in."""
+    return {
+        "name": policy.name, "mode": policy.mode, "default": policy.default,
+        "has_resolvers": policy.resolvers is not None,
+        "rules": [[r.text, r.reason] for r in policy.rules],
+        "cidrs": [[bytes(k).hex(), bytes(v).hex()] for k, v in cidr_entries(policy, 0)],
+        "resolvers": [a.packed.hex() for a in policy.resolvers or ()],
+    }
+
+
+def cgroup_entry(compiled: dict, generation: int) -> SdCgroup:
+    return SdCgroup(mode=C["SD_MODE_AUDIT"] if compiled["mode"] == "audit" else C["SD_MODE_ENFORCE"],
+                    dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
+                    has_resolvers=1 if compiled["has_resolvers"] else 0,
                     generation=generation & 0xFFFFFFFF)
 
 
 def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
     """LPM entries for the CIDR rules. Rules that land on the same key are merged as
     decide() breaks ties: deny beats allow, then the lowest index."""
-    merged: dict[tuple, tuple[int, int, int]] = {}
+    merged: dict[tuple, tuple[int, int]] = {}
     for rule in policy.rules:
         if rule.kind != "cidr":
             continue
@@ -108,26 +125,38 @@ def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
         for proto in protos:
             for port in rule.ports or (0,):
                 slot = (IPPROTO[proto], port, rule.network.network_address.packed, rule.network.prefixlen)
-                cand = (verdict, rule.index, rule.network.prefixlen)
                 old = merged.get(slot)
-                if old is None or (cand[0], -cand[1]) > (old[0], -old[1]):
-                    merged[slot] = cand
+                if old is None or (verdict, -rule.index) > (old[0], -old[1]):
+                    merged[slot] = (verdict, rule.index)
     out = []
-    for (proto, port, addr, plen), (verdict, index, _) in merged.items():
+    for (proto, port, addr, plen), (verdict, index) in merged.items():
         key = CidrKey(prefixlen=C["SD_CIDR_FIXED_BITS"] + plen, proto=proto, port=port, cgid=cgid)
         key.addr[:] = addr
         out.append((key, CidrVal(rule=index, verdict=verdict, plen=plen)))
     return out
 
 
-def resolver_entries(policy: "Policy", cgid: int) -> list[tuple[AddrKey, ctypes.c_uint8]]:
-    return [(AddrKey(cgid=cgid, addr=_addr_bytes(a)), U8(1)) for a in policy.resolvers or ()]
+def _with_cgid(key_type, hexkey: str, cgid: int):
+    key = key_type.from_buffer_copy(bytes.fromhex(hexkey))
+    key.cgid = cgid
+    return key
 
 
-@dataclass
+def _compiled_entries(compiled: dict, cgid: int):
+    """(map name, key, value) of every rule entry of a compiled policy for cgid."""
+    for k, v in compiled["cidrs"]:
+        yield "cidrs", _with_cgid(CidrKey, k, cgid), CidrVal.from_buffer_copy(bytes.fromhex(v))
+    for a in compiled["resolvers"]:
+        key = AddrKey(cgid=cgid)
+        key.addr[:] = bytes.fromhex(a)
+        yield "resolvers", key, U8(1)
+
+
 class PinnedMaps:
     """Open fds of the pinned maps of one program version."""
-    fds: dict[str, int]
+
+    def __init__(self, fds: dict[str, int]):
+        self.fds = fds
 
     @classmethod
     def open(cls, pin_dir: Path) -> "PinnedMaps":
@@ -157,26 +186,34 @@ class PinnedMaps:
         val = SdCgroup()
         return val if bpfsys.map_lookup(self.fds["cgroups"], U64(cgid), val) else None
 
-    def load_policy(self, cgid: int, policy: "Policy", generation: int) -> None:
+    def load_policy(self, cgid: int, compiled: dict, generation: int) -> None:
         """Write the rules, then the cgroup header that makes the programs use them.
         Fails (and leaves nothing behind) when the cgroup already has a policy."""
         if self.policy_of(cgid) is not None:
             raise bpfsys.BpfError(17, f"cgroup {cgid} already has a safedeploy policy")
         try:
-            for key, val in cidr_entries(policy, cgid):
-                bpfsys.map_update(self.fds["cidrs"], key, val)
-            for key, val in resolver_entries(policy, cgid):
-                bpfsys.map_update(self.fds["resolvers"], key, val)
-            bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(policy, generation),
+            for name, key, val in _compiled_entries(compiled, cgid):
+                try:
+                    bpfsys.map_update(self.fds[name], key, val)
+                except bpfsys.BpfError as e:
+                    if e.errno == 7:  # E2BIG: the shared map is full
+                        raise bpfsys.BpfError(e.errno, f"policy map {name} is full: cannot load the policy") from None
+                    raise
+            bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled, generation),
                               bpfsys.BPF_NOEXIST)
         except Exception:
-            self.unload_policy(cgid)
+            self.unload_policy(cgid, compiled)
             raise
 
-    def unload_policy(self, cgid: int) -> int:
+    def unload_policy(self, cgid: int, compiled: dict | None = None) -> int:
         """Remove the header first (programs stop using the rules), then every rule
-        entry of cgid. Returns how many entries were removed."""
+        entry of cgid: exactly the compiled policy's keys when known, else by scanning
+        the shared maps (gc of a cgroup whose policy is lost). Returns entries removed."""
         removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
+        if compiled is not None:
+            for name, key, _ in _compiled_entries(compiled, cgid):
+                removed += int(bpfsys.map_delete(self.fds[name], key))
+            return removed
         for name in POLICY_MAPS:
             key_type = MAPS[name][0]
             fd = self.fds[name]

@@ -21,6 +21,14 @@ CIDR, a bare IPv6 address or CIDR (no port), or ``[IPv6 or CIDR]`` (needed with 
 Every address is kept as an IPv6 address: IPv4 ``a.b.c.d/n`` becomes ``::ffff:a.b.c.d/(96+n)``,
 so an IPv6 rule whose network contains ``::ffff:0:0/96`` (``::/0`` for example) also covers IPv4.
 CIDRs must not have host bits set. Rules are numbered (``Rule.index``) allow rules first, then deny.
+``Rule.text`` is a shorthand as written, or for an object the canonical shorthand built from it
+(``pkgs.internal:80,443/tcp``, ``10.1.0.0/16:5432``, ``[2001:db8::/32]:443``).
+
+Normalised form
+---------------
+``Policy.to_json()`` is compact sorted-key JSON with every key present (``dns`` only when given;
+``description`` is dropped). A rule appears as its ``text`` when it has no reason, else as an object;
+either way it re-parses to an equal ``Rule``. ``Policy.digest`` is the sha256 of that JSON.
 
 Deciding (``decide``) -- the kernel implements exactly this
 ---------------------------------------------------------
@@ -68,6 +76,7 @@ _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_LIKE = re.compile(r"[0-9.]+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NORMALISED_KEYS = {"version", "name", "mode", "default", "allow", "deny"}
+_KIND_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
 _TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
 
 
@@ -166,10 +175,10 @@ def load_policy_text(text: str | bytes, source: str = "<policy>", fmt: str | Non
         count = sum(len(document[k]) for k in ("allow", "deny") if isinstance(document.get(k), list))
         if count > MAX_RULES:
             raise _DocumentError(f"too many rules: {count} (at most {MAX_RULES})")
-        schema_problems = _schema_problems(document)
+        problems = _schema_problems(document)
     except _DocumentError as error:
         raise PolicyError([_line(source, (), str(error))]) from None
-    return _build(document, source, _Problems(schema_problems))
+    return _build(document, source, problems)
 
 
 def load_policy_trusted(json_text: str, source: str) -> Policy:
@@ -184,7 +193,7 @@ def load_policy_trusted(json_text: str, source: str) -> Policy:
             and document["default"] in ("deny", "allow")
         ):
             raise ValueError("not in Policy.to_json() form")
-        return _build(document, source, _Problems([]))
+        return _build(document, source, _Problems())
     except (ValueError, TypeError, KeyError, AttributeError):
         raise PolicyError([_line(source, (), "not a normalised safedeploy policy")]) from None
 
@@ -205,10 +214,7 @@ class _DocumentError(Exception):
 
 
 def _parse_document(text: str | bytes, fmt: str | None) -> dict[str, Any]:
-    if isinstance(text, bytes):
-        size = len(text)
-    else:
-        size = len(text) if len(text) > MAX_POLICY_BYTES else len(text.encode("utf-8", "surrogatepass"))
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_POLICY_BYTES:
         raise _DocumentError(f"policy is larger than 1 MiB ({size} bytes)")
     if isinstance(text, bytes):
@@ -261,15 +267,14 @@ def _parse_yaml(text: str) -> Any:
     try:
         for event in yaml.parse(text, Loader=loader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                line = event.start_mark.line + 1
-                raise _DocumentError(f"YAML anchors and aliases are not allowed (line {line})")
+                raise _DocumentError(f"YAML anchors and aliases are not allowed{_at_line(event.start_mark)}")
         return yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise _DocumentError(f"invalid YAML{where}: {error.problem or error.context}") from None
     except yaml.YAMLError as error:
-        raise _DocumentError(f"YAML error: {error}") from None
+        raise _DocumentError(f"YAML error: {str(error).splitlines()[0]}") from None
     except ValueError as error:  # a scalar the resolver accepted but cannot build, e.g. 2024-13-45
         raise _DocumentError(f"invalid YAML value: {error}") from None
 
@@ -284,32 +289,39 @@ def _yaml_loader() -> type:
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             seen: set[str] = set()
             for key_node, _ in node.value:
-                line = key_node.start_mark.line + 1
+                where = _at_line(key_node.start_mark)
                 if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise _DocumentError(f"YAML merge keys (<<) are not allowed (line {line})")
+                    raise _DocumentError(f"YAML merge keys (<<) are not allowed{where}")
                 key = self.construct_object(key_node, deep=True)
                 if not isinstance(key, str):
-                    raise _DocumentError(f"keys must be strings, got {_show(key)} (line {line})")
+                    raise _DocumentError(f"keys must be strings, got {_show(key)}{where}")
                 if key in seen:
-                    raise _DocumentError(f"duplicate key {_show(key)} (line {line})")
+                    raise _DocumentError(f"duplicate key {_show(key)}{where}")
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
     return StrictLoader
 
 
+def _at_line(mark: Any) -> str:
+    return f" (line {mark.line + 1})" if mark is not None else ""
+
+
 # --------------------------------------------------------------------------- validation
 
 
-def _schema_problems(document: dict[str, Any]) -> list[tuple[JsonPath, str]]:
+def _schema_problems(document: dict[str, Any]) -> "_Problems":
     try:
         validator = _schema_validator()
     except OSError as error:
         raise _DocumentError(f"cannot read the policy schema {SCHEMA_PATH}: {error.strerror}") from None
+    problems = _Problems()
     try:
-        return [(tuple(e.absolute_path), _schema_message(e)) for e in validator.iter_errors(document)]
+        for issue in validator.iter_errors(document):
+            problems.reject(tuple(issue.absolute_path), _schema_message(issue), _blamed_keys(issue))
     except RecursionError:  # jsonschema reprs the instance of every error
         raise _DocumentError("policy is nested too deeply") from None
+    return problems
 
 
 @lru_cache(maxsize=1)
@@ -317,6 +329,15 @@ def _schema_validator() -> Any:
     import jsonschema
 
     return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text("utf-8")))
+
+
+def _blamed_keys(error: Any) -> list[str] | None:
+    """The keys an error is about when it is about keys of a mapping rather than the mapping itself."""
+    if error.validator == "additionalProperties":
+        return [k for k in error.instance if k not in error.schema.get("properties", {})]
+    if error.validator == "required":
+        return [k for k in error.validator_value if k not in error.instance]
+    return None
 
 
 def _schema_message(error: Any) -> str:
@@ -352,15 +373,22 @@ def _schema_message(error: Any) -> str:
 
 
 class _Problems:
-    """Collects (path, message) problems; knows which parts of the document the schema rejected."""
+    """Collects (path, message) problems and remembers which values the schema rejected."""
 
-    def __init__(self, schema_problems: list[tuple[JsonPath, str]]) -> None:
-        self.items = list(schema_problems)
-        self._rejected = {path for path, _ in schema_problems}
-        self._touched = {path[:k] for path in self._rejected for k in range(len(path) + 1)}
+    def __init__(self) -> None:
+        self.items: list[tuple[JsonPath, str]] = []
+        self._rejected: set[JsonPath] = set()
+        self._touched: set[JsonPath] = set()  # rejected values and everything above them
 
     def add(self, path: JsonPath, message: str) -> None:
         self.items.append((path, message))
+
+    def reject(self, path: JsonPath, message: str, keys: list[str] | None = None) -> None:
+        """A schema problem at path: the value there is unusable, or only its ``keys`` are."""
+        self.add(path, message)
+        for rejected in [path] if keys is None else [path + (key,) for key in keys]:
+            self._rejected.add(rejected)
+            self._touched.update(rejected[:k] for k in range(len(rejected) + 1))
 
     def usable(self, path: JsonPath) -> bool:
         """True when the schema accepted the value at path as a whole (no problem at it or above)."""
@@ -379,8 +407,8 @@ class _Problems:
 
 def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy:
     """Check the meaning of every value the schema accepted, and build the Policy."""
-    name = document.get("name")
-    if problems.clean(("name",)) and not _POLICY_NAME.fullmatch(name):
+    name: Any = document.get("name")
+    if problems.clean(("name",)) and not (isinstance(name, str) and _POLICY_NAME.fullmatch(name)):
         problems.add(("name",), f"must match [A-Za-z0-9_.-]{{1,64}}, got {_show(name)}")
     rules: list[Rule] = []
     index = 0
@@ -389,7 +417,7 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
         if not problems.usable((verdict,)):
             continue
         for position, item in enumerate(items):
-            path = (verdict, position)
+            path: JsonPath = (verdict, position)
             if problems.clean(path):
                 try:
                     rules.append(_parse_rule(item, index, verdict))
@@ -514,7 +542,7 @@ def _parse_network(text: str) -> ipaddress.IPv6Network:
         address = _parse_address(address_text)
     except ValueError:
         raise ValueError(f"invalid IP address or CIDR {_show(text)}") from None
-    width = address.max_prefixlen
+    width: int = address.max_prefixlen
     if not slash:
         prefix = width
     elif _PREFIX.fullmatch(prefix_text) and int(prefix_text) <= width:
@@ -714,4 +742,4 @@ def _show(value: Any) -> str:
         return "a huge integer"
     if value is None or isinstance(value, (bool, int, float)):
         return repr(value)
-    return {dict: "a mapping", list: "a list"}.get(type(value), f"a {type(value).__name__}")
+    return _KIND_NAMES.get(type(value), f"a {type(value).__name__}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import cgroup, events, report, session, settings
+from .maps import compile_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .policy import Policy
@@ -33,10 +34,11 @@ class RunResult:
 def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=None) -> RunResult:
     """Run cmd under policy; always cleans up its cgroup, map entries and attachment."""
     run_id = f"run-{os.getpid()}-{secrets.token_hex(3)}"
+    compiled = compile_policy(policy)
     path = cgroup.create(run_id)
     att = None
     try:
-        att = session.apply(path, policy, log)
+        att = session.apply(path, compiled, log)
         try:
             proc = subprocess.Popen(cmd, preexec_fn=lambda: cgroup.move_self(path))
         except OSError as e:
@@ -48,8 +50,8 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
             cgroup.remove(path)  # kill leftovers first: no unprotected window
         finally:
             if att is not None:
-                raw = session.release(att)
-    records = events.to_records(raw, policy, run_id)
+                raw = session.release(att, compiled)
+    records = events.to_records(raw, compiled, run_id)
     out = report_path or settings.log_dir() / f"{run_id}.jsonl"
     report.write(records, out)
     report.syslog_blocked(records)

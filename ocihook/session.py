@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import cgroup, loader
 from .maps import EventKey, EventVal, PinnedMaps
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .policy import Policy
 
-
-@dataclass
 class Attachment:
-    cgroup: Path
-    cgid: int
-    pin_dir: Path
-    generation: int
+    """What apply() did: which cgroup (and id) got which program version."""
+
+    def __init__(self, cgroup: Path, cgid: int, pin_dir: Path, generation: int):
+        self.cgroup, self.cgid, self.pin_dir, self.generation = cgroup, cgid, pin_dir, generation
 
     def to_dict(self) -> dict:
         return {"cgroup": str(self.cgroup), "cgid": self.cgid, "pin_dir": str(self.pin_dir),
@@ -34,23 +28,25 @@ class Attachment:
         return cls(Path(d["cgroup"]), int(d["cgid"]), Path(d["pin_dir"]), int(d["generation"]))
 
 
-def apply(cgroup_path: Path, policy: "Policy", log=None) -> Attachment:
-    """Load policy for cgroup_path and attach the shared programs to it."""
+def apply(cgroup_path: Path, compiled: dict, log=None) -> Attachment:
+    """Load a compiled policy (maps.compile_policy) for cgroup_path and attach the shared
+    programs to it."""
     pins = loader.ensure_programs(log)
     cgid = cgroup.cgroup_id(cgroup_path)
     att = Attachment(cgroup_path, cgid, pins, time.time_ns() & 0xFFFFFFFF)
     with PinnedMaps.open(pins) as maps, loader.Programs(pins) as progs:
-        maps.load_policy(cgid, policy, att.generation)
+        maps.load_policy(cgid, compiled, att.generation)
         try:
             progs.attach(cgroup_path)
         except BaseException:
-            maps.unload_policy(cgid)
+            maps.unload_policy(cgid, compiled)
             raise
     return att
 
 
-def release(att: Attachment) -> list[tuple[EventKey, EventVal]]:
-    """Detach (if the cgroup still exists), take the events, remove every map entry.
+def release(att: Attachment, compiled: dict | None = None) -> list[tuple[EventKey, EventVal]]:
+    """Detach (if the cgroup still exists), take the events, remove every map entry
+    (exactly the compiled policy's keys when given, else found by scanning the shared maps).
     Idempotent: releasing twice returns no events the second time."""
     if not att.pin_dir.exists():
         return []
@@ -58,5 +54,5 @@ def release(att: Attachment) -> list[tuple[EventKey, EventVal]]:
         with contextlib.suppress(loader.LoaderError), loader.Programs(att.pin_dir) as progs:
             if att.cgroup.exists() and cgroup.cgroup_id(att.cgroup) == att.cgid:
                 progs.detach(att.cgroup)
-        maps.unload_policy(att.cgid)
+        maps.unload_policy(att.cgid, compiled)
         return maps.drain_events([att.cgid])

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from ocihook import cgroup, events, session
+from ocihook.maps import compile_policy
 from ocihook.policy import load_policy_text
 
 
@@ -47,7 +48,8 @@ class Policed:
             self.policy = dataclasses.replace(self.policy, mode=mode)
         self.path = cgroup.create(f"test-{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            self.att = session.apply(self.path, self.policy)
+            self.compiled = compile_policy(self.policy)
+            self.att = session.apply(self.path, self.compiled)
         except BaseException:
             cgroup.remove(self.path)
             raise
@@ -69,8 +71,8 @@ class Policed:
             try:
                 cgroup.remove(self.path)
             finally:
-                raw = session.release(self.att)
-            self.records = events.to_records(raw, self.policy, self.path.name)
+                raw = session.release(self.att, self.compiled)
+            self.records = events.to_records(raw, self.compiled, self.path.name)
         return self.records
 
 

@@ -56,3 +56,29 @@ def test_prestart_then_poststop_on_a_real_cgroup(pins):
         child.kill()
         child.wait()
         cgroup.remove(path)
+
+
+def test_warm_prestart_imports_no_bcc_typer_jsonschema_or_policy_module(pins, tmp_path):
+    """The warm hook path: cached compiled policy, pinned programs, plain bpf(2) calls."""
+    path = cgroup.create(f"hookwarm-{os.getpid()}")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (path / "cgroup.procs").write_text(str(child.pid))
+        st = {"id": "warm0", "pid": child.pid, "status": "creating", "annotations": {"safedeploy.policy": POLICY}}
+        assert _hook(st, "prestart").returncode == 0          # validates and fills the cache
+        assert _hook({"id": "warm0"}, "poststop").returncode == 0
+        st["id"] = "warm1"
+        code = ("import sys, json\n"
+                "from ocihook import hook\n"
+                f"hook.run(['prestart'], json.dumps({st!r}).encode())\n"
+                "bad = [m for m in ('bcc', 'typer', 'jsonschema', 'yaml', 'rich', 'ocihook.policy') if m in sys.modules]\n"
+                "print(','.join(bad) or 'clean')")
+        repo = str(Path(__file__).resolve().parents[2])
+        res = subprocess.run([sys.executable, "-S", "-E", "-c", f"import sys; sys.path.insert(0, {repo!r})\n" + code],
+                             capture_output=True, text=True, timeout=60)
+        assert res.stdout.strip() == "clean", res.stdout + res.stderr
+        assert _hook({"id": "warm1"}, "poststop").returncode == 0
+    finally:
+        child.kill()
+        child.wait()
+        cgroup.remove(path)

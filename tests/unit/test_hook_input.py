@@ -76,14 +76,15 @@ def test_resolve_policy_validates_once_then_uses_cache(tmp_path):
     cached = list((hook.settings.state_dir() / "policy-cache").glob("*.json"))
     assert len(cached) == 1
     again = hook.resolve_policy("p", "audit", tmp_path)
-    assert again.mode == "audit" and again.rules == first.rules
+    assert again["mode"] == "audit" and again["rules"] == first["rules"] and first["mode"] == "enforce"
     with pytest.raises(HookError, match="audit or enforce"):
         hook.resolve_policy("p", "loud", tmp_path)
 
 
 def test_bad_policy_content_is_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("version: 1\nname: x\nallow: ['10.0.0.1/8']\n")
-    with pytest.raises(hook.PolicyError) as e:
+    from ocihook.policy import PolicyError
+    with pytest.raises(PolicyError) as e:
         hook.resolve_policy("bad", None, tmp_path)
     assert "$.allow[0]" in str(e.value) and "\n" not in str(e.value)
 
@@ -117,8 +118,7 @@ def test_hook_hot_path_imports_no_bcc_typer_jsonschema(tmp_path):
     """The lean entry point: a no-annotation container costs only the interpreter."""
     code = ("import sys, io; sys.stdin = io.TextIOWrapper(io.BytesIO(b'{\"id\":\"x\",\"pid\":1}'));"
             "from ocihook import hook\n"
-            "try: hook.main(['prestart'])\n"
-            "except SystemExit: pass\n"
+            "hook.run(['prestart'], b'{\"id\":\"x\",\"pid\":1}')\n"
             "bad = [m for m in ('bcc', 'typer', 'jsonschema', 'yaml', 'rich') if m in sys.modules]\n"
             "print(','.join(bad) or 'clean')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

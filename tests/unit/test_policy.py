@@ -418,6 +418,16 @@ def test_all_errors_are_reported_in_path_order():
     assert str(caught.value) == f"{lines[0]} (and 5 more errors)"
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("name: t\ncolour: red\nallow: ['10.0.0.1/8']\n", ["$", "$", "$.allow[0]"]),
+    ("version: 1\nallow: ['*']\ndns: {timeout: 5}\n", ["$", "$.allow[0]", "$.dns", "$.dns"]),
+    ("version: 1\nname: 'bad name'\nallow: [{domain: a.com, colour: red}, 'b..c']\n",
+     ["$.allow[0]", "$.allow[1]", "$.name"]),
+])
+def test_key_problems_do_not_hide_value_problems(text, expected):
+    assert [line.split(": ")[1] for line in errors_of(text)] == expected
+
+
 def test_messages_never_dump_big_values():
     lines = errors_of(DOC + "allow: [{domain: a.com, ports: [" + ",".join(["99999"] * 5000) + "]}]\n"
                       "description: [" + ",".join(["x" * 100] * 1000) + "]\n")
