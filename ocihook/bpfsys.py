@@ -9,9 +9,8 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-import platform
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
@@ -43,7 +42,10 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class BpfError(OSError):
-    """A failed bpf(2) call; str() is one line."""
+    """A failed bpf(2) call; str() is one line (the message, without "[Errno N]")."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def _bpf(cmd: int, attr: ctypes.Array, what: str) -> int:

@@ -12,7 +12,6 @@ cached in kernel form (maps.compile_policy), keyed by the content hash of its do
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -124,6 +123,7 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir: Path | None 
     source, raw = policy_source(value, policy_dir)
     if mode is not None and mode not in ("audit", "enforce"):
         raise HookError(f"annotation {MODE_ANNOTATION} must be audit or enforce, not {mode[:30]!r}")
+    import hashlib  # noqa: PLC0415
     digest = hashlib.sha256(source.encode() + b"\0" + raw).hexdigest()
     cache = settings.state_dir() / "policy-cache" / f"{digest}.json"
     compiled = None

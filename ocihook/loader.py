@@ -184,7 +184,8 @@ class Programs:
                 try:
                     bpfsys.prog_attach(self.fds[name], fd, atype)
                 except bpfsys.BpfError as e:
-                    if e.errno == 17:  # EEXIST: this very program is attached already
+                    # the same program twice: EEXIST on older kernels, EINVAL on newer ones
+                    if e.errno in (17, 22) and bpfsys.prog_id(self.fds[name]) in bpfsys.prog_query(fd, atype):
                         continue
                     raise LoaderError(f"cannot attach {name} to {cgroup_path}: {e.strerror}") from None
                 done.append((name, atype))

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
-from typing import Iterable
 
 from .events import FIELDS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Iterable
 
 _IDENTITY = ("container", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain", "pid", "rule")
 _VERDICT_ORDER = {"blocked": 0, "would-block": 1, "allowed": 2}
@@ -116,6 +118,7 @@ def syslog_blocked(records: list[dict], ident: str = "safedeploy", dev: str = "/
     lines = [line.removeprefix("safedeploy: ") for line in summary(records)]
     if not lines or not os.path.exists(dev):
         return 0
+    import socket  # noqa: PLC0415 — only when there is something to log
     sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
