@@ -21,6 +21,7 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_MAX_DEPTH 16          /* cgroup levels walked to find a policy */
 #define SD_RULE_DEFAULT 0xffff   /* event/verdict came from the policy default */
 #define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
+#define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
 
 #define SD_ALLOW 0
 #define SD_DENY 1
@@ -39,6 +40,7 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_STAT_EVENTS_DROPPED 0
 #define SD_STAT_DECISIONS 1
 #define SD_STAT_DENIED 2
+#define SD_STAT_DNS_MALFORMED 3
 #define SD_NSTATS 4
 
 /* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
@@ -46,7 +48,7 @@ struct sd_cgroup {
     __u8 mode;          /* SD_MODE_* */
     __u8 dflt;          /* SD_ALLOW | SD_DENY: verdict when no rule applies */
     __u8 has_resolvers; /* 1: port-53 traffic only to the resolvers map */
-    __u8 pad;
+    __u8 name_denies;   /* 1: the policy denies some name (unparseable queries are dropped) */
     __u32 generation;   /* userspace's instance number, for stale-entry checks */
 };
 
@@ -99,11 +101,84 @@ struct sd_event_val {
     char comm[16];
 };
 
+/* names: name rules by FNV-1a-64 hash of the *reversed* lower-case base name.
+ * proto 0 / port 0 with SD_NAME_QUERY: the verdict for a DNS query of that name;
+ * proto tcp|udp, port 0 (any) or a port: the verdict for connections to it. */
+struct sd_name_key {
+    __u64 cgid;
+    __u64 hash;
+    __u8 kind;          /* SD_NAME_EXACT | SD_NAME_WILD */
+    __u8 proto;         /* 0 for the query verdict */
+    __u16 port;
+    __u32 pad;
+};
+#define SD_NAME_EXACT 1
+#define SD_NAME_WILD 2
+
+struct sd_name_val {
+    __u16 rule;
+    __u8 verdict;
+    __u8 pad;
+};
+
+#define SD_NAME_BUF 256     /* wire-format name buffer (a DNS name is at most 255 bytes) */
+#define SD_NAME_MAX 253     /* dotted text */
+#define SD_MAX_SUFFIXES 16  /* names with more labels are not learned */
+
+/* qnames: (cgid, name id) -> a queried name: text for reports, suffix hashes (shortest
+ * first; the last one is the full name) for judging connects to its learned addresses */
+struct sd_qname_key {
+    __u64 cgid;
+    __u32 name_id;      /* low 32 bits of the full name's hash */
+    __u32 pad;
+};
+struct sd_qname {
+    __u64 hashes[SD_MAX_SUFFIXES];
+    __u32 nhash;        /* 0: too many labels to judge connects by name */
+    __u32 len;
+    char name[SD_NAME_BUF];
+};
+
+/* learned: (cgid, address) -> the name whose answer carried it, until the TTL ends */
+struct sd_learned {
+    __u64 expires_ns;   /* CLOCK_BOOTTIME */
+    __u32 name_id;
+    __u8 verdict;       /* the query verdict of that name: a deny is never overwritten */
+    __u8 pad[3];
+};
+#define SD_TTL_MIN_S 2
+#define SD_TTL_MAX_S 86400
+
+/* per-CPU scratch: buffers too big for the 512-byte stack, and the state of the parsing
+ * loops. The loop state is volatile memory on purpose: the verifier then sees unknown
+ * scalars at every iteration, so equivalent states are pruned instead of being explored
+ * once per possible byte value. */
+struct sd_scratch {
+    __u8 wire[SD_NAME_BUF];
+    struct sd_qname q;
+    volatile __u64 h;
+    volatile __u32 pos;
+    volatile __u32 out;
+    volatile __u32 rem;
+    volatile __u32 k;
+    volatile __u32 done;
+    volatile __u32 found;
+    volatile __u32 aoff;
+    volatile __u32 skipped;
+    volatile __u16 qv_rule;
+    volatile __u8 qv_verdict;
+    __u8 pad;
+};
+
 BPF_HASH(cgroups, __u64, struct sd_cgroup, 16384);
 BPF_LPM_TRIE(cidrs, struct sd_cidr_key, struct sd_cidr_val, 262144);
 BPF_HASH(resolvers, struct sd_addr_key, __u8, 16384);
 BPF_HASH(events, struct sd_event_key, struct sd_event_val, 65536);
 BPF_PERCPU_ARRAY(stats, __u64, SD_NSTATS);
+BPF_HASH(names, struct sd_name_key, struct sd_name_val, 262144);
+BPF_TABLE("lru_hash", struct sd_qname_key, struct sd_qname, qnames, 16384);
+BPF_TABLE("lru_hash", struct sd_addr_key, struct sd_learned, learned, 65536);
+BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 1);
 
 static __always_inline void sd_stat(__u32 idx)
 {
@@ -161,9 +236,60 @@ struct sd_dest {
     __u8 family;
 };
 
+#define SD_FNV_OFFSET 0xcbf29ce484222325ULL
+#define SD_FNV_PRIME 0x100000001b3ULL
+
+static __always_inline struct sd_name_val *sd_name_lookup(__u64 cgid, __u64 hash, __u8 kind, __u8 proto, __u16 port)
+{
+    struct sd_name_key k = {};
+    k.cgid = cgid;
+    k.hash = hash;
+    k.kind = kind;
+    k.proto = proto;
+    k.port = port;
+    return names.lookup(&k);
+}
+
+/* Of two name rules at the same base: deny, then the lowest rule index. */
+static __always_inline struct sd_name_val *sd_better_name(struct sd_name_val *a, struct sd_name_val *b)
+{
+    if (!a)
+        return b;
+    if (!b)
+        return a;
+    if (a->verdict != b->verdict)
+        return a->verdict == SD_DENY ? a : b;
+    return a->rule <= b->rule ? a : b;
+}
+
+/* The name rule deciding a connection to a learned name: the longest base that has an
+ * applying rule wins (the full name's exact rules, then wildcards of shorter suffixes). */
+static __always_inline int sd_name_verdict(__u64 cgid, struct sd_qname *q, __u8 proto, __u16 port,
+                                           struct sd_name_val *out)
+{
+    __u32 n = q->nhash;
+    if (n == 0 || n > SD_MAX_SUFFIXES)
+        return 0;
+    for (int j = 0; j < SD_MAX_SUFFIXES; j++) {
+        int i = (int)n - 1 - j;
+        if (i < 0)
+            break;
+        __u64 h = q->hashes[i & (SD_MAX_SUFFIXES - 1)];
+        __u8 kind = (i == (int)n - 1) ? SD_NAME_EXACT : SD_NAME_WILD;
+        struct sd_name_val *best = sd_better_name(sd_name_lookup(cgid, h, kind, proto, port),
+                                                  sd_name_lookup(cgid, h, kind, proto, 0));
+        if (best) {
+            *out = *best;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* Verdict of the policy of cgid for dest (decide() in ocihook/policy.py is the
- * reference). *rule receives the deciding rule index. */
-static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u16 *rule)
+ * reference). *rule receives the deciding rule index, *name_id the learned name. */
+static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u16 *rule,
+                                      __u32 *name_id)
 {
     if (pol->has_resolvers && d->port == 53) {
         struct sd_addr_key rk = {};
@@ -182,6 +308,40 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
     k.port = 0;
     struct sd_cidr_val *any_port = cidrs.lookup(&k);
     struct sd_cidr_val *best = sd_better(by_port, any_port);
+
+    /* the name this address was learned from (a DNS answer), while its TTL lasts */
+    struct sd_name_val nv = {};
+    int have_name = 0;
+    struct sd_addr_key lk = {};
+    lk.cgid = cgid;
+    __builtin_memcpy(lk.addr, d->addr, sizeof(lk.addr));
+    struct sd_learned *l = learned.lookup(&lk);
+    if (l) {
+        if (l->expires_ns < bpf_ktime_get_boot_ns()) {
+            learned.delete(&lk);
+        } else {
+            struct sd_qname_key qk = {};
+            qk.cgid = cgid;
+            qk.name_id = l->name_id;
+            *name_id = l->name_id;
+            struct sd_qname *q = qnames.lookup(&qk);
+            if (q)
+                have_name = sd_name_verdict(cgid, q, d->proto, d->port, &nv);
+        }
+    }
+    if (have_name && best) {
+        /* both decide: if they agree the name rule decides, else the deny one */
+        if (nv.verdict == best->verdict || nv.verdict == SD_DENY) {
+            *rule = nv.rule;
+            return nv.verdict;
+        }
+        *rule = best->rule;
+        return best->verdict;
+    }
+    if (have_name) {
+        *rule = nv.rule;
+        return nv.verdict;
+    }
     if (best) {
         *rule = best->rule;
         return best->verdict;
@@ -226,22 +386,29 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
 }
 
 /* Decide, record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */
-static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 kind)
+static __always_inline int sd_verdict_return(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
+                                             __u16 rule, __u8 kind, __u32 name_id)
 {
-    __u16 rule = SD_RULE_DEFAULT;
-    __u8 verdict = sd_decide(cgid, pol, d, &rule);
     sd_stat(SD_STAT_DECISIONS);
     if (verdict == SD_ALLOW) {
-        sd_record(cgid, d, rule, SD_EV_ALLOWED, kind, 0);
+        sd_record(cgid, d, rule, SD_EV_ALLOWED, kind, name_id);
         return 1;
     }
     sd_stat(SD_STAT_DENIED);
     if (pol->mode == SD_MODE_AUDIT) {
-        sd_record(cgid, d, rule, SD_EV_WOULD_BLOCK, kind, 0);
+        sd_record(cgid, d, rule, SD_EV_WOULD_BLOCK, kind, name_id);
         return 1;
     }
-    sd_record(cgid, d, rule, SD_EV_BLOCKED, kind, 0);
+    sd_record(cgid, d, rule, SD_EV_BLOCKED, kind, name_id);
     return 0;
+}
+
+static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 kind)
+{
+    __u16 rule = SD_RULE_DEFAULT;
+    __u32 name_id = 0;
+    __u8 verdict = sd_decide(cgid, pol, d, &rule, &name_id);
+    return sd_verdict_return(cgid, pol, d, verdict, rule, kind, name_id);
 }
 
 #endif /* SAFEDEPLOY_H */

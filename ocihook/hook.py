@@ -225,16 +225,17 @@ def stop(state: dict) -> Path | None:
         return None
     compiled = record["compiled"]
     if record.get("attachment"):
-        raw = session.release(session.Attachment.from_dict(record["attachment"]), compiled)
+        raw, names = session.release(session.Attachment.from_dict(record["attachment"]), compiled)
     else:  # prestart died between the state file and the attachment: clean by cgroup id
         from . import loader  # noqa: PLC0415
         pins = loader.pin_dir()
-        raw = []
+        raw, names = [], {}
         if pins.exists():
             with PinnedMaps.open(pins) as maps:
-                maps.unload_policy(record["cgid"], compiled)
                 raw = maps.drain_events([record["cgid"]])
-    records = events.to_records(raw, compiled, cid)
+                names = maps.names_of(record["cgid"], (k.name_id for k, _ in raw))
+                maps.unload_policy(record["cgid"], compiled)
+    records = events.to_records(raw, compiled, cid, names=names)
     out = report.write(records, settings.log_dir() / f"{cid}.jsonl")
     report.syslog_blocked(records)
     with contextlib.suppress(FileNotFoundError):

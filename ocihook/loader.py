@@ -28,8 +28,10 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_connect6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
     ("sd_sendmsg4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_SENDMSG),
     ("sd_sendmsg6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG),
+    ("sd_dns_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    ("sd_dns_ingress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
 )
-SOURCES = ("sock_addr.c",)
+SOURCES = ("sock_addr.c", "dns_skb.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
 BPFFS_MAGIC_TYPE = "bpf"
 

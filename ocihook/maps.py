@@ -46,7 +46,7 @@ VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
 
 class SdCgroup(ctypes.Structure):
     _fields_ = [("mode", ctypes.c_uint8), ("dflt", ctypes.c_uint8), ("has_resolvers", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8), ("generation", ctypes.c_uint32)]
+                ("name_denies", ctypes.c_uint8), ("generation", ctypes.c_uint32)]
 
 
 class CidrKey(ctypes.Structure):
@@ -74,6 +74,29 @@ class EventVal(ctypes.Structure):
                 ("uid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
 
 
+class NameKey(ctypes.Structure):
+    _fields_ = [("cgid", ctypes.c_uint64), ("hash", ctypes.c_uint64), ("kind", ctypes.c_uint8),
+                ("proto", ctypes.c_uint8), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint32)]
+
+
+class NameVal(ctypes.Structure):
+    _fields_ = [("rule", ctypes.c_uint16), ("verdict", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class QnameKey(ctypes.Structure):
+    _fields_ = [("cgid", ctypes.c_uint64), ("name_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class Qname(ctypes.Structure):
+    _fields_ = [("hashes", ctypes.c_uint64 * C["SD_MAX_SUFFIXES"]), ("nhash", ctypes.c_uint32),
+                ("len", ctypes.c_uint32), ("name", ctypes.c_char * C["SD_NAME_BUF"])]
+
+
+class Learned(ctypes.Structure):
+    _fields_ = [("expires_ns", ctypes.c_uint64), ("name_id", ctypes.c_uint32), ("verdict", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
 U8 = ctypes.c_uint8
 U64 = ctypes.c_uint64
 
@@ -84,9 +107,13 @@ MAPS: dict[str, tuple[type, type]] = {
     "resolvers": (AddrKey, U8),
     "events": (EventKey, EventVal),
     "stats": (ctypes.c_uint32, U64),
+    "names": (NameKey, NameVal),
+    "qnames": (QnameKey, Qname),
+    "learned": (AddrKey, Learned),
 }
-# the maps that hold per-cgroup policy (cleared when a cgroup is released)
-POLICY_MAPS = ("cidrs", "resolvers")
+# the maps that hold per-cgroup state (cleared when a cgroup is released)
+POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned")
+DYNAMIC_MAPS = ("qnames", "learned")  # written by the programs, not from the policy
 
 
 def addr_of(raw) -> ipaddress.IPv6Address:
@@ -102,14 +129,49 @@ def compile_policy(policy: "Policy") -> dict:
         "has_resolvers": policy.resolvers is not None,
         "rules": [[r.text, r.reason] for r in policy.rules],
         "cidrs": [[bytes(k).hex(), bytes(v).hex()] for k, v in cidr_entries(policy, 0)],
+        "names": [[bytes(k).hex(), bytes(v).hex()] for k, v in name_entries(policy, 0)],
         "resolvers": [a.packed.hex() for a in policy.resolvers or ()],
+        "name_denies": any(r.kind == "name" and r.verdict == "deny" for r in policy.rules),
     }
+
+
+def name_hash(base: str) -> int:
+    """FNV-1a 64 of the reversed lower-case name: what the kernel computes per suffix."""
+    h = 0xCBF29CE484222325
+    for c in reversed(base.encode()):
+        h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def name_entries(policy: "Policy", cgid: int) -> list[tuple[NameKey, NameVal]]:
+    """Name rules by (hash of base, exact|wildcard, proto, port). proto 0 holds the DNS
+    query verdict (decide_query): allow rules (any ports) and port-less deny rules."""
+    merged: dict[tuple, tuple[int, int]] = {}
+
+    def put(slot, verdict, index):
+        old = merged.get(slot)
+        if old is None or (verdict, -index) > (old[0], -old[1]):
+            merged[slot] = (verdict, index)
+    for rule in policy.rules:
+        if rule.kind != "name":
+            continue
+        verdict = C["SD_DENY"] if rule.verdict == "deny" else C["SD_ALLOW"]
+        h = name_hash(rule.name)
+        kind = C["SD_NAME_WILD"] if rule.wildcard else C["SD_NAME_EXACT"]
+        for proto in [rule.proto] if rule.proto else ["tcp", "udp"]:
+            for port in rule.ports or (0,):
+                put((h, kind, IPPROTO[proto], port), verdict, rule.index)
+        if rule.verdict == "allow" or (rule.ports is None and rule.proto is None):
+            put((h, kind, 0, 0), verdict, rule.index)
+    return [(NameKey(cgid=cgid, hash=h, kind=kind, proto=proto, port=port), NameVal(rule=index, verdict=verdict))
+            for (h, kind, proto, port), (verdict, index) in merged.items()]
 
 
 def cgroup_entry(compiled: dict, generation: int) -> SdCgroup:
     return SdCgroup(mode=C["SD_MODE_AUDIT"] if compiled["mode"] == "audit" else C["SD_MODE_ENFORCE"],
                     dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
                     has_resolvers=1 if compiled["has_resolvers"] else 0,
+                    name_denies=1 if compiled.get("name_denies") else 0,
                     generation=generation & 0xFFFFFFFF)
 
 
@@ -146,6 +208,8 @@ def _compiled_entries(compiled: dict, cgid: int):
     """(map name, key, value) of every rule entry of a compiled policy for cgid."""
     for k, v in compiled["cidrs"]:
         yield "cidrs", _with_cgid(CidrKey, k, cgid), CidrVal.from_buffer_copy(bytes.fromhex(v))
+    for k, v in compiled.get("names", ()):
+        yield "names", _with_cgid(NameKey, k, cgid), NameVal.from_buffer_copy(bytes.fromhex(v))
     for a in compiled["resolvers"]:
         key = AddrKey(cgid=cgid)
         key.addr[:] = bytes.fromhex(a)
@@ -210,11 +274,12 @@ class PinnedMaps:
         entry of cgid: exactly the compiled policy's keys when known, else by scanning
         the shared maps (gc of a cgroup whose policy is lost). Returns entries removed."""
         removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
+        scan = POLICY_MAPS
         if compiled is not None:
             for name, key, _ in _compiled_entries(compiled, cgid):
                 removed += int(bpfsys.map_delete(self.fds[name], key))
-            return removed
-        for name in POLICY_MAPS:
+            scan = DYNAMIC_MAPS  # what the kernel learned for this cgroup
+        for name in scan:
             key_type = MAPS[name][0]
             fd = self.fds[name]
             for key in bpfsys.map_keys(fd, key_type):
@@ -250,6 +315,15 @@ class PinnedMaps:
             if bpfsys.map_lookup(fd, key, val):
                 bpfsys.map_delete(fd, key)
                 out.append((key, val))
+        return out
+
+    def names_of(self, cgid: int, name_ids: Iterable[int]) -> dict[int, str]:
+        """The queried names (qnames map) behind event name ids."""
+        out = {}
+        for nid in set(name_ids) - {0}:
+            val = Qname()
+            if bpfsys.map_lookup(self.fds["qnames"], QnameKey(cgid=cgid, name_id=nid), val):
+                out[nid] = val.name[:val.len].decode(errors="replace")
         return out
 
     def stats(self) -> dict[str, int]:

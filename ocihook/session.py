@@ -44,15 +44,18 @@ def apply(cgroup_path: Path, compiled: dict, log=None) -> Attachment:
     return att
 
 
-def release(att: Attachment, compiled: dict | None = None) -> list[tuple[EventKey, EventVal]]:
+def release(att: Attachment, compiled: dict | None = None) -> tuple[list[tuple[EventKey, EventVal]], dict[int, str]]:
     """Detach (if the cgroup still exists), take the events, remove every map entry
     (exactly the compiled policy's keys when given, else found by scanning the shared maps).
-    Idempotent: releasing twice returns no events the second time."""
+    Returns the events and the DNS names they refer to. Idempotent: releasing twice
+    returns no events the second time."""
     if not att.pin_dir.exists():
-        return []
+        return [], {}
     with PinnedMaps.open(att.pin_dir) as maps:
         with contextlib.suppress(loader.LoaderError), loader.Programs(att.pin_dir) as progs:
             if att.cgroup.exists() and cgroup.cgroup_id(att.cgroup) == att.cgid:
                 progs.detach(att.cgroup)
+        raw = maps.drain_events([att.cgid])
+        names = maps.names_of(att.cgid, (k.name_id for k, _ in raw))
         maps.unload_policy(att.cgid, compiled)
-        return maps.drain_events([att.cgid])
+        return raw, names

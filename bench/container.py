@@ -1,0 +1,477 @@
+"""Benchmark: what the OCI hook costs a container.
+
+One run measures, with throwaway SAFEDEPLOY_STATE_DIR, SAFEDEPLOY_LOG_DIR and
+SAFEDEPLOY_POLICY_DIR, a hooks.d and the launcher in a temp dir (``ocihook.install.install``,
+so the environment is baked in as in a real install), and the normal pinned programs
+(``$SAFEDEPLOY_BPFFS``, default ``/sys/fs/bpf/safedeploy``; compiled once if absent, never removed):
+
+  hook     the installed launcher run as a runtime runs it (hook env only, OCI state on stdin):
+           prestart on a real process (``sleep 60`` in a fresh cgroup ``<cgroup2>/safedeploy/
+           sdbench-*``) and poststop after that cgroup is gone (runc runs poststop hooks after
+           destroying the cgroup), warm: programs pinned, policy cached. 1 discarded warm-up
+           + 30 pairs. Cold cache: prestart with ``$SAFEDEPLOY_STATE_DIR/policy-cache`` deleted
+           first (the policy is validated, with site-packages, jsonschema and yaml), 5 samples.
+  baseline ``python -S -E -c pass`` with the same interpreter, and the same behind a ``/bin/sh``
+           launcher like the hook's, interleaved with the warm samples
+  imports  ``-X importtime`` of one warm prestart and its poststop (the launcher's exact
+           command line): top 10 modules by cumulative time
+  runc     ``runc run`` of a busybox container running ``sh -c :``, bundle with the hook and the
+           annotation vs a bundle without hooks, fresh container id every time; 1 unmeasured
+           warm-up of each, then 20 interleaved pairs (the order alternates)
+  podman   ``podman --runtime runc --hooks-dir DIR run --rm --network host [--annotation
+           safedeploy.policy=bench]``, same image, same script; 1 warm-up each, 20 pairs
+
+Before measuring, one run of each runtime with the hook must print "Operation not permitted"
+for ``nc 127.0.0.2 80`` (and one without must not); every measured hooked run must leave its
+report (so poststop ran) and no state file.
+
+Usage: .venv/bin/python bench/container.py   (root; cgroup v2, bpffs, runc, podman, busybox-static)
+Progress goes to stderr, the table to stdout, everything to bench/results/container.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import now_ns, print_table, progress, summary_ms, write_results  # noqa: E402
+
+from ocihook import cgroup, demo, install, loader, settings  # noqa: E402
+from ocihook.hook import ANNOTATION  # noqa: E402
+from ocihook.maps import PinnedMaps  # noqa: E402
+
+HOOK_SAMPLES = 30  # warm prestart/poststop pairs, after one discarded warm-up
+COLD_SAMPLES = 5  # prestart with the policy cache deleted
+PAIRS = 20  # interleaved hooked/plain container starts per runtime, after one warm-up of each
+TOP_IMPORTS = 10
+TARGET_PRESTART_MS = 60  # warm prestart, wall time including interpreter start
+TARGET_PODMAN_RATIO = 1.15  # podman run with the annotation vs without (medians)
+
+POLICY_NAME = "bench"
+POLICY = "version: 1\nname: bench\ndefault: allow\ndeny: ['127.0.0.2']\n"
+IMAGE = "localhost/safedeploy-bench-busybox:latest"
+PROBE = "echo x | nc 127.0.0.2 80; echo a=$?"  # the honesty check: EPERM only under the policy
+EPERM = "Operation not permitted"
+PY = sys.executable
+TAG = f"sdbench-{os.getpid()}"
+
+
+class Run:
+    """Everything this run creates, so ``cleanup`` can take it all away again."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.hooks_dir = work / "hooks.d"
+        self.hook_path = work / "bin" / "safedeploy-hook"
+        self.conf = work / "containers.conf"
+        self.sleepers: list[subprocess.Popen] = []
+        self.cgroups: list[Path] = []
+        self.runc_ids: list[str] = []
+        self.podman_names: list[str] = []
+        self.image = False
+        self.runc_leftovers = 0  # `runc run` containers still there after they exited
+        self.counter = 0
+
+    def name(self, kind: str) -> str:
+        self.counter += 1
+        return f"{TAG}-{kind}-{self.counter}"
+
+    def podman_env(self) -> dict:
+        return dict(os.environ, CONTAINERS_CONF=str(self.conf))
+
+
+def run(args: list[str], *, env: dict | None = None, stdin: bytes | None = None, timeout: float = 60,
+        check: bool = True) -> tuple[subprocess.CompletedProcess, int]:
+    """(completed process, wall ns); with check, fails loudly on a non-zero exit."""
+    start = now_ns()
+    proc = subprocess.run(args, input=stdin if stdin is not None else b"", capture_output=True, env=env,
+                          timeout=timeout)
+    wall = now_ns() - start
+    if check and proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        sys.stderr.write(err + "\n")
+        raise SystemExit(f"bench/container.py: {shlex.join(args[:8])} ... failed (exit {proc.returncode}): "
+                         f"{err[-300:]}")
+    return proc, wall
+
+
+def hook_env() -> dict:
+    """Exactly the environment hooks.d gives the hook (runc passes nothing else)."""
+    return dict(e.split("=", 1) for e in install.hook_env())
+
+
+def oci_state(cid: str, pid: int, status: str, bundle: Path) -> bytes:
+    return json.dumps({"ociVersion": "1.0.2", "id": cid, "status": status, "pid": pid, "bundle": str(bundle),
+                       "annotations": {ANNOTATION: POLICY_NAME}}).encode()
+
+
+def reports() -> int:
+    return len(list(settings.log_dir().glob("*.jsonl")))
+
+
+def state_files() -> list[Path]:
+    return sorted(settings.state_dir().glob("*.json"))
+
+
+# -- 1. hook latency ---------------------------------------------------------------------------
+
+
+def policed_process(r: Run, name: str) -> tuple[subprocess.Popen, Path]:
+    """``sleep 60`` moved into a fresh cgroup <cgroup2>/safedeploy/<name>."""
+    cg = cgroup.create(name)
+    r.cgroups.append(cg)
+    proc = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    r.sleepers.append(proc)
+    (cg / "cgroup.procs").write_text(str(proc.pid))
+    return proc, cg
+
+
+def end_process(r: Run, proc: subprocess.Popen, cg: Path) -> None:
+    proc.kill()
+    proc.wait()
+    r.sleepers.remove(proc)
+    cgroup.remove(cg)
+    r.cgroups.remove(cg)
+
+
+def hook_cycle(r: Run, cold: bool, check: bool, argv_prefix: list[str] | None = None) -> dict:
+    """One prestart on a live process, then (process killed, cgroup removed) one poststop;
+    both run as argv_prefix + [stage] when given, else through the launcher."""
+    env = hook_env()
+    cid = r.name("hook")
+    proc, cg = policed_process(r, cid)
+    try:
+        if cold:
+            shutil.rmtree(settings.state_dir() / "policy-cache", ignore_errors=True)
+        pre_cmd = (argv_prefix or [str(r.hook_path)]) + ["prestart"]
+        pre, t_pre = run(pre_cmd, env=env, stdin=oci_state(cid, proc.pid, "created", r.work))
+        cgid = cgroup.cgroup_id(cg)
+        if check:  # outside the timings: the hook really attached and cached
+            with loader.Programs(loader.pin_dir()) as progs:
+                if progs.attached_to(cg) != len(loader.PROGRAMS):
+                    raise SystemExit(f"bench/container.py: prestart did not attach the programs to {cg}")
+            if not list((settings.state_dir() / "policy-cache").glob("*.json")):
+                raise SystemExit("bench/container.py: prestart left no policy cache")
+    finally:
+        end_process(r, proc, cg)
+    post_cmd = (argv_prefix or [str(r.hook_path)]) + ["poststop"]
+    post, t_post = run(post_cmd, env=env, stdin=oci_state(cid, 0, "stopped", r.work))
+    if check:
+        with PinnedMaps.open(loader.pin_dir()) as m:
+            if m.entries_of(cgid):
+                raise SystemExit(f"bench/container.py: poststop left map entries of {cid}")
+        if settings.state_dir().joinpath(f"{cid}.json").exists():
+            raise SystemExit(f"bench/container.py: poststop left the state file of {cid}")
+    return {"prestart": t_pre, "poststop": t_post, "pre_stderr": pre.stderr.decode(errors="replace"),
+            "post_stderr": post.stderr.decode(errors="replace")}
+
+
+def launcher_argv(hook_path: Path) -> list[str]:
+    """The interpreter command line the installed launcher execs (without its "$@")."""
+    for line in hook_path.read_text().splitlines():
+        if line.startswith("exec "):
+            argv = shlex.split(line)[1:]
+            if argv[-1] != "$@":
+                raise SystemExit(f"bench/container.py: unexpected launcher line {line!r}")
+            return argv[:-1]
+    raise SystemExit(f"bench/container.py: no exec line in {hook_path}")
+
+
+def parse_importtime(stderr: str) -> list[dict]:
+    """-X importtime lines -> [{module, depth, self_us, cumulative_us}] in import order."""
+    out = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "imported package" in line:
+            continue
+        self_us, cum_us, name = line[len("import time:"):].split("|", 2)
+        out.append({"module": name.strip(), "depth": (len(name) - len(name.lstrip()) - 1) // 2,
+                    "self_us": int(self_us), "cumulative_us": int(cum_us)})
+    return out
+
+
+def bench_hook(r: Run) -> dict:
+    base_launcher = r.work / "bin" / "baseline-launcher"
+    base_launcher.write_text(f"#!/bin/sh\nexec {shlex.quote(PY)} -S -E -c pass \"$@\"\n")
+    base_launcher.chmod(0o755)
+    env = hook_env()
+    progress("hook: warm-up (validates and caches the policy; not measured)")
+    hook_cycle(r, cold=False, check=True)
+    pre, post, base, base_sh = [], [], [], []
+    for i in range(HOOK_SAMPLES):
+        progress(f"hook: warm sample {i + 1}/{HOOK_SAMPLES} (baselines 'python -S -E -c pass' and the same "
+                 f"behind /bin/sh, then prestart + poststop)")
+        _, t = run([PY, "-S", "-E", "-c", "pass"], env=env)
+        base.append(t)
+        _, t = run([str(base_launcher), "prestart"], env=env)
+        base_sh.append(t)
+        out = hook_cycle(r, cold=False, check=(i == 0))
+        pre.append(out["prestart"])
+        post.append(out["poststop"])
+    cold = []
+    for i in range(COLD_SAMPLES):
+        progress(f"hook: cold-cache prestart {i + 1}/{COLD_SAMPLES} (policy-cache deleted first)")
+        cold.append(hook_cycle(r, cold=True, check=(i == 0))["prestart"])
+    progress("hook: -X importtime of one warm prestart + poststop (the launcher's command line + -X importtime)")
+    argv = launcher_argv(r.hook_path)
+    out = hook_cycle(r, cold=False, check=False, argv_prefix=[argv[0], "-X", "importtime", *argv[1:]])
+    imports = {"prestart": parse_importtime(out["pre_stderr"]), "poststop": parse_importtime(out["post_stderr"])}
+    if not all(imports.values()):
+        raise SystemExit("bench/container.py: -X importtime printed nothing")
+    return {"prestart": pre, "poststop": post, "baseline": base, "baseline_sh": base_sh, "cold_prestart": cold,
+            "importtime": imports, "importtime_wall": {"prestart": out["prestart"], "poststop": out["poststop"]},
+            "launcher": argv}
+
+
+# -- 2. container start ------------------------------------------------------------------------
+
+
+def runc_once(r: Run, bundle: Path) -> tuple[subprocess.CompletedProcess, int]:
+    cid = r.name("runc")
+    r.runc_ids.append(cid)
+    proc, wall = run(["runc", "run", "--bundle", str(bundle), cid])
+    # `runc run` (not detached) should destroy the container when its process exits: check
+    # (outside the timing) and delete it if not
+    if subprocess.run(["runc", "state", cid], capture_output=True).returncode == 0:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+        r.runc_leftovers += 1
+    r.runc_ids.remove(cid)
+    return proc, wall
+
+
+def podman_once(r: Run, hooked: bool, script: str = ":") -> tuple[subprocess.CompletedProcess, int]:
+    name = r.name("podman")
+    r.podman_names.append(name)
+    ann = ["--annotation", f"{ANNOTATION}={POLICY_NAME}"] if hooked else []
+    proc, wall = run(["podman", "--runtime", "runc", "--hooks-dir", str(r.hooks_dir), "run", "--rm",
+                      "--network", "host", "--name", name, *ann, IMAGE, "sh", "-c", script],
+                     env=r.podman_env(), timeout=120)
+    if subprocess.run(["podman", "container", "exists", name], env=r.podman_env()).returncode == 0:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, env=r.podman_env())
+    else:
+        r.podman_names.remove(name)
+    return proc, wall
+
+
+def verify_policed(label: str, hooked_run, plain_run) -> dict:
+    """The hooked container gets EPERM for 127.0.0.2, the plain one does not; a report says so."""
+    before = reports()
+    res = hooked_run()
+    err = res.stderr.decode(errors="replace")
+    if EPERM not in err or "a=1" not in res.stdout.decode():
+        raise SystemExit(f"bench/container.py: {label} with the hook was not policed: "
+                         f"stdout {res.stdout.decode()!r} stderr {err[-300:]!r}")
+    if reports() != before + 1:
+        raise SystemExit(f"bench/container.py: {label} with the hook left no report (poststop did not run)")
+    plain = plain_run()
+    plain_err = plain.stderr.decode(errors="replace")
+    if EPERM in plain_err:
+        raise SystemExit(f"bench/container.py: {label} without the hook got EPERM too: {plain_err[-300:]!r}")
+    progress(f"{label}: verified: hooked nc -> {err.strip().splitlines()[-1]!r}; "
+             f"plain nc -> {plain_err.strip().splitlines()[-1] if plain_err.strip() else '(no error)'!r}")
+    return {"hooked_stderr": err.strip(), "plain_stderr": plain_err.strip()}
+
+
+def pairs(label: str, hooked_fn, plain_fn) -> dict:
+    """1 unmeasured warm-up of each, then PAIRS interleaved pairs (order alternates). Every
+    hooked run must add one report (its poststop ran before the command returned)."""
+    progress(f"{label}: warm-up of each variant (not measured)")
+    hooked_fn()
+    plain_fn()
+    hooked, plain, missing = [], [], 0
+    for i in range(PAIRS):
+        progress(f"{label}: pair {i + 1}/{PAIRS}")
+        order = (True, False) if i % 2 == 0 else (False, True)
+        for with_hook in order:
+            if with_hook:
+                before = reports()
+                hooked.append(hooked_fn()[1])
+                missing += reports() != before + 1
+            else:
+                plain.append(plain_fn()[1])
+    if missing:
+        raise SystemExit(f"bench/container.py: {missing} hooked {label} runs left no report")
+    return {"hooked": hooked, "plain": plain}
+
+
+def bench_runc(r: Run, rootfs: Path) -> dict:
+    env = install.hook_env()
+    ann = {ANNOTATION: POLICY_NAME}
+    hooked = demo.make_bundle(r.work / "bundle-hooked", rootfs, ":", annotations=ann, hook_path=r.hook_path,
+                              hook_env=env)
+    plain = demo.make_bundle(r.work / "bundle-plain", rootfs, ":")
+    if "hooks" in json.loads((plain / "config.json").read_text()):
+        raise SystemExit("bench/container.py: the plain bundle has hooks")
+    probe_h = demo.make_bundle(r.work / "bundle-probe-hooked", rootfs, PROBE, annotations=ann,
+                               hook_path=r.hook_path, hook_env=env)
+    probe_p = demo.make_bundle(r.work / "bundle-probe-plain", rootfs, PROBE)
+    check = verify_policed("runc", lambda: runc_once(r, probe_h)[0], lambda: runc_once(r, probe_p)[0])
+    out = pairs("runc run", lambda: runc_once(r, hooked), lambda: runc_once(r, plain))
+    return {**out, "verify": check, "left_after_exit": r.runc_leftovers}
+
+
+def bench_podman(r: Run, rootfs: Path) -> dict:
+    r.conf.write_text("[containers]\ndefault_ulimits = []\n")
+    progress(f"podman: importing {IMAGE}")
+    demo.import_image(rootfs, IMAGE, r.podman_env())
+    r.image = True
+    check = verify_policed("podman", lambda: podman_once(r, True, PROBE)[0],
+                           lambda: podman_once(r, False, PROBE)[0])
+    out = pairs("podman run", lambda: podman_once(r, True), lambda: podman_once(r, False))
+    return {**out, "verify": check}
+
+
+# -- cleanup, report -----------------------------------------------------------------------------
+
+
+def cleanup(r: Run) -> None:
+    for proc in list(r.sleepers):
+        proc.kill()
+        proc.wait()
+    for cid in r.runc_ids:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    for name in r.podman_names:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, env=r.podman_env())
+    for path in state_files():  # a hook that never got its poststop: release it like a runtime would
+        if r.hook_path.exists():
+            subprocess.run([str(r.hook_path), "poststop"], input=json.dumps({"id": path.stem}).encode(),
+                           capture_output=True, env=hook_env())
+    for cg in list(r.cgroups):
+        try:
+            cgroup.remove(cg)
+            r.cgroups.remove(cg)
+        except cgroup.CgroupError as e:
+            progress(f"cleanup: {e}")
+    if r.image:
+        subprocess.run(["podman", "rmi", "-f", IMAGE], capture_output=True, env=r.podman_env())
+    shutil.rmtree(r.work, ignore_errors=True)
+    progress(f"cleaned up: removed {r.work}; cgroups left {r.cgroups or 'none'}; runc ids deleted "
+             f"{r.runc_ids or 'none'}; podman names removed {r.podman_names or 'none'}")
+
+
+def report(hook: dict, runc: dict, podman: dict) -> dict:
+    rows, summaries = [], {}
+
+    def row(key: str, label: str, samples: list[int], note: str = "") -> dict:
+        s = summary_ms(samples)
+        summaries[key] = s
+        rows.append([label, s["n"], s["min"], s["median"], s["p90"], s["max"], note])
+        return s
+
+    base = row("hook.baseline", "baseline: python -S -E -c pass (wall)", hook["baseline"])
+    base_sh = row("hook.baseline_sh", "baseline: same behind a /bin/sh launcher", hook["baseline_sh"],
+                  "= hook minus its code")
+    pre = row("hook.prestart", "hook prestart, warm (wall)", hook["prestart"], "launcher, 1-rule policy")
+    post = row("hook.poststop", "hook poststop, warm (wall)", hook["poststop"], "cgroup already gone")
+    both = [a + b for a, b in zip(hook["prestart"], hook["poststop"])]
+    both_s = row("hook.both", "hook prestart + poststop (wall)", both)
+    cold = row("hook.cold_prestart", "hook prestart, cold policy cache (wall)", hook["cold_prestart"],
+               "validates: site, yaml, jsonschema")
+    rc_h = row("runc.hooked", "runc run, hook + annotation (wall)", runc["hooked"])
+    rc_p = row("runc.plain", "runc run, no hooks (wall)", runc["plain"])
+    rc_d = row("runc.delta", "  paired difference", [h - p for h, p in zip(runc["hooked"], runc["plain"])])
+    pm_h = row("podman.hooked", "podman run, --annotation (wall)", podman["hooked"])
+    pm_p = row("podman.plain", "podman run, no annotation (wall)", podman["plain"])
+    pm_d = row("podman.delta", "  paired difference", [h - p for h, p in zip(podman["hooked"], podman["plain"])])
+    print_table(["benchmark (ms)", "n", "min", "median", "p90", "max", "note"], rows)
+
+    tops, totals = {}, {}
+    for stage, imports in hook["importtime"].items():
+        tops[stage] = sorted(imports, key=lambda m: -m["cumulative_us"])[:TOP_IMPORTS]
+        totals[stage] = sum(m["cumulative_us"] for m in imports if m["depth"] == 0) / 1000
+        print()
+        print(f"-X importtime of one warm {stage} ({len(imports)} modules imported, top-level total "
+              f"{totals[stage]:.1f} ms; that run took {hook['importtime_wall'][stage] / 1e6:.1f} ms wall "
+              f"with importtime on)")
+        print_table([f"{stage}: top {TOP_IMPORTS} by cumulative", "depth", "self ms", "cumulative ms"],
+                    [[m["module"], m["depth"], m["self_us"] / 1000, m["cumulative_us"] / 1000]
+                     for m in tops[stage]])
+
+    derived = {
+        "prestart_over_baseline": pre["median"] / base["median"],
+        "prestart_minus_baseline_ms": pre["median"] - base["median"],
+        "prestart_minus_baseline_sh_ms": pre["median"] - base_sh["median"],
+        "poststop_minus_baseline_sh_ms": post["median"] - base_sh["median"],
+        "cold_over_warm_prestart": cold["median"] / pre["median"],
+        "imports_total_ms": totals,
+        "runc_ratio": rc_h["median"] / rc_p["median"],
+        "runc_delta_median_ms": rc_d["median"],
+        "podman_ratio": pm_h["median"] / pm_p["median"],
+        "podman_delta_median_ms": pm_d["median"],
+        "two_hooks_ms": both_s["median"],
+        "two_interpreter_starts_ms": 2 * base_sh["median"],
+        "prestart_target_ms": TARGET_PRESTART_MS,
+        "prestart_meets_target": pre["median"] < TARGET_PRESTART_MS,
+        "podman_target_ratio": TARGET_PODMAN_RATIO,
+        "podman_meets_target": pm_h["median"] / pm_p["median"] <= TARGET_PODMAN_RATIO,
+    }
+    d = derived
+    print()
+    print(f"warm prestart / python -S -E -c pass:       {d['prestart_over_baseline']:.2f}x "
+          f"(+{d['prestart_minus_baseline_ms']:.1f} ms)")
+    print(f"cold-cache prestart / warm prestart:         {d['cold_over_warm_prestart']:.2f}x")
+    print(f"runc run hooked / plain (medians):           {d['runc_ratio']:.3f}x "
+          f"(paired difference median {d['runc_delta_median_ms']:+.1f} ms)")
+    print(f"podman run annotated / plain (medians):      {d['podman_ratio']:.3f}x "
+          f"(paired difference median {d['podman_delta_median_ms']:+.1f} ms)")
+    print(f"prestart + poststop (warm medians):          {d['two_hooks_ms']:.1f} ms, of which 2 bare launcher "
+          f"starts {d['two_interpreter_starts_ms']:.1f} ms")
+    verdict = "meets" if d["prestart_meets_target"] else "MISSES"
+    print(f"warm prestart median {pre['median']:.1f} ms {verdict} the < {TARGET_PRESTART_MS} ms target")
+    verdict = "meets" if d["podman_meets_target"] else "MISSES"
+    print(f"podman run with the annotation {100 * (d['podman_ratio'] - 1):+.1f}% {verdict} the "
+          f"<= +{100 * (TARGET_PODMAN_RATIO - 1):.0f}% target")
+    return {"summary_ms": summaries, "derived": derived, "importtime_top": tops}
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        raise SystemExit("bench/container.py: needs root (cgroups, bpf, runc, podman)")
+    for tool in ("runc", "podman"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench/container.py: {tool} is not installed")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (cleanup)
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="sdbench_container_"))
+    for var, sub in (("SAFEDEPLOY_STATE_DIR", "state"), ("SAFEDEPLOY_LOG_DIR", "log"),
+                     ("SAFEDEPLOY_POLICY_DIR", "policies")):
+        os.environ[var] = str(work / sub)  # read at call time; baked into the hooks by install()
+    r = Run(work)
+    progress(f"work dir {work}; programs {settings.bpffs_root()} (kept)")
+    try:
+        try:
+            install.install(r.hooks_dir, r.hook_path, preload=True, log=lambda m: progress(f"install: {m}"))
+        except loader.LoaderError as e:
+            raise SystemExit(f"bench/container.py: cannot install the hook: {e}") from None
+        (settings.policy_dir() / f"{POLICY_NAME}.yaml").write_text(POLICY)
+        pin_version = loader.source_hash()
+        rootfs = demo.make_rootfs(work / "rootfs")
+        hook = bench_hook(r)
+        runc = bench_runc(r, rootfs)
+        podman = bench_podman(r, rootfs)
+        left = state_files()
+        if left:
+            raise SystemExit(f"bench/container.py: hooks left state files: {[p.name for p in left]}")
+        if loader.source_hash() != pin_version:
+            progress("WARNING: the BPF sources changed during the run (a hook may have compiled)")
+    finally:
+        cleanup(r)
+    elapsed = time.monotonic() - t_start
+    results = report(hook, runc, podman)
+    raw = {"hook": {k: v for k, v in hook.items() if k != "importtime"}, "runc": runc, "podman": podman}
+    path = write_results("container", {
+        "pin_version": pin_version, "bpffs_root": str(settings.bpffs_root()), "elapsed_s": elapsed,
+        "policy": POLICY, "samples_ns": raw, "importtime": hook["importtime"], **results})
+    progress(f"results in {path} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
