@@ -677,6 +677,26 @@ def name_matches(rule: Rule, name: str) -> bool:
     return folded.endswith(f".{rule.name}") if rule.wildcard else folded == rule.name
 
 
+def decide_query(policy: Policy, name: str) -> Decision:
+    """The verdict for a DNS query of ``name`` (the kernel drops denied queries).
+
+    A query asks for a name, not a port: allow rules count whatever their ports or
+    protocol (the name is needed to reach them), deny rules only when they have neither
+    (a port-narrowed deny narrows connections, not lookups). Among those the most
+    specific wins, deny beating allow at equal rank, then the lowest index; none gives
+    ``policy.default``. ``name`` must be normalisable (ValueError otherwise); the kernel
+    gives an unparseable query the safe verdict instead: deny when the policy has default
+    deny or any name deny rule.
+    """
+    folded = normalize_name(name)
+    applying = [r for r in policy.rules if r.kind == "name" and name_matches(r, folded)
+                and (r.verdict == "allow" or (r.ports is None and r.proto is None))]
+    winner = max(applying, key=_name_rank, default=None)
+    if winner is None:
+        return _decision(policy, policy.default, None, "default", None)
+    return _decision(policy, winner.verdict, winner, winner.text, winner.reason)
+
+
 def decide(policy: Policy, dest: Dest) -> Decision:
     """The verdict for a destination; the rules are in the module docstring."""
     ip = None if dest.ip is None else to_mapped(dest.ip)
