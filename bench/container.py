@@ -16,10 +16,13 @@ so the environment is baked in as in a real install), and the normal pinned prog
   imports  ``-X importtime`` of one warm prestart and its poststop (the launcher's exact
            command line): top 10 modules by cumulative time
   runc     ``runc run`` of a busybox container running ``sh -c :``, bundle with the hook and the
-           annotation vs a bundle without hooks, fresh container id every time; 1 unmeasured
-           warm-up of each, then 20 interleaved pairs (the order alternates)
+           annotation ("hooked") vs a bundle without hooks ("plain"), fresh container id every
+           time; 1 unmeasured warm-up of each, then 20 interleaved rounds (the order rotates)
   podman   ``podman --runtime runc --hooks-dir DIR run --rm --network host [--annotation
-           safedeploy.policy=bench]``, same image, same script; 1 warm-up each, 20 pairs
+           safedeploy.policy=bench]``, same image, same script; 1 warm-up each, 20 rounds
+  no-op    a third variant in both rounds: the same hooks (same stages, same annotation
+           condition) pointing at a launcher that only runs ``python -S -E -c pass``, to split
+           the overhead into "a runtime runs two Python hooks" and "what safedeploy's hooks do"
 
 Before measuring, one run of each runtime with the hook must print "Operation not permitted"
 for ``nc 127.0.0.2 80`` (and one without must not); every measured hooked run must leave its
@@ -71,6 +74,8 @@ class Run:
         self.work = work
         self.hooks_dir = work / "hooks.d"
         self.hook_path = work / "bin" / "safedeploy-hook"
+        self.noop_path = work / "bin" / "noop-hook"  # the launcher minus the hook: python -S -E -c pass
+        self.noop_hooks_dir = work / "hooks-noop.d"  # the same hooks.d files, pointing at noop_path
         self.conf = work / "containers.conf"
         self.sleepers: list[subprocess.Popen] = []
         self.cgroups: list[Path] = []
@@ -197,10 +202,17 @@ def parse_importtime(stderr: str) -> list[dict]:
     return out
 
 
+def install_noop(r: Run) -> None:
+    """A launcher like the hook's that only starts and stops the interpreter, and hooks.d
+    files for it (same stages, same annotation condition)."""
+    r.noop_path.write_text(f"#!/bin/sh\nexec {shlex.quote(PY)} -S -E -c pass \"$@\"\n")
+    r.noop_path.chmod(0o755)
+    r.noop_hooks_dir.mkdir()
+    for name, doc in install.render_hooks(r.noop_path).items():
+        (r.noop_hooks_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def bench_hook(r: Run) -> dict:
-    base_launcher = r.work / "bin" / "baseline-launcher"
-    base_launcher.write_text(f"#!/bin/sh\nexec {shlex.quote(PY)} -S -E -c pass \"$@\"\n")
-    base_launcher.chmod(0o755)
     env = hook_env()
     progress("hook: warm-up (validates and caches the policy; not measured)")
     hook_cycle(r, cold=False, check=True)
@@ -210,7 +222,7 @@ def bench_hook(r: Run) -> dict:
                  f"behind /bin/sh, then prestart + poststop)")
         _, t = run([PY, "-S", "-E", "-c", "pass"], env=env)
         base.append(t)
-        _, t = run([str(base_launcher), "prestart"], env=env)
+        _, t = run([str(r.noop_path), "prestart"], env=env)
         base_sh.append(t)
         out = hook_cycle(r, cold=False, check=(i == 0))
         pre.append(out["prestart"])
@@ -246,11 +258,13 @@ def runc_once(r: Run, bundle: Path) -> tuple[subprocess.CompletedProcess, int]:
     return proc, wall
 
 
-def podman_once(r: Run, hooked: bool, script: str = ":") -> tuple[subprocess.CompletedProcess, int]:
+def podman_once(r: Run, hooked: bool, script: str = ":", hooks_dir: Path | None = None
+                ) -> tuple[subprocess.CompletedProcess, int]:
     name = r.name("podman")
     r.podman_names.append(name)
     ann = ["--annotation", f"{ANNOTATION}={POLICY_NAME}"] if hooked else []
-    proc, wall = run(["podman", "--runtime", "runc", "--hooks-dir", str(r.hooks_dir), "run", "--rm",
+    hooks_dir = hooks_dir or r.hooks_dir
+    proc, wall = run(["podman", "--runtime", "runc", "--hooks-dir", str(hooks_dir), "run", "--rm",
                       "--network", "host", "--name", name, *ann, IMAGE, "sh", "-c", script],
                      env=r.podman_env(), timeout=120)
     if subprocess.run(["podman", "container", "exists", name], env=r.podman_env()).returncode == 0:
@@ -279,26 +293,26 @@ def verify_policed(label: str, hooked_run, plain_run) -> dict:
     return {"hooked_stderr": err.strip(), "plain_stderr": plain_err.strip()}
 
 
-def pairs(label: str, hooked_fn, plain_fn) -> dict:
-    """1 unmeasured warm-up of each, then PAIRS interleaved pairs (order alternates). Every
-    hooked run must add one report (its poststop ran before the command returned)."""
+def rounds(label: str, variants: dict) -> dict:
+    """1 unmeasured warm-up of each variant, then PAIRS interleaved rounds of one run each
+    (the order rotates). Every "hooked" run must add one report (its poststop ran before the
+    command returned)."""
     progress(f"{label}: warm-up of each variant (not measured)")
-    hooked_fn()
-    plain_fn()
-    hooked, plain, missing = [], [], 0
+    for fn in variants.values():
+        fn()
+    names = list(variants)
+    out, missing = {n: [] for n in names}, 0
     for i in range(PAIRS):
-        progress(f"{label}: pair {i + 1}/{PAIRS}")
-        order = (True, False) if i % 2 == 0 else (False, True)
-        for with_hook in order:
-            if with_hook:
-                before = reports()
-                hooked.append(hooked_fn()[1])
+        progress(f"{label}: round {i + 1}/{PAIRS} ({', '.join(names)})")
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            before = reports()
+            out[n].append(variants[n]()[1])
+            if n == "hooked":
                 missing += reports() != before + 1
-            else:
-                plain.append(plain_fn()[1])
     if missing:
         raise SystemExit(f"bench/container.py: {missing} hooked {label} runs left no report")
-    return {"hooked": hooked, "plain": plain}
+    return out
 
 
 def bench_runc(r: Run, rootfs: Path) -> dict:
@@ -311,9 +325,12 @@ def bench_runc(r: Run, rootfs: Path) -> dict:
         raise SystemExit("bench/container.py: the plain bundle has hooks")
     probe_h = demo.make_bundle(r.work / "bundle-probe-hooked", rootfs, PROBE, annotations=ann,
                                hook_path=r.hook_path, hook_env=env)
+    noop = demo.make_bundle(r.work / "bundle-noop", rootfs, ":", annotations=ann, hook_path=r.noop_path,
+                            hook_env=env)
     probe_p = demo.make_bundle(r.work / "bundle-probe-plain", rootfs, PROBE)
     check = verify_policed("runc", lambda: runc_once(r, probe_h)[0], lambda: runc_once(r, probe_p)[0])
-    out = pairs("runc run", lambda: runc_once(r, hooked), lambda: runc_once(r, plain))
+    out = rounds("runc run", {"hooked": lambda: runc_once(r, hooked), "plain": lambda: runc_once(r, plain),
+                              "noop": lambda: runc_once(r, noop)})
     return {**out, "verify": check, "left_after_exit": r.runc_leftovers}
 
 
@@ -324,7 +341,8 @@ def bench_podman(r: Run, rootfs: Path) -> dict:
     r.image = True
     check = verify_policed("podman", lambda: podman_once(r, True, PROBE)[0],
                            lambda: podman_once(r, False, PROBE)[0])
-    out = pairs("podman run", lambda: podman_once(r, True), lambda: podman_once(r, False))
+    out = rounds("podman run", {"hooked": lambda: podman_once(r, True), "plain": lambda: podman_once(r, False),
+                                "noop": lambda: podman_once(r, True, hooks_dir=r.noop_hooks_dir)})
     return {**out, "verify": check}
 
 
@@ -377,9 +395,12 @@ def report(hook: dict, runc: dict, podman: dict) -> dict:
     rc_h = row("runc.hooked", "runc run, hook + annotation (wall)", runc["hooked"])
     rc_p = row("runc.plain", "runc run, no hooks (wall)", runc["plain"])
     rc_d = row("runc.delta", "  paired difference", [h - p for h, p in zip(runc["hooked"], runc["plain"])])
+    rc_n = row("runc.noop", "runc run, no-op hooks (wall)", runc["noop"], "2x sh + python -S -E -c pass")
     pm_h = row("podman.hooked", "podman run, --annotation (wall)", podman["hooked"])
     pm_p = row("podman.plain", "podman run, no annotation (wall)", podman["plain"])
     pm_d = row("podman.delta", "  paired difference", [h - p for h, p in zip(podman["hooked"], podman["plain"])])
+    pm_n = row("podman.noop", "podman run, --annotation, no-op hooks", podman["noop"],
+               "2x sh + python -S -E -c pass")
     print_table(["benchmark (ms)", "n", "min", "median", "p90", "max", "note"], rows)
 
     tops, totals = {}, {}
@@ -403,8 +424,13 @@ def report(hook: dict, runc: dict, podman: dict) -> dict:
         "imports_total_ms": totals,
         "runc_ratio": rc_h["median"] / rc_p["median"],
         "runc_delta_median_ms": rc_d["median"],
+        "runc_noop_minus_plain_ms": rc_n["median"] - rc_p["median"],
+        "runc_hooked_minus_noop_ms": rc_h["median"] - rc_n["median"],
         "podman_ratio": pm_h["median"] / pm_p["median"],
         "podman_delta_median_ms": pm_d["median"],
+        "podman_noop_minus_plain_ms": pm_n["median"] - pm_p["median"],
+        "podman_hooked_minus_noop_ms": pm_h["median"] - pm_n["median"],
+        "podman_noop_ratio": pm_n["median"] / pm_p["median"],
         "two_hooks_ms": both_s["median"],
         "two_interpreter_starts_ms": 2 * base_sh["median"],
         "prestart_target_ms": TARGET_PRESTART_MS,
@@ -421,6 +447,10 @@ def report(hook: dict, runc: dict, podman: dict) -> dict:
           f"(paired difference median {d['runc_delta_median_ms']:+.1f} ms)")
     print(f"podman run annotated / plain (medians):      {d['podman_ratio']:.3f}x "
           f"(paired difference median {d['podman_delta_median_ms']:+.1f} ms)")
+    print(f"no-op hooks - plain (medians):               runc {d['runc_noop_minus_plain_ms']:+.1f} ms, "
+          f"podman {d['podman_noop_minus_plain_ms']:+.1f} ms ({d['podman_noop_ratio']:.3f}x)")
+    print(f"safedeploy hooks - no-op hooks (medians):    runc {d['runc_hooked_minus_noop_ms']:+.1f} ms, "
+          f"podman {d['podman_hooked_minus_noop_ms']:+.1f} ms")
     print(f"prestart + poststop (warm medians):          {d['two_hooks_ms']:.1f} ms, of which 2 bare launcher "
           f"starts {d['two_interpreter_starts_ms']:.1f} ms")
     verdict = "meets" if d["prestart_meets_target"] else "MISSES"
@@ -451,6 +481,7 @@ def main() -> int:
         except loader.LoaderError as e:
             raise SystemExit(f"bench/container.py: cannot install the hook: {e}") from None
         (settings.policy_dir() / f"{POLICY_NAME}.yaml").write_text(POLICY)
+        install_noop(r)
         pin_version = loader.source_hash()
         rootfs = demo.make_rootfs(work / "rootfs")
         hook = bench_hook(r)

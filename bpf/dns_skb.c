@@ -189,8 +189,8 @@ int sd_dns_egress(struct __sk_buff *skb)
     struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
     if (!pol)
         return 1;
-    __u32 zero = 0;
-    struct sd_scratch *s = scratch.lookup(&zero);
+    __u32 slot = SD_SCRATCH_EGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
     if (!s)
         return 1;
     __u8 hdr[12];
@@ -253,8 +253,8 @@ int sd_dns_ingress(struct __sk_buff *skb)
     struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
     if (!pol)
         return 1;
-    __u32 zero = 0;
-    struct sd_scratch *s = scratch.lookup(&zero);
+    __u32 slot = SD_SCRATCH_INGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
     if (!s)
         return 1;
     __u8 hdr[12];

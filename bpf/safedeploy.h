@@ -178,7 +178,81 @@ BPF_PERCPU_ARRAY(stats, __u64, SD_NSTATS);
 BPF_HASH(names, struct sd_name_key, struct sd_name_val, 262144);
 BPF_TABLE("lru_hash", struct sd_qname_key, struct sd_qname, qnames, 16384);
 BPF_TABLE("lru_hash", struct sd_addr_key, struct sd_learned, learned, 65536);
-BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 1);
+/* one slot per program kind: an ingress program may interrupt an egress one on a CPU */
+#define SD_SCRATCH_EGRESS 0
+#define SD_SCRATCH_INGRESS 1
+BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 2);
+
+/* procs: who made a recorded call, captured in the kernel when its first event is
+ * recorded (so a report names processes that exited long before poststop): the command
+ * line and the nearest ancestors. Task/mm field offsets come from the running kernel's
+ * BTF at compile time (-DSD_OFF_*); without them nothing is captured. */
+#define SD_CMDLINE 256
+#define SD_CHAIN 4
+struct sd_proc_key {
+    __u64 cgid;
+    __u32 tgid;
+    __u32 pad;
+};
+struct sd_ancestor {
+    __u32 pid;
+    char comm[16];
+};
+struct sd_proc {
+    __u32 len;          /* bytes of cmdline (NUL-separated argv) */
+    __u32 chain_len;
+    struct sd_ancestor chain[SD_CHAIN]; /* parent first */
+    char cmdline[SD_CMDLINE];
+};
+BPF_TABLE("lru_hash", struct sd_proc_key, struct sd_proc, procs, 16384);
+BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
+
+#if defined(SD_OFF_TASK_MM) && defined(SD_OFF_MM_ARG_START) && defined(SD_OFF_MM_ARG_END) && \
+    defined(SD_OFF_TASK_REAL_PARENT) && defined(SD_OFF_TASK_TGID) && defined(SD_OFF_TASK_COMM)
+static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid)
+{
+    struct sd_proc_key pk = {};
+    pk.cgid = cgid;
+    pk.tgid = tgid;
+    if (procs.lookup(&pk))
+        return;
+    __u32 zero = 0;
+    struct sd_proc *p = procscratch.lookup(&zero);
+    if (!p)
+        return;
+    __u64 task = bpf_get_current_task();
+    __u64 mm = 0, start = 0, end = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + SD_OFF_TASK_MM));
+    p->len = 0;
+    if (mm) {
+        bpf_probe_read_kernel(&start, sizeof(start), (void *)(mm + SD_OFF_MM_ARG_START));
+        bpf_probe_read_kernel(&end, sizeof(end), (void *)(mm + SD_OFF_MM_ARG_END));
+        if (end > start) {
+            __u32 len = end - start > SD_CMDLINE ? SD_CMDLINE : end - start;
+            len -= 1;
+            asm volatile("%0 &= 0xff" : "+r"(len));
+            len += 1;
+            if (bpf_probe_read_user(p->cmdline, len, (void *)start) == 0)
+                p->len = len;
+        }
+    }
+    p->chain_len = 0;
+    __u64 cur = task;
+    for (int i = 0; i < SD_CHAIN; i++) {
+        __u64 parent = 0;
+        bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(cur + SD_OFF_TASK_REAL_PARENT));
+        if (!parent || parent == cur)
+            break;
+        bpf_probe_read_kernel(&p->chain[i].pid, sizeof(__u32), (void *)(parent + SD_OFF_TASK_TGID));
+        bpf_probe_read_kernel(&p->chain[i].comm, 16, (void *)(parent + SD_OFF_TASK_COMM));
+        p->chain_len = i + 1;
+        cur = parent;
+    }
+    procs.update(&pk, p);
+}
+#else
+static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid) {}
+#endif
 
 static __always_inline void sd_stat(__u32 idx)
 {
@@ -376,6 +450,7 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
     nv.last_ns = now;
     nv.uid = (__u32)bpf_get_current_uid_gid();
     bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
+    sd_capture_proc(cgid, k.pid);
     if (events.insert(&k, &nv) != 0) {
         v = events.lookup(&k); /* lost a race with another CPU */
         if (v)

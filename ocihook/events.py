@@ -7,10 +7,10 @@ from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, EventKey, EventVal, ad
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterable
+    from .session import Drained
 
 FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
-          "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen")
+          "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen", "parents")
 
 
 def boot_ns_to_rfc3339(ns: int) -> str:
@@ -50,12 +50,14 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
     return f"rule#{index}", None
 
 
-def to_records(raw: Iterable[tuple[EventKey, EventVal]], compiled: dict, container: str,
-               cmdlines: dict[int, str] | None = None, names: dict[int, str] | None = None) -> list[dict]:
+def to_records(drained: "Drained", compiled: dict, container: str) -> list[dict]:
+    """One report record per kernel event; command lines come from what the kernel
+    captured (the process may be long gone), else from /proc while it lives."""
     out = []
-    for key, val in raw:
+    for key, val in drained.events:
         rule, reason = rule_of(compiled, key.rule)
-        cmd = (cmdlines or {}).get(key.pid) or proc_cmdline(key.pid)
+        proc = drained.procs.get(key.pid, {})
+        cmd = proc.get("cmdline") or proc_cmdline(key.pid)
         out.append({
             "container": container,
             "policy": compiled["name"],
@@ -65,7 +67,7 @@ def to_records(raw: Iterable[tuple[EventKey, EventVal]], compiled: dict, contain
             "family": key.family,
             "dst_ip": display_ip(addr_of(key.addr)),
             "dst_port": key.port,
-            "domain": (names or {}).get(key.name_id) if key.name_id else None,
+            "domain": drained.names.get(key.name_id) if key.name_id else None,
             "pid": key.pid,
             "comm": val.comm.decode(errors="replace"),
             "cmdline": cmd,
@@ -75,5 +77,6 @@ def to_records(raw: Iterable[tuple[EventKey, EventVal]], compiled: dict, contain
             "count": val.count,
             "first_seen": boot_ns_to_rfc3339(val.first_ns),
             "last_seen": boot_ns_to_rfc3339(val.last_ns),
+            "parents": [f"{p['pid']} {p['comm']}" for p in proc.get("parents", ())],
         })
     return out

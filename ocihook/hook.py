@@ -225,17 +225,16 @@ def stop(state: dict) -> Path | None:
         return None
     compiled = record["compiled"]
     if record.get("attachment"):
-        raw, names = session.release(session.Attachment.from_dict(record["attachment"]), compiled)
+        drained = session.release(session.Attachment.from_dict(record["attachment"]), compiled)
     else:  # prestart died between the state file and the attachment: clean by cgroup id
         from . import loader  # noqa: PLC0415
         pins = loader.pin_dir()
-        raw, names = [], {}
+        drained = session.Drained()
         if pins.exists():
             with PinnedMaps.open(pins) as maps:
-                raw = maps.drain_events([record["cgid"]])
-                names = maps.names_of(record["cgid"], (k.name_id for k, _ in raw))
+                drained = maps.drain(record["cgid"])
                 maps.unload_policy(record["cgid"], compiled)
-    records = events.to_records(raw, compiled, cid, names=names)
+    records = events.to_records(drained, compiled, cid)
     out = report.write(records, settings.log_dir() / f"{cid}.jsonl")
     report.syslog_blocked(records)
     with contextlib.suppress(FileNotFoundError):

@@ -95,6 +95,45 @@ def ensure_bpffs() -> Path:
     return root
 
 
+# (struct, member) -> the -D macro bpf/safedeploy.h expects for process attribution
+BTF_OFFSETS = {("task_struct", "mm"): "SD_OFF_TASK_MM", ("task_struct", "real_parent"): "SD_OFF_TASK_REAL_PARENT",
+               ("task_struct", "tgid"): "SD_OFF_TASK_TGID", ("task_struct", "comm"): "SD_OFF_TASK_COMM",
+               ("mm_struct", "arg_start"): "SD_OFF_MM_ARG_START", ("mm_struct", "arg_end"): "SD_OFF_MM_ARG_END"}
+
+
+def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
+    """Byte offsets of the task/mm fields the programs read, from the running kernel's BTF
+    (bcc compiles against Debian's headers, whose layouts need not match this kernel).
+    Empty when BTF or bpftool is missing: the programs then capture no command lines."""
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    try:
+        out = subprocess.run(["bpftool", "btf", "dump", "file", vmlinux, "-j"], capture_output=True,
+                             timeout=60, check=True).stdout
+        types = {t["id"]: t for t in json.loads(out)["types"]}
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+        return {}
+    wanted: dict[str, dict[str, str]] = {}
+    for (struct, member), macro in BTF_OFFSETS.items():
+        wanted.setdefault(struct, {})[member] = macro
+    found: dict[str, int] = {}
+
+    def walk(t: dict, base: int, members: dict[str, str]) -> None:
+        for m in t.get("members", ()):
+            off = base + m["bits_offset"] // 8
+            if m["name"] in members:
+                found[members[m["name"]]] = off
+            elif m["name"] in ("", "(anon)"):
+                sub = types[m["type_id"]]
+                while sub.get("kind") in ("TYPEDEF", "CONST", "VOLATILE"):
+                    sub = types[sub["type_id"]]
+                walk(sub, off, members)
+    for t in types.values():
+        if t.get("kind") == "STRUCT" and t.get("name") in wanted:
+            walk(t, 0, wanted[t["name"]])
+    return found if len(found) == len(BTF_OFFSETS) else {}
+
+
 def _compile_and_pin(target: Path, log=None) -> None:
     try:
         from bcc import BPF  # noqa: PLC0415 — the only bcc import, cold path only
@@ -108,7 +147,10 @@ def _compile_and_pin(target: Path, log=None) -> None:
     try:
         os.dup2(2, 1)
         try:
-            b = BPF(text=source_text().encode(), cflags=list(CFLAGS))
+            offsets = btf_offsets()
+            if not offsets and log:
+                log("safedeploy: no kernel BTF: reports will lack command lines of exited processes")
+            b = BPF(text=source_text().encode(), cflags=[*CFLAGS, *(f"-D{k}={v}" for k, v in offsets.items())])
         except Exception as e:
             raise LoaderError(f"BPF compile failed ({e}); check kernel headers with 'safedeploy doctor'") from None
         tmp = target.parent / f"tmp_{os.getpid()}_{int(time.time() * 1000)}"

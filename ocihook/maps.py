@@ -97,6 +97,19 @@ class Learned(ctypes.Structure):
                 ("pad", ctypes.c_uint8 * 3)]
 
 
+class ProcKey(ctypes.Structure):
+    _fields_ = [("cgid", ctypes.c_uint64), ("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class Ancestor(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
+
+
+class Proc(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("chain_len", ctypes.c_uint32),
+                ("chain", Ancestor * C["SD_CHAIN"]), ("cmdline", ctypes.c_uint8 * C["SD_CMDLINE"])]
+
+
 U8 = ctypes.c_uint8
 U64 = ctypes.c_uint64
 
@@ -110,10 +123,11 @@ MAPS: dict[str, tuple[type, type]] = {
     "names": (NameKey, NameVal),
     "qnames": (QnameKey, Qname),
     "learned": (AddrKey, Learned),
+    "procs": (ProcKey, Proc),
 }
 # the maps that hold per-cgroup state (cleared when a cgroup is released)
-POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned")
-DYNAMIC_MAPS = ("qnames", "learned")  # written by the programs, not from the policy
+POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs")
+DYNAMIC_MAPS = ("qnames", "learned", "procs")  # written by the programs, not from the policy
 
 
 def addr_of(raw) -> ipaddress.IPv6Address:
@@ -317,6 +331,13 @@ class PinnedMaps:
                 out.append((key, val))
         return out
 
+    def drain(self, cgid: int):
+        """Events of cgid with the names and processes they refer to (session.Drained)."""
+        from .session import Drained  # noqa: PLC0415
+        raw = self.drain_events([cgid])
+        return Drained(raw, self.names_of(cgid, (k.name_id for k, _ in raw)),
+                       self.procs_of(cgid, (k.pid for k, _ in raw)))
+
     def names_of(self, cgid: int, name_ids: Iterable[int]) -> dict[int, str]:
         """The queried names (qnames map) behind event name ids."""
         out = {}
@@ -324,6 +345,19 @@ class PinnedMaps:
             val = Qname()
             if bpfsys.map_lookup(self.fds["qnames"], QnameKey(cgid=cgid, name_id=nid), val):
                 out[nid] = val.name[:val.len].decode(errors="replace")
+        return out
+
+    def procs_of(self, cgid: int, pids: Iterable[int]) -> dict[int, dict]:
+        """What the kernel captured about processes: cmdline and ancestors (nearest first)."""
+        out = {}
+        for pid in set(pids):
+            val = Proc()
+            if bpfsys.map_lookup(self.fds["procs"], ProcKey(cgid=cgid, tgid=pid), val):
+                raw = bytes(val.cmdline[:val.len]) if val.len else b""
+                args = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
+                chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
+                         for i in range(min(val.chain_len, C["SD_CHAIN"]))]
+                out[pid] = {"cmdline": " ".join(args) or None, "parents": chain}
         return out
 
     def stats(self) -> dict[str, int]:

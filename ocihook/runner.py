@@ -45,13 +45,13 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
             raise RunError(f"cannot run {cmd[0]}: {e.strerror}") from None
         returncode = _wait_forwarding_signals(proc)
     finally:
-        raw, names = [], {}
+        drained = session.Drained()
         try:
             cgroup.remove(path)  # kill leftovers first: no unprotected window
         finally:
             if att is not None:
-                raw, names = session.release(att, compiled)
-    records = events.to_records(raw, compiled, run_id, names=names)
+                drained = session.release(att, compiled)
+    records = events.to_records(drained, compiled, run_id)
     out = report_path or settings.log_dir() / f"{run_id}.jsonl"
     report.write(records, out)
     report.syslog_blocked(records)

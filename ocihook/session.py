@@ -44,18 +44,25 @@ def apply(cgroup_path: Path, compiled: dict, log=None) -> Attachment:
     return att
 
 
-def release(att: Attachment, compiled: dict | None = None) -> tuple[list[tuple[EventKey, EventVal]], dict[int, str]]:
+class Drained:
+    """What a released cgroup left: aggregated events, the DNS names and the processes
+    (command line, ancestors) they refer to."""
+
+    def __init__(self, events: list[tuple[EventKey, EventVal]] | None = None, names: dict | None = None,
+                 procs: dict | None = None):
+        self.events, self.names, self.procs = events or [], names or {}, procs or {}
+
+
+def release(att: Attachment, compiled: dict | None = None) -> Drained:
     """Detach (if the cgroup still exists), take the events, remove every map entry
     (exactly the compiled policy's keys when given, else found by scanning the shared maps).
-    Returns the events and the DNS names they refer to. Idempotent: releasing twice
-    returns no events the second time."""
+    Idempotent: releasing twice returns no events the second time."""
     if not att.pin_dir.exists():
-        return [], {}
+        return Drained()
     with PinnedMaps.open(att.pin_dir) as maps:
         with contextlib.suppress(loader.LoaderError), loader.Programs(att.pin_dir) as progs:
             if att.cgroup.exists() and cgroup.cgroup_id(att.cgroup) == att.cgid:
                 progs.detach(att.cgroup)
-        raw = maps.drain_events([att.cgid])
-        names = maps.names_of(att.cgid, (k.name_id for k, _ in raw))
+        out = maps.drain(att.cgid)
         maps.unload_policy(att.cgid, compiled)
-        return raw, names
+        return out

@@ -71,8 +71,8 @@ class Policed:
             try:
                 cgroup.remove(self.path)
             finally:
-                raw, names = session.release(self.att, self.compiled)
-            self.records = events.to_records(raw, self.compiled, self.path.name, names=names)
+                drained = session.release(self.att, self.compiled)
+            self.records = events.to_records(drained, self.compiled, self.path.name)
         return self.records
 
 

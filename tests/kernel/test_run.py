@@ -44,8 +44,6 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     pol.write_text(POLICY)
     rep = tmp_path / "r.jsonl"
     before = set(os.listdir(cgroup.cgroup2_mount() / "safedeploy"))
-    with PinnedMaps.open(pins) as maps:
-        policed_before = set(maps.policed_cgroups())
     res = safedeploy("run", "--policy", str(pol), "--report", str(rep), "--",
                      sys.executable, "-c", SCRIPT % lst.port)
     assert res.returncode == 7, res.stderr               # CMD's own status
@@ -59,8 +57,10 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     assert all(r["policy"] == "run-test" and r["comm"].startswith("python") for r in recs)
     # nothing of the run remains: cgroup, map entries (policy and events), attachments
     assert set(os.listdir(cgroup.cgroup2_mount() / "safedeploy")) == before
-    with PinnedMaps.open(pins) as maps:
-        assert set(maps.policed_cgroups()) == policed_before
+    from ocihook.install import _live_cgroup_ids
+    live = _live_cgroup_ids()
+    with PinnedMaps.open(pins) as maps:   # others may police cgroups meanwhile: none may be dead
+        assert all(cg in live for cg in maps.policed_cgroups())
     assert loader.is_pinned(pins)  # the shared programs stay for the next run
 
 

@@ -57,8 +57,6 @@ def test_runc_denied_eperm_allowed_ok_report_and_no_state(tmp_path, rootfs, hook
     cid = _cid()
     bundle = make_bundle(tmp_path / "b", rootfs, PROBE.format(port=lst.getsockname()[1]),
                          annotations={"safedeploy.policy": "rollout"}, hook_path=hook.path, hook_env=hook.env)
-    with PinnedMaps.open(hook.pins) as maps:
-        before = set(maps.policed_cgroups())
     res = runc_run(bundle, cid)
     lst.close()
     assert res.returncode == 0, res.stderr
@@ -69,8 +67,10 @@ def test_runc_denied_eperm_allowed_ok_report_and_no_state(tmp_path, rootfs, hook
     assert blocked[0]["container"] == cid and blocked[0]["reason"] == "circular: auth service"
     assert any(r["verdict"] == "allowed" and r["dst_ip"] == "127.0.0.1" for r in recs)
     assert not (hook.state_dir / f"{cid}.json").exists()
-    with PinnedMaps.open(hook.pins) as maps:
-        assert set(maps.policed_cgroups()) == before   # the container's entries are gone
+    from ocihook.install import _live_cgroup_ids
+    live = _live_cgroup_ids()
+    with PinnedMaps.open(hook.pins) as maps:   # the container's entries are gone (others may run)
+        assert all(cg in live for cg in maps.policed_cgroups())
 
 
 def test_runc_bad_policy_fails_closed(tmp_path, rootfs, hook):
