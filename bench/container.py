@@ -20,9 +20,10 @@ so the environment is baked in as in a real install), and the normal pinned prog
            time; 1 unmeasured warm-up of each, then 20 interleaved rounds (the order rotates)
   podman   ``podman --runtime runc --hooks-dir DIR run --rm --network host [--annotation
            safedeploy.policy=bench]``, same image, same script; 1 warm-up each, 20 rounds
-  no-op    a third variant in both rounds: the same hooks (same stages, same annotation
-           condition) pointing at a launcher that only runs ``python -S -E -c pass``, to split
-           the overhead into "a runtime runs two Python hooks" and "what safedeploy's hooks do"
+  dummies  two more variants in both rounds: the same hooks (same stages, same annotation
+           condition) pointing at ``/bin/true``, and at a launcher that only runs ``python -S -E
+           -c pass``, to split the overhead into "the runtime runs two hooks", "they are Python"
+           and "what safedeploy's hooks do"
 
 Before measuring, one run of each runtime with the hook must print "Operation not permitted"
 for ``nc 127.0.0.2 80`` (and one without must not); every measured hooked run must leave its
@@ -64,6 +65,7 @@ IMAGE = "localhost/safedeploy-bench-busybox:latest"
 PROBE = "echo x | nc 127.0.0.2 80; echo a=$?"  # the honesty check: EPERM only under the policy
 EPERM = "Operation not permitted"
 PY = sys.executable
+TRUE = Path(shutil.which("true") or "/bin/true")
 TAG = f"sdbench-{os.getpid()}"
 
 
@@ -76,6 +78,7 @@ class Run:
         self.hook_path = work / "bin" / "safedeploy-hook"
         self.noop_path = work / "bin" / "noop-hook"  # the launcher minus the hook: python -S -E -c pass
         self.noop_hooks_dir = work / "hooks-noop.d"  # the same hooks.d files, pointing at noop_path
+        self.true_hooks_dir = work / "hooks-true.d"  # ... and pointing at /bin/true
         self.conf = work / "containers.conf"
         self.sleepers: list[subprocess.Popen] = []
         self.cgroups: list[Path] = []
@@ -202,14 +205,15 @@ def parse_importtime(stderr: str) -> list[dict]:
     return out
 
 
-def install_noop(r: Run) -> None:
+def install_dummies(r: Run) -> None:
     """A launcher like the hook's that only starts and stops the interpreter, and hooks.d
-    files for it (same stages, same annotation condition)."""
+    files (same stages, same annotation condition) for it and for /bin/true."""
     r.noop_path.write_text(f"#!/bin/sh\nexec {shlex.quote(PY)} -S -E -c pass \"$@\"\n")
     r.noop_path.chmod(0o755)
-    r.noop_hooks_dir.mkdir()
-    for name, doc in install.render_hooks(r.noop_path).items():
-        (r.noop_hooks_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
+    for hooks_dir, path in ((r.noop_hooks_dir, r.noop_path), (r.true_hooks_dir, TRUE)):
+        hooks_dir.mkdir()
+        for name, doc in install.render_hooks(path).items():
+            (hooks_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def bench_hook(r: Run) -> dict:
@@ -327,10 +331,11 @@ def bench_runc(r: Run, rootfs: Path) -> dict:
                                hook_path=r.hook_path, hook_env=env)
     noop = demo.make_bundle(r.work / "bundle-noop", rootfs, ":", annotations=ann, hook_path=r.noop_path,
                             hook_env=env)
+    true = demo.make_bundle(r.work / "bundle-true", rootfs, ":", annotations=ann, hook_path=TRUE, hook_env=env)
     probe_p = demo.make_bundle(r.work / "bundle-probe-plain", rootfs, PROBE)
     check = verify_policed("runc", lambda: runc_once(r, probe_h)[0], lambda: runc_once(r, probe_p)[0])
     out = rounds("runc run", {"hooked": lambda: runc_once(r, hooked), "plain": lambda: runc_once(r, plain),
-                              "noop": lambda: runc_once(r, noop)})
+                              "noop": lambda: runc_once(r, noop), "true": lambda: runc_once(r, true)})
     return {**out, "verify": check, "left_after_exit": r.runc_leftovers}
 
 
@@ -342,7 +347,8 @@ def bench_podman(r: Run, rootfs: Path) -> dict:
     check = verify_policed("podman", lambda: podman_once(r, True, PROBE)[0],
                            lambda: podman_once(r, False, PROBE)[0])
     out = rounds("podman run", {"hooked": lambda: podman_once(r, True), "plain": lambda: podman_once(r, False),
-                                "noop": lambda: podman_once(r, True, hooks_dir=r.noop_hooks_dir)})
+                                "noop": lambda: podman_once(r, True, hooks_dir=r.noop_hooks_dir),
+                                "true": lambda: podman_once(r, True, hooks_dir=r.true_hooks_dir)})
     return {**out, "verify": check}
 
 
@@ -395,10 +401,12 @@ def report(hook: dict, runc: dict, podman: dict) -> dict:
     rc_h = row("runc.hooked", "runc run, hook + annotation (wall)", runc["hooked"])
     rc_p = row("runc.plain", "runc run, no hooks (wall)", runc["plain"])
     rc_d = row("runc.delta", "  paired difference", [h - p for h, p in zip(runc["hooked"], runc["plain"])])
+    rc_t = row("runc.true", "runc run, /bin/true hooks (wall)", runc["true"], "2x /bin/true")
     rc_n = row("runc.noop", "runc run, no-op hooks (wall)", runc["noop"], "2x sh + python -S -E -c pass")
     pm_h = row("podman.hooked", "podman run, --annotation (wall)", podman["hooked"])
     pm_p = row("podman.plain", "podman run, no annotation (wall)", podman["plain"])
     pm_d = row("podman.delta", "  paired difference", [h - p for h, p in zip(podman["hooked"], podman["plain"])])
+    pm_t = row("podman.true", "podman run, --annotation, /bin/true hooks", podman["true"], "2x /bin/true")
     pm_n = row("podman.noop", "podman run, --annotation, no-op hooks", podman["noop"],
                "2x sh + python -S -E -c pass")
     print_table(["benchmark (ms)", "n", "min", "median", "p90", "max", "note"], rows)
@@ -424,11 +432,16 @@ def report(hook: dict, runc: dict, podman: dict) -> dict:
         "imports_total_ms": totals,
         "runc_ratio": rc_h["median"] / rc_p["median"],
         "runc_delta_median_ms": rc_d["median"],
+        "runc_true_minus_plain_ms": rc_t["median"] - rc_p["median"],
+        "runc_noop_minus_true_ms": rc_n["median"] - rc_t["median"],
         "runc_noop_minus_plain_ms": rc_n["median"] - rc_p["median"],
         "runc_hooked_minus_noop_ms": rc_h["median"] - rc_n["median"],
         "podman_ratio": pm_h["median"] / pm_p["median"],
         "podman_delta_median_ms": pm_d["median"],
+        "podman_true_minus_plain_ms": pm_t["median"] - pm_p["median"],
+        "podman_noop_minus_true_ms": pm_n["median"] - pm_t["median"],
         "podman_noop_minus_plain_ms": pm_n["median"] - pm_p["median"],
+        "podman_true_ratio": pm_t["median"] / pm_p["median"],
         "podman_hooked_minus_noop_ms": pm_h["median"] - pm_n["median"],
         "podman_noop_ratio": pm_n["median"] / pm_p["median"],
         "two_hooks_ms": both_s["median"],
@@ -447,7 +460,11 @@ def report(hook: dict, runc: dict, podman: dict) -> dict:
           f"(paired difference median {d['runc_delta_median_ms']:+.1f} ms)")
     print(f"podman run annotated / plain (medians):      {d['podman_ratio']:.3f}x "
           f"(paired difference median {d['podman_delta_median_ms']:+.1f} ms)")
-    print(f"no-op hooks - plain (medians):               runc {d['runc_noop_minus_plain_ms']:+.1f} ms, "
+    print(f"/bin/true hooks - plain (medians):           runc {d['runc_true_minus_plain_ms']:+.1f} ms, "
+          f"podman {d['podman_true_minus_plain_ms']:+.1f} ms ({d['podman_true_ratio']:.3f}x)")
+    print(f"no-op Python hooks - /bin/true hooks:        runc {d['runc_noop_minus_true_ms']:+.1f} ms, "
+          f"podman {d['podman_noop_minus_true_ms']:+.1f} ms")
+    print(f"no-op Python hooks - plain (medians):        runc {d['runc_noop_minus_plain_ms']:+.1f} ms, "
           f"podman {d['podman_noop_minus_plain_ms']:+.1f} ms ({d['podman_noop_ratio']:.3f}x)")
     print(f"safedeploy hooks - no-op hooks (medians):    runc {d['runc_hooked_minus_noop_ms']:+.1f} ms, "
           f"podman {d['podman_hooked_minus_noop_ms']:+.1f} ms")
@@ -478,10 +495,10 @@ def main() -> int:
     try:
         try:
             install.install(r.hooks_dir, r.hook_path, preload=True, log=lambda m: progress(f"install: {m}"))
-        except loader.LoaderError as e:
+        except (loader.LoaderError, OSError) as e:  # e.g. the BPF sources do not load right now
             raise SystemExit(f"bench/container.py: cannot install the hook: {e}") from None
         (settings.policy_dir() / f"{POLICY_NAME}.yaml").write_text(POLICY)
-        install_noop(r)
+        install_dummies(r)
         pin_version = loader.source_hash()
         rootfs = demo.make_rootfs(work / "rootfs")
         hook = bench_hook(r)

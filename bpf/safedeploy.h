@@ -41,7 +41,8 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_STAT_DECISIONS 1
 #define SD_STAT_DENIED 2
 #define SD_STAT_DNS_MALFORMED 3
-#define SD_NSTATS 4
+#define SD_STAT_LIVE_DROPPED 4
+#define SD_NSTATS 5
 
 /* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
 struct sd_cgroup {
@@ -170,7 +171,17 @@ struct sd_scratch {
     __u8 pad;
 };
 
+/* live: blocked and would-block decisions as they happen, for `safedeploy watch` */
+struct sd_live {
+    struct sd_event_key k;
+    __u64 ts_ns;        /* CLOCK_BOOTTIME */
+    char comm[16];
+};
+
 BPF_HASH(cgroups, __u64, struct sd_cgroup, 16384);
+/* drops: per policed cgroup, events that found the events map full (shown in its report) */
+BPF_HASH(drops, __u64, __u64, 16384);
+BPF_RINGBUF_OUTPUT(live, 64);
 BPF_LPM_TRIE(cidrs, struct sd_cidr_key, struct sd_cidr_val, 262144);
 BPF_HASH(resolvers, struct sd_addr_key, __u8, 16384);
 BPF_HASH(events, struct sd_event_key, struct sd_event_val, 65536);
@@ -438,6 +449,14 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
     k.family = d->family;
     k.name_id = name_id;
     __u64 now = bpf_ktime_get_boot_ns();
+    if (ev != SD_EV_ALLOWED) {
+        struct sd_live live_ev = {};
+        live_ev.k = k;
+        live_ev.ts_ns = now;
+        bpf_get_current_comm(&live_ev.comm, sizeof(live_ev.comm));
+        if (live.ringbuf_output(&live_ev, sizeof(live_ev), 0) != 0)
+            sd_stat(SD_STAT_LIVE_DROPPED);
+    }
     struct sd_event_val *v = events.lookup(&k);
     if (v) {
         __sync_fetch_and_add(&v->count, 1);
@@ -453,10 +472,18 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
     sd_capture_proc(cgid, k.pid);
     if (events.insert(&k, &nv) != 0) {
         v = events.lookup(&k); /* lost a race with another CPU */
-        if (v)
+        if (v) {
             __sync_fetch_and_add(&v->count, 1);
-        else
+        } else {
             sd_stat(SD_STAT_EVENTS_DROPPED);
+            __u64 *dc = drops.lookup(&cgid);
+            if (dc) {
+                __sync_fetch_and_add(dc, 1);
+            } else {
+                __u64 one = 1;
+                drops.update(&cgid, &one);
+            }
+        }
     }
 }
 

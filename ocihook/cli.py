@@ -137,6 +137,8 @@ def run_cmd(
         res = runner.run(cmd, pol, report_file, log=loader.stderr_log)
     for line in report.summary(res.records):
         _err(line)
+    if res.dropped:
+        _err(f"{res.dropped} events were dropped: the kernel's events map was full (enforcement unaffected)")
     _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations)")
     if fail_on_violation and res.violations:
         raise typer.Exit(runner.EXIT_VIOLATION)
@@ -156,11 +158,14 @@ def report_cmd(
         path = settings.log_dir() / f"{target}.jsonl"
     with _errors():
         records = report.load(path)
+        summary = report.load_summary(path)
     if fmt == "json":
         for rec in report.aggregate(records):
             typer.echo(json.dumps(rec))
+        if summary:
+            typer.echo(json.dumps(summary))
     elif fmt == "table":
-        typer.echo(report.format_table(records), nl=False)
+        typer.echo(report.format_table(records, summary), nl=False)
     else:
         _err(f"--format must be table or json, not {fmt!r}")
         raise typer.Exit(2)

@@ -235,7 +235,7 @@ def stop(state: dict) -> Path | None:
                 drained = maps.drain(record["cgid"])
                 maps.unload_policy(record["cgid"], compiled)
     records = events.to_records(drained, compiled, cid)
-    out = report.write(records, settings.log_dir() / f"{cid}.jsonl")
+    out = report.write(records, settings.log_dir() / f"{cid}.jsonl", drained.dropped)
     report.syslog_blocked(records)
     with contextlib.suppress(FileNotFoundError):
         state_path(cid).unlink()

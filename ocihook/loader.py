@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import bpfsys, cgroup, settings
-from .maps import BPF_DIR, HEADER, MAPS
+from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -63,7 +63,7 @@ def pin_dir(version: str | None = None) -> Path:
 
 
 def _pin_names() -> list[str]:
-    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in MAPS]
+    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in (*MAPS, *RINGBUFS)]
 
 
 def is_pinned(path: Path) -> bool:
@@ -162,8 +162,8 @@ def _compile_and_pin(target: Path, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 bpfsys.obj_pin(fn.fd, str(tmp / f"prog_{name}"))
-            for name in MAPS:
-                bpfsys.obj_pin(b[name].map_fd, str(tmp / f"map_{name}"))
+            for name in (*MAPS, *RINGBUFS):
+                bpfsys.obj_pin(b[name.encode()].map_fd, str(tmp / f"map_{name}"))
             os.rename(tmp, target)
         except BaseException:
             import shutil  # noqa: PLC0415

@@ -97,6 +97,10 @@ class Learned(ctypes.Structure):
                 ("pad", ctypes.c_uint8 * 3)]
 
 
+class LiveEvent(ctypes.Structure):
+    _fields_ = [("k", EventKey), ("ts_ns", ctypes.c_uint64), ("comm", ctypes.c_char * 16)]
+
+
 class ProcKey(ctypes.Structure):
     _fields_ = [("cgid", ctypes.c_uint64), ("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
@@ -124,9 +128,11 @@ MAPS: dict[str, tuple[type, type]] = {
     "qnames": (QnameKey, Qname),
     "learned": (AddrKey, Learned),
     "procs": (ProcKey, Proc),
+    "drops": (U64, U64),
 }
+RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # the maps that hold per-cgroup state (cleared when a cgroup is released)
-POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs")
+POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs")  # keyed by a struct with cgid
 DYNAMIC_MAPS = ("qnames", "learned", "procs")  # written by the programs, not from the policy
 
 
@@ -288,6 +294,7 @@ class PinnedMaps:
         entry of cgid: exactly the compiled policy's keys when known, else by scanning
         the shared maps (gc of a cgroup whose policy is lost). Returns entries removed."""
         removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
+        removed += int(bpfsys.map_delete(self.fds["drops"], U64(cgid)))
         scan = POLICY_MAPS
         if compiled is not None:
             for name, key, _ in _compiled_entries(compiled, cgid):
@@ -335,8 +342,10 @@ class PinnedMaps:
         """Events of cgid with the names and processes they refer to (session.Drained)."""
         from .session import Drained  # noqa: PLC0415
         raw = self.drain_events([cgid])
+        dropped = U64()
+        bpfsys.map_lookup(self.fds["drops"], U64(cgid), dropped)
         return Drained(raw, self.names_of(cgid, (k.name_id for k, _ in raw)),
-                       self.procs_of(cgid, (k.pid for k, _ in raw)))
+                       self.procs_of(cgid, (k.pid for k, _ in raw)), dropped.value)
 
     def names_of(self, cgid: int, name_ids: Iterable[int]) -> dict[int, str]:
         """The queried names (qnames map) behind event name ids."""

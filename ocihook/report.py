@@ -37,21 +37,46 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
                                                   r["dst_ip"], r["dst_port"], r["pid"]))
 
 
-def write(records: Iterable[dict], path: Path) -> Path:
-    """Write (or extend: an existing report's lines are merged in) a JSON Lines report."""
+def summarize(records: list[dict], dropped: int = 0) -> dict:
+    """The final line of a report: totals per verdict, and events the kernel could not
+    keep because its events map was full (never hidden)."""
+    recs = aggregate(records)
+    first = recs[0] if recs else {}
+    out = {"summary": True, "container": first.get("container"), "policy": first.get("policy"),
+           "destinations": len(recs), "events_dropped": dropped}
+    for verdict in ("blocked", "would-block", "allowed"):
+        out[verdict.replace("-", "_")] = sum(r["count"] for r in recs if r["verdict"] == verdict)
+    return out
+
+
+def write(records: Iterable[dict], path: Path, dropped: int = 0) -> Path:
+    """Write (or extend: an existing report's lines are merged in) a JSON Lines report:
+    one line per (process, destination, verdict), then a summary line."""
     records = list(records)
     if path.exists():
+        old = load_summary(path)
         records = load(path) + records
+        dropped += (old or {}).get("events_dropped", 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     with open(tmp, "w") as f:
         for rec in aggregate(records):
             f.write(json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) + "\n")
+        f.write(json.dumps(summarize(records, dropped), separators=(",", ":")) + "\n")
     os.replace(tmp, path)
     return path
 
 
 def load(path: Path) -> list[dict]:
+    """The records of a report (without its summary line)."""
+    return [r for r in _lines(path) if not r.get("summary")]
+
+
+def load_summary(path: Path) -> dict | None:
+    return next((r for r in _lines(path) if r.get("summary")), None)
+
+
+def _lines(path: Path) -> list[dict]:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -66,7 +91,7 @@ def load(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ReportError(f"{path}:{n}: not JSON: {e.msg}") from None
-        if not isinstance(rec, dict) or "verdict" not in rec:
+        if not isinstance(rec, dict) or ("verdict" not in rec and not rec.get("summary")):
             raise ReportError(f"{path}:{n}: not a safedeploy report record")
         out.append(rec)
     return out
@@ -79,11 +104,14 @@ def _dest(rec: dict) -> str:
     return f"{rec['domain']} ({where})" if rec.get("domain") else where
 
 
-def format_table(records: list[dict]) -> str:
+def format_table(records: list[dict], summary: dict | None = None) -> str:
     """Grouped by verdict; one line per destination and process."""
-    if not records:
-        return "no network activity recorded\n"
     lines = []
+    if summary and summary.get("events_dropped"):
+        lines += [f"WARNING: {summary['events_dropped']} events were dropped (the kernel's events map was full); "
+                  "enforcement was not affected", ""]
+    if not records:
+        return "\n".join(lines + ["no network activity recorded", ""])
     for verdict in ("blocked", "would-block", "allowed"):
         group = [r for r in aggregate(records) if r["verdict"] == verdict]
         if not group:

@@ -25,6 +25,7 @@ class RunResult:
     records: list[dict] = field(default_factory=list)
     report_path: Path | None = None
     run_id: str = ""
+    dropped: int = 0
 
     @property
     def violations(self) -> int:
@@ -53,9 +54,9 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
                 drained = session.release(att, compiled)
     records = events.to_records(drained, compiled, run_id)
     out = report_path or settings.log_dir() / f"{run_id}.jsonl"
-    report.write(records, out)
+    report.write(records, out, drained.dropped)
     report.syslog_blocked(records)
-    return RunResult(returncode, report.aggregate(records), out, run_id)
+    return RunResult(returncode, report.aggregate(records), out, run_id, drained.dropped)
 
 
 class RunError(Exception):

@@ -49,8 +49,9 @@ class Drained:
     (command line, ancestors) they refer to."""
 
     def __init__(self, events: list[tuple[EventKey, EventVal]] | None = None, names: dict | None = None,
-                 procs: dict | None = None):
+                 procs: dict | None = None, dropped: int = 0):
         self.events, self.names, self.procs = events or [], names or {}, procs or {}
+        self.dropped = dropped  # events the full events map could not hold
 
 
 def release(att: Attachment, compiled: dict | None = None) -> Drained:

@@ -1,9 +1,10 @@
 """Who did it: command lines and parents captured in the kernel, after the process is gone."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
+
+from ocihook import report
 
 POLICY = """
 version: 1
@@ -25,7 +26,7 @@ def test_report_names_the_command_line_and_parent_of_an_exited_process(tmp_path)
     res = subprocess.run([sys.executable, "-m", "ocihook.cli", "run", "--policy", str(pol), "--report", str(rep),
                           "--", "sh", "-c", f"{script} --env prod"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "denied" in res.stdout, res.stderr
-    rec = [json.loads(line) for line in rep.read_text().splitlines() if '"blocked"' in line][0]
+    rec = [r for r in report.load(rep) if r["verdict"] == "blocked"][0]
     assert rec["cmdline"] == f"{sys.executable} -c {one_liner}"      # captured in the kernel: long gone now
     assert rec["comm"].startswith("python")
     comms = [p.split(" ", 1)[1] for p in rec["parents"]]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ocihook import cgroup, loader
+from ocihook import cgroup, loader, report
 from ocihook.maps import PinnedMaps
 
 POLICY = """
@@ -49,7 +49,8 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     assert res.returncode == 7, res.stderr               # CMD's own status
     assert res.stdout.split() == ["ok", "EPERM", "EPERM"]
     assert "blocked: 127.0.0.2:443/tcp" in res.stderr and "circular: auth service" in res.stderr
-    recs = [json.loads(line) for line in rep.read_text().splitlines()]
+    recs = report.load(rep)
+    assert report.load_summary(rep) == {**report.summarize(recs), "container": recs[0]["container"]}
     blocked = {(r["dst_ip"], r["dst_port"]): r for r in recs if r["verdict"] == "blocked"}
     assert set(blocked) == {("127.0.0.2", 443), ("127.0.0.9", 80)}
     assert blocked[("127.0.0.9", 80)]["rule"] == "default"
@@ -72,7 +73,7 @@ def test_run_audit_and_fail_on_violation(tmp_path):
                      sys.executable, "-c", SCRIPT % 9)
     assert res.returncode == 3, res.stderr
     assert res.stdout.split() == ["refused", "refused", "refused"]   # audit blocks nothing
-    verdicts = {json.loads(line)["verdict"] for line in rep.read_text().splitlines()}
+    verdicts = {r["verdict"] for r in report.load(rep)}
     assert verdicts == {"would-block", "allowed"}
 
 
@@ -86,7 +87,8 @@ def test_run_default_report_location_and_report_command(tmp_path):
     table = safedeploy("report", logs[0].stem)
     assert table.returncode == 0 and "BLOCKED" in table.stdout and "127.0.0.2:443/tcp" in table.stdout
     js = safedeploy("report", str(logs[0]), "--format", "json")
-    assert {json.loads(line)["verdict"] for line in js.stdout.splitlines()} == {"blocked", "allowed"}
+    lines = [json.loads(line) for line in js.stdout.splitlines()]
+    assert {r["verdict"] for r in lines[:-1]} == {"blocked", "allowed"} and lines[-1]["summary"] is True
 
 
 def test_run_bad_policy_is_one_line_and_runs_nothing(tmp_path):

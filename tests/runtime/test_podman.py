@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import base64
-import json
 import secrets
 
+from ocihook import report
 from rtutil import IMAGE, podman
 
 POLICY = """
@@ -29,7 +29,7 @@ def _run(hook, conf, name, *args, annotation=None):
 def _report(hook, name, conf):
     files = list(hook.log_dir.glob("*.jsonl"))
     assert len(files) == 1, files
-    return [json.loads(line) for line in files[0].read_text().splitlines()]
+    return report.load(files[0])
 
 
 def test_podman_annotation_enforces_and_reports(hook, podman_image):

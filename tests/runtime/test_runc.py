@@ -8,7 +8,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from ocihook import cgroup
+from ocihook import cgroup, report
 from ocihook.maps import PinnedMaps
 from rtutil import make_bundle, runc_run
 
@@ -48,7 +48,7 @@ def _cid() -> str:
 
 
 def _records(hook, cid):
-    return [json.loads(line) for line in (hook.log_dir / f"{cid}.jsonl").read_text().splitlines()]
+    return report.load(hook.log_dir / f"{cid}.jsonl")
 
 
 def test_runc_denied_eperm_allowed_ok_report_and_no_state(tmp_path, rootfs, hook):
