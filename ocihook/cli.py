@@ -85,9 +85,13 @@ def policy_explain(
 ) -> None:
     """Print the verdict for one destination and the rule that decided it.
 
-    Example: safedeploy policy explain deploy.yaml api.github.com:443
+    A name with a port is a connection to it (as judged for an address learned from its
+    DNS answer); a bare name is its DNS lookup (what the kernel lets through or drops).
+
+    Examples: safedeploy policy explain deploy.yaml api.github.com:443
+              safedeploy policy explain deploy.yaml api.github.com
     """
-    from .policy import display_ip, decide, load_policy_file, parse_dest
+    from .policy import decide, decide_query, display_ip, load_policy_file, parse_dest
     if proto not in ("tcp", "udp"):
         _err(f"--proto must be tcp or udp, not {proto!r}")
         raise typer.Exit(2)
@@ -98,16 +102,53 @@ def policy_explain(
         except ValueError as e:
             _err(f"{dest}: {e}")
             raise typer.Exit(2) from None
-        dec = decide(pol, d)
+        lookup = d.name is not None and d.port is None
+        dec = decide_query(pol, d.name) if lookup else decide(pol, d)
     out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
-           "proto": d.proto, "verdict": dec.verdict, "effective": dec.effective, "rule": dec.rule_text,
-           "reason": dec.reason, "mode": pol.mode}
+           "proto": d.proto, "kind": "dns" if lookup else "connect", "verdict": dec.verdict,
+           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode}
     if as_json:
         typer.echo(json.dumps(out))
         return
     why = f" ({dec.reason})" if dec.reason else ""
-    typer.echo(f"{dec.verdict.upper()} {dest} [{d.proto}] — rule: {dec.rule_text}{why}; "
+    what = f"DNS lookup of {d.name}" if lookup else f"{dest} [{d.proto}]"
+    typer.echo(f"{dec.verdict.upper()} {what} — rule: {dec.rule_text}{why}; "
                f"in {pol.mode} mode this is {dec.effective}")
+
+
+@policy_app.command("suggest")
+def policy_suggest(
+    reports: List[Path] = typer.Argument(..., help="Reports of audit runs (files or ids)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Extend this policy; print a diff too."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the policy here (default stdout)."),
+    name: str = typer.Option("suggested", "--name", help="Policy name when there is no --base."),
+) -> None:
+    """The smallest policy that would have let audit runs pass: names (with their ports)
+    where the kernel knew the name, addresses otherwise.
+
+    Workflow: safedeploy run --audit --policy p.yaml -- ./deploy.sh; then
+    safedeploy policy suggest <report> --base p.yaml -o p2.yaml
+    """
+    from . import report, settings
+    from .policy import load_policy_file
+    from .suggest import diff, suggest, to_yaml
+    with _errors():
+        records = []
+        for r in reports:
+            path = r if r.exists() else settings.log_dir() / f"{r}.jsonl"
+            records += report.load(path)
+        base_policy = load_policy_file(base) if base else None
+        doc, problems = suggest(records, base_policy, name)
+    text = to_yaml(doc)
+    if output:
+        output.write_text(text)
+        _err(f"wrote {output}")
+    else:
+        typer.echo(text, nl=False)
+    if base:
+        typer.echo(diff(base, text), err=True, nl=False)
+    for p in problems:
+        _err(f"warning: {p}")
 
 
 # -- run ----------------------------------------------------------------------------
@@ -171,12 +212,40 @@ def report_cmd(
         raise typer.Exit(2)
 
 
+@app.command("watch")
+def watch_cmd(
+    target: Optional[str] = typer.Argument(None, help="A container id (or prefix); default: every policed cgroup."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event."),
+) -> None:
+    """Live: every blocked or would-block attempt as it happens — destination, DNS name,
+    process and command line. Ctrl-C stops."""
+    from .watch import WatchError, watch
+    try:
+        with _errors():
+            watch(target, duration, as_json, out=lambda line: typer.echo(line))
+    except WatchError as e:
+        _err(str(e))
+        raise typer.Exit(1) from None
+
+
 # -- status / doctor ----------------------------------------------------------------
 @app.command("status")
 def status_cmd() -> None:
     """Policed cgroups, program versions and map fill levels."""
     from . import loader
     from .maps import PinnedMaps
+    from .watch import containers
+
+    def containers_by_cgid() -> dict[int, tuple[str, str]]:
+        out = {}
+        for cgid, cid in containers().items():
+            try:
+                rec = json.loads((loader.settings.state_dir() / f"{cid}.json").read_text())
+                out[cgid] = (f"container {cid[:12]}", rec["compiled"]["name"])
+            except (OSError, ValueError, KeyError):
+                out[cgid] = (f"container {cid[:12]}", "?")
+        return out
     root = loader.settings.bpffs_root()
     current = loader.pin_dir()
     versions = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -195,9 +264,14 @@ def status_cmd() -> None:
                 cgs = maps.policed_cgroups()
                 total += len(cgs)
                 typer.echo(f"version {ver.name}{tag}: {len(cgs)} policed cgroups")
+                owners = containers_by_cgid()
+                counts = maps.event_counts()
                 for cgid, val in sorted(cgs.items()):
                     mode = "audit" if val.mode else "enforce"
-                    typer.echo(f"  cgroup {cgid}: {mode}, default {'deny' if val.dflt else 'allow'}")
+                    who, pol = owners.get(cgid, (f"cgroup {cgid}", "?"))
+                    c = counts.get(cgid, {})
+                    typer.echo(f"  {who}: policy {pol} ({mode}), blocked {c.get('blocked', 0)}, "
+                               f"would-block {c.get('would-block', 0)}, allowed {c.get('allowed', 0)}")
                 for name, (n, cap) in maps.fill().items():
                     typer.echo(f"  map {name}: {n}/{cap}")
                 for name, n in maps.stats().items():

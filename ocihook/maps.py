@@ -369,6 +369,18 @@ class PinnedMaps:
                 out[pid] = {"cmdline": " ".join(args) or None, "parents": chain}
         return out
 
+    def event_counts(self) -> dict[int, dict[str, int]]:
+        """Per cgroup and verdict, the attempts aggregated so far (not drained)."""
+        out: dict[int, dict[str, int]] = {}
+        fd = self.fds["events"]
+        for key in bpfsys.map_keys(fd, EventKey):
+            val = EventVal()
+            if bpfsys.map_lookup(fd, key, val):
+                per = out.setdefault(key.cgid, {})
+                verdict = VERDICT_NAME.get(key.verdict, "?")
+                per[verdict] = per.get(verdict, 0) + val.count
+        return out
+
     def stats(self) -> dict[str, int]:
         """Per-CPU counters summed over CPUs."""
         ncpu = possible_cpus()

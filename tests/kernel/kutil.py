@@ -71,7 +71,7 @@ class Policed:
             try:
                 cgroup.remove(self.path)
             finally:
-                drained = session.release(self.att, self.compiled)
+                drained = self.drained = session.release(self.att, self.compiled)
             self.records = events.to_records(drained, self.compiled, self.path.name)
         return self.records
 

@@ -1,0 +1,80 @@
+"""``safedeploy policy suggest``: from audit reports, the smallest policy that would have let
+the run pass — names rather than addresses wherever the kernel knew the name."""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+from pathlib import Path
+
+from .policy import Dest, Policy, decide, decide_query, load_policy_text, to_mapped
+
+
+def _needed(records: list[dict], base: Policy | None) -> list[dict]:
+    """What the policy must allow: without a base, everything the run did; with one, what
+    the base refused."""
+    if base is None:
+        return records
+    return [r for r in records if r["verdict"] != "allowed"]
+
+
+def _dest_of(rec: dict) -> Dest:
+    return Dest(ip=to_mapped(rec["dst_ip"]), port=rec["dst_port"], proto=rec["proto"], name=rec.get("domain"))
+
+
+def suggest(records: list[dict], base: Policy | None = None, name: str = "suggested") -> tuple[dict, list[str]]:
+    """(policy document, problems): problems name destinations the document still refuses
+    (a base deny rule wins over the added allow: on purpose, for a human to decide)."""
+    doc: dict = json.loads(base.to_json()) if base else {"version": 1, "name": name, "mode": "enforce",
+                                                          "default": "deny", "allow": [], "deny": []}
+    doc["mode"] = "enforce"
+    doc.setdefault("allow", [])
+    ports: dict[tuple[str, str, str], set[int]] = {}   # (kind, target, proto) -> ports
+    names: set[str] = set()
+    resolvers: list[str] = list(doc.get("dns", {}).get("resolvers", []))
+    for rec in _needed(records, base):
+        if rec["rule"] == "dns.resolvers":
+            if rec["dst_ip"] not in resolvers:
+                resolvers.append(rec["dst_ip"])
+            continue
+        if rec["kind"] == "dns":
+            if rec.get("domain"):
+                names.add(rec["domain"])
+            continue
+        target = ("domain", rec["domain"]) if rec.get("domain") else ("cidr", _host_cidr(rec["dst_ip"]))
+        ports.setdefault((*target, rec["proto"]), set()).add(rec["dst_port"])
+    covered = {t for (kind, t, _proto) in ports if kind == "domain"}
+    for (kind, target, proto), ps in sorted(ports.items()):
+        doc["allow"].append({kind: target, "ports": sorted(ps), "protocol": proto})
+    for n in sorted(names - covered):
+        doc["allow"].append(n)
+    if resolvers:
+        doc.setdefault("dns", {})["resolvers"] = resolvers
+    policy = load_policy_text(json.dumps(doc), "suggested")
+    problems = []
+    for rec in records:
+        if rec["kind"] == "dns" and rec.get("domain"):
+            dec = decide_query(policy, rec["domain"])
+        else:
+            dec = decide(policy, _dest_of(rec))
+        if dec.verdict != "allow":
+            problems.append(f"{rec.get('domain') or rec['dst_ip']}:{rec['dst_port']}/{rec['proto']} is still "
+                            f"denied by rule {dec.rule_text}")
+    return doc, problems
+
+
+def _host_cidr(ip: str) -> str:
+    addr = ipaddress.ip_address(ip)
+    return f"{addr}/{addr.max_prefixlen}"
+
+
+def to_yaml(doc: dict) -> str:
+    import yaml  # noqa: PLC0415
+    order = ["version", "name", "description", "mode", "default", "allow", "deny", "dns"]
+    ordered = {k: doc[k] for k in order if k in doc and doc[k] != []}
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None, width=120)
+
+
+def diff(base_path: Path, new_text: str) -> str:
+    old = base_path.read_text().splitlines(keepends=True)
+    return "".join(difflib.unified_diff(old, new_text.splitlines(keepends=True), str(base_path), "suggested"))

@@ -1,0 +1,63 @@
+"""policy suggest and report formatting, on synthetic records (pure)."""
+from __future__ import annotations
+
+from ocihook import report
+from ocihook.policy import Dest, decide, decide_query, load_policy_text, to_mapped
+from ocihook.suggest import suggest, to_yaml
+
+
+def rec(verdict, kind, ip, port, proto="tcp", domain=None, rule="default", count=1, pid=10):
+    return {"container": "c1", "policy": "p", "verdict": verdict, "kind": kind, "proto": proto, "family": 4,
+            "dst_ip": ip, "dst_port": port, "domain": domain, "pid": pid, "comm": "curl", "cmdline": "curl x",
+            "uid": 0, "rule": rule, "reason": None, "count": count, "first_seen": "2026-01-01T00:00:00.000Z",
+            "last_seen": "2026-01-01T00:00:01.000Z", "parents": []}
+
+
+RECORDS = [
+    rec("would-block", "dns", "127.0.0.53", 53, "udp", "pkgs.example.test"),
+    rec("would-block", "connect", "127.0.0.70", 443, domain="pkgs.example.test"),
+    rec("would-block", "connect", "127.0.0.70", 80, domain="pkgs.example.test"),
+    rec("would-block", "connect", "127.0.0.9", 5432),
+    rec("would-block", "sendmsg", "127.0.0.54", 53, "udp", rule="dns.resolvers"),
+    rec("allowed", "connect", "127.0.0.1", 8080, rule="127.0.0.1/32"),
+]
+
+
+def test_suggest_without_base_allows_everything_by_name_where_known():
+    doc, problems = suggest(RECORDS)
+    assert problems == []
+    pol = load_policy_text(to_yaml(doc), "s")
+    assert {"domain": "pkgs.example.test", "ports": [80, 443], "protocol": "tcp"} in doc["allow"]
+    assert not any("127.0.0.70" in str(r) for r in doc["allow"])          # a name, not its address
+    assert doc["dns"]["resolvers"] == ["127.0.0.54"]
+    assert decide_query(pol, "pkgs.example.test").verdict == "allow"
+    assert decide(pol, Dest(to_mapped("127.0.0.9"), 5432, "tcp", None)).verdict == "allow"
+    assert decide(pol, Dest(to_mapped("127.0.0.9"), 5433, "tcp", None)).verdict == "deny"   # smallest
+
+
+def test_suggest_with_base_keeps_its_denies_and_reports_what_they_still_refuse():
+    base = load_policy_text("version: 1\nname: b\ndefault: deny\nallow: ['127.0.0.1:8080']\n"
+                            "deny: [{cidr: 127.0.0.9/32, reason: circular}]\n", "b")
+    doc, problems = suggest(RECORDS, base)
+    assert doc["name"] == "b" and any("127.0.0.9" in str(d) for d in doc["deny"])
+    assert problems == ["127.0.0.9:5432/tcp is still denied by rule 127.0.0.9/32"]
+
+
+def test_report_aggregates_and_summarises():
+    recs = [rec("blocked", "connect", "127.0.0.2", 443, count=2), rec("blocked", "connect", "127.0.0.2", 443, count=3),
+            rec("allowed", "connect", "127.0.0.1", 80)]
+    agg = report.aggregate(recs)
+    assert [(r["verdict"], r["count"]) for r in agg] == [("blocked", 5), ("allowed", 1)]
+    s = report.summarize(recs, dropped=7)
+    assert (s["blocked"], s["allowed"], s["would_block"], s["events_dropped"]) == (5, 1, 0, 7)
+    table = report.format_table(recs, s)
+    assert table.startswith("WARNING: 7 events were dropped") and "BLOCKED (5 attempts)" in table
+
+
+def test_report_file_roundtrip_merges_and_keeps_one_summary(tmp_path):
+    path = tmp_path / "r.jsonl"
+    report.write([rec("blocked", "connect", "127.0.0.2", 443)], path, dropped=1)
+    report.write([rec("blocked", "connect", "127.0.0.2", 443)], path, dropped=2)
+    assert [r["count"] for r in report.load(path)] == [2]
+    assert report.load_summary(path)["events_dropped"] == 3
+    assert sum(1 for line in path.read_text().splitlines() if '"summary"' in line) == 1
