@@ -119,9 +119,13 @@ def remove(path: Path, timeout: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def locked(lock_path: Path):
-    """An exclusive flock held for the duration of the block (serialises parallel callers)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """An exclusive flock held for the duration of the block (serialises parallel callers).
+    lock_path may be a directory (e.g. on bpffs, where no regular file can be created)."""
+    if lock_path.is_dir():
+        fd = os.open(lock_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

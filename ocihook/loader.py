@@ -164,7 +164,13 @@ def _compile_and_pin(target: Path, log=None) -> None:
                 bpfsys.obj_pin(fn.fd, str(tmp / f"prog_{name}"))
             for name in (*MAPS, *RINGBUFS):
                 bpfsys.obj_pin(b[name.encode()].map_fd, str(tmp / f"map_{name}"))
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except OSError as e:  # someone pinned this version meanwhile (another bpffs user)
+                if e.errno not in (17, 39) or not is_pinned(target):
+                    raise
+                import shutil  # noqa: PLC0415
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             import shutil  # noqa: PLC0415
             shutil.rmtree(tmp, ignore_errors=True)
@@ -184,8 +190,8 @@ def ensure_programs(log=None) -> Path:
     target = pin_dir()
     if is_pinned(target):
         return target
-    ensure_bpffs()
-    with cgroup.locked(settings.lock_file()):
+    root = ensure_bpffs()
+    with cgroup.locked(root):  # the pins are shared by every state dir: lock where they live
         if is_pinned(target):
             return target
         if target.exists():  # a partial directory (e.g. pins removed by hand): rebuild

@@ -24,6 +24,3 @@ def state_dir() -> Path:
 def bpffs_root() -> Path:
     return _path("SAFEDEPLOY_BPFFS", "/sys/fs/bpf/safedeploy")
 
-
-def lock_file() -> Path:
-    return state_dir() / ".lock"
