@@ -15,7 +15,6 @@
 #define SD_ETH_P_IP 0x0800
 #define SD_ETH_P_IPV6 0x86DD
 #define SD_DNS_PORT 53
-#define SD_MAX_ANSWERS 16
 #define SD_MAX_LABELS_SKIP 32
 
 #define SD_SKB_ANCESTOR(level) bpf_skb_ancestor_cgroup_id(skb, level)
@@ -71,66 +70,12 @@ static __always_inline int sd_dns_locate(struct __sk_buff *skb, int to_dns, stru
     return 1;
 }
 
-/* Parse the question name at off into s->q: lower-cased dotted text, the hash of every
- * label-aligned suffix (shortest first, the full name last) and, on the way, the query
- * verdict (the longest matching base wins: s->found, s->qv_*). *full gets the full name's
- * hash. Returns the name's wire length, or 0 when it cannot be parsed (compression in the
- * question, bad or over-long labels, a dot inside a label, truncation). */
-static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s,
-                                            __u64 *full)
+/* Hash every label-aligned suffix of the dotted name in s->q.name[0..len) (shortest first,
+ * the full name last, into s->q.hashes) and look each up: the longest matching base gives
+ * the query verdict (s->found, s->qv_*). Returns the full name's hash. */
+static __always_inline __u64 sd_hash_name(__u64 cgid, struct sd_scratch *s, __u32 len)
 {
-    __u32 avail = skb->len > off ? skb->len - off : 0;
-    if (avail == 0)
-        return 0;
-    __u32 n = avail > SD_NAME_BUF ? SD_NAME_BUF : avail;
-    n -= 1;
-    asm volatile("%0 &= 0xff" : "+r"(n));
-    n += 1;
-    if (bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
-        return 0;
-
-    s->pos = 0;
-    s->out = 0;
-    s->rem = 0;
-    s->done = 0;
     s->found = 0;
-    for (int i = 0; i < SD_NAME_BUF; i++) {
-        __u32 pos = s->pos;
-        if (pos >= n)
-            break;
-        __u8 c = s->wire[pos & 0xff];
-        s->pos = pos + 1;
-        __u32 rem = s->rem;
-        __u32 out = s->out;
-        if (out >= SD_NAME_MAX)
-            break;
-        if (rem == 0) {
-            if (c == 0) {
-                s->done = 1;
-                break;
-            }
-            if (c > 63)
-                break; /* a compression pointer or a bad length */
-            s->rem = c;
-            if (out) {
-                s->q.name[out & 0xff] = '.';
-                s->out = out + 1;
-            }
-        } else {
-            if (c == '.')
-                break; /* a dot inside a label would fake a label boundary */
-            if (c >= 'A' && c <= 'Z')
-                c += 'a' - 'A';
-            s->q.name[out & 0xff] = c;
-            s->out = out + 1;
-            s->rem = rem - 1;
-        }
-    }
-    __u32 len = s->out;
-    if (!s->done || len == 0 || len > SD_NAME_MAX)
-        return 0;
-    s->q.len = len;
-
     s->h = SD_FNV_OFFSET;
     s->k = 0;
     for (int j = 0; j < SD_NAME_BUF; j++) {
@@ -154,7 +99,6 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
         s->h = (h ^ c) * SD_FNV_PRIME;
     }
     __u64 h = s->h;
-    *full = h;
     struct sd_name_val *v = sd_name_lookup(cgid, h, SD_NAME_EXACT, 0, 0);
     if (v) {
         s->qv_rule = v->rule;
@@ -168,7 +112,118 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
     } else {
         s->q.nhash = 0; /* too many labels to judge its addresses by name */
     }
+    return h;
+}
+
+/* One byte of a name in wire format into the dotted text in s->q.name. Returns 1 when
+ * the name ended, -1 when it is malformed, 0 to go on. */
+static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
+{
+    __u32 rem = s->rem;
+    __u32 out = s->out;
+    if (out >= SD_NAME_MAX)
+        return -1;
+    if (rem == 0) {
+        if (c == 0)
+            return 1;
+        if (c > 63)
+            return -1; /* a bad length (compression is handled by the caller) */
+        s->rem = c;
+        if (out) {
+            s->q.name[out & 0xff] = '.';
+            s->out = out + 1;
+        }
+        return 0;
+    }
+    if (c == '.')
+        return -1; /* a dot inside a label would fake a label boundary */
+    if (c >= 'A' && c <= 'Z')
+        c += 'a' - 'A';
+    s->q.name[out & 0xff] = c;
+    s->out = out + 1;
+    s->rem = rem - 1;
+    return 0;
+}
+
+/* Parse the question name at off (no compression allowed there) into s->q and judge it.
+ * Returns the name's wire length, or 0 when it cannot be parsed (compression in the
+ * question, bad or over-long labels, a dot inside a label, truncation). */
+static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s,
+                                            __u64 *full)
+{
+    __u32 avail = skb->len > off ? skb->len - off : 0;
+    if (avail == 0)
+        return 0;
+    __u32 n = avail > SD_NAME_BUF ? SD_NAME_BUF : avail;
+    n -= 1;
+    asm volatile("%0 &= 0xff" : "+r"(n));
+    n += 1;
+    if (bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
+        return 0;
+    s->pos = 0;
+    s->out = 0;
+    s->rem = 0;
+    s->done = 0;
+    for (int i = 0; i < SD_NAME_BUF; i++) {
+        __u32 pos = s->pos;
+        if (pos >= n)
+            break;
+        int r = sd_name_byte(s, s->wire[pos & 0xff]);
+        s->pos = pos + 1;
+        if (r) {
+            s->done = r > 0;
+            break;
+        }
+    }
+    __u32 len = s->out;
+    if (!s->done || len == 0 || len > SD_NAME_MAX)
+        return 0;
+    s->q.len = len;
+    *full = sd_hash_name(cgid, s, len);
     return s->pos;
+}
+
+/* Parse a possibly compressed name at off (an answer's owner name) into s->q and judge
+ * it. Pointers must point backwards (no loops) and at most 16 are followed. Returns 1
+ * when parsed. */
+#define SD_MAX_JUMPS 16
+static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off, __u32 off, __u64 cgid,
+                                            struct sd_scratch *s)
+{
+    s->pos = off;
+    s->out = 0;
+    s->rem = 0;
+    s->done = 0;
+    s->skipped = 0; /* pointers followed */
+    for (int i = 0; i < SD_NAME_BUF + SD_MAX_JUMPS; i++) {
+        __u32 pos = s->pos;
+        __u8 c[2];
+        if (bpf_skb_load_bytes(skb, pos, c, 1) < 0)
+            break;
+        if (s->rem == 0 && (c[0] & 0xc0) == 0xc0) {
+            if (bpf_skb_load_bytes(skb, pos + 1, &c[1], 1) < 0)
+                break;
+            __u32 target = dns_off + (((__u32)(c[0] & 0x3f) << 8) | c[1]);
+            __u32 jumps = s->skipped;
+            if (target >= pos || jumps >= SD_MAX_JUMPS)
+                break;
+            s->skipped = jumps + 1;
+            s->pos = target;
+            continue;
+        }
+        int r = sd_name_byte(s, c[0]);
+        s->pos = pos + 1;
+        if (r) {
+            s->done = r > 0;
+            break;
+        }
+    }
+    __u32 len = s->out;
+    if (!s->done || len == 0 || len > SD_NAME_MAX)
+        return 0;
+    s->q.len = len;
+    sd_hash_name(cgid, s, len);
+    return 1;
 }
 
 static __always_inline void sd_remember_name(__u64 cgid, struct sd_scratch *s, __u32 name_id)
@@ -179,8 +234,42 @@ static __always_inline void sd_remember_name(__u64 cgid, struct sd_scratch *s, _
     qnames.update(&qk, &s->q);
 }
 
+/* A packet of a raw socket: it bypassed connect/sendmsg, so drop it unless the policy
+ * allows raw sockets (sd_sock_create refuses most of them at creation already). */
+static __always_inline int sd_raw_egress(struct __sk_buff *skb)
+{
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
+    if (!pol || pol->allow_raw)
+        return 1;
+    struct sd_dest d = {};
+    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+        __u8 hdr[20];
+        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
+            return 0;
+        d.addr[2] = bpf_htonl(0xffff);
+        __builtin_memcpy(&d.addr[3], &hdr[16], 4);
+        d.proto = hdr[9];
+        d.family = 4;
+    } else {
+        __u8 hdr[40];
+        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
+            return 0;
+        __builtin_memcpy(d.addr, &hdr[24], 16);
+        d.proto = hdr[6];
+        d.family = 6;
+    }
+    return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
+}
+
 int sd_dns_egress(struct __sk_buff *skb)
 {
+    struct bpf_sock *sk = skb->sk;
+    if (sk) {
+        sk = bpf_sk_fullsock(sk);
+        if (sk && sk->type == SD_SOCK_RAW)
+            return sd_raw_egress(skb);
+    }
     struct sd_dest d = {};
     __u32 off = 0;
     if (!sd_dns_locate(skb, 1, &d, &off))
@@ -223,7 +312,7 @@ int sd_dns_egress(struct __sk_buff *skb)
     return sd_verdict_return(cgid, pol, &d, verdict, rule, SD_KIND_DNS, name_id);
 }
 
-static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u32 ttl)
+static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
 {
     struct sd_addr_key k = {};
     k.cgid = cgid;
@@ -240,6 +329,7 @@ static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u
     v.expires_ns = now + (__u64)ttl * 1000000000ULL;
     v.name_id = name_id;
     v.verdict = verdict;
+    v.rule = rule;
     learned.update(&k, &v);
 }
 
@@ -270,15 +360,21 @@ int sd_dns_ingress(struct __sk_buff *skb)
     __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
     if (!wire_len || !s->q.nhash)
         return 1; /* not judged by name: its addresses are not learned */
-    __u8 verdict = s->found ? s->qv_verdict : pol->dflt;
+    __u8 qverdict = s->found ? s->qv_verdict : pol->dflt;
+    __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
     __u32 name_id = (__u32)full;
     sd_remember_name(cgid, s, name_id);
+    __u32 question = off + 12;
 
     s->aoff = off + 12 + wire_len + 4;
+    s->naddr = 0;
+    s->owner = 0;
+    s->mixed = 0;
     for (int a = 0; a < SD_MAX_ANSWERS; a++) {
         if (a >= ancount)
             break;
         s->skipped = 0;
+        __u32 owner = s->aoff;
         for (int l = 0; l < SD_MAX_LABELS_SKIP; l++) { /* the owner name */
             __u8 b;
             __u32 at = s->aoff;
@@ -306,18 +402,54 @@ int sd_dns_ingress(struct __sk_buff *skb)
         __u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
         __u16 rdlen = (rr[8] << 8) | rr[9];
         aoff += 10;
-        __u32 addr[4] = {};
-        if (type == 1 && rdlen == 4) {
-            addr[2] = bpf_htonl(0xffff);
-            if (bpf_skb_load_bytes(skb, aoff, &addr[3], 4) < 0)
-                return 1;
-            sd_learn(cgid, addr, name_id, verdict, ttl);
-        } else if (type == 28 && rdlen == 16) {
-            if (bpf_skb_load_bytes(skb, aoff, addr, 16) < 0)
-                return 1;
-            sd_learn(cgid, addr, name_id, verdict, ttl);
+        __u32 n = s->naddr;
+        int got = 0;
+        if (n < SD_MAX_ANSWERS && type == 1 && rdlen == 4) {
+            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[0] = 0;
+            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[1] = 0;
+            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[2] = bpf_htonl(0xffff);
+            got = bpf_skb_load_bytes(skb, aoff, &s->addrs[n & (SD_MAX_ANSWERS - 1)].a[3], 4) == 0;
+        } else if (n < SD_MAX_ANSWERS && type == 28 && rdlen == 16) {
+            got = bpf_skb_load_bytes(skb, aoff, s->addrs[n & (SD_MAX_ANSWERS - 1)].a, 16) == 0;
+        }
+        if (got) {
+            s->addrs[n & (SD_MAX_ANSWERS - 1)].ttl = ttl;
+            s->naddr = n + 1;
+            /* whose address is it: the question's, or the end of a CNAME chain's? */
+            __u8 ptr[2] = {};
+            bpf_skb_load_bytes(skb, owner, ptr, 2);
+            __u16 p = ((__u16)ptr[0] << 8) | ptr[1];
+            if (owner != question && p != (0xc000 | 12)) {
+                if (!s->owner) {
+                    s->owner = owner;
+                    s->owner_ptr = p;
+                } else if (s->owner_ptr != p) {
+                    s->mixed = 1;
+                }
+            }
         }
         s->aoff = aoff + rdlen;
+    }
+    if (s->mixed)
+        return 1; /* addresses of several other owners: learn none of them */
+    /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
+    __u8 verdict = qverdict;
+    __u16 rule = qrule;
+    __u32 chain_end = s->owner;
+    if (chain_end) {
+        if (!sd_parse_name_at(skb, off, chain_end, cgid, s)) {
+            verdict = SD_DENY; /* an owner we cannot read is not trusted */
+            rule = SD_RULE_MALFORMED;
+        } else if (s->found && s->qv_verdict == SD_DENY) {
+            verdict = SD_DENY;
+            rule = s->qv_rule;
+        }
+    }
+    for (int i = 0; i < SD_MAX_ANSWERS; i++) {
+        if (i >= s->naddr)
+            break;
+        sd_learn(cgid, s->addrs[i & (SD_MAX_ANSWERS - 1)].a, name_id, verdict, rule,
+                 s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
     }
     return 1;
 }

@@ -22,6 +22,7 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_RULE_DEFAULT 0xffff   /* event/verdict came from the policy default */
 #define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
 #define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
+#define SD_RULE_RAW 0xfffc       /* raw_sockets: deny */
 
 #define SD_ALLOW 0
 #define SD_DENY 1
@@ -36,6 +37,8 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_KIND_CONNECT 1
 #define SD_KIND_SENDMSG 2
 #define SD_KIND_DNS 3
+#define SD_KIND_SOCKET 4    /* a raw socket: its creation or its packets */
+#define SD_SOCK_RAW 3
 
 #define SD_STAT_EVENTS_DROPPED 0
 #define SD_STAT_DECISIONS 1
@@ -50,6 +53,8 @@ struct sd_cgroup {
     __u8 dflt;          /* SD_ALLOW | SD_DENY: verdict when no rule applies */
     __u8 has_resolvers; /* 1: port-53 traffic only to the resolvers map */
     __u8 name_denies;   /* 1: the policy denies some name (unparseable queries are dropped) */
+    __u8 allow_raw;     /* 1: raw IP sockets are allowed (they bypass connect/sendmsg rules) */
+    __u8 pad[3];
     __u32 generation;   /* userspace's instance number, for stale-entry checks */
 };
 
@@ -144,11 +149,19 @@ struct sd_qname {
 struct sd_learned {
     __u64 expires_ns;   /* CLOCK_BOOTTIME */
     __u32 name_id;
-    __u8 verdict;       /* the query verdict of that name: a deny is never overwritten */
-    __u8 pad[3];
+    __u8 verdict;       /* deny when the queried name or a name in its CNAME chain is denied;
+                         * a deny is never overwritten before it expires */
+    __u8 pad;
+    __u16 rule;         /* the rule behind a deny */
 };
 #define SD_TTL_MIN_S 2
 #define SD_TTL_MAX_S 86400
+
+#define SD_MAX_ANSWERS 16   /* answer records examined per DNS response */
+struct sd_answer {
+    __u32 a[4];
+    __u32 ttl;
+};
 
 /* per-CPU scratch: buffers too big for the 512-byte stack, and the state of the parsing
  * loops. The loop state is volatile memory on purpose: the verifier then sees unknown
@@ -157,6 +170,7 @@ struct sd_learned {
 struct sd_scratch {
     __u8 wire[SD_NAME_BUF];
     struct sd_qname q;
+    struct sd_answer addrs[SD_MAX_ANSWERS];
     volatile __u64 h;
     volatile __u32 pos;
     volatile __u32 out;
@@ -165,7 +179,11 @@ struct sd_scratch {
     volatile __u32 done;
     volatile __u32 found;
     volatile __u32 aoff;
+    volatile __u32 owner;       /* offset of the owner name of the answer's addresses, if not the question */
+    volatile __u32 naddr;
+    volatile __u32 mixed;
     volatile __u32 skipped;
+    volatile __u16 owner_ptr;
     volatile __u16 qv_rule;
     volatile __u8 qv_verdict;
     __u8 pad;
@@ -404,6 +422,12 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
     if (l) {
         if (l->expires_ns < bpf_ktime_get_boot_ns()) {
             learned.delete(&lk);
+        } else if (l->verdict == SD_DENY) {
+            /* learned from an answer that involved a denied name (e.g. through a CNAME) */
+            *name_id = l->name_id;
+            nv.rule = l->rule;
+            nv.verdict = SD_DENY;
+            have_name = 1;
         } else {
             struct sd_qname_key qk = {};
             qk.cgid = cgid;

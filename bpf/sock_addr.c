@@ -1,5 +1,6 @@
-/* safedeploy: cgroup sock_addr programs — connect(2) for TCP/UDP and unconnected UDP
- * sendmsg(2), IPv4 and IPv6. Returning 0 makes the syscall fail with EPERM at once. */
+/* safedeploy: cgroup socket programs — connect(2) for TCP/UDP and unconnected UDP
+ * sendmsg(2), IPv4 and IPv6 (sock_addr), and socket(2) for raw sockets (sock_create).
+ * Returning 0 makes the syscall fail with EPERM at once. */
 #include "safedeploy.h"
 
 static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_dest *d, __u8 kind)
@@ -35,6 +36,22 @@ static __always_inline int sd_v6(struct bpf_sock_addr *ctx, __u8 kind)
     /* ::ffff:a.b.c.d is judged as the IPv4 address it is */
     d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
     return sd_sock_addr(ctx, &d, kind);
+}
+
+/* Raw IP sockets write their own headers past every connect/sendmsg rule: refused at
+ * creation unless the policy allows them (the egress program drops their packets too). */
+int sd_sock_create(struct bpf_sock *sk)
+{
+    if (sk->type != SD_SOCK_RAW)
+        return 1;
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    if (!pol || pol->allow_raw)
+        return 1;
+    struct sd_dest d = {};
+    d.family = sk->family == 10 /* AF_INET6 */ ? 6 : 4;
+    d.proto = sk->protocol;
+    return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
 }
 
 int sd_connect4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_CONNECT); }

@@ -42,6 +42,8 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
         return "default", None
     if index == C["SD_RULE_RESOLVERS"]:
         return "dns.resolvers", None
+    if index == C["SD_RULE_RAW"]:
+        return "raw_sockets", "raw sockets bypass connect rules (policy raw_sockets: deny)"
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
     if 0 <= index < len(compiled["rules"]):

@@ -24,7 +24,7 @@ from . import cgroup, settings
 ANNOTATION = "safedeploy.policy"
 MODE_ANNOTATION = "safedeploy.mode"
 MAX_STATE_BYTES = 4 << 20
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # bump when compile_policy's output changes
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,255}")
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 STAGES = {"prestart": "start", "createRuntime": "start", "create": "start", "poststop": "stop"}

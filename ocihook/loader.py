@@ -20,6 +20,7 @@ from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
+PROG_CGROUP_SOCK = 9
 PROG_CGROUP_SOCK_ADDR = 18
 
 # (function in bpf/*.c, program type, attach type)
@@ -30,6 +31,7 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_sendmsg6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG),
     ("sd_dns_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
     ("sd_dns_ingress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
+    ("sd_sock_create", PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE),
 )
 SOURCES = ("sock_addr.c", "dns_skb.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")

@@ -39,14 +39,16 @@ def _read_constants(header: Path) -> dict[str, int]:
 C = _read_constants(HEADER)
 IPPROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
-KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns"}
+KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
+             C["SD_KIND_SOCKET"]: "socket"}
 VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
                 C["SD_EV_WOULD_BLOCK"]: "would-block"}
 
 
 class SdCgroup(ctypes.Structure):
     _fields_ = [("mode", ctypes.c_uint8), ("dflt", ctypes.c_uint8), ("has_resolvers", ctypes.c_uint8),
-                ("name_denies", ctypes.c_uint8), ("generation", ctypes.c_uint32)]
+                ("name_denies", ctypes.c_uint8), ("allow_raw", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
+                ("generation", ctypes.c_uint32)]
 
 
 class CidrKey(ctypes.Structure):
@@ -94,7 +96,7 @@ class Qname(ctypes.Structure):
 
 class Learned(ctypes.Structure):
     _fields_ = [("expires_ns", ctypes.c_uint64), ("name_id", ctypes.c_uint32), ("verdict", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 3)]
+                ("pad", ctypes.c_uint8), ("rule", ctypes.c_uint16)]
 
 
 class LiveEvent(ctypes.Structure):
@@ -152,6 +154,7 @@ def compile_policy(policy: "Policy") -> dict:
         "names": [[bytes(k).hex(), bytes(v).hex()] for k, v in name_entries(policy, 0)],
         "resolvers": [a.packed.hex() for a in policy.resolvers or ()],
         "name_denies": any(r.kind == "name" and r.verdict == "deny" for r in policy.rules),
+        "allow_raw": policy.raw_sockets == "allow",
     }
 
 
@@ -192,6 +195,7 @@ def cgroup_entry(compiled: dict, generation: int) -> SdCgroup:
                     dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
                     has_resolvers=1 if compiled["has_resolvers"] else 0,
                     name_denies=1 if compiled.get("name_denies") else 0,
+                    allow_raw=1 if compiled.get("allow_raw") else 0,
                     generation=generation & 0xFFFFFFFF)
 
 

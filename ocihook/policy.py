@@ -119,6 +119,7 @@ class Policy:
     resolvers: tuple[ipaddress.IPv6Address, ...] | None
     source: str
     digest: str
+    raw_sockets: str = "deny"
 
     def to_json(self) -> str:
         """The canonical normalised document; ``digest`` is the sha256 of it."""
@@ -130,6 +131,8 @@ class Policy:
             "allow": [_rule_document(r) for r in self.rules if r.verdict == "allow"],
             "deny": [_rule_document(r) for r in self.rules if r.verdict == "deny"],
         }
+        if self.raw_sockets != "deny":
+            document["raw_sockets"] = self.raw_sockets
         if self.resolvers is not None:
             document["dns"] = {"resolvers": [display_ip(a) for a in self.resolvers]}
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
@@ -187,7 +190,8 @@ def load_policy_trusted(json_text: str, source: str) -> Policy:
         document = json.loads(json_text)
         if not (
             isinstance(document, dict)
-            and _NORMALISED_KEYS <= document.keys() <= _NORMALISED_KEYS | {"dns"}
+            and _NORMALISED_KEYS <= document.keys() <= _NORMALISED_KEYS | {"dns", "raw_sockets"}
+            and document.get("raw_sockets", "deny") in ("deny", "allow")
             and document["version"] == 1
             and document["mode"] in ("enforce", "audit")
             and document["default"] in ("deny", "allow")
@@ -440,6 +444,7 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
         name=name,
         mode=document.get("mode", "enforce"),
         default=document.get("default", "deny"),
+        raw_sockets=document.get("raw_sockets", "deny"),
         rules=tuple(rules),
         resolvers=resolvers,
         source=source,

@@ -9,7 +9,7 @@ import pytest
 from dnsutil import Server, Zone, getaddrinfo_in, query, send_raw
 from kutil import connect
 
-SERVER = "127.0.0.153"
+SERVER = "127.0.0.157"
 
 ZONE = {
     "api.github.com": [("A", "127.0.0.70", 60)],
@@ -155,7 +155,7 @@ def test_port_narrowed_name_rule_applies_to_connects_of_its_learned_ips(policed,
 
 
 def test_query_to_unlisted_resolver_is_denied(policed, dns):
-    p = policed(POLICY.replace("allow:\n", "allow:\n  - '127.0.0.0/8'\n", 1) + "dns:\n  resolvers: ['127.0.0.153']\n")
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '127.0.0.0/8'\n", 1) + "dns:\n  resolvers: ['127.0.0.157']\n")
     assert p.run(query, "pkgs.internal", SERVER)[0] == "ok"
     assert p.run(send_raw, b"\x00" * 12, "127.0.0.154") == "EPERM"
     rec = _recs(p, verdict="blocked", dst_ip="127.0.0.154")

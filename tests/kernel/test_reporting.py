@@ -34,7 +34,7 @@ def test_watch_shows_a_blocked_event_as_it_happens(policed):
 
 @pytest.fixture
 def dns_server():
-    srv = Server(Zone({"mirror.deploy.test": [("A", "127.0.0.81", 60)]}), "127.0.0.153")
+    srv = Server(Zone({"mirror.deploy.test": [("A", "127.0.0.81", 60)]}), "127.0.0.156")
     yield srv
     srv.stop()
 
@@ -43,7 +43,7 @@ SCRIPT = r"""
 import socket, sys
 sys.path.insert(0, %(tests)r)
 from dnsutil import query
-status, ips = query("mirror.deploy.test", "127.0.0.153")
+status, ips = query("mirror.deploy.test", "127.0.0.156")
 assert status == "ok", status
 socket.create_connection((ips[0], %(port)d), timeout=2).close()
 socket.create_connection(("127.0.0.1", %(port2)d), timeout=2).close()
