@@ -1,10 +1,10 @@
 """Benchmark: what a policy costs connect(): safedeploy vs an unpoliced cgroup vs iptables.
 
-A forked client moves itself into a cgroup, then for SAMPLE_S seconds opens a TCP socket,
-connects to a listener on 127.0.0.1 and closes it (SO_LINGER 0: the close sends a RST, so
-no TIME_WAIT piles up and the ephemeral port range never fills). An unpoliced process
-(the parent's, in the root cgroup) accepts and closes. The variants, all in cgroups
-``<cgroup2>/safedeploy/sdbench-<pid>-*``:
+Per variant, a long-lived client process (a Worker) moves itself into the variant's cgroup.
+A *turn* is TURN_S seconds of: open a TCP socket, connect to a listener on 127.0.0.1, close
+(SO_LINGER 0: the close sends a RST, so no TIME_WAIT piles up and the ephemeral port range
+never fills). A process in the parent's, unpoliced, cgroup accepts and closes. The
+variants, all in cgroups ``<cgroup2>/safedeploy/sdbench-<pid>-*``:
 
   unpoliced   a cgroup with nothing attached (the baseline)
   safedeploy  a cgroup under a policy of 1, 100 and 10 000 CIDR rules: default allow,
@@ -12,22 +12,24 @@ no TIME_WAIT piles up and the ephemeral port range never fills). An unpoliced pr
               allowed by the default); all 6 programs attached (session.apply)
   iptables    the peer: an unpoliced cgroup, and in OUTPUT ``-m cgroup --path <cgroup>
               -j SDB<pid>_<n>``, a chain of the same CIDRs as ``-d <cidr> -j REJECT``
-              rules. The jump is inserted only around that variant's samples.
+              rules. The jump is inserted only around that variant's turns.
 
-Rounds: every variant once per round, the order rotating from round to round; 1 warm-up
-round (not counted), then ROUNDS measured ones. Ratios are per round (variant / unpoliced
-of the same round), then the median. Before measuring, each variant proves it is what it
-claims: 127.0.0.1 connects, 127.0.0.2 (a listener is there) gets EPERM under safedeploy,
-ECONNREFUSED (REJECT) under iptables and connects when unpoliced. After measuring, the
-connect events the programs recorded must add up to the connects made.
+A round is one turn of every variant, the order rotating from round to round;
+WARMUP_ROUNDS rounds are not counted, then ROUNDS rounds. Ratios are per round (variant /
+unpoliced of the same round), summarised by their median and a bootstrap 95% interval.
+Besides the rate, each turn reports the client's CPU time per connect (its syscalls and
+the loopback packet processing they run inline), which a busy neighbour disturbs less.
 
-A last pass with BPF run-time statistics on (BPF_ENABLE_STATS, only while this script holds
-the fd) attributes the cost to the programs: runs and ns per connect, per program.
+Before measuring, each variant proves it is what it claims: 127.0.0.1 connects, 127.0.0.2
+(a listener is there) gets EPERM under safedeploy, ECONNREFUSED (REJECT) under iptables and
+connects when unpoliced. After measuring, the connect events the programs recorded must
+add up to the connects made. A last pass with BPF run-time statistics on (BPF_ENABLE_STATS,
+only while this script holds the fd) attributes the cost: runs and ns per connect, per program.
 
 Everything BPF runs against a throwaway pin root ``/sys/fs/bpf/sdbench_<pid>`` and state dir,
-removed at the end (also on error or SIGTERM), with the cgroups and iptables chains.
+removed at the end (also on error or SIGTERM), with the cgroups, processes and iptables chains.
 
-This file also holds the helpers throughput.py and dns.py import (Sandbox, run_in,
+This file also holds the helpers throughput.py and dns.py import (Sandbox, Worker, run_in,
 Iptables, bpf_stats, paired statistics).
 
 Usage: .venv/bin/python bench/connect.py     (root; cgroup v2, bpffs, bcc, iptables)
@@ -36,11 +38,11 @@ Progress goes to stderr, the table to stdout, everything to bench/results/connec
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import socket
@@ -59,10 +61,10 @@ from ocihook import bpfsys, cgroup, loader, maps, session  # noqa: E402
 from ocihook.policy import load_policy_text  # noqa: E402
 
 RULE_COUNTS = (1, 100, 10_000)
-ROUNDS = 24  # measured rounds; every variant once per round
-SAMPLE_S = 0.2  # seconds of connect+close per sample (ROUNDS * SAMPLE_S per variant)
-WARMUP_S = 0.1
-STATS_S = 0.5  # per policed variant, BPF run-time statistics on
+ROUNDS = 100  # measured rounds; every variant takes one turn per round
+TURN_S = 0.05  # seconds of connect+close per turn (ROUNDS * TURN_S = 5 s per variant)
+WARMUP_ROUNDS = 3
+STATS_TURNS = 10  # per policed variant, BPF run-time statistics on
 TARGET_RATIO = 0.95  # connect rate under a policy vs unpoliced ("within 5%")
 
 BPFFS = Path("/sys/fs/bpf")
@@ -86,7 +88,11 @@ class Sandbox:
         os.environ["SAFEDEPLOY_STATE_DIR"] = str(self.state)
         self.cgroups: list[tuple[Path, object, dict | None]] = []
         progress(f"pin root {self.root}, state dir {self.state}; compiling the programs (bcc, ~1 s)")
-        self.pins = loader.ensure_programs()
+        try:
+            self.pins = loader.ensure_programs()
+        except BaseException:
+            self.close()
+            raise
         self.pin_version = self.pins.name
 
     def cgroup(self, name: str, policy_text: str | None = None) -> tuple[Path, object, dict | None]:
@@ -183,6 +189,70 @@ def run_in(path: Path, fn, *args):
     if status != "ok":
         raise SystemExit(f"bench: child in {path} failed:\n{value}")
     return value
+
+
+FRAME = struct.Struct("I")
+
+
+class Worker:
+    """A long-lived child in a cgroup: setup(*args) runs once in there (after the move) and
+    returns a function; every turn() runs that function once and returns its result. A
+    failure in the child fails the benchmark loudly, with the child's traceback."""
+
+    def __init__(self, path: Path, setup, *args):
+        cmd_r, self.cmd_w = os.pipe()
+        self.res_r, res_w = os.pipe()
+        self.path = path
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.close(self.cmd_w)
+                os.close(self.res_r)
+                try:
+                    cgroup.move_self(path)
+                    fn, failed = setup(*args), None
+                except BaseException:  # noqa: BLE001 — reported at the first turn
+                    fn, failed = None, traceback.format_exc()
+                while os.read(cmd_r, 1) == b"g":
+                    out = ("error", failed)
+                    if not failed:
+                        try:
+                            out = ("ok", fn())
+                        except BaseException:  # noqa: BLE001
+                            failed = traceback.format_exc()
+                            out = ("error", failed)
+                    data = pickle.dumps(out)
+                    with os.fdopen(os.dup(res_w), "wb") as f:
+                        f.write(FRAME.pack(len(data)) + data)
+            finally:
+                os._exit(0)
+        os.close(cmd_r)
+        os.close(res_w)
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            part = os.read(self.res_r, n - len(data))
+            if not part:
+                raise SystemExit(f"bench: the worker in {self.path} died")
+            data += part
+        return data
+
+    def turn(self):
+        os.write(self.cmd_w, b"g")
+        status, value = pickle.loads(self._read(FRAME.unpack(self._read(FRAME.size))[0]))
+        if status != "ok":
+            raise SystemExit(f"bench: the worker in {self.path} failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.cmd_w, b"q")
+        for fd in (self.cmd_w, self.res_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        stop_server(self.pid)
 
 
 def start_server(fn, *args) -> int:
@@ -337,9 +407,17 @@ def rotated(names: list[str], r: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def bootstrap_ci(xs: list[float], stat=median, n: int = 2000, seed: int = 1) -> tuple[float, float]:
+    """95% bootstrap interval of stat(xs), resampling the rounds."""
+    rng = random.Random(seed)
+    est = sorted(stat(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return est[int(0.025 * n)], est[int(0.975 * n) - 1]
+
+
 def paired(samples: dict[str, list[float]], base: str) -> dict[str, dict]:
     """Per variant: median/min/max of its samples, and per-round ratios against base
-    (samples[v][r] / samples[base][r]), summarised by their median and spread."""
+    (samples[v][r] / samples[base][r]), summarised by their median, spread and a 95%
+    bootstrap interval of that median."""
     out = {}
     for v, xs in samples.items():
         ratios = [x / b for x, b in zip(xs, samples[base])]
@@ -347,7 +425,7 @@ def paired(samples: dict[str, list[float]], base: str) -> dict[str, dict]:
                   "p10": percentile(xs, 10), "p90": percentile(xs, 90),
                   "ratios": ratios, "ratio_median": median(ratios),
                   "ratio_p10": percentile(ratios, 10), "ratio_p90": percentile(ratios, 90),
-                  "ratio_of_medians": median(xs) / median(samples[base])}
+                  "ratio_ci95": bootstrap_ci(ratios), "ratio_of_medians": median(xs) / median(samples[base])}
     return out
 
 
@@ -365,29 +443,57 @@ def git_state() -> str:
     return head + (" + uncommitted changes" if dirty else "")
 
 
+def netfilter_state() -> dict:
+    """The nftables tables present and the conntrack entry count: a nat table (podman's
+    netavark makes one) puts conntrack on every loopback packet, for every variant alike."""
+    try:
+        out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        tables = [ln.removeprefix("table ").strip() for ln in out.splitlines() if ln.startswith("table ")]
+    except OSError:
+        tables = []
+    try:
+        conntrack = int(Path("/proc/sys/net/netfilter/nf_conntrack_count").read_text())
+    except (OSError, ValueError):
+        conntrack = None
+    return {"tables": tables, "conntrack_entries": conntrack}
+
+
+def describe_netfilter(before: dict, after: dict) -> str:
+    def one(st: dict) -> str:
+        ct = "conntrack not loaded" if st["conntrack_entries"] is None else \
+            f"conntrack loaded ({st['conntrack_entries']} entries)"
+        return f"tables: {', '.join(st['tables']) or 'none'}; {ct}"
+    return f"netfilter at start: {one(before)}" + ("" if before == after else f" | at end: {one(after)}")
+
+
 # -- the client and the server -----------------------------------------------------------
 
 
-def connect_loop(port: int, seconds: float) -> tuple[int, int, int]:
-    """In the child: connect+close to 127.0.0.1:port for `seconds`; (connects, wall ns,
-    CPU ns of this process: its syscalls and the loopback packet processing they run)."""
+def connect_turns(port: int, seconds: float):
+    """Worker setup: a function doing connect+close to 127.0.0.1:port for `seconds`, which
+    returns (connects, wall ns, CPU ns of this process: its syscalls and the loopback packet
+    processing they run)."""
     addr = (HOST, port)
     new, sol, linger, lv = socket.socket, socket.SOL_SOCKET, socket.SO_LINGER, LINGER0
-    clock = time.perf_counter_ns
-    n = 0
-    c0 = time.thread_time_ns()
-    t0 = clock()
-    end = t0 + int(seconds * 1e9)
-    while True:
-        for _ in range(BATCH):
-            s = new()
-            s.setsockopt(sol, linger, lv)
-            s.connect(addr)
-            s.close()
-        n += BATCH
-        t = clock()
-        if t >= end:
-            return n, t - t0, time.thread_time_ns() - c0
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+    span = int(seconds * 1e9)
+
+    def turn() -> tuple[int, int, int]:
+        n = 0
+        c0 = cpu_clock()
+        t0 = clock()
+        end = t0 + span
+        while True:
+            for _ in range(BATCH):
+                s = new()
+                s.setsockopt(sol, linger, lv)
+                s.connect(addr)
+                s.close()
+            n += BATCH
+            t = clock()
+            if t >= end:
+                return n, t - t0, cpu_clock() - c0
+    return turn
 
 
 def acceptor(lsock: socket.socket) -> None:
@@ -419,6 +525,8 @@ def main() -> int:
     server = start_server(acceptor, lsock)
     sandbox = ipt = None
     variants: dict[str, dict] = {}
+    workers: dict[str, Worker] = {}
+    nf_before = netfilter_state()
     try:
         sandbox = Sandbox("connect")
         ipt = Iptables()
@@ -442,17 +550,20 @@ def main() -> int:
             progress(f"{ipt.error}: the iptables rows are reported as unavailable")
             variants = {k: v for k, v in variants.items() if v["kind"] != "iptables"}
 
-        def in_variant(name: str, fn, *args):
+        @contextlib.contextmanager
+        def entered(name: str):
             v = variants[name]
             if v["kind"] == "iptables":
                 with ipt.active(v["chain"], v["path"]):
-                    return run_in(v["path"], fn, *args)
-            return run_in(v["path"], fn, *args)
+                    yield
+            else:
+                yield
 
         # honesty checks (also leaves the filter table's OUTPUT hook in place for every variant)
         expect = {"unpoliced": "ok", "safedeploy": "EPERM", "iptables": "ECONNREFUSED"}
         for name, v in variants.items():
-            got = in_variant(name, checks, port, dport)
+            with entered(name):
+                got = run_in(v["path"], checks, port, dport)
             attached = sandbox.attached(v["path"])
             want_attached = len(loader.PROGRAMS) if v["kind"] == "safedeploy" else 0
             if got != {"allowed": "ok", "denied": expect[v["kind"]]} or attached != want_attached:
@@ -462,41 +573,46 @@ def main() -> int:
             progress(f"check {name}: {HOST} ok, {DENIED_HOST} {got['denied']}, {attached} programs attached")
 
         names = list(variants)
-        progress(f"warm-up round ({WARMUP_S} s per variant, not counted)")
-        made = {name: 0 for name in names}
         for name in names:
-            made[name] += in_variant(name, connect_loop, port, WARMUP_S)[0]
+            workers[name] = Worker(variants[name]["path"], connect_turns, port, TURN_S)
+        progress(f"{WARMUP_ROUNDS} warm-up rounds, then {ROUNDS} rounds of one {TURN_S} s turn per variant")
+        made = {name: 0 for name in names}
         rates: dict[str, list[float]] = {name: [] for name in names}
         cpu_us: dict[str, list[float]] = {name: [] for name in names}
         counts: dict[str, list[int]] = {name: [] for name in names}
-        for r in range(ROUNDS):
-            order = rotated(names, r)
-            progress(f"round {r + 1}/{ROUNDS}: {SAMPLE_S} s of connect+close per variant, order from {order[0]!r}")
-            for name in order:
-                n, ns, cpu = in_variant(name, connect_loop, port, SAMPLE_S)
-                rates[name].append(n / (ns / 1e9))
-                cpu_us[name].append(cpu / 1e3 / n)
-                counts[name].append(n)
+        for r in range(-WARMUP_ROUNDS, ROUNDS):
+            if r >= 0 and r % 20 == 0:
+                progress(f"round {r + 1}/{ROUNDS}")
+            for name in rotated(names, r):
+                with entered(name):
+                    n, ns, cpu = workers[name].turn()
                 made[name] += n
+                if r >= 0:
+                    rates[name].append(n / (ns / 1e9))
+                    cpu_us[name].append(cpu / 1e3 / n)
+                    counts[name].append(n)
 
-        progress(f"BPF run-time statistics pass: {STATS_S} s per safedeploy variant (stats on, not in the rates)")
+        progress(f"BPF run-time statistics pass: {STATS_TURNS} turns per safedeploy variant (stats on, "
+                 "not in the rates)")
         stats = {}
         with bpf_stats():
             for name in names:
                 if variants[name]["kind"] != "safedeploy":
                     continue
                 before = prog_stats(sandbox.pins)
-                n, ns, _ = in_variant(name, connect_loop, port, STATS_S)
+                n = ns = 0
+                for _ in range(STATS_TURNS):
+                    dn, dns, _ = workers[name].turn()
+                    n, ns = n + dn, ns + dns
                 made[name] += n
                 delta = stats_delta(before, prog_stats(sandbox.pins))
                 stats[name] = {"connects": n, "rate": n / (ns / 1e9), "programs": delta}
-
         # every connect of the measured loops went through the connect4 program
         recorded = {}
-        for name, v in variants.items():
-            if v["kind"] != "safedeploy":
-                continue
-            events = sandbox.release(v["path"])
+
+        def release_and_count(name: str) -> None:
+            workers.pop(name).close()
+            events = sandbox.release(variants[name]["path"])
             allowed = sum(val.count for key, val in events
                           if key.kind == maps.C["SD_KIND_CONNECT"] and key.verdict == maps.C["SD_EV_ALLOWED"]
                           and bytes(key.addr) == bytes(10) + b"\xff\xff" + socket.inet_aton(HOST))
@@ -505,7 +621,31 @@ def main() -> int:
             if allowed != want:
                 raise SystemExit(f"bench/connect.py: {name}: {allowed} allowed connect events, {want} connects made")
             progress(f"{name}: {allowed:,} connects made, {allowed:,} judged and recorded by the programs")
+
+        sd_names = [name for name in names if variants[name]["kind"] == "safedeploy"]
+        for name in sd_names[1:]:
+            release_and_count(name)
+        # the maps are shared: the 1-rule policy's lookups above walked a trie holding every
+        # policy's entries. Once more with the 1-rule policy alone in the maps.
+        alone = f"{sd_names[0]} (alone in the maps)"
+        progress(f"BPF run-time statistics pass: {alone}, {STATS_TURNS} turns")
+        with bpf_stats():
+            before = prog_stats(sandbox.pins)
+            n = ns = 0
+            for _ in range(STATS_TURNS):
+                dn, dns, _ = workers[sd_names[0]].turn()
+                n, ns = n + dn, ns + dns
+            made[sd_names[0]] += n
+            stats[alone] = {"connects": n, "rate": n / (ns / 1e9),
+                            "programs": stats_delta(before, prog_stats(sandbox.pins))}
+        release_and_count(sd_names[0])
+        for worker in workers.values():
+            worker.close()
+        workers.clear()
+        nf_after = netfilter_state()
     finally:
+        for worker in workers.values():
+            worker.close()
         stop_server(server)
         lsock.close()
         dsock.close()
@@ -517,9 +657,11 @@ def main() -> int:
                 sandbox.close()
 
     results = report(variants, rates, cpu_us, counts, stats, recorded, ipt)
+    print(describe_netfilter(nf_before, nf_after))
     path = write_results("connect", {
         "pin_version": sandbox.pin_version, "source": git_state(), "iptables": ipt.version,
-        "iptables_error": ipt.error, "rounds": ROUNDS, "sample_s": SAMPLE_S,
+        "netfilter": {"start": nf_before, "end": nf_after},
+        "iptables_error": ipt.error, "rounds": ROUNDS, "turn_s": TURN_S,
         "variants": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()}
                      for k, v in variants.items()},
         "samples": {"rates_per_s": rates, "client_cpu_us_per_connect": cpu_us, "connects": counts}, "bpf_stats": stats,
@@ -538,16 +680,16 @@ def report(variants: dict, rates: dict, cpu_us: dict, counts: dict, stats: dict,
         s["extra_us_median"] = median([1e6 / x - b for x, b in zip(rates[name], base_us)])
         c = cpu[name]
         rows.append([name, s["n"], f"{sum(counts[name]):,}", f"{s['median']:,.0f}",
-                     f"{s['ratio_median']:.3f}", f"{s['ratio_p10']:.2f}-{s['ratio_p90']:.2f}",
+                     f"{s['ratio_median']:.3f}", "{:.3f}-{:.3f}".format(*s["ratio_ci95"]),
                      f"{s['extra_us_median']:+.2f}", f"{c['median']:.2f}", f"{c['ratio_median']:.3f}",
-                     f"{c['ratio_p10']:.2f}-{c['ratio_p90']:.2f}", variants[name].get("check", "")])
+                     "{:.3f}-{:.3f}".format(*c["ratio_ci95"]), variants[name].get("check", "")])
     if ipt.error:
         for n in RULE_COUNTS:
             rows.append([f"iptables, {rules(n)}", 0, "-", "-", "-", "-", "-", "-", "-", "-", "unavailable"])
-    print_table(["variant (connect+close to 127.0.0.1)", "rounds", "connects", "median/s", "ratio",
-                 "ratio p10-p90", "+us/conn", "cpu us/conn", "cpu ratio", "cpu p10-p90", "check"], rows)
-    print("ratio: median of per-round ratios to the unpoliced sample of the same round (rate; for cpu: "
-          "client CPU time per connect)")
+    print_table(["variant (connect+close to 127.0.0.1)", "turns", "connects", "median/s", "ratio",
+                 "ratio 95% CI", "+us/conn", "cpu us/conn", "cpu ratio", "cpu 95% CI", "check"], rows)
+    print("ratio: median of per-round ratios to the unpoliced turn of the same round (bootstrap CI); "
+          "+us/conn: wall time added per connect; cpu: the client's CPU time per connect")
     if ipt.error:
         print(f"iptables peer: {ipt.error}")
 
@@ -572,11 +714,11 @@ def report(variants: dict, rates: dict, cpu_us: dict, counts: dict, stats: dict,
     for n in RULE_COUNTS:
         sd = f"safedeploy, {rules(n)}"
         ip = f"iptables, {rules(n)}"
-        r = summ[sd]["ratio_median"]
-        v = {"ratio_vs_unpoliced": r, "within_5pct": r >= TARGET_RATIO,
+        r, (lo, hi) = summ[sd]["ratio_median"], summ[sd]["ratio_ci95"]
+        v = {"ratio_vs_unpoliced": r, "ratio_ci95": [lo, hi], "within_5pct": r >= TARGET_RATIO,
              "cpu_ratio_vs_unpoliced": cpu[sd]["ratio_median"],
              "bpf_share_of_unpoliced_connect": stats.get(sd, {}).get("share_of_unpoliced_connect")}
-        line = (f"{sd}: {r:.3f}x the unpoliced rate ({(r - 1) * 100:+.1f}%): "
+        line = (f"{sd}: {r:.3f}x the unpoliced rate ({(r - 1) * 100:+.1f}%, 95% CI {lo:.3f}-{hi:.3f}): "
                 f"{'meets' if r >= TARGET_RATIO else 'MISSES'} the within-5% target")
         if ip in rates:
             per_round = [a / b for a, b in zip(rates[sd], rates[ip])]

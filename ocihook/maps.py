@@ -287,8 +287,13 @@ class PinnedMaps:
                     if e.errno == 7:  # E2BIG: the shared map is full
                         raise bpfsys.BpfError(e.errno, f"policy map {name} is full: cannot load the policy") from None
                     raise
-            bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled, generation),
-                              bpfsys.BPF_NOEXIST)
+            try:
+                bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled, generation),
+                                  bpfsys.BPF_NOEXIST)
+            except bpfsys.BpfError as e:
+                if e.errno == 7:
+                    raise bpfsys.BpfError(e.errno, "policy map cgroups is full: too many policed cgroups") from None
+                raise
         except Exception:
             self.unload_policy(cgid, compiled)
             raise

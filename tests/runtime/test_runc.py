@@ -9,7 +9,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from ocihook import cgroup, report
-from ocihook.maps import PinnedMaps
+from ocihook import bpfsys
+from ocihook.maps import MAPS, PinnedMaps
 from rtutil import make_bundle, runc_run
 
 POLICY = """
@@ -140,3 +141,28 @@ def test_twenty_parallel_containers_each_get_their_own_policy(tmp_path, rootfs, 
         assert blocked == {mine}
     assert not list(hook.state_dir.glob("sdtest-*.json"))
     assert cgroup.cgroup2_mount().is_dir()
+
+
+def test_500_lifecycles_leave_zero_leaks(tmp_path, rootfs, hook):
+    """Start and stop 500 policed containers: no state file, map entry, cgroup or pin stays."""
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    bundle = make_bundle(tmp_path / "b", rootfs, "echo x | nc 127.0.0.2 9 2>/dev/null; true",
+                         annotations={"safedeploy.policy": "rollout"}, hook_path=hook.path, hook_env=hook.env)
+    pins_before = sorted(p.name for p in hook.pins.iterdir())
+    cg_root = cgroup.cgroup2_mount()
+    for i in range(500):
+        res = runc_run(bundle, f"sdleak-{i}")
+        assert res.returncode == 0, (i, res.stderr)
+    assert not list(hook.state_dir.glob("*.json"))
+    assert len(list(hook.log_dir.glob("sdleak-*.jsonl"))) == 500
+    assert all(r["verdict"] == "blocked" for r in report.load(hook.log_dir / "sdleak-499.jsonl"))
+    assert not [p for p in cg_root.rglob("sdleak-*")]
+    from ocihook.install import _live_cgroup_ids
+    live = _live_cgroup_ids()
+    with PinnedMaps.open(hook.pins) as maps:
+        assert all(cg in live for cg in maps.policed_cgroups())
+        for name in ("cidrs", "names", "qnames", "learned", "procs", "events"):
+            assert all(k.cgid in live for k in bpfsys.map_keys(maps.fds[name], MAPS[name][0])), name
+    assert sorted(p.name for p in hook.pins.iterdir()) == pins_before       # shared programs: no per-container pin
+    assert not [p for p in hook.pins.parent.iterdir() if p.name.startswith("tmp_")]
+    assert "sdleak" not in subprocess.run(["runc", "list"], capture_output=True, text=True).stdout
