@@ -235,3 +235,127 @@ def test_kernel_query_verdict_equals_decide_query(policed, seed):
     for rec in p.close():      # and the report names the same deciding rule
         if rec["kind"] == "dns":
             assert rec["rule"] == decide_query(p.policy, rec["domain"]).rule_text, rec
+
+
+def _kernel_view(pkt: bytes):
+    """What the egress program makes of a packet to port 53: 'response', a name, or None
+    (unparseable) — the same rules, written independently."""
+    if len(pkt) < 12:
+        return "short"
+    if pkt[2] & 0x80:
+        return "response"
+    if (pkt[2] >> 3) & 0x0F or pkt[4:6] != b"\x00\x01":
+        return None
+    labels, pos = [], 12
+    while True:
+        if pos >= len(pkt):
+            return None
+        n = pkt[pos]
+        pos += 1
+        if n == 0:
+            break
+        if n > 63 or pos + n > len(pkt):
+            return None
+        label = pkt[pos:pos + n]
+        if b"." in label:
+            return None
+        labels.append(label.lower())
+        pos += n
+        if len(b".".join(labels)) > 253:
+            return None
+    if not labels:
+        return None
+    return b".".join(labels).decode("latin-1")
+
+
+def test_random_packets_to_port_53_get_the_safe_verdict(policed, dns):
+    from ocihook.policy import decide_query
+    rng = random.Random(7)
+    pkts = []
+    for _ in range(300):
+        kind = rng.random()
+        if kind < 0.4:
+            pkts.append(rng.randbytes(rng.randint(12, 300)))
+        elif kind < 0.7:   # a header that asks one question, then garbage labels
+            pkts.append(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + rng.randbytes(rng.randint(0, 270)))
+        else:              # real names with random case, some over-long, some with 0-length labels
+            labels = [bytes(rng.choice(b"aAbB-.0") for _ in range(rng.randint(0, 70))) for _ in range(rng.randint(1, 6))]
+            pkts.append(_qname_packet(labels))
+    p = policed(POLICY.replace("default: deny", "default: allow"))
+    got = p.run(lambda: [send_raw(x, SERVER) for x in pkts])
+    for pkt, g in zip(pkts, got):
+        view = _kernel_view(pkt)
+        if view in ("response", "short"):
+            want = "ok"
+        elif view is None:
+            want = "EPERM"                       # unparseable and the policy denies names: dropped
+        else:
+            try:
+                want = "EPERM" if decide_query(p.policy, view).verdict == "deny" else "ok"
+            except ValueError:                   # a name decide_query refuses (e.g. '*'): judge by suffixes
+                continue
+        assert g == want, (pkt[:40], view, g)
+    assert p.run(query, "pkgs.internal", SERVER) == ("ok", ["127.0.0.72"])   # still working afterwards
+
+
+def _respond(sock, data):
+    sock.sendto(data, ("127.0.0.1", 0))
+
+
+def test_hostile_answers_never_teach_an_address(policed, dns, listener):
+    """Answers with pointer loops, forward pointers or truncation are not learned."""
+    import socket as so
+    import struct
+    import threading
+
+    def answer(qname, owner: bytes, ip: str) -> bytes:
+        q = b"".join(bytes([len(x)]) + x for x in qname.encode().split(b".")) + b"\x00"
+        hdr = b"\xab\xcd\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+        return hdr + q + b"\x00\x01\x00\x01" + owner + struct.pack("!HHIH", 1, 1, 60, 4) + so.inet_aton(ip)
+    lst = listener("127.0.0.91")
+    p = policed(POLICY)
+    client = {}
+    ready = threading.Event()
+
+    def inside():
+        import time as t
+        with so.socket(so.AF_INET, so.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(0.5)
+            client["port"] = s.getsockname()[1]
+            open(f"/tmp/sd-fuzz-port-{os.getpid()}", "w").write(str(client["port"]))
+            t.sleep(1.5)                           # the hostile answers arrive meanwhile
+            for _ in range(20):
+                try:
+                    s.recv(4096)
+                except OSError:
+                    break
+        return [connect("127.0.0.91", lst.port), connect("127.0.0.92", lst.port)]
+    import glob
+    import os
+    for f in glob.glob("/tmp/sd-fuzz-port-*"):
+        os.unlink(f)
+    with so.socket(so.AF_INET, so.SOCK_DGRAM) as srv:
+        srv.bind(("127.0.0.158", 53))
+
+        def blast():
+            import time as t
+            for _ in range(50):
+                found = glob.glob("/tmp/sd-fuzz-port-*")
+                if found:
+                    break
+                t.sleep(0.02)
+            port = int(open(found[0]).read())
+            loop_owner = answer("pkgs.internal", b"", "127.0.0.91")
+            at = len(loop_owner) - 14                      # where the owner name starts
+            loop = loop_owner[:at] + struct.pack("!H", 0xC000 | at) + loop_owner[at:]
+            fwd = loop_owner[:at] + struct.pack("!H", 0xC000 | (at + 40)) + loop_owner[at:]
+            trunc = answer("pkgs.internal", b"\xc0\x0c", "127.0.0.91")[:-2]
+            good = answer("pkgs.internal", b"\xc0\x0c", "127.0.0.92")
+            for pkt in (loop, fwd, trunc, good):
+                srv.sendto(pkt, ("127.0.0.1", port))
+            ready.set()
+        threading.Thread(target=blast, daemon=True).start()
+        res = p.run(inside)
+    assert ready.is_set()
+    assert res == ["EPERM", "refused"]             # only the well-formed answer taught an address

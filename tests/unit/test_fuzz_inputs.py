@@ -1,0 +1,73 @@
+"""Property tests: every input gives a result or a one-line error, never a traceback."""
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ocihook import hook
+from ocihook.maps import name_hash
+from ocihook.policy import PolicyError, load_policy_text, normalize_name
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=20)
+
+
+@FAST
+@given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_oci_state_reader(raw):
+    try:
+        state = hook.read_state(raw)
+    except hook.HookError as e:
+        assert "\n" not in str(e) and str(e)
+    else:
+        assert isinstance(state["id"], str)
+        hook.annotations_of(state)
+        try:
+            hook.stage_of([], state)
+        except hook.HookError as e:
+            assert "\n" not in str(e)
+
+
+@FAST
+@given(st.text(max_size=200) | st.sampled_from(["base64:", "file:", "{", "file:/", "base64:e30="]).flatmap(
+    lambda p: st.text(max_size=40).map(lambda t: p + t)))
+def test_annotation_decoder(value):
+    try:
+        source, raw = hook.policy_source(value)
+    except hook.HookError as e:
+        assert "\n" not in str(e) and str(e).strip()
+        return
+    try:
+        load_policy_text(raw, source)
+    except PolicyError as e:
+        assert "\n" not in str(e)
+
+
+@FAST
+@given(st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
+def test_policy_loader_never_tracebacks(text):
+    try:
+        load_policy_text(text, "fuzz")
+    except PolicyError as e:
+        assert "\n" not in str(e)
+
+
+@FAST
+@given(st.lists(st.text(alphabet="abcXYZ019-_", min_size=1, max_size=10), min_size=1, max_size=6),
+       st.booleans())
+def test_dns_name_encoder_matches_the_kernels_suffix_hashing(labels, trailing_dot):
+    name = ".".join(labels) + ("." if trailing_dot else "")
+    norm = normalize_name(name)
+    assert norm == norm.lower() and not norm.endswith(".")
+    # the kernel hashes the reversed text of every label-aligned suffix: suffix hashes of a
+    # name must be the hashes of the bases a wildcard rule would name
+    parts = norm.split(".")
+    for i in range(len(parts)):
+        assert name_hash(".".join(parts[i:])) == name_hash(normalize_name(".".join(labels[i:])))
+    assert len({name_hash(".".join(parts[i:])) for i in range(len(parts))}) == len(set(
+        ".".join(parts[i:]) for i in range(len(parts))))
