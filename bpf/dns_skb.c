@@ -262,6 +262,29 @@ static __always_inline int sd_raw_egress(struct __sk_buff *skb)
     return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
 }
 
+/* What both DNS programs need first: the DNS message, the policy of the socket's cgroup,
+ * this program's scratch slot and the 12-byte DNS header. NULL: not ours to look at. */
+struct sd_dns_ctx {
+    struct sd_dest d;
+    __u32 off;
+    __u64 cgid;
+    struct sd_cgroup *pol;
+    __u8 hdr[12];
+};
+
+static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, int to_dns, __u32 slot,
+                                                       struct sd_dns_ctx *c)
+{
+    if (!sd_dns_locate(skb, to_dns, &c->d, &c->off))
+        return 0;
+    c->pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &c->cgid);
+    if (!c->pol)
+        return 0;
+    if (bpf_skb_load_bytes(skb, c->off, c->hdr, sizeof(c->hdr)) < 0)
+        return 0;
+    return scratch.lookup(&slot);
+}
+
 int sd_dns_egress(struct __sk_buff *skb)
 {
     struct bpf_sock *sk = skb->sk;
@@ -270,21 +293,14 @@ int sd_dns_egress(struct __sk_buff *skb)
         if (sk && sk->type == SD_SOCK_RAW)
             return sd_raw_egress(skb);
     }
-    struct sd_dest d = {};
-    __u32 off = 0;
-    if (!sd_dns_locate(skb, 1, &d, &off))
-        return 1;
-    __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
-    if (!pol)
-        return 1;
-    __u32 slot = SD_SCRATCH_EGRESS;
-    struct sd_scratch *s = scratch.lookup(&slot);
+    struct sd_dns_ctx c = {};
+    struct sd_scratch *s = sd_dns_begin(skb, 1, SD_SCRATCH_EGRESS, &c);
     if (!s)
         return 1;
-    __u8 hdr[12];
-    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
-        return 1;
+    struct sd_cgroup *pol = c.pol;
+    __u64 cgid = c.cgid;
+    __u32 off = c.off;
+    __u8 *hdr = c.hdr;
     if (hdr[2] & 0x80)
         return 1; /* QR: a response going out (a DNS server in the container) */
     __u8 opcode = (hdr[2] >> 3) & 0x0f;
@@ -309,7 +325,7 @@ int sd_dns_egress(struct __sk_buff *skb)
         name_id = (__u32)full;
         sd_remember_name(cgid, s, name_id); /* the report shows the name */
     }
-    return sd_verdict_return(cgid, pol, &d, verdict, rule, SD_KIND_DNS, name_id);
+    return sd_verdict_return(cgid, pol, &c.d, verdict, rule, SD_KIND_DNS, name_id);
 }
 
 static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
@@ -335,21 +351,14 @@ static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u
 
 int sd_dns_ingress(struct __sk_buff *skb)
 {
-    struct sd_dest d = {};
-    __u32 off = 0;
-    if (!sd_dns_locate(skb, 0, &d, &off))
-        return 1;
-    __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
-    if (!pol)
-        return 1;
-    __u32 slot = SD_SCRATCH_INGRESS;
-    struct sd_scratch *s = scratch.lookup(&slot);
+    struct sd_dns_ctx c = {};
+    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
     if (!s)
         return 1;
-    __u8 hdr[12];
-    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
-        return 1;
+    struct sd_cgroup *pol = c.pol;
+    __u64 cgid = c.cgid;
+    __u32 off = c.off;
+    __u8 *hdr = c.hdr;
     if (!(hdr[2] & 0x80) || (hdr[3] & 0x0f))
         return 1; /* not a response, or an error response */
     if (((hdr[4] << 8) | hdr[5]) != 1)

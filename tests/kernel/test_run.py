@@ -43,7 +43,8 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     pol = tmp_path / "p.yaml"
     pol.write_text(POLICY)
     rep = tmp_path / "r.jsonl"
-    before = set(os.listdir(cgroup.cgroup2_mount() / "safedeploy"))
+    runs = lambda: {d for d in os.listdir(cgroup.cgroup2_mount() / "safedeploy") if d.startswith("run-")}  # noqa: E731
+    before = runs()
     res = safedeploy("run", "--policy", str(pol), "--report", str(rep), "--",
                      sys.executable, "-c", SCRIPT % lst.port)
     assert res.returncode == 7, res.stderr               # CMD's own status
@@ -57,7 +58,7 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     assert blocked[("127.0.0.2", 443)]["reason"] == "circular: auth service"
     assert all(r["policy"] == "run-test" and r["comm"].startswith("python") for r in recs)
     # nothing of the run remains: cgroup, map entries (policy and events), attachments
-    assert set(os.listdir(cgroup.cgroup2_mount() / "safedeploy")) == before
+    assert runs() == before
     from ocihook.install import _live_cgroup_ids
     live = _live_cgroup_ids()
     with PinnedMaps.open(pins) as maps:   # others may police cgroups meanwhile: none may be dead
