@@ -325,7 +325,17 @@ int sd_dns_egress(struct __sk_buff *skb)
         name_id = (__u32)full;
         sd_remember_name(cgid, s, name_id); /* the report shows the name */
     }
-    return sd_verdict_return(cgid, pol, &c.d, verdict, rule, SD_KIND_DNS, name_id);
+    if ((bpf_get_current_pid_tgid() >> 32) == 0) /* a TCP retransmission from kernel context */
+        return verdict == SD_ALLOW || pol->mode == SD_MODE_AUDIT;
+    int ret = sd_verdict_return(cgid, pol, &c.d, verdict, rule, SD_KIND_DNS, name_id);
+    if (ret && name_id) {
+        struct sd_pending_key pk = {};
+        pk.cgid = cgid;
+        __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
+        pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
+        pending.update(&pk, &name_id);
+    }
+    return ret;
 }
 
 static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
@@ -355,7 +365,6 @@ int sd_dns_ingress(struct __sk_buff *skb)
     struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
     if (!s)
         return 1;
-    struct sd_cgroup *pol = c.pol;
     __u64 cgid = c.cgid;
     __u32 off = c.off;
     __u8 *hdr = c.hdr;
@@ -369,9 +378,19 @@ int sd_dns_ingress(struct __sk_buff *skb)
     __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
     if (!wire_len || !s->q.nhash)
         return 1; /* not judged by name: its addresses are not learned */
-    __u8 qverdict = s->found ? s->qv_verdict : pol->dflt;
-    __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
     __u32 name_id = (__u32)full;
+    struct sd_pending_key pk = {};
+    pk.cgid = cgid;
+    __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
+    pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
+    __u32 *asked = pending.lookup(&pk);
+    if (!asked || *asked != name_id)
+        return 1; /* no such question went to that resolver from here: nothing to learn */
+    pending.delete(&pk);
+    /* learned-as-denied only when a rule denies the name (a name that merely falls to the
+     * default is judged at connect by CIDR rules and the default, as decide() does) */
+    __u8 qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
+    __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
     sd_remember_name(cgid, s, name_id);
     __u32 question = off + 12;
 

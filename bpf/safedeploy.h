@@ -44,7 +44,7 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_STAT_DECISIONS 1
 #define SD_STAT_DENIED 2
 #define SD_STAT_DNS_MALFORMED 3
-#define SD_STAT_LIVE_DROPPED 4
+#define SD_STAT_LIVE_UNREAD 4   /* live events not taken because nobody runs `watch` */
 #define SD_NSTATS 5
 
 /* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
@@ -163,6 +163,17 @@ struct sd_answer {
     __u32 ttl;
 };
 
+/* pending: queries let through, by (cgid, resolver address, DNS id). Only an answer that
+ * matches one (same resolver, id and question) teaches addresses: a process cannot widen
+ * its own policy by sending itself forged answers from a port 53 of its own. */
+struct sd_pending_key {
+    __u64 cgid;
+    __u32 addr[4];
+    __u16 txid;
+    __u16 pad;
+    __u32 pad2;
+};
+
 /* per-CPU scratch: buffers too big for the 512-byte stack, and the state of the parsing
  * loops. The loop state is volatile memory on purpose: the verifier then sees unknown
  * scalars at every iteration, so equivalent states are pruned instead of being explored
@@ -211,6 +222,7 @@ BPF_TABLE("lru_hash", struct sd_addr_key, struct sd_learned, learned, 65536);
 #define SD_SCRATCH_EGRESS 0
 #define SD_SCRATCH_INGRESS 1
 BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 2);
+BPF_TABLE("lru_hash", struct sd_pending_key, __u32, pending, 16384);
 
 /* procs: who made a recorded call, captured in the kernel when its first event is
  * recorded (so a report names processes that exited long before poststop): the command
@@ -479,7 +491,7 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
         live_ev.ts_ns = now;
         bpf_get_current_comm(&live_ev.comm, sizeof(live_ev.comm));
         if (live.ringbuf_output(&live_ev, sizeof(live_ev), 0) != 0)
-            sd_stat(SD_STAT_LIVE_DROPPED);
+            sd_stat(SD_STAT_LIVE_UNREAD);
     }
     struct sd_event_val *v = events.lookup(&k);
     if (v) {

@@ -50,6 +50,8 @@ int sd_sock_create(struct bpf_sock *sk)
         return 1;
     struct sd_dest d = {};
     d.family = sk->family == 10 /* AF_INET6 */ ? 6 : 4;
+    if (d.family == 4)
+        d.addr[2] = bpf_htonl(0xffff); /* 0.0.0.0: no destination yet */
     d.proto = sk->protocol;
     return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
 }

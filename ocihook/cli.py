@@ -197,6 +197,12 @@ def report_cmd(
     path = Path(target)
     if not path.exists():
         path = settings.log_dir() / f"{target}.jsonl"
+    if not path.exists():  # a unique prefix of a container id, as `podman ps` shows it
+        found = sorted(settings.log_dir().glob(f"{target}*.jsonl")) if target and "/" not in target else []
+        if len(found) > 1:
+            _err(f"{target!r} matches {len(found)} reports: " + ", ".join(f.stem[:16] for f in found[:5]))
+            raise typer.Exit(1)
+        path = found[0] if found else path
     with _errors():
         records = report.load(path)
         summary = report.load_summary(path)

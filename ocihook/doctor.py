@@ -51,6 +51,28 @@ def _root() -> Check:
     return ("privileges", False, "not root: loading programs and attaching to cgroups needs root", True)
 
 
+def _capabilities() -> Check:
+    caps = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+    need = {"CAP_SYS_ADMIN": 21, "CAP_NET_ADMIN": 12, "CAP_PERFMON": 38, "CAP_BPF": 39}
+    missing = [name for name, bit in need.items() if not caps >> bit & 1]
+    if missing:
+        return ("capabilities", False, f"missing {', '.join(missing)}", True)
+    return ("capabilities", True, ", ".join(need), True)
+
+
+def _hooks_d() -> Check:
+    from .install import DEFAULT_HOOKS_DIR, HOOK_FILES  # noqa: PLC0415
+    missing = [n for n in HOOK_FILES if not (DEFAULT_HOOKS_DIR / n).exists()]
+    if missing:
+        return ("hooks.d", False, f"{', '.join(missing)} not in {DEFAULT_HOOKS_DIR}: run `safedeploy install` "
+                "(podman only reads this directory)", False)
+    return ("hooks.d", True, f"installed in {DEFAULT_HOOKS_DIR}", False)
+
+
 def _kernel() -> Check:
     rel = platform.release()
     ok = Path("/sys/kernel/btf/vmlinux").exists()
@@ -76,5 +98,5 @@ def _programs() -> Check:
 
 
 def run_checks() -> list[Check]:
-    return [_root(), _kernel(), _cgroup2(), _bpffs(), _bcc(), _headers(), _programs(),
-            _tool("runc", False), _tool("podman", False)]
+    return [_root(), _capabilities(), _kernel(), _cgroup2(), _bpffs(), _bcc(), _headers(), _programs(),
+            _tool("runc", False), _tool("podman", False), _hooks_d()]

@@ -46,18 +46,36 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
         return "raw_sockets", "raw sockets bypass connect rules (policy raw_sockets: deny)"
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
-    if 0 <= index < len(compiled["rules"]):
+    if 0 <= index < len(compiled.get("rules", ())):
         text, reason = compiled["rules"][index]
         return text, reason
     return f"rule#{index}", None
 
 
-def to_records(drained: "Drained", compiled: dict, container: str) -> list[dict]:
+# the ancestors chain stops at whoever started the deploy: a runtime, or `safedeploy run`
+RUNTIME_COMMS = frozenset({"conmon", "runc", "crun", "containerd-shim", "containerd-shim-runc-v2", "podman",
+                           "runc:[2:INIT]", "runc:[1:CHILD]", "systemd"})
+
+
+def _deploy_parents(chain: list[dict], stop_pids: frozenset[int]) -> list[str]:
+    out = []
+    for p in chain:
+        if p["pid"] <= 1 or p["pid"] in stop_pids or p["comm"] in RUNTIME_COMMS:
+            break
+        out.append(f"{p['pid']} {p['comm']}")
+    return out
+
+
+def to_records(drained: "Drained", compiled: dict, container: str,
+               stop_pids: frozenset[int] = frozenset()) -> list[dict]:
     """One report record per kernel event; command lines come from what the kernel
-    captured (the process may be long gone), else from /proc while it lives."""
+    captured (the process may be long gone), else from /proc while it lives. `parents`
+    lists the deploy's own ancestors, nearest first, up to the runtime (or stop_pids)."""
     out = []
     for key, val in drained.events:
         rule, reason = rule_of(compiled, key.rule)
+        if rule == "dns.resolvers" and key.verdict != C["SD_EV_ALLOWED"]:
+            reason = "dns.resolvers: not a listed resolver"  # as decide() and explain say
         proc = drained.procs.get(key.pid, {})
         cmd = proc.get("cmdline") or proc_cmdline(key.pid)
         out.append({
@@ -79,6 +97,6 @@ def to_records(drained: "Drained", compiled: dict, container: str) -> list[dict]
             "count": val.count,
             "first_seen": boot_ns_to_rfc3339(val.first_ns),
             "last_seen": boot_ns_to_rfc3339(val.last_ns),
-            "parents": [f"{p['pid']} {p['comm']}" for p in proc.get("parents", ())],
+            "parents": _deploy_parents(proc.get("parents", []), stop_pids),
         })
     return out

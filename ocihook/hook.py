@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cgroup, settings
+from . import cgroup, enable_site_packages, settings
 
 ANNOTATION = "safedeploy.policy"
 MODE_ANNOTATION = "safedeploy.mode"
@@ -85,6 +85,8 @@ def policy_source(value: str, policy_dir: Path | None = None) -> tuple[str, byte
     value = value.strip()
     if not value:
         raise HookError(f"annotation {ANNOTATION} is empty")
+    if "\0" in value:
+        raise HookError(f"annotation {ANNOTATION} contains a NUL byte")
     if value.startswith("{"):
         return "annotation (inline JSON)", value.encode()
     if value.startswith("base64:"):
@@ -114,7 +116,7 @@ def _read(path: Path) -> bytes:
         with open(path, "rb") as f:
             return f.read(1 << 20 | 1)
     except OSError as e:
-        raise HookError(f"cannot read policy {path}: {e.strerror}") from None
+        raise HookError(f"cannot read policy {_show(path)}: {e.strerror}") from None
 
 
 def resolve_policy(value: str, mode: str | None = None, policy_dir: Path | None = None) -> dict:
@@ -130,7 +132,7 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir: Path | None 
     with contextlib.suppress(OSError, ValueError):
         compiled = json.loads(cache.read_text())
     if not isinstance(compiled, dict) or compiled.get("format") != CACHE_FORMAT:
-        _full_site()
+        enable_site_packages()
         from .maps import compile_policy  # noqa: PLC0415
         from .policy import load_policy_text  # noqa: PLC0415
         policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
@@ -143,14 +145,6 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir: Path | None 
     if mode is not None:
         compiled["mode"] = mode
     return compiled
-
-
-def _full_site() -> None:
-    """The launcher starts Python with -S (no site-packages: ~15 ms saved per start).
-    Validating a new policy needs jsonschema and yaml: turn site-packages on for that."""
-    if sys.flags.no_site and "site" not in sys.modules:
-        import site  # noqa: PLC0415
-        site.main()
 
 
 # -- state files ----------------------------------------------------------------------
@@ -235,7 +229,7 @@ def stop(state: dict) -> Path | None:
                 drained = maps.drain(record["cgid"])
                 maps.unload_policy(record["cgid"], compiled)
     records = events.to_records(drained, compiled, cid)
-    out = report.write(records, settings.log_dir() / f"{cid}.jsonl", drained.dropped)
+    out = report.write(records, settings.log_dir() / f"{cid}.jsonl", drained.dropped, cid, compiled["name"])
     report.syslog_blocked(records)
     with contextlib.suppress(FileNotFoundError):
         state_path(cid).unlink()
@@ -255,7 +249,14 @@ def run(argv: list[str], stdin: bytes, log=None) -> int:
     return 0
 
 
+def _show(value) -> str:
+    """A user-supplied value in a message: quoted and escaped when it is not plain."""
+    text = str(value)
+    return text if text.isprintable() and " " not in text else repr(text)
+
+
 def _fail(msg: str) -> int:
+    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)  # one line, whatever came in
     sys.stderr.write(f"safedeploy: {msg}\n")
     sys.stderr.flush()
     return 1

@@ -14,7 +14,7 @@ from . import cgroup, loader, settings
 from .maps import BPF_DIR
 
 PACKAGING = BPF_DIR.parent / "packaging" / "hooks.d"
-EXAMPLE_POLICY = BPF_DIR.parent / "examples" / "policies" / "demo.yaml"
+EXAMPLE_POLICY = BPF_DIR.parent / "examples" / "policies" / "example.yaml"
 DEFAULT_HOOKS_DIR = Path("/usr/share/containers/oci/hooks.d")
 DEFAULT_HOOK_PATH = Path("/usr/local/libexec/safedeploy/safedeploy-hook")
 HOOK_FILES = ("safedeploy-prestart.json", "safedeploy-poststop.json")
@@ -105,6 +105,9 @@ def gc(log=print, keep_current: bool = True) -> int:
     from . import hook  # noqa: PLC0415
     from .maps import PinnedMaps  # noqa: PLC0415
     removed = 0
+    cache = settings.state_dir() / "policy-cache"   # revalidated on next use: cheap to drop
+    for entry in cache.glob("*.json") if cache.is_dir() else ():
+        entry.unlink(missing_ok=True)
     live = _live_cgroup_ids()
     sdir = settings.state_dir()
     for path in sorted(sdir.glob("*.json")) if sdir.is_dir() else []:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import bpfsys, cgroup, settings
+from . import bpfsys, cgroup, enable_site_packages, settings
 from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
 
 # bcc program type numbers (enum bpf_prog_type)
@@ -137,6 +137,7 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
 
 
 def _compile_and_pin(target: Path, log=None) -> None:
+    enable_site_packages()
     try:
         from bcc import BPF  # noqa: PLC0415 — the only bcc import, cold path only
     except ImportError as e:

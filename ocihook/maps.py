@@ -38,7 +38,7 @@ def _read_constants(header: Path) -> dict[str, int]:
 
 C = _read_constants(HEADER)
 IPPROTO = {"tcp": 6, "udp": 17}
-PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip"}  # raw sockets: any protocol
 KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
              C["SD_KIND_SOCKET"]: "socket"}
 VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
@@ -103,6 +103,11 @@ class LiveEvent(ctypes.Structure):
     _fields_ = [("k", EventKey), ("ts_ns", ctypes.c_uint64), ("comm", ctypes.c_char * 16)]
 
 
+class PendingKey(ctypes.Structure):
+    _fields_ = [("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16), ("txid", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16), ("pad2", ctypes.c_uint32)]
+
+
 class ProcKey(ctypes.Structure):
     _fields_ = [("cgid", ctypes.c_uint64), ("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
@@ -131,11 +136,12 @@ MAPS: dict[str, tuple[type, type]] = {
     "learned": (AddrKey, Learned),
     "procs": (ProcKey, Proc),
     "drops": (U64, U64),
+    "pending": (PendingKey, ctypes.c_uint32),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # the maps that hold per-cgroup state (cleared when a cgroup is released)
-POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs")  # keyed by a struct with cgid
-DYNAMIC_MAPS = ("qnames", "learned", "procs")  # written by the programs, not from the policy
+POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs", "pending")  # keys have a cgid
+DYNAMIC_MAPS = ("qnames", "learned", "procs", "pending")  # written by the programs, not from the policy
 
 
 def addr_of(raw) -> ipaddress.IPv6Address:

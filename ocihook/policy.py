@@ -63,7 +63,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 JsonPath = tuple[str | int, ...]
 
 MAX_POLICY_BYTES = 1 << 20
-MAX_RULES = 100_000
+MAX_RULES = 65_000  # the kernel numbers rules in 16 bits and reserves the top few values
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "policy.schema.json"
 
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")

@@ -37,19 +37,21 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
                                                   r["dst_ip"], r["dst_port"], r["pid"]))
 
 
-def summarize(records: list[dict], dropped: int = 0) -> dict:
+def summarize(records: list[dict], dropped: int = 0, container: str | None = None,
+              policy: str | None = None) -> dict:
     """The final line of a report: totals per verdict, and events the kernel could not
     keep because its events map was full (never hidden)."""
     recs = aggregate(records)
     first = recs[0] if recs else {}
-    out = {"summary": True, "container": first.get("container"), "policy": first.get("policy"),
-           "destinations": len(recs), "events_dropped": dropped}
+    out = {"summary": True, "container": container or first.get("container"),
+           "policy": policy or first.get("policy"), "destinations": len(recs), "events_dropped": dropped}
     for verdict in ("blocked", "would-block", "allowed"):
         out[verdict.replace("-", "_")] = sum(r["count"] for r in recs if r["verdict"] == verdict)
     return out
 
 
-def write(records: Iterable[dict], path: Path, dropped: int = 0) -> Path:
+def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str | None = None,
+          policy: str | None = None) -> Path:
     """Write (or extend: an existing report's lines are merged in) a JSON Lines report:
     one line per (process, destination, verdict), then a summary line."""
     records = list(records)
@@ -62,7 +64,7 @@ def write(records: Iterable[dict], path: Path, dropped: int = 0) -> Path:
     with open(tmp, "w") as f:
         for rec in aggregate(records):
             f.write(json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) + "\n")
-        f.write(json.dumps(summarize(records, dropped), separators=(",", ":")) + "\n")
+        f.write(json.dumps(summarize(records, dropped, container, policy), separators=(",", ":")) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -129,21 +131,23 @@ def format_table(records: list[dict], summary: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _violation(r: dict) -> str:
+    why = f" ({r['reason']})" if r.get("reason") else ""
+    return f"{r['verdict']}: {_dest(r)} by pid {r['pid']} {r['comm']} x{r['count']} rule {r['rule']}{why}"
+
+
+def _violations(records: list[dict]) -> list[dict]:
+    return [r for r in aggregate(records) if r["verdict"] != "allowed"]
+
+
 def summary(records: list[dict]) -> list[str]:
     """Lines for stderr: one per blocked (or would-block) destination."""
-    out = []
-    for r in aggregate(records):
-        if r["verdict"] == "allowed":
-            continue
-        why = f" ({r['reason']})" if r.get("reason") else ""
-        out.append(f"safedeploy: {r['verdict']}: {_dest(r)} by pid {r['pid']} {r['comm']} "
-                   f"x{r['count']} rule {r['rule']}{why}")
-    return out
+    return [f"safedeploy: {_violation(r)}" for r in _violations(records)]
 
 
 def syslog_blocked(records: list[dict], ident: str = "safedeploy", dev: str = "/dev/log") -> int:
     """One syslog line per blocked destination (when /dev/log exists). Returns lines sent."""
-    lines = [line.removeprefix("safedeploy: ") for line in summary(records)]
+    lines = [f"container {r['container']}: {_violation(r)}" for r in _violations(records)]
     if not lines or not os.path.exists(dev):
         return 0
     import socket  # noqa: PLC0415 — only when there is something to log

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import cgroup, loader
-from .maps import EventKey, EventVal, PinnedMaps
+from .maps import C, EventKey, EventVal, PinnedMaps
 
 
 class Attachment:
@@ -31,6 +31,10 @@ class Attachment:
 def apply(cgroup_path: Path, compiled: dict, log=None) -> Attachment:
     """Load a compiled policy (maps.compile_policy) for cgroup_path and attach the shared
     programs to it."""
+    depth = len(cgroup_path.relative_to(cgroup.cgroup2_mount()).parts)
+    if depth >= C["SD_MAX_DEPTH"]:
+        raise cgroup.CgroupError(f"cgroup {cgroup_path} is {depth} levels deep: the programs look "
+                                 f"{C['SD_MAX_DEPTH'] - 1} levels down at most; refusing to leave it unpoliced")
     pins = loader.ensure_programs(log)
     cgid = cgroup.cgroup_id(cgroup_path)
     att = Attachment(cgroup_path, cgid, pins, time.time_ns() & 0xFFFFFFFF)

@@ -23,8 +23,8 @@ def _dest_of(rec: dict) -> Dest:
 
 
 def suggest(records: list[dict], base: Policy | None = None, name: str = "suggested") -> tuple[dict, list[str]]:
-    """(policy document, problems): problems name destinations the document still refuses
-    (a base deny rule wins over the added allow: on purpose, for a human to decide)."""
+    """(policy document, problems). Never undoes a deny rule of the base: what one of them
+    refused, and raw sockets, become problems for a human to decide instead of rules."""
     doc: dict = json.loads(base.to_json()) if base else {"version": 1, "name": name, "mode": "enforce",
                                                           "default": "deny", "allow": [], "deny": []}
     doc["mode"] = "enforce"
@@ -32,7 +32,20 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     ports: dict[tuple[str, str, str], set[int]] = {}   # (kind, target, proto) -> ports
     names: set[str] = set()
     resolvers: list[str] = list(doc.get("dns", {}).get("resolvers", []))
+    base_denies = {r.text: r for r in base.rules if r.verdict == "deny"} if base else {}
+    problems = []
+    needed = []
     for rec in _needed(records, base):
+        if rec["kind"] == "socket":
+            problems.append(f"raw sockets were used (pid {rec['pid']} {rec['comm']}): add `raw_sockets: allow` "
+                            "only if the deploy really needs them")
+        elif rec["rule"] in base_denies:
+            why = base_denies[rec["rule"]].reason
+            problems.append(f"{rec.get('domain') or rec['dst_ip']}:{rec['dst_port']}/{rec['proto']} was refused by "
+                            f"the base's deny rule {rec['rule']}" + (f" ({why})" if why else "") + ": not overridden")
+        else:
+            needed.append(rec)
+    for rec in needed:
         if rec["rule"] == "dns.resolvers":
             if rec["dst_ip"] not in resolvers:
                 resolvers.append(rec["dst_ip"])
@@ -51,8 +64,7 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     if resolvers:
         doc.setdefault("dns", {})["resolvers"] = resolvers
     policy = load_policy_text(json.dumps(doc), "suggested")
-    problems = []
-    for rec in records:
+    for rec in needed if base else records:
         if rec["kind"] == "dns" and rec.get("domain"):
             dec = decide_query(policy, rec["domain"])
         else:

@@ -15,17 +15,22 @@ class WatchError(Exception):
     """watch cannot start; str() is one line."""
 
 
-def containers() -> dict[int, str]:
-    """cgroup id -> container id, from the hook's state files."""
+def _state_files() -> dict[int, dict]:
+    """cgroup id -> the hook's state record (container id, compiled policy)."""
     out = {}
     sdir = settings.state_dir()
     for path in sdir.glob("*.json") if sdir.is_dir() else ():
         try:
             rec = json.loads(path.read_text())
-            out[int(rec["cgid"])] = rec["id"]
+            out[int(rec["cgid"])] = rec
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return out
+
+
+def containers() -> dict[int, str]:
+    """cgroup id -> container id, from the hook's state files."""
+    return {cgid: rec["id"] for cgid, rec in _state_files().items()}
 
 
 def cgid_of(target: str) -> int:
@@ -48,7 +53,7 @@ def watch(target: str | None = None, duration: float | None = None, as_json: boo
     except ImportError as e:
         raise WatchError(f"bcc is not importable ({e}); install python3-bpfcc") from None
     only = cgid_of(target) if target else None
-    names = containers()
+    states = _state_files()
     shown = 0
     since = time.clock_gettime_ns(time.CLOCK_BOOTTIME)  # the buffer may hold old, unread events
 
@@ -59,15 +64,17 @@ def watch(target: str | None = None, duration: float | None = None, as_json: boo
             k = ev.k
             if ev.ts_ns < since or (only is not None and k.cgid != only):
                 return 0
-            if k.cgid not in names:
-                names.update(containers())
+            if k.cgid not in states:
+                states.update(_state_files())
+            st = states.get(k.cgid, {})
+            rule, reason = events.rule_of(st.get("compiled", {"rules": []}), k.rule)
             domain = maps.names_of(k.cgid, [k.name_id]).get(k.name_id) if k.name_id else None
             proc = maps.procs_of(k.cgid, [k.pid]).get(k.pid, {})
-            rec = {"time": events.boot_ns_to_rfc3339(ev.ts_ns), "container": names.get(k.cgid, f"cgroup:{k.cgid}"),
+            rec = {"time": events.boot_ns_to_rfc3339(ev.ts_ns), "container": st.get("id", f"cgroup:{k.cgid}"),
                    "verdict": VERDICT_NAME.get(k.verdict), "kind": KIND_NAME.get(k.kind),
                    "proto": PROTO_NAME.get(k.proto, str(k.proto)), "dst_ip": events.display_ip(addr_of(k.addr)),
                    "dst_port": k.port, "domain": domain, "pid": k.pid, "comm": ev.comm.decode(errors="replace"),
-                   "cmdline": proc.get("cmdline") or events.proc_cmdline(k.pid)}
+                   "cmdline": proc.get("cmdline") or events.proc_cmdline(k.pid), "rule": rule, "reason": reason}
             shown += 1
             if as_json:
                 out(json.dumps(rec))
@@ -75,8 +82,9 @@ def watch(target: str | None = None, duration: float | None = None, as_json: boo
                 host = f"[{rec['dst_ip']}]" if ":" in rec["dst_ip"] else rec["dst_ip"]
                 dest = f"{host}:{rec['dst_port']}/{rec['proto']}"
                 dest = f"{domain} ({dest})" if domain else dest
+                why = f" ({reason})" if reason else ""
                 out(f"{rec['time']} {rec['verdict'].upper():<11} {rec['kind']:<7} {dest}  pid {k.pid} "
-                    f"{rec['comm']}  {rec['cmdline'] or ''}  [{rec['container']}]")
+                    f"{rec['comm']}  {rec['cmdline'] or ''}  rule {rule}{why}  [{rec['container']}]")
             return 0
 
         fd = bpfsys.obj_get(str(pins / "map_live"))

@@ -298,64 +298,73 @@ def test_random_packets_to_port_53_get_the_safe_verdict(policed, dns):
     assert p.run(query, "pkgs.internal", SERVER) == ("ok", ["127.0.0.72"])   # still working afterwards
 
 
-def _respond(sock, data):
-    sock.sendto(data, ("127.0.0.1", 0))
-
-
-def test_hostile_answers_never_teach_an_address(policed, dns, listener):
-    """Answers with pointer loops, forward pointers or truncation are not learned."""
-    import socket as so
+def _answer(query: bytes, owner: bytes, ip: str, mode: str) -> bytes:
+    """An answer to `query` (its id and question) carrying one A record; `mode` makes it hostile."""
     import struct
-    import threading
+    qend = 12 + query[12:].index(b"\0") + 5
+    hdr = query[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+    at = qend                                            # where the answer's owner name starts
+    if mode == "loop":
+        owner = struct.pack("!H", 0xC000 | at)           # points at itself
+    elif mode == "forward":
+        owner = struct.pack("!H", 0xC000 | (at + 40))    # points past itself
+    rr = owner + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(int(x) for x in ip.split("."))
+    pkt = hdr + query[12:qend] + rr
+    return pkt[:-2] if mode == "truncated" else pkt
 
-    def answer(qname, owner: bytes, ip: str) -> bytes:
-        q = b"".join(bytes([len(x)]) + x for x in qname.encode().split(b".")) + b"\x00"
-        hdr = b"\xab\xcd\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
-        return hdr + q + b"\x00\x01\x00\x01" + owner + struct.pack("!HHIH", 1, 1, 60, 4) + so.inet_aton(ip)
+
+def test_only_answers_to_real_questions_teach_addresses(policed, listener):
+    """Hostile answers (pointer loops, forward pointers, truncation) to a real query, and
+    forged answers nobody asked for — even one the policed process sends itself from a port
+    53 of its own — teach nothing; a well-formed answer to a real query does."""
+    import socket as so
+    import threading
     lst = listener("127.0.0.91")
-    p = policed(POLICY)
-    client = {}
-    ready = threading.Event()
+    modes = ["loop", "forward", "truncated", "good"]
+    srv = so.socket(so.AF_INET, so.SOCK_DGRAM)
+    srv.bind(("127.0.0.158", 53))
+
+    def serve():
+        for mode in modes:
+            q, peer = srv.recvfrom(4096)
+            ip = "127.0.0.92" if mode == "good" else "127.0.0.91"
+            srv.sendto(_answer(q, b"\xc0\x0c", ip, mode), peer)
+    threading.Thread(target=serve, daemon=True).start()
+    p = policed(POLICY.replace('  - "[::1]:53"', '  - "[::1]:53"\n  - "127.0.0.158:53"\n  - "127.0.0.159:53"\n  - "127.0.0.1/32"'))
 
     def inside():
-        import time as t
-        with so.socket(so.AF_INET, so.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            s.settimeout(0.5)
-            client["port"] = s.getsockname()[1]
-            open(f"/tmp/sd-fuzz-port-{os.getpid()}", "w").write(str(client["port"]))
-            t.sleep(1.5)                           # the hostile answers arrive meanwhile
-            for _ in range(20):
-                try:
-                    s.recv(4096)
-                except OSError:
-                    break
-        return [connect("127.0.0.91", lst.port), connect("127.0.0.92", lst.port)]
-    import glob
-    import os
-    for f in glob.glob("/tmp/sd-fuzz-port-*"):
-        os.unlink(f)
-    with so.socket(so.AF_INET, so.SOCK_DGRAM) as srv:
-        srv.bind(("127.0.0.158", 53))
-
-        def blast():
-            import time as t
-            for _ in range(50):
-                found = glob.glob("/tmp/sd-fuzz-port-*")
-                if found:
-                    break
-                t.sleep(0.02)
-            port = int(open(found[0]).read())
-            loop_owner = answer("pkgs.internal", b"", "127.0.0.91")
-            at = len(loop_owner) - 14                      # where the owner name starts
-            loop = loop_owner[:at] + struct.pack("!H", 0xC000 | at) + loop_owner[at:]
-            fwd = loop_owner[:at] + struct.pack("!H", 0xC000 | (at + 40)) + loop_owner[at:]
-            trunc = answer("pkgs.internal", b"\xc0\x0c", "127.0.0.91")[:-2]
-            good = answer("pkgs.internal", b"\xc0\x0c", "127.0.0.92")
-            for pkt in (loop, fwd, trunc, good):
-                srv.sendto(pkt, ("127.0.0.1", port))
-            ready.set()
-        threading.Thread(target=blast, daemon=True).start()
+        from dnslib import DNSRecord
+        out = []
+        for _ in modes:                                  # ask for real; the answer may be garbage
+            with so.socket(so.AF_INET, so.SOCK_DGRAM) as c:
+                c.settimeout(1)
+                c.sendto(DNSRecord.question("pkgs.internal").pack(), ("127.0.0.158", 53))
+                out.append(len(c.recv(4096)))
+        # a forged answer to ourselves, from a resolver-looking socket of our own
+        with so.socket(so.AF_INET, so.SOCK_DGRAM) as fake, so.socket(so.AF_INET, so.SOCK_DGRAM) as me:
+            fake.bind(("127.0.0.159", 53))
+            me.bind(("127.0.0.1", 0))
+            q = DNSRecord.question("pkgs.internal").pack()
+            fake.sendto(_answer(q, b"\xc0\x0c", "127.0.0.93", "good"), me.getsockname())
+            me.settimeout(1)
+            me.recv(4096)
+        return out + [connect("127.0.0.91", lst.port), connect("127.0.0.92", lst.port),
+                      connect("127.0.0.93", lst.port)]
+    try:
         res = p.run(inside)
-    assert ready.is_set()
-    assert res == ["EPERM", "refused"]             # only the well-formed answer taught an address
+    finally:
+        srv.close()
+    assert res[-3:] == ["EPERM", "refused", "EPERM"], res
+
+
+def test_audit_learned_name_without_rules_is_judged_like_decide(policed, dns, listener):
+    """In audit mode a lookup denied only by the default still gets its answer; connects to
+    the address are then judged by CIDR rules and the default, exactly as decide() does."""
+    from ocihook.policy import Dest, decide, to_mapped
+    lst = listener("127.0.0.71")
+    p = policed(f"version: 1\nname: a\nmode: audit\ndefault: deny\nallow: ['127.0.0.64/26', '{SERVER}:53']\n")
+    assert p.run(query, "notgithub.com", SERVER) == ("ok", ["127.0.0.71"])     # would-block, but answered
+    assert p.run(connect, "127.0.0.71", lst.port) == "ok"
+    rec = [r for r in p.close() if r["kind"] == "connect"][0]
+    want = decide(p.policy, Dest(to_mapped("127.0.0.71"), lst.port, "tcp", "notgithub.com"))
+    assert (rec["verdict"], rec["rule"]) == ("allowed", want.rule_text) and want.verdict == "allow"

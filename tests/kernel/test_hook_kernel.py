@@ -82,3 +82,33 @@ def test_warm_prestart_imports_no_bcc_typer_jsonschema_or_policy_module(pins, tm
         child.kill()
         child.wait()
         cgroup.remove(path)
+
+
+def test_launcher_recompiles_missing_programs_with_a_cached_policy(tmp_path, monkeypatch):
+    """The lean -S launcher, a policy already cached, and the pins gone (bpffs remounted,
+    an old gc): the hook compiles and pins again instead of refusing the container."""
+    import secrets
+    import shutil as sh
+    from ocihook import install, loader
+    root = Path(f"/sys/fs/bpf/sdrelaunch{secrets.token_hex(4)}")
+    monkeypatch.setenv("SAFEDEPLOY_BPFFS", str(root))
+    hook = tmp_path / "safedeploy-hook"
+    install.write_hook_wrapper(hook)
+    path = cgroup.create(f"relaunch-{os.getpid()}")
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        (path / "cgroup.procs").write_text(str(child.pid))
+        for i in range(2):
+            st = {"id": f"relaunch{i}", "pid": child.pid, "status": "creating",
+                  "annotations": {"safedeploy.policy": POLICY}}
+            res = subprocess.run([str(hook), "prestart"], input=json.dumps(st).encode(), capture_output=True,
+                                 timeout=120)
+            assert res.returncode == 0, res.stderr
+            assert subprocess.run([str(hook), "poststop"], input=json.dumps({"id": f"relaunch{i}"}).encode(),
+                                  capture_output=True, timeout=60).returncode == 0
+            sh.rmtree(loader.pin_dir())                     # gone before the second, cached-policy start
+    finally:
+        child.kill()
+        child.wait()
+        cgroup.remove(path)
+        sh.rmtree(root, ignore_errors=True)

@@ -40,7 +40,15 @@ def test_suggest_with_base_keeps_its_denies_and_reports_what_they_still_refuse()
                             "deny: [{cidr: 127.0.0.9/32, reason: circular}]\n", "b")
     doc, problems = suggest(RECORDS, base)
     assert doc["name"] == "b" and any("127.0.0.9" in str(d) for d in doc["deny"])
-    assert problems == ["127.0.0.9:5432/tcp is still denied by rule 127.0.0.9/32"]
+    assert problems == ["127.0.0.9:5432/tcp is still denied by rule 127.0.0.9/32"]   # a tie: deny wins
+    base2 = load_policy_text("version: 1\nname: b\ndefault: deny\n"
+                             "deny: [{domain: '*.github.com', reason: circular}]\n", "b")
+    refused = [rec("would-block", "connect", "127.0.0.70", 443, domain="api.github.com", rule="*.github.com"),
+               rec("would-block", "socket", "0.0.0.0", 0, "icmp", rule="raw_sockets")]
+    doc, problems = suggest(refused, base2)                   # ...and a base deny is never undone
+    assert doc["allow"] == [] and problems == [
+        "api.github.com:443/tcp was refused by the base's deny rule *.github.com (circular): not overridden",
+        "raw sockets were used (pid 10 curl): add `raw_sockets: allow` only if the deploy really needs them"]
 
 
 def test_report_aggregates_and_summarises():
@@ -61,3 +69,19 @@ def test_report_file_roundtrip_merges_and_keeps_one_summary(tmp_path):
     assert [r["count"] for r in report.load(path)] == [2]
     assert report.load_summary(path)["events_dropped"] == 3
     assert sum(1 for line in path.read_text().splitlines() if '"summary"' in line) == 1
+
+
+def test_syslog_lines_name_the_container(tmp_path):
+    import socket
+    dev = tmp_path / "log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(str(dev))
+        sent = report.syslog_blocked([rec("blocked", "connect", "127.0.0.2", 443),
+                                      rec("allowed", "connect", "127.0.0.1", 80)], dev=str(dev))
+        assert sent == 1
+        line = rx.recv(4096).decode()
+    assert line.startswith("<36>safedeploy: container c1: blocked: 127.0.0.2:443/tcp by pid 10 curl")
+
+
+def test_report_summary_names_container_and_policy_even_when_empty():
+    assert report.summarize([], 0, "c9", "p9")["container"] == "c9"
