@@ -166,3 +166,25 @@ def test_500_lifecycles_leave_zero_leaks(tmp_path, rootfs, hook):
     assert sorted(p.name for p in hook.pins.iterdir()) == pins_before       # shared programs: no per-container pin
     assert not [p for p in hook.pins.parent.iterdir() if p.name.startswith("tmp_")]
     assert "sdleak" not in subprocess.run(["runc", "list"], capture_output=True, text=True).stdout
+
+
+def test_watch_shows_a_blocked_event_while_the_container_runs(tmp_path, rootfs, hook):
+    import sys
+    import time
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    cid = _cid()
+    bundle = make_bundle(tmp_path / "b", rootfs, "sleep 2; echo x | nc 127.0.0.2 80; sleep 1",
+                         annotations={"safedeploy.policy": "rollout"}, hook_path=hook.path, hook_env=hook.env)
+    watch = subprocess.Popen([sys.executable, "-m", "ocihook.cli", "watch", "--duration", "8", "--json"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        res = runc_run(bundle, cid)
+        out, _ = watch.communicate(timeout=30)
+    finally:
+        watch.kill()
+    assert res.returncode == 0, res.stderr
+    evs = [json.loads(line) for line in out.splitlines()]
+    mine = [e for e in evs if e["container"] == cid]
+    assert mine and mine[0]["verdict"] == "blocked" and mine[0]["dst_ip"] == "127.0.0.2" and mine[0]["comm"] == "nc"
+    assert mine[0]["rule"] == "127.0.0.2/32" and mine[0]["reason"] == "circular: auth service"
