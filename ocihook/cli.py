@@ -135,7 +135,7 @@ def policy_suggest(
     with _errors():
         records = []
         for r in reports:
-            path = r if r.exists() else settings.log_dir() / f"{r}.jsonl"
+            path = r if r.exists() else Path(settings.log_dir()) / f"{r}.jsonl"
             records += report.load(path)
         base_policy = load_policy_file(base) if base else None
         doc, problems = suggest(records, base_policy, name)
@@ -196,9 +196,9 @@ def report_cmd(
     from . import report, settings
     path = Path(target)
     if not path.exists():
-        path = settings.log_dir() / f"{target}.jsonl"
+        path = Path(settings.log_dir()) / f"{target}.jsonl"
     if not path.exists():  # a unique prefix of a container id, as `podman ps` shows it
-        found = sorted(settings.log_dir().glob(f"{target}*.jsonl")) if target and "/" not in target else []
+        found = sorted(Path(settings.log_dir()).glob(f"{target}*.jsonl")) if target and "/" not in target else []
         if len(found) > 1:
             _err(f"{target!r} matches {len(found)} reports: " + ", ".join(f.stem[:16] for f in found[:5]))
             raise typer.Exit(1)
@@ -247,13 +247,13 @@ def status_cmd() -> None:
         out = {}
         for cgid, cid in containers().items():
             try:
-                rec = json.loads((loader.settings.state_dir() / f"{cid}.json").read_text())
+                rec = json.loads((Path(loader.settings.state_dir()) / f"{cid}.json").read_text())
                 out[cgid] = (f"container {cid[:12]}", rec["compiled"]["name"])
             except (OSError, ValueError, KeyError):
                 out[cgid] = (f"container {cid[:12]}", "?")
         return out
-    root = loader.settings.bpffs_root()
-    current = loader.pin_dir()
+    root = Path(loader.settings.bpffs_root())
+    current = Path(loader.pin_dir())
     versions = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not versions:
         typer.echo(f"no programs pinned under {root} (they are compiled on first use)")

@@ -137,7 +137,7 @@ def run_demo(runtime: str = "auto", log=print) -> int:
     auth = _service("127.0.0.2", 8443, None)
     try:
         port = mirror.getsockname()[1]
-        pdir = settings.policy_dir()
+        pdir = Path(settings.policy_dir())
         pdir.mkdir(parents=True, exist_ok=True)
         policy_text = POLICY.replace("MIRROR", str(port))
         (pdir / "demo.yaml").write_text(policy_text)
@@ -168,7 +168,11 @@ def run_demo(runtime: str = "auto", log=print) -> int:
                                  timeout=120)
         log(res.stdout + res.stderr)
         log(f"(container finished in {time.monotonic() - t0:.2f}s, exit {res.returncode})")
-        path = settings.log_dir() / f"{cid}.jsonl"
+        path = Path(settings.log_dir()) / f"{cid}.jsonl"
+        for _ in range(200):  # the poststop hook writes the report in the background
+            if path.exists() or res.returncode != 0:
+                break
+            time.sleep(0.05)
         if res.returncode != 0 or not path.exists():
             raise DemoError(f"the container did not run as expected (exit {res.returncode}); see above")
         records = report.load(path)

@@ -39,7 +39,7 @@ def _cgroup2() -> Check:
 
 
 def _bpffs() -> Check:
-    root = settings.bpffs_root()
+    root = Path(settings.bpffs_root())
     if loader._bpffs_mounted(root.parent):
         return ("bpffs", True, f"{root.parent} is a bpf filesystem", True)
     return ("bpffs", False, f"{root.parent} is not bpffs (safedeploy mounts it on first use)", False)

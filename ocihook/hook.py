@@ -11,22 +11,29 @@ cached in kernel form (maps.compile_policy), keyed by the content hash of its do
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
 import sys
 import time
-from pathlib import Path
 
-from . import cgroup, enable_site_packages, settings
+from . import cgroup, enable_site_packages, settings, sha256_hex
+from .jsonfast import JSONError, dumps, loads
 
 ANNOTATION = "safedeploy.policy"
 MODE_ANNOTATION = "safedeploy.mode"
 MAX_STATE_BYTES = 4 << 20
 CACHE_FORMAT = 2  # bump when compile_policy's output changes
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,255}")
-_POLICY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _valid_id(cid: str) -> bool:
+    """[A-Za-z0-9][A-Za-z0-9_.+-]{0,255} (no regex on the hot path)."""
+    return 0 < len(cid) <= 256 and cid[0] in _ALNUM and all(c in _ALNUM or c in "_.+-" for c in cid)
+
+
+def _valid_policy_name(name: str) -> bool:
+    """[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}, never '..'."""
+    return (0 < len(name) <= 128 and (name[0] in _ALNUM or name[0] in "_-") and ".." not in name
+            and all(c in _ALNUM or c in "_.-" for c in name))
 STAGES = {"prestart": "start", "createRuntime": "start", "create": "start", "poststop": "stop"}
 
 
@@ -40,14 +47,14 @@ def read_state(raw: bytes) -> dict:
     if len(raw) > MAX_STATE_BYTES:
         raise HookError("OCI state on stdin is larger than 4 MiB")
     try:
-        state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        state = loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, JSONError) as e:
         raise HookError(f"OCI state on stdin is not JSON ({e.__class__.__name__}: "
                         f"{str(e).splitlines()[0][:80]})") from None
     if not isinstance(state, dict):
         raise HookError("OCI state on stdin is not a JSON object")
     cid = state.get("id")
-    if not isinstance(cid, str) or not _ID.fullmatch(cid):
+    if not isinstance(cid, str) or not _valid_id(cid):
         raise HookError(f"OCI state has no valid container id (got {str(cid)[:60]!r})")
     return state
 
@@ -60,8 +67,8 @@ def annotations_of(state: dict) -> dict[str, str]:
     bundle = state.get("bundle")
     if isinstance(bundle, str) and bundle:
         try:
-            with open(Path(bundle) / "config.json", "rb") as f:
-                cfg = json.load(f)
+            with open(os.path.join(bundle, "config.json"), "rb") as f:
+                cfg = loads(f.read().decode("utf-8"))
         except (OSError, ValueError):
             return {}
         ann = cfg.get("annotations") if isinstance(cfg, dict) else None
@@ -80,7 +87,7 @@ def stage_of(argv: list[str], state: dict) -> str:
 
 
 # -- policy resolution --------------------------------------------------------------
-def policy_source(value: str, policy_dir: Path | None = None) -> tuple[str, bytes]:
+def policy_source(value: str, policy_dir=None) -> tuple[str, bytes]:
     """(source label, document bytes) for an annotation value: NAME, file:/abs, {json}, base64:..."""
     value = value.strip()
     if not value:
@@ -97,21 +104,21 @@ def policy_source(value: str, policy_dir: Path | None = None) -> tuple[str, byte
         except (binascii.Error, ValueError):
             raise HookError(f"annotation {ANNOTATION}: invalid base64") from None
     if value.startswith("file:"):
-        path = Path(value[5:])
-        if not path.is_absolute():
+        path = value[5:]
+        if not os.path.isabs(path):
             raise HookError(f"annotation {ANNOTATION}: file: needs an absolute path, got {value[5:]!r}")
-        return str(path), _read(path)
-    if not _POLICY_NAME.fullmatch(value) or ".." in value:
+        return path, _read(path)
+    if not _valid_policy_name(value):
         raise HookError(f"annotation {ANNOTATION}: {value[:60]!r} is not a policy name, file:, base64: or JSON")
-    base = policy_dir or settings.policy_dir()
+    base = os.fspath(policy_dir or settings.policy_dir())
     for ext in (".yaml", ".yml", ".json"):
-        path = base / f"{value}{ext}"
-        if path.is_file():
-            return str(path), _read(path)
+        path = os.path.join(base, f"{value}{ext}")
+        if os.path.isfile(path):
+            return path, _read(path)
     raise HookError(f"unknown policy {value!r}: no {value}.yaml, .yml or .json in {base}")
 
 
-def _read(path: Path) -> bytes:
+def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read(1 << 20 | 1)
@@ -119,50 +126,66 @@ def _read(path: Path) -> bytes:
         raise HookError(f"cannot read policy {_show(path)}: {e.strerror}") from None
 
 
-def resolve_policy(value: str, mode: str | None = None, policy_dir: Path | None = None) -> dict:
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict:
     """The compiled policy (maps.compile_policy) an annotation names, mode override
     applied. Validation runs once per distinct document; then it comes from the cache."""
     source, raw = policy_source(value, policy_dir)
     if mode is not None and mode not in ("audit", "enforce"):
         raise HookError(f"annotation {MODE_ANNOTATION} must be audit or enforce, not {mode[:30]!r}")
-    import hashlib  # noqa: PLC0415
-    digest = hashlib.sha256(source.encode() + b"\0" + raw).hexdigest()
-    cache = settings.state_dir() / "policy-cache" / f"{digest}.json"
+    digest = sha256_hex(source.encode() + b"\0" + raw)
+    cache = os.path.join(settings.state_dir(), "policy-cache", f"{digest}.json")
     compiled = None
-    with contextlib.suppress(OSError, ValueError):
-        compiled = json.loads(cache.read_text())
+    try:
+        compiled = loads(_read_text(cache))
+    except (OSError, ValueError):
+        pass
     if not isinstance(compiled, dict) or compiled.get("format") != CACHE_FORMAT:
         enable_site_packages()
         from .maps import compile_policy  # noqa: PLC0415
         from .policy import load_policy_text  # noqa: PLC0415
         policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
         compiled = dict(compile_policy(policy), format=CACHE_FORMAT, source=source, digest=policy.digest)
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(compiled))
-            os.replace(tmp, cache)
+        try:
+            _write_atomic(cache, dumps(compiled))
+        except OSError:
+            pass  # no cache: the next start validates again
     if mode is not None:
         compiled["mode"] = mode
     return compiled
 
 
 # -- state files ----------------------------------------------------------------------
-def state_path(cid: str) -> Path:
-    return settings.state_dir() / f"{cid}.json"
+def state_path(cid: str) -> str:
+    return os.path.join(settings.state_dir(), f"{cid}.json")
 
 
 def write_state(cid: str, data: dict) -> None:
-    path = state_path(cid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    _write_atomic(state_path(cid), dumps(data))
 
 
 def read_state_file(cid: str) -> dict | None:
     try:
-        return json.loads(state_path(cid).read_text())
+        return loads(_read_text(state_path(cid)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -170,16 +193,19 @@ def read_state_file(cid: str) -> dict | None:
 
 
 # -- stages -----------------------------------------------------------------------------
-def container_cgroup(pid: int) -> Path:
+def container_cgroup(pid: int) -> str:
     """The container's own cgroup v2; never the root or the runtime's own cgroup (that
     would police the host)."""
     mount = cgroup.cgroup2_mount()
     path = cgroup.cgroup_of_pid(pid, mount=mount)
     if path == mount:
         raise HookError(f"container process {pid} is in the root cgroup v2: no cgroup of its own to police")
-    with contextlib.suppress(cgroup.CgroupError):
-        if path == cgroup.cgroup_of_pid(os.getpid(), mount=mount):
-            raise HookError(f"container process {pid} shares the runtime's cgroup {path}: refusing to police it")
+    try:
+        own = cgroup.cgroup_of_pid(os.getpid(), mount=mount)
+    except cgroup.CgroupError:
+        own = None
+    if path == own:
+        raise HookError(f"container process {pid} shares the runtime's cgroup {path}: refusing to police it")
     return path
 
 
@@ -200,15 +226,14 @@ def start(state: dict, ann: dict[str, str], log=None) -> dict:
     try:
         att = session.apply(path, compiled, log)
     except BaseException:
-        with contextlib.suppress(OSError):
-            state_path(cid).unlink()
+        _unlink(state_path(cid))
         raise
     record["attachment"] = att.to_dict()
     write_state(cid, record)
     return record
 
 
-def stop(state: dict) -> Path | None:
+def stop(state: dict) -> str | None:
     """poststop: drain events into the report, remove map entries and the state file.
     A container that is already cleaned (or was never policed) is fine."""
     from . import events, report, session  # noqa: PLC0415
@@ -224,15 +249,15 @@ def stop(state: dict) -> Path | None:
         from . import loader  # noqa: PLC0415
         pins = loader.pin_dir()
         drained = session.Drained()
-        if pins.exists():
+        if os.path.exists(pins):
             with PinnedMaps.open(pins) as maps:
                 drained = maps.drain(record["cgid"])
                 maps.unload_policy(record["cgid"], compiled)
     records = events.to_records(drained, compiled, cid)
-    out = report.write(records, settings.log_dir() / f"{cid}.jsonl", drained.dropped, cid, compiled["name"])
+    out = report.write(records, os.path.join(settings.log_dir(), f"{cid}.jsonl"), drained.dropped, cid,
+                       compiled["name"])
     report.syslog_blocked(records)
-    with contextlib.suppress(FileNotFoundError):
-        state_path(cid).unlink()
+    _unlink(state_path(cid))
     return out
 
 
@@ -257,6 +282,14 @@ def _show(value) -> str:
 
 def _fail(msg: str) -> int:
     msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)  # one line, whatever came in
+    if os.environ.get("SAFEDEPLOY_DETACHED"):  # a background poststop: nobody reads stderr
+        try:
+            os.makedirs(settings.log_dir(), exist_ok=True)
+            with open(os.path.join(settings.log_dir(), "hook-errors.log"), "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} safedeploy: {msg}\n")
+        except OSError:
+            pass
+        return 1
     sys.stderr.write(f"safedeploy: {msg}\n")
     sys.stderr.flush()
     return 1

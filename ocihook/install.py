@@ -13,8 +13,8 @@ from pathlib import Path
 from . import cgroup, loader, settings
 from .maps import BPF_DIR
 
-PACKAGING = BPF_DIR.parent / "packaging" / "hooks.d"
-EXAMPLE_POLICY = BPF_DIR.parent / "examples" / "policies" / "example.yaml"
+PACKAGING = Path(BPF_DIR).parent / "packaging" / "hooks.d"
+EXAMPLE_POLICY = Path(BPF_DIR).parent / "examples" / "policies" / "example.yaml"
 DEFAULT_HOOKS_DIR = Path("/usr/share/containers/oci/hooks.d")
 DEFAULT_HOOK_PATH = Path("/usr/local/libexec/safedeploy/safedeploy-hook")
 HOOK_FILES = ("safedeploy-prestart.json", "safedeploy-poststop.json")
@@ -40,14 +40,32 @@ def render_hooks(hook_path: Path) -> dict[str, dict]:
     return out
 
 
+LAUNCHER = """#!/bin/sh
+# safedeploy OCI hook launcher, written by `safedeploy install`.
+# Python without site-packages (the warm path needs only the standard library; the hook
+# turns site-packages on when it must validate a policy or compile programs).
+if [ "$1" = poststop ]; then
+    # Drain in the background, a moment later and at low priority: the runtime waits for
+    # this process, not for the report, and its own teardown keeps the CPU meanwhile.
+    # stdin (the OCI state) goes along through fd 3 (dash points a background job's stdin
+    # at /dev/null otherwise); nothing keeps the runtime's stdout/stderr open.
+    exec 3<&0
+    (sleep 0.3; SAFEDEPLOY_DETACHED=1 exec setsid nice -n 19 {python} -S -E -c {code} "$@") \
+        <&3 3<&- >/dev/null 2>&1 &
+    exit 0
+fi
+exec {python} -S -E -c {code} "$@"
+"""
+
+
 def write_hook_wrapper(hook_path: Path) -> None:
-    """A tiny launcher: this interpreter, ignoring PYTHON* variables, without site-packages
-    (the warm path needs only the standard library; the hook turns site on to validate)."""
+    """The launcher the hooks.d files point at (see LAUNCHER)."""
+    hook_path = Path(hook_path)
     pkg_root = Path(__file__).resolve().parent.parent
     code = f"import sys; sys.path.insert(0, {str(pkg_root)!r}); from ocihook.hook import main; main()"
     hook_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = hook_path.with_name(f".{hook_path.name}.tmp")
-    tmp.write_text(f"#!/bin/sh\nexec {sys.executable} -S -E -c {shlex.quote(code)} \"$@\"\n")
+    tmp.write_text(LAUNCHER.format(python=shlex.quote(sys.executable), code=shlex.quote(code)))
     tmp.chmod(0o755)
     os.replace(tmp, hook_path)
 
@@ -60,14 +78,14 @@ def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, hook_path: Path = DEFAULT_HOOK_
     for name, doc in render_hooks(hook_path).items():
         (hooks_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
         log(f"hooks.d: {hooks_dir / name}")
-    pdir = settings.policy_dir()
+    pdir = Path(settings.policy_dir())
     pdir.mkdir(parents=True, exist_ok=True)
     example = pdir / "example.yaml"
     if not example.exists() and EXAMPLE_POLICY.exists():
         shutil.copyfile(EXAMPLE_POLICY, example)
         log(f"example policy: {example} (use --annotation safedeploy.policy=example)")
     for d in (settings.state_dir(), settings.log_dir()):
-        d.mkdir(parents=True, exist_ok=True)
+        Path(d).mkdir(parents=True, exist_ok=True)
     loader.ensure_bpffs()
     if preload:
         log(f"programs: {loader.ensure_programs(log=log)}")
@@ -82,7 +100,7 @@ def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR, hook_path: Path = DEFAULT_HOO
         hook_path.unlink()
         log(f"removed {hook_path}")
     gc(log=log, keep_current=False)
-    root = settings.bpffs_root()
+    root = Path(settings.bpffs_root())
     left = [v for v in root.iterdir() if v.is_dir()] if root.is_dir() else []
     if left:
         log(f"kept programs {', '.join(v.name for v in left)}: containers are still policed")
@@ -105,11 +123,11 @@ def gc(log=print, keep_current: bool = True) -> int:
     from . import hook  # noqa: PLC0415
     from .maps import PinnedMaps  # noqa: PLC0415
     removed = 0
-    cache = settings.state_dir() / "policy-cache"   # revalidated on next use: cheap to drop
+    cache = Path(settings.state_dir()) / "policy-cache"   # revalidated on next use: cheap to drop
     for entry in cache.glob("*.json") if cache.is_dir() else ():
         entry.unlink(missing_ok=True)
     live = _live_cgroup_ids()
-    sdir = settings.state_dir()
+    sdir = Path(settings.state_dir())
     for path in sorted(sdir.glob("*.json")) if sdir.is_dir() else []:
         try:
             rec = json.loads(path.read_text())
@@ -123,8 +141,8 @@ def gc(log=print, keep_current: bool = True) -> int:
         report = hook.stop({"id": cid})
         log(f"gc: released {cid} (cgroup gone); report {report}")
         removed += 1
-    root = settings.bpffs_root()
-    current = loader.pin_dir()
+    root = Path(settings.bpffs_root())
+    current = Path(loader.pin_dir())
     for ver in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         busy = 0
         if loader.is_pinned(ver):

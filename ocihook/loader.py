@@ -6,16 +6,12 @@ and map under ``$SAFEDEPLOY_BPFFS/<source-hash>/``. Warm path: the pins exist, s
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
 import os
-import re
 import sys
 import time
-from pathlib import Path
 
-from . import bpfsys, cgroup, enable_site_packages, settings
+from . import bpfsys, cgroup, enable_site_packages, settings, sha256_hex
 from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
 
 # bcc program type numbers (enum bpf_prog_type)
@@ -45,35 +41,37 @@ class LoaderError(Exception):
 def source_text() -> str:
     """One translation unit: the header, then every source (bcc rewrites map calls only
     in the main file, so the header is inlined rather than #included)."""
-    parts = [HEADER.read_text()]
+    parts = [_read(HEADER)]
     for name in SOURCES:
-        parts.append(re.sub(r'^#include "safedeploy\.h"\s*$', "", (BPF_DIR / name).read_text(), flags=re.M))
+        lines = _read(os.path.join(BPF_DIR, name)).splitlines()
+        parts.append("\n".join(line for line in lines if line.strip() != '#include "safedeploy.h"'))
     return "\n".join(parts)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def source_hash() -> str:
     """Version of the programs: sources, flags and the running kernel."""
-    h = hashlib.sha256()
-    h.update(source_text().encode())
-    h.update(" ".join(CFLAGS).encode())
-    h.update(os.uname().release.encode())
-    return h.hexdigest()[:16]
+    return sha256_hex(f"{source_text()}\0{' '.join(CFLAGS)}\0{os.uname().release}".encode())[:16]
 
 
-def pin_dir(version: str | None = None) -> Path:
-    return settings.bpffs_root() / (version or source_hash())
+def pin_dir(version: str | None = None) -> str:
+    return os.path.join(settings.bpffs_root(), version or source_hash())
 
 
 def _pin_names() -> list[str]:
     return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in (*MAPS, *RINGBUFS)]
 
 
-def is_pinned(path: Path) -> bool:
-    return all((path / name).exists() for name in _pin_names())
+def is_pinned(path) -> bool:
+    return all(os.path.exists(os.path.join(path, name)) for name in _pin_names())
 
 
-def _bpffs_mounted(path: Path) -> bool:
-    target = str(path.resolve())
+def _bpffs_mounted(path) -> bool:
+    target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
@@ -83,17 +81,17 @@ def _bpffs_mounted(path: Path) -> bool:
     return False
 
 
-def ensure_bpffs() -> Path:
+def ensure_bpffs() -> str:
     """Make sure $SAFEDEPLOY_BPFFS lives on a bpf filesystem (mount one if needed)."""
-    root = settings.bpffs_root()
-    mount_at = root.parent
+    root = settings.bpffs_root().rstrip("/")
+    mount_at = os.path.dirname(root)
     if not _bpffs_mounted(mount_at):
-        mount_at.mkdir(parents=True, exist_ok=True)
+        os.makedirs(mount_at, exist_ok=True)
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.mount(b"bpf", os.fsencode(mount_at), b"bpf", 0, b"mode=0700") != 0:
             err = ctypes.get_errno()
             raise LoaderError(f"cannot mount bpffs at {mount_at}: {os.strerror(err)}")
-    root.mkdir(exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     return root
 
 
@@ -136,7 +134,7 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     return found if len(found) == len(BTF_OFFSETS) else {}
 
 
-def _compile_and_pin(target: Path, log=None) -> None:
+def _compile_and_pin(target: str, log=None) -> None:
     enable_site_packages()
     try:
         from bcc import BPF  # noqa: PLC0415 — the only bcc import, cold path only
@@ -144,7 +142,7 @@ def _compile_and_pin(target: Path, log=None) -> None:
         raise LoaderError(f"bcc is not importable ({e}); install python3-bpfcc") from None
     t0 = time.monotonic()
     if log:
-        log(f"safedeploy: compiling BPF programs {target.name} (first use on this kernel)...")
+        log(f"safedeploy: compiling BPF programs {os.path.basename(target)} (first use on this kernel)...")
     # bcc prints "Unable to find kernel headers" to stdout: keep stdout clean for callers
     saved = os.dup(1)
     try:
@@ -156,17 +154,17 @@ def _compile_and_pin(target: Path, log=None) -> None:
             b = BPF(text=source_text().encode(), cflags=[*CFLAGS, *(f"-D{k}={v}" for k, v in offsets.items())])
         except Exception as e:
             raise LoaderError(f"BPF compile failed ({e}); check kernel headers with 'safedeploy doctor'") from None
-        tmp = target.parent / f"tmp_{os.getpid()}_{int(time.time() * 1000)}"
-        tmp.mkdir()
+        tmp = os.path.join(os.path.dirname(target), f"tmp_{os.getpid()}_{int(time.time() * 1000)}")
+        os.mkdir(tmp)
         try:
             for name, ptype, atype in PROGRAMS:
                 try:
                     fn = b.load_func(name, ptype, attach_type=atype)
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
-                bpfsys.obj_pin(fn.fd, str(tmp / f"prog_{name}"))
+                bpfsys.obj_pin(fn.fd, os.path.join(tmp, f"prog_{name}"))
             for name in (*MAPS, *RINGBUFS):
-                bpfsys.obj_pin(b[name.encode()].map_fd, str(tmp / f"map_{name}"))
+                bpfsys.obj_pin(b[name.encode()].map_fd, os.path.join(tmp, f"map_{name}"))
             try:
                 os.rename(tmp, target)
             except OSError as e:  # someone pinned this version meanwhile (another bpffs user)
@@ -187,7 +185,7 @@ def _compile_and_pin(target: Path, log=None) -> None:
         log(f"safedeploy: programs pinned at {target} in {time.monotonic() - t0:.2f}s")
 
 
-def ensure_programs(log=None) -> Path:
+def ensure_programs(log=None) -> str:
     """The pin directory of the current program version, compiling and pinning it first
     when absent. Safe against parallel callers (flock)."""
     target = pin_dir()
@@ -197,7 +195,7 @@ def ensure_programs(log=None) -> Path:
     with cgroup.locked(root):  # the pins are shared by every state dir: lock where they live
         if is_pinned(target):
             return target
-        if target.exists():  # a partial directory (e.g. pins removed by hand): rebuild
+        if os.path.exists(target):  # a partial directory (e.g. pins removed by hand): rebuild
             import shutil  # noqa: PLC0415
             shutil.rmtree(target, ignore_errors=True)
         _compile_and_pin(target, log)
@@ -207,12 +205,12 @@ def ensure_programs(log=None) -> Path:
 class Programs:
     """Open fds of the pinned programs of one version; attach them to cgroups."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path):
         self.path = path
         self.fds: dict[str, int] = {}
         try:
             for name, _, _ in PROGRAMS:
-                self.fds[name] = bpfsys.obj_get(str(path / f"prog_{name}"))
+                self.fds[name] = bpfsys.obj_get(os.path.join(path, f"prog_{name}"))
         except bpfsys.BpfError as e:
             self.close()
             raise LoaderError(f"programs at {path} are not usable: {e}") from None
@@ -228,7 +226,7 @@ class Programs:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def attach(self, cgroup_path: Path) -> None:
+    def attach(self, cgroup_path) -> None:
         """Attach every program (BPF_F_ALLOW_MULTI); all or nothing."""
         fd = _open_cgroup(cgroup_path)
         done = []
@@ -244,13 +242,15 @@ class Programs:
                 done.append((name, atype))
         except BaseException:
             for name, atype in done:
-                with contextlib.suppress(bpfsys.BpfError):
+                try:
                     bpfsys.prog_detach(self.fds[name], fd, atype)
+                except bpfsys.BpfError:
+                    pass  # best effort: the original error is what matters
             raise
         finally:
             os.close(fd)
 
-    def detach(self, cgroup_path: Path) -> int:
+    def detach(self, cgroup_path) -> int:
         """Detach every program from a cgroup; returns how many were attached."""
         try:
             fd = _open_cgroup(cgroup_path)
@@ -261,7 +261,7 @@ class Programs:
         finally:
             os.close(fd)
 
-    def attached_to(self, cgroup_path: Path) -> int:
+    def attached_to(self, cgroup_path) -> int:
         fd = _open_cgroup(cgroup_path)
         try:
             mine = {bpfsys.prog_id(pfd) for pfd in self.fds.values()}
@@ -270,7 +270,7 @@ class Programs:
             os.close(fd)
 
 
-def _open_cgroup(path: Path) -> int:
+def _open_cgroup(path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:

@@ -7,9 +7,7 @@ what bcc compiled. Nothing here imports bcc.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
-from pathlib import Path
 TYPE_CHECKING = False  # typing is not imported on the hook's hot path
 
 from . import bpfsys
@@ -19,14 +17,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .policy import Policy
 
-BPF_DIR = Path(os.environ.get("SAFEDEPLOY_BPF_SRC", Path(__file__).resolve().parent.parent / "bpf"))
-HEADER = BPF_DIR / "safedeploy.h"
+BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
+HEADER = os.path.join(BPF_DIR, "safedeploy.h")
 
 
-def _read_constants(header: Path) -> dict[str, int]:
+def _read_constants(header: str) -> dict[str, int]:
     """Every ``#define SD_NAME <integer>`` of the header (no regex: this is the hot path)."""
     out = {}
-    for line in header.read_text().splitlines():
+    with open(header) as f:
+        text = f.read()
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[0] == "#define" and parts[1].startswith("SD_"):
             try:
@@ -144,7 +145,9 @@ POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs", "pen
 DYNAMIC_MAPS = ("qnames", "learned", "procs", "pending")  # written by the programs, not from the policy
 
 
-def addr_of(raw) -> ipaddress.IPv6Address:
+def addr_of(raw):
+    """An IPv6Address (v4 as ::ffff:a.b.c.d) from a map's 16 address bytes."""
+    import ipaddress  # noqa: PLC0415 — not needed to load a policy
     return ipaddress.IPv6Address(bytes(raw))
 
 
@@ -253,11 +256,11 @@ class PinnedMaps:
         self.fds = fds
 
     @classmethod
-    def open(cls, pin_dir: Path) -> "PinnedMaps":
+    def open(cls, pin_dir) -> "PinnedMaps":
         fds = {}
         try:
             for name in MAPS:
-                fds[name] = bpfsys.obj_get(str(pin_dir / f"map_{name}"))
+                fds[name] = bpfsys.obj_get(os.path.join(pin_dir, f"map_{name}"))
         except Exception:
             for fd in fds.values():
                 os.close(fd)
@@ -417,7 +420,8 @@ class PinnedMaps:
 
 
 def possible_cpus() -> int:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
     n = 0
     for part in text.split(","):
         lo, _, hi = part.partition("-")

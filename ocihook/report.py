@@ -55,6 +55,7 @@ def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str 
     """Write (or extend: an existing report's lines are merged in) a JSON Lines report:
     one line per (process, destination, verdict), then a summary line."""
     records = list(records)
+    path = Path(path)
     if path.exists():
         old = load_summary(path)
         records = load(path) + records

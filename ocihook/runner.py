@@ -53,7 +53,7 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
             if att is not None:
                 drained = session.release(att, compiled)
     records = events.to_records(drained, compiled, run_id, stop_pids=frozenset({os.getpid()}))
-    out = report_path or settings.log_dir() / f"{run_id}.jsonl"
+    out = report_path or Path(settings.log_dir()) / f"{run_id}.jsonl"
     report.write(records, out, drained.dropped, run_id, policy.name)
     report.syslog_blocked(records)
     return RunResult(returncode, report.aggregate(records), out, run_id, drained.dropped)

@@ -5,9 +5,8 @@ removes whatever was already written or attached.
 """
 from __future__ import annotations
 
-import contextlib
+import os
 import time
-from pathlib import Path
 
 from . import cgroup, loader
 from .maps import C, EventKey, EventVal, PinnedMaps
@@ -16,8 +15,8 @@ from .maps import C, EventKey, EventVal, PinnedMaps
 class Attachment:
     """What apply() did: which cgroup (and id) got which program version."""
 
-    def __init__(self, cgroup: Path, cgid: int, pin_dir: Path, generation: int):
-        self.cgroup, self.cgid, self.pin_dir, self.generation = cgroup, cgid, pin_dir, generation
+    def __init__(self, cgroup, cgid: int, pin_dir, generation: int):
+        self.cgroup, self.cgid, self.pin_dir, self.generation = os.fspath(cgroup), cgid, os.fspath(pin_dir), generation
 
     def to_dict(self) -> dict:
         return {"cgroup": str(self.cgroup), "cgid": self.cgid, "pin_dir": str(self.pin_dir),
@@ -25,13 +24,14 @@ class Attachment:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Attachment":
-        return cls(Path(d["cgroup"]), int(d["cgid"]), Path(d["pin_dir"]), int(d["generation"]))
+        return cls(d["cgroup"], int(d["cgid"]), d["pin_dir"], int(d["generation"]))
 
 
-def apply(cgroup_path: Path, compiled: dict, log=None) -> Attachment:
+def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
     """Load a compiled policy (maps.compile_policy) for cgroup_path and attach the shared
     programs to it."""
-    depth = len(cgroup_path.relative_to(cgroup.cgroup2_mount()).parts)
+    cgroup_path = os.fspath(cgroup_path)
+    depth = len([p for p in os.path.relpath(cgroup_path, cgroup.cgroup2_mount()).split("/") if p not in ("", ".")])
     if depth >= C["SD_MAX_DEPTH"]:
         raise cgroup.CgroupError(f"cgroup {cgroup_path} is {depth} levels deep: the programs look "
                                  f"{C['SD_MAX_DEPTH'] - 1} levels down at most; refusing to leave it unpoliced")
@@ -62,12 +62,15 @@ def release(att: Attachment, compiled: dict | None = None) -> Drained:
     """Detach (if the cgroup still exists), take the events, remove every map entry
     (exactly the compiled policy's keys when given, else found by scanning the shared maps).
     Idempotent: releasing twice returns no events the second time."""
-    if not att.pin_dir.exists():
+    if not os.path.exists(att.pin_dir):
         return Drained()
     with PinnedMaps.open(att.pin_dir) as maps:
-        with contextlib.suppress(loader.LoaderError), loader.Programs(att.pin_dir) as progs:
-            if att.cgroup.exists() and cgroup.cgroup_id(att.cgroup) == att.cgid:
-                progs.detach(att.cgroup)
+        try:
+            with loader.Programs(att.pin_dir) as progs:
+                if os.path.exists(att.cgroup) and cgroup.cgroup_id(att.cgroup) == att.cgid:
+                    progs.detach(att.cgroup)
+        except loader.LoaderError:
+            pass  # programs gone (an old version was removed): nothing left to detach
         out = maps.drain(att.cgid)
         maps.unload_policy(att.cgid, compiled)
         return out

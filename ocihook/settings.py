@@ -1,26 +1,27 @@
-"""Where safedeploy keeps things; every location can be moved by an environment variable."""
+"""Where safedeploy keeps things; every location can be moved by an environment variable.
+
+Paths are plain strings: the hook's hot path does not import pathlib (whose imports, `re`
+and `urllib.parse` among them, cost more than the hook's work)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
-def _path(var: str, default: str) -> Path:
-    return Path(os.environ.get(var) or default)
+def _path(var: str, default: str) -> str:
+    return os.environ.get(var) or default
 
 
-def policy_dir() -> Path:
+def policy_dir() -> str:
     return _path("SAFEDEPLOY_POLICY_DIR", "/etc/safedeploy/policies")
 
 
-def log_dir() -> Path:
+def log_dir() -> str:
     return _path("SAFEDEPLOY_LOG_DIR", "/var/log/safedeploy")
 
 
-def state_dir() -> Path:
+def state_dir() -> str:
     return _path("SAFEDEPLOY_STATE_DIR", "/run/safedeploy")
 
 
-def bpffs_root() -> Path:
+def bpffs_root() -> str:
     return _path("SAFEDEPLOY_BPFFS", "/sys/fs/bpf/safedeploy")
-

@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import time
+from pathlib import Path
 
 from . import bpfsys, events, loader, settings
 from .maps import KIND_NAME, PROTO_NAME, VERDICT_NAME, LiveEvent, PinnedMaps, addr_of
@@ -18,7 +19,7 @@ class WatchError(Exception):
 def _state_files() -> dict[int, dict]:
     """cgroup id -> the hook's state record (container id, compiled policy)."""
     out = {}
-    sdir = settings.state_dir()
+    sdir = Path(settings.state_dir())
     for path in sdir.glob("*.json") if sdir.is_dir() else ():
         try:
             rec = json.loads(path.read_text())
@@ -87,7 +88,7 @@ def watch(target: str | None = None, duration: float | None = None, as_json: boo
                     f"{rec['comm']}  {rec['cmdline'] or ''}  rule {rule}{why}  [{rec['container']}]")
             return 0
 
-        fd = bpfsys.obj_get(str(pins / "map_live"))
+        fd = bpfsys.obj_get(os.path.join(pins, "map_live"))
         cb = _RINGBUF_CB_TYPE(on_event)
         rb = lib.bpf_new_ringbuf(fd, cb, None)
         if not rb:

@@ -1,6 +1,8 @@
 """Real-kernel fixtures: a fresh cgroup under a policy, and a loopback listener."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import kernel_prereqs
@@ -16,7 +18,7 @@ def _kernel():
 @pytest.fixture(scope="session")
 def pins():
     kernel_prereqs()
-    return loader.ensure_programs()
+    return Path(loader.ensure_programs())
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ class Policed:
         self.policy = load_policy_text(policy_text, "<test>")
         if mode:
             self.policy = dataclasses.replace(self.policy, mode=mode)
-        self.path = cgroup.create(f"test-{os.getpid()}-{secrets.token_hex(4)}")
+        self.path = Path(cgroup.create(f"test-{os.getpid()}-{secrets.token_hex(4)}"))
         try:
             self.compiled = compile_policy(self.policy)
             self.att = session.apply(self.path, self.compiled)

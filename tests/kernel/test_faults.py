@@ -25,7 +25,7 @@ def _state(cid, pid):
 
 
 def _container():
-    path = cgroup.create(f"fault-{secrets.token_hex(4)}")
+    path = Path(cgroup.create(f"fault-{secrets.token_hex(4)}"))
     sleeper = subprocess.Popen(["sleep", "60"])
     (path / "cgroup.procs").write_text(str(sleeper.pid))
     return path, sleeper
@@ -86,4 +86,4 @@ def test_full_policy_map_fails_closed_with_a_clear_error(tmp_path, monkeypatch):
             assert sum(1 for k in maps.policed_cgroups() if k < 2**62) == 0   # nothing half-loaded
             assert maps.fill()["cidrs"][0] == 0
     finally:
-        shutil.rmtree(pins.parent, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(pins), ignore_errors=True)

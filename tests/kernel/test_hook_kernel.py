@@ -36,7 +36,7 @@ def test_missing_process_fails_closed(pins):
 
 
 def test_prestart_then_poststop_on_a_real_cgroup(pins):
-    path = cgroup.create(f"hooktest-{os.getpid()}")
+    path = Path(cgroup.create(f"hooktest-{os.getpid()}"))
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (path / "cgroup.procs").write_text(str(child.pid))
@@ -60,7 +60,7 @@ def test_prestart_then_poststop_on_a_real_cgroup(pins):
 
 def test_warm_prestart_imports_no_bcc_typer_jsonschema_or_policy_module(pins, tmp_path):
     """The warm hook path: cached compiled policy, pinned programs, plain bpf(2) calls."""
-    path = cgroup.create(f"hookwarm-{os.getpid()}")
+    path = Path(cgroup.create(f"hookwarm-{os.getpid()}"))
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (path / "cgroup.procs").write_text(str(child.pid))
@@ -94,7 +94,7 @@ def test_launcher_recompiles_missing_programs_with_a_cached_policy(tmp_path, mon
     monkeypatch.setenv("SAFEDEPLOY_BPFFS", str(root))
     hook = tmp_path / "safedeploy-hook"
     install.write_hook_wrapper(hook)
-    path = cgroup.create(f"relaunch-{os.getpid()}")
+    path = Path(cgroup.create(f"relaunch-{os.getpid()}"))
     child = subprocess.Popen(["sleep", "30"])
     try:
         (path / "cgroup.procs").write_text(str(child.pid))

@@ -40,7 +40,7 @@ def test_removed_pins_are_rebuilt_by_the_next_user(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEDEPLOY_BPFFS", str(root))
     try:
         first = loader.ensure_programs()
-        (first / "prog_sd_connect4").unlink()        # someone removed a pin
+        os.unlink(os.path.join(first, "prog_sd_connect4"))   # someone removed a pin
         assert not loader.is_pinned(first)
         again = loader.ensure_programs()
         assert again == first and loader.is_pinned(again)

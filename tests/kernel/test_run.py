@@ -43,7 +43,7 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     pol = tmp_path / "p.yaml"
     pol.write_text(POLICY)
     rep = tmp_path / "r.jsonl"
-    runs = lambda: {d for d in os.listdir(cgroup.cgroup2_mount() / "safedeploy") if d.startswith("run-")}  # noqa: E731
+    runs = lambda: {d for d in os.listdir(Path(cgroup.cgroup2_mount()) / "safedeploy") if d.startswith("run-")}  # noqa: E731
     before = runs()
     res = safedeploy("run", "--policy", str(pol), "--report", str(rep), "--",
                      sys.executable, "-c", SCRIPT % lst.port)

@@ -32,7 +32,7 @@ def hook(tmp_path):
         state_dir = Path(os.environ["SAFEDEPLOY_STATE_DIR"])
         log_dir = Path(os.environ["SAFEDEPLOY_LOG_DIR"])
         policy_dir = Path(os.environ["SAFEDEPLOY_POLICY_DIR"])
-        pins = loader.pin_dir()
+        pins = Path(loader.pin_dir())
     return Hook
 
 

@@ -21,6 +21,20 @@ def podman(*args: str, conf: Path, hooks_dir: Path, timeout: float = 120) -> sub
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def wait_poststop(log_dir: Path, state_dir: Path, pattern: str = "*", timeout: float = 20) -> list[Path]:
+    """The hook's poststop drains in the background: wait for its reports to appear and
+    for the matching state files to go. Returns the reports."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        reports = sorted(Path(log_dir).glob(f"{pattern}.jsonl"))
+        if reports and not list(Path(state_dir).glob(f"{pattern}.json")):
+            return reports
+        if time.monotonic() > deadline:
+            return reports
+        time.sleep(0.05)
+
+
 def containers_conf(path: Path) -> Path:
     path.write_text("[containers]\ndefault_ulimits = []\n")
     return path

@@ -5,7 +5,7 @@ import base64
 import secrets
 
 from ocihook import report
-from rtutil import IMAGE, podman
+from rtutil import IMAGE, podman, wait_poststop
 
 POLICY = """
 version: 1
@@ -27,7 +27,7 @@ def _run(hook, conf, name, *args, annotation=None):
 
 
 def _report(hook, name, conf):
-    files = list(hook.log_dir.glob("*.jsonl"))
+    files = wait_poststop(hook.log_dir, hook.state_dir)
     assert len(files) == 1, files
     return report.load(files[0])
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 import secrets
 import socket
 import subprocess
@@ -11,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ocihook import cgroup, report
 from ocihook import bpfsys
 from ocihook.maps import MAPS, PinnedMaps
-from rtutil import make_bundle, runc_run
+from rtutil import make_bundle, runc_run, wait_poststop
 
 POLICY = """
 version: 1
@@ -49,6 +51,7 @@ def _cid() -> str:
 
 
 def _records(hook, cid):
+    wait_poststop(hook.log_dir, hook.state_dir, cid)
     return report.load(hook.log_dir / f"{cid}.jsonl")
 
 
@@ -140,7 +143,7 @@ def test_twenty_parallel_containers_each_get_their_own_policy(tmp_path, rootfs, 
         blocked = {r["dst_ip"] for r in _records(hook, cid) if r["verdict"] == "blocked"}
         assert blocked == {mine}
     assert not list(hook.state_dir.glob("sdtest-*.json"))
-    assert cgroup.cgroup2_mount().is_dir()
+    assert os.path.isdir(cgroup.cgroup2_mount())
 
 
 def test_500_lifecycles_leave_zero_leaks(tmp_path, rootfs, hook):
@@ -149,10 +152,16 @@ def test_500_lifecycles_leave_zero_leaks(tmp_path, rootfs, hook):
     bundle = make_bundle(tmp_path / "b", rootfs, "echo x | nc 127.0.0.2 9 2>/dev/null; true",
                          annotations={"safedeploy.policy": "rollout"}, hook_path=hook.path, hook_env=hook.env)
     pins_before = sorted(p.name for p in hook.pins.iterdir())
-    cg_root = cgroup.cgroup2_mount()
+    cg_root = Path(cgroup.cgroup2_mount())
     for i in range(500):
         res = runc_run(bundle, f"sdleak-{i}")
         assert res.returncode == 0, (i, res.stderr)
+    wait_poststop(hook.log_dir, hook.state_dir, "sdleak-499")
+    import time
+    for _ in range(200):                       # the background poststops finish
+        if not list(hook.state_dir.glob("*.json")):
+            break
+        time.sleep(0.05)
     assert not list(hook.state_dir.glob("*.json"))
     assert len(list(hook.log_dir.glob("sdleak-*.jsonl"))) == 500
     assert all(r["verdict"] == "blocked" for r in report.load(hook.log_dir / "sdleak-499.jsonl"))

@@ -5,6 +5,7 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_bad_policy_references(tmp_path, value, needle):
 def test_resolve_policy_validates_once_then_uses_cache(tmp_path):
     (tmp_path / "p.yaml").write_text(GOOD)
     first = hook.resolve_policy("p", None, tmp_path)
-    cached = list((hook.settings.state_dir() / "policy-cache").glob("*.json"))
+    cached = list((Path(hook.settings.state_dir()) / "policy-cache").glob("*.json"))
     assert len(cached) == 1
     again = hook.resolve_policy("p", "audit", tmp_path)
     assert again["mode"] == "audit" and again["rules"] == first["rules"] and first["mode"] == "enforce"
@@ -105,7 +106,7 @@ def test_hook_process_without_annotation_exits_0_and_touches_nothing(tmp_path):
     state = {"id": "plain", "pid": 1, "status": "creating", "bundle": str(tmp_path)}
     res = _hook(json.dumps(state).encode(), "prestart")
     assert res.returncode == 0 and res.stderr == b""
-    sd = hook.settings.state_dir()
+    sd = Path(hook.settings.state_dir())
     assert not sd.exists() or not any(sd.iterdir())
 
 
