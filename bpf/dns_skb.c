@@ -145,6 +145,25 @@ static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
     return 0;
 }
 
+static __always_inline void sd_name_start(struct sd_scratch *s, __u32 pos)
+{
+    s->pos = pos;
+    s->out = 0;
+    s->rem = 0;
+    s->done = 0;
+}
+
+/* After a name's last byte: check it, then hash and judge it (*full: the name's hash). */
+static __always_inline int sd_name_end(__u64 cgid, struct sd_scratch *s, __u64 *full)
+{
+    __u32 len = s->out;
+    if (!s->done || len == 0 || len > SD_NAME_MAX)
+        return 0;
+    s->q.len = len;
+    *full = sd_hash_name(cgid, s, len);
+    return 1;
+}
+
 /* Parse the question name at off (no compression allowed there) into s->q and judge it.
  * Returns the name's wire length, or 0 when it cannot be parsed (compression in the
  * question, bad or over-long labels, a dot inside a label, truncation). */
@@ -160,10 +179,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
     n += 1;
     if (bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
         return 0;
-    s->pos = 0;
-    s->out = 0;
-    s->rem = 0;
-    s->done = 0;
+    sd_name_start(s, 0);
     for (int i = 0; i < SD_NAME_BUF; i++) {
         __u32 pos = s->pos;
         if (pos >= n)
@@ -175,12 +191,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
             break;
         }
     }
-    __u32 len = s->out;
-    if (!s->done || len == 0 || len > SD_NAME_MAX)
-        return 0;
-    s->q.len = len;
-    *full = sd_hash_name(cgid, s, len);
-    return s->pos;
+    return sd_name_end(cgid, s, full) ? s->pos : 0;
 }
 
 /* Parse a possibly compressed name at off (an answer's owner name) into s->q and judge
@@ -190,10 +201,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
 static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off, __u32 off, __u64 cgid,
                                             struct sd_scratch *s)
 {
-    s->pos = off;
-    s->out = 0;
-    s->rem = 0;
-    s->done = 0;
+    sd_name_start(s, off);
     s->skipped = 0; /* pointers followed */
     for (int i = 0; i < SD_NAME_BUF + SD_MAX_JUMPS; i++) {
         __u32 pos = s->pos;
@@ -218,12 +226,8 @@ static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off
             break;
         }
     }
-    __u32 len = s->out;
-    if (!s->done || len == 0 || len > SD_NAME_MAX)
-        return 0;
-    s->q.len = len;
-    sd_hash_name(cgid, s, len);
-    return 1;
+    __u64 full;
+    return sd_name_end(cgid, s, &full);
 }
 
 static __always_inline void sd_remember_name(__u64 cgid, struct sd_scratch *s, __u32 name_id)
