@@ -1,22 +1,30 @@
 """Benchmark: what it costs to put a cgroup under a policy.
 
-One run measures, all against a throwaway pin root ``/sys/fs/bpf/sdbench_<pid>`` (removed at
-the end; the real ``/sys/fs/bpf/safedeploy`` is never touched):
+One run measures, all against a throwaway pin root ``/sys/fs/bpf/sdbench_<pid>`` and state
+dir (common.Sandbox; removed at the end, the real ``/sys/fs/bpf/safedeploy`` is never touched):
 
   cold     first compile + pin of the programs, in a fresh interpreter per sample (so the
            bcc import is counted), pins removed before every sample
-  warm     session.apply / session.release in this process, pins present, a fresh cgroup
-           per sample, policies of 1, 100 and 10 000 CIDR rules (map entries only, no traffic)
-  fresh    what an OCI prestart hook pays: a fresh interpreter that imports only the warm path,
-           reloads a cached policy and applies it (wall time, interpreter start included);
-           it must not import bcc
+  policy   load_policy_text (parse + jsonschema + normalisation) and maps.compile_policy
+           (the kernel form the hook caches) for 1, 100 and 10 000 CIDR rules: the cold
+           path of a new policy document, not the warm path
+  warm     session.apply / session.release of the compiled dict in this process, pins
+           present, a fresh cgroup per sample, the same three policy sizes (map entries
+           only, no traffic)
   shared   1-rule apply/release while another cgroup holds the 10 000-rule policy (the maps
            are shared by every policed cgroup)
-  baseline a bare ``python -c pass`` (and ``python -S -c pass``) with the same interpreter,
-           interleaved with "fresh"
+  fresh    what the OCI hook's warm prestart does, as the hook does it: an interpreter
+           started like the launcher (``python -S -E``, the repository put on sys.path),
+           ``ocihook.hook.resolve_policy`` of a named policy (sha256 of the document, the
+           compiled dict read from ``$SAFEDEPLOY_STATE_DIR/policy-cache/<sha256>.json``),
+           then ``session.apply`` on the cgroup's path as a string; wall time from the parent,
+           interpreter start included. The child fails loudly if bcc was imported, or if the
+           policy module was (a cache miss: the cold path ran); the note column lists the
+           heavier stdlib modules that were imported after all (pathlib, json, re, hashlib)
+  baseline ``python -S -E -c pass`` (the launcher's flags) and ``python -E -c pass``
+           (with site), same interpreter, interleaved with "fresh"
 
-Children get an up-to-date bytecode cache (PYTHONPYCACHEPREFIX in the throwaway state dir,
-primed once) like an installed hook, whatever PYTHONDONTWRITEBYTECODE says.
+Policies are common.policy_text: default allow, deny 127.0.0.2/32 and /24s in 10.0.0.0/8.
 
 Usage: .venv/bin/python bench/apply.py     (root; cgroup v2, bpffs, bcc)
 Progress goes to stderr, the table to stdout, everything to bench/results/apply.json.
@@ -25,30 +33,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import now_ns, print_table, progress, summary_ms, timed, write_results  # noqa: E402
+from common import (REPO, MsTable, Sandbox, begin, policy_text, progress, remove_pin_root, rules,  # noqa: E402
+                    run_timed, temp_cgroup, timed, write_results)
 
-from ocihook import cgroup, loader, maps, session  # noqa: E402
+from ocihook import cgroup, hook, loader, maps, session  # noqa: E402
 from ocihook.policy import load_policy_text  # noqa: E402
 
 COLD_SAMPLES = 3
 WARM_SAMPLES = 20  # per policy size, after one discarded warm-up
-PARSE_SAMPLES = 3  # load_policy_text per policy size
-FRESH_SAMPLES = 20  # fresh-interpreter applies, each paired with a baseline interpreter start
+PARSE_SAMPLES = 3  # load_policy_text / compile_policy per policy size
+FRESH_SAMPLES = 20  # fresh-interpreter applies, each with the baseline interpreter starts
 RULE_COUNTS = (1, 100, 10_000)
 TARGET_FRESH_MS = 60  # warm prestart, wall time including interpreter start
+FRESH_POLICY = "bench-apply"  # the annotation value: a policy file in $SAFEDEPLOY_POLICY_DIR
 
-BPFFS = Path("/sys/fs/bpf")
 PY = sys.executable
+HOOK_FLAGS = ["-S", "-E"]  # what ocihook.install.write_hook_wrapper's launcher runs
 
-# A cold sample: import bcc and compile + pin into the (empty) pin root.
+# A cold sample: import bcc and compile + pin into the (empty) pin root. Needs site (bcc).
 COLD_CHILD = r"""
 import time
 t0 = time.perf_counter_ns()
@@ -64,63 +70,44 @@ t3 = time.perf_counter_ns()
 print(json.dumps({"t0": t0, "import_ocihook": t1 - t0, "import_bcc": t2 - t1, "compile_pin": t3 - t2}))
 """
 
-# A warm prestart: only what the hook needs, a cached (normalised) policy, one apply.
+# A warm prestart as the hook does it (argv: repo, cgroup, annotation value): string paths,
+# nothing imported that the hook does not import (its output is formatted by hand: no json).
 WARM_CHILD = r"""
 import time
 t0 = time.perf_counter_ns()
-import json, sys
-from pathlib import Path
-from ocihook import session
-from ocihook.policy import load_policy_trusted
+import sys
+sys.path.insert(0, sys.argv[1])
+from ocihook import hook, session
 t1 = time.perf_counter_ns()
-att = session.apply(Path(sys.argv[1]), load_policy_trusted(sys.argv[2], "bench"))
+compiled = hook.resolve_policy(sys.argv[3])
 t2 = time.perf_counter_ns()
+session.apply(sys.argv[2], compiled)
+t3 = time.perf_counter_ns()
+import os
 bcc = sorted(m for m in sys.modules if m == "bcc" or m.startswith("bcc."))
 if bcc:
-    sys.exit(f"FAIL: the warm path imported bcc: {bcc}")
-heavy = [m for m in ("jsonschema", "yaml", "typer", "pyroute2", "dnslib") if m in sys.modules]
-print(json.dumps({"t0": t0, "imports": t1 - t0, "apply": t2 - t1, "heavy": heavy,
-                  "modules": len(sys.modules)}), flush=True)
+    sys.stderr.write(f"FAIL: the warm path imported bcc: {bcc}\n")
+    os._exit(3)
+cold = [m for m in ("ocihook.policy", "site", "jsonschema", "yaml") if m in sys.modules]
+if cold:
+    sys.stderr.write(f"FAIL: the warm path took the cold path (policy cache missed?): {cold}\n")
+    os._exit(4)
+heavy = [m for m in ("typer", "pyroute2", "dnslib", "pathlib", "json", "re", "hashlib") if m in sys.modules]
+sys.stdout.write('{"t0": %d, "imports": %d, "cache": %d, "apply": %d, "modules": %d, "heavy": [%s]}\n'
+                 % (t0, t1 - t0, t2 - t1, t3 - t2, len(sys.modules), ", ".join('"%s"' % m for m in heavy)))
+sys.stdout.flush()
+os._exit(0)  # as hook.main does: skip interpreter teardown
 """
 
-# Compiles (into PYTHONPYCACHEPREFIX) every module the children import.
-PRIME_CHILD = "import json, bcc; from ocihook import loader, session, policy"
+# Compiles (into PYTHONPYCACHEPREFIX) what the cold children import.
+PRIME_CHILD = "import json, bcc; from ocihook import loader"
 
 
 def run_child(args: list[str]) -> tuple[dict | None, int, int]:
-    """Run a child interpreter; (its JSON line or None, start ns, wall ns). Fails loudly."""
-    start = now_ns()
-    proc = subprocess.run(args, capture_output=True, text=True)
-    wall = now_ns() - start
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"bench/apply.py: child failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
-    out = proc.stdout.strip()
+    """Run a child interpreter; (its last stdout line as JSON or None, start ns, wall ns)."""
+    proc, start, wall = run_timed(args)
+    out = proc.stdout.decode().strip()
     return (json.loads(out.splitlines()[-1]) if out else None), start, wall
-
-
-def remove_pin_root(root: Path) -> None:
-    """Unlink every pin under root and rmdir the directories (only sdbench_* roots)."""
-    if root.parent != BPFFS or not root.name.startswith("sdbench_"):
-        raise RuntimeError(f"refusing to remove {root}")
-    if not root.exists():
-        return
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            os.unlink(os.path.join(dirpath, name))
-        for name in dirnames:
-            os.rmdir(os.path.join(dirpath, name))
-    os.rmdir(root)
-
-
-def rules(n) -> str:
-    return f"{int(n):,} rule" + ("" if int(n) == 1 else "s")
-
-
-def policy_text(n: int) -> str:
-    """n CIDR rules: 127.0.0.0/8, then distinct /24s inside 10.0.0.0/8."""
-    allow = ["127.0.0.0/8"] + [f"10.{i >> 8}.{i & 255}.0/24" for i in range(n - 1)]
-    return json.dumps({"version": 1, "name": f"bench-{n}", "mode": "enforce", "default": "deny", "allow": allow})
 
 
 # -- the steps -------------------------------------------------------------------------------
@@ -143,193 +130,193 @@ def bench_cold(root: Path) -> dict:
             "compile_pin": compile_pin}
 
 
-def apply_release_once(name: str, policy, check: bool) -> tuple[int, int]:
+def bench_policies() -> tuple[dict, dict]:
+    """Parse + validate, then compile, each policy size: {n: compiled}, {step: samples}."""
+    compiled, times = {}, {"parse": {}, "compile": {}}
+    _, first = timed(load_policy_text, policy_text(1), "bench-first")
+    progress(f"policy parse: first use {first / 1e6:.1f} ms (imports jsonschema, yaml); "
+             f"then {PARSE_SAMPLES} samples per size of load_policy_text and compile_policy")
+    times["parse_first_use"] = [first]
+    for n in RULE_COUNTS:
+        times["parse"][str(n)], times["compile"][str(n)] = [], []
+        for _ in range(PARSE_SAMPLES):
+            policy, t = timed(load_policy_text, policy_text(n), f"bench-{n}")
+            times["parse"][str(n)].append(t)
+            compiled[n], t = timed(maps.compile_policy, policy)
+            times["compile"][str(n)].append(t)
+    return compiled, times
+
+
+def apply_release_once(name: str, compiled: dict, check: bool) -> tuple[int, int]:
     """Fresh cgroup, apply, release, remove; (apply ns, release ns)."""
-    cg = cgroup.create(name)
-    try:
-        att, t_apply = timed(session.apply, cg, policy)
+    with temp_cgroup(name) as cg:
+        att, t_apply = timed(session.apply, cg, compiled)
         try:
             if check:  # prove the apply did something (outside the timings)
                 with loader.Programs(att.pin_dir) as progs:
                     if progs.attached_to(cg) != len(loader.PROGRAMS):
                         raise SystemExit(f"bench/apply.py: programs not attached to {cg}")
         finally:
-            _, t_release = timed(session.release, att)
+            drained, t_release = timed(session.release, att, compiled)
         if check:
+            if not isinstance(drained, session.Drained):
+                raise SystemExit(f"bench/apply.py: session.release returned {type(drained).__name__}")
             with maps.PinnedMaps.open(att.pin_dir) as m:
                 if m.entries_of(att.cgid):
                     raise SystemExit(f"bench/apply.py: release left map entries of {cg}")
         return t_apply, t_release
-    finally:
-        cgroup.remove(cg)
 
 
-def parse_policies() -> tuple[dict, dict]:
-    """Parse + validate each policy size (not part of apply: the hook reloads a cached policy)."""
-    policies, times = {}, {}
-    _, first = timed(load_policy_text, policy_text(1), "bench-first")
-    progress(f"policy parse: first use {first / 1e6:.1f} ms (imports jsonschema, yaml); "
-             f"then {PARSE_SAMPLES} samples per size")
-    for n in RULE_COUNTS:
-        samples = []
-        for _ in range(PARSE_SAMPLES):
-            policies[n], t = timed(load_policy_text, policy_text(n), f"bench-{n}")
-            samples.append(t)
-        times[str(n)] = samples
-    return policies, {"first_use": [first], **times}
+def apply_release_series(label: str, tag: str, compiled: dict) -> tuple[list[int], list[int]]:
+    progress(f"{label}: 1 warm-up + {WARM_SAMPLES} samples")
+    applies, releases = [], []
+    for i in range(WARM_SAMPLES + 1):
+        t_apply, t_release = apply_release_once(f"sdbench-{os.getpid()}-{tag}-{i}", compiled, check=(i == 0))
+        if i:
+            applies.append(t_apply)
+            releases.append(t_release)
+    return applies, releases
 
 
-def bench_warm(policies: dict) -> dict:
+def bench_warm(compiled: dict) -> dict:
     out = {}
-    for n, policy in policies.items():
-        entries = len(maps.cidr_entries(policy, 0))
-        progress(f"warm apply/release, {rules(n)} ({entries} map entries): 1 warm-up + {WARM_SAMPLES} samples")
-        applies, releases = [], []
-        for i in range(WARM_SAMPLES + 1):
-            t_apply, t_release = apply_release_once(f"sdbench-{os.getpid()}-{n}-{i}", policy, check=(i == 0))
-            if i:
-                applies.append(t_apply)
-                releases.append(t_release)
+    for n, c in compiled.items():
+        entries = len(c["cidrs"])
+        applies, releases = apply_release_series(f"warm apply/release, {rules(n)} ({entries} map entries)",
+                                                 str(n), c)
         out[str(n)] = {"rules": n, "map_entries": entries, "apply": applies, "release": releases}
     return out
 
 
-def bench_shared(policies: dict) -> dict:
+def bench_shared(compiled: dict) -> dict:
     """1-rule apply/release while another cgroup holds the biggest policy: the maps are shared
     by every policed cgroup, so this is what a small container pays next to a big one."""
-    big_n = max(policies)
-    progress(f"shared maps: 1-rule apply/release next to a cgroup with {rules(big_n)}: "
-             f"1 warm-up + {WARM_SAMPLES} samples")
-    big = cgroup.create(f"sdbench-{os.getpid()}-big")
-    try:
-        att = session.apply(big, policies[big_n])
+    big_n = max(compiled)
+    with temp_cgroup(f"sdbench-{os.getpid()}-big") as big:
+        att = session.apply(big, compiled[big_n])
         try:
-            applies, releases = [], []
-            for i in range(WARM_SAMPLES + 1):
-                t_apply, t_release = apply_release_once(f"sdbench-{os.getpid()}-shared-{i}", policies[1],
-                                                        check=(i == 0))
-                if i:
-                    applies.append(t_apply)
-                    releases.append(t_release)
+            applies, releases = apply_release_series(
+                f"shared maps: 1-rule apply/release next to a cgroup with {rules(big_n)}", "shared", compiled[1])
         finally:
-            session.release(att)
-    finally:
-        cgroup.remove(big)
+            session.release(att, compiled[big_n])
     return {"neighbour_rules": big_n, "apply": applies, "release": releases}
 
 
-def bench_fresh(policy) -> dict:
-    policy_json = policy.to_json()
-    baseline, nosite, walls, interp, imports, applies, tail = [], [], [], [], [], [], []
-    heavy, modules = [], 0
+def bench_fresh(sandbox: Sandbox) -> dict:
+    """The hook's warm prestart in a fresh interpreter, with baselines interleaved."""
+    policy_dir = Path(os.environ["SAFEDEPLOY_POLICY_DIR"])
+    policy_dir.mkdir(parents=True, exist_ok=True)
+    (policy_dir / f"{FRESH_POLICY}.json").write_text(policy_text(1))
+    compiled = hook.resolve_policy(FRESH_POLICY)  # validates and writes the cache, as a first hook run does
+    cache = list((sandbox.state / "policy-cache").glob("*.json"))
+    if len(cache) != 1:
+        raise SystemExit(f"bench/apply.py: expected one cached compiled policy, found {cache}")
+    progress(f"policy cache: {cache[0].name} ({cache[0].stat().st_size} bytes)")
     pins = loader.pin_dir()
-    for i in range(FRESH_SAMPLES):
-        progress(f"fresh interpreter: sample {i + 1}/{FRESH_SAMPLES} (baselines 'python -c pass', "
-                 f"'python -S -c pass', then warm apply)")
-        _, _, wall = run_child([PY, "-c", "pass"])
-        baseline.append(wall)
-        _, _, wall = run_child([PY, "-S", "-c", "pass"])
-        nosite.append(wall)
-        cg = cgroup.create(f"sdbench-{os.getpid()}-fresh-{i}")
-        try:
-            out, start, wall = run_child([PY, "-c", WARM_CHILD, str(cg), policy_json])
-        finally:
-            try:  # release whatever the child attached (release does not need the generation)
-                session.release(session.Attachment(cg, cgroup.cgroup_id(cg), pins, 0))
-            finally:
-                cgroup.remove(cg)
-        walls.append(wall)
-        interp.append(out["t0"] - start)
-        imports.append(out["imports"])
-        applies.append(out["apply"])
-        tail.append(wall - (out["t0"] - start) - out["imports"] - out["apply"])
+    samples = {k: [] for k in ("baseline", "baseline_site", "wall", "interpreter_start", "imports", "cache",
+                               "apply", "exit")}
+    heavy, modules = [], 0
+    for i in range(FRESH_SAMPLES + 1):  # sample 0: warm-up (writes the bytecode the launcher would)
+        progress(f"fresh interpreter: {'warm-up' if i == 0 else f'sample {i}/{FRESH_SAMPLES}'} (baselines "
+                 f"'python -E -c pass', 'python -S -E -c pass', then the hook's warm prestart)")
+        _, _, base_site = run_child([PY, "-E", "-c", "pass"])
+        _, _, base = run_child([PY, *HOOK_FLAGS, "-c", "pass"])
+        with temp_cgroup(f"sdbench-{os.getpid()}-fresh-{i}") as cg:
+            try:
+                out, start, wall = run_child([PY, *HOOK_FLAGS, "-c", WARM_CHILD, str(REPO), str(cg), FRESH_POLICY])
+            finally:  # release whatever the child attached (release does not need the generation)
+                session.release(session.Attachment(cg, cgroup.cgroup_id(cg), pins, 0), compiled)
+        if i == 0:
+            continue
+        samples["baseline"].append(base)
+        samples["baseline_site"].append(base_site)
+        samples["wall"].append(wall)
+        samples["interpreter_start"].append(out["t0"] - start)
+        for k in ("imports", "cache", "apply"):
+            samples[k].append(out[k])
+        samples["exit"].append(wall - (out["t0"] - start) - out["imports"] - out["cache"] - out["apply"])
         heavy, modules = out["heavy"], out["modules"]
-    return {"baseline": baseline, "baseline_no_site": nosite, "wall": walls, "interpreter_start": interp,
-            "imports": imports, "apply": applies, "exit": tail, "heavy_modules": heavy, "modules": modules}
+    return {**samples, "heavy_modules": heavy, "modules": modules, "cache_file": cache[0].name}
 
 
 # -- report ----------------------------------------------------------------------------------
 
 
-def report(cold: dict, parse: dict, warm: dict, shared: dict, fresh: dict) -> dict:
-    rows, summaries = [], {}
-
-    def row(key: str, label: str, samples: list[int], note: str = "") -> dict:
-        s = summary_ms(samples)
-        summaries[key] = s
-        rows.append([label, s["n"], s["min"], s["median"], s["p90"], s["max"], note])
-        return s
-
-    cold_s = row("cold.wall", "cold: compile+pin, fresh interpreter (wall)", cold["wall"])
-    row("cold.interpreter_start", "  interpreter start", cold["interpreter_start"])
-    row("cold.import_bcc", "  import bcc", cold["import_bcc"])
-    row("cold.compile_pin", "  compile + pin", cold["compile_pin"])
+def report(cold: dict, policies: dict, warm: dict, shared: dict, fresh: dict) -> dict:
+    t = MsTable()
+    cold_s = t.row("cold.wall", "cold: compile+pin, fresh interpreter (wall)", cold["wall"])
+    t.row("cold.interpreter_start", "  interpreter start", cold["interpreter_start"])
+    t.row("cold.import_bcc", "  import bcc", cold["import_bcc"])
+    t.row("cold.compile_pin", "  compile + pin", cold["compile_pin"])
+    t.row("parse.first_use", "policy parse, first use", policies["parse_first_use"], "imports jsonschema, yaml")
+    for n in warm:
+        t.row(f"parse.{n}", f"policy parse+validate, {rules(n)}", policies["parse"][n], "load_policy_text")
+        t.row(f"compile.{n}", f"policy compile, {rules(n)}", policies["compile"][n], "compile_policy")
     for n, w in warm.items():
         e = f"{w['map_entries']:,} entries"
-        row(f"warm.{n}.apply", f"warm apply, {rules(n)}", w["apply"], e)
-        row(f"warm.{n}.release", f"warm release, {rules(n)}", w["release"], e)
+        t.row(f"warm.{n}.apply", f"warm apply, {rules(n)}", w["apply"], e)
+        t.row(f"warm.{n}.release", f"warm release, {rules(n)}", w["release"], e)
     big = rules(shared["neighbour_rules"])
-    row("shared.apply", f"warm apply, 1 rule, next to {big}", shared["apply"])
-    row("shared.release", f"warm release, 1 rule, next to {big}", shared["release"], "scans shared map")
-    row("parse.first_use", "policy parse, first use", parse["first_use"], "imports jsonschema")
-    for n in warm:
-        row(f"parse.{n}", f"policy parse+validate, {rules(n)}", parse[n], "load_policy_text")
-    base_s = row("baseline", "baseline: python -c pass (wall)", fresh["baseline"])
-    row("baseline_no_site", "baseline: python -S -c pass (wall)", fresh["baseline_no_site"], "no site/.pth")
-    fresh_s = row("fresh.wall", "warm prestart, fresh interpreter (wall)", fresh["wall"], "1 rule, no bcc")
-    row("fresh.interpreter_start", "  interpreter start", fresh["interpreter_start"])
-    row("fresh.imports", "  imports", fresh["imports"], ", ".join(fresh["heavy_modules"]) or "no heavy deps")
-    row("fresh.apply", "  policy reload + apply", fresh["apply"])
-    row("fresh.exit", "  output + interpreter exit", fresh["exit"])
+    t.row("shared.apply", f"warm apply, 1 rule, next to {big}", shared["apply"])
+    t.row("shared.release", f"warm release, 1 rule, next to {big}", shared["release"])
+    t.row("baseline_site", "baseline: python -E -c pass (wall)", fresh["baseline_site"], "with site")
+    base_s = t.row("baseline", "baseline: python -S -E -c pass (wall)", fresh["baseline"], "launcher's flags")
+    fresh_s = t.row("fresh.wall", "warm prestart, fresh interpreter (wall)", fresh["wall"],
+                    "no bcc; " + (", ".join(fresh["heavy_modules"]) or "no pathlib/json/re"))
+    t.row("fresh.interpreter_start", "  interpreter start", fresh["interpreter_start"])
+    t.row("fresh.imports", "  import ocihook.hook, ocihook.session", fresh["imports"],
+          f"{fresh['modules']} modules in all")
+    t.row("fresh.cache", "  resolve_policy (cached compiled dict)", fresh["cache"])
+    t.row("fresh.apply", "  session.apply", fresh["apply"])
+    t.row("fresh.exit", "  output + os._exit", fresh["exit"])
+    t.print()
 
-    print_table(["benchmark (ms)", "n", "min", "median", "p90", "max", "note"], rows)
-    warm1 = summaries["warm.1.apply"]["median"]
+    s = t.summaries
+    warm1 = s["warm.1.apply"]["median"]
     derived = {
         "cold_wall_over_fresh_wall": cold_s["median"] / fresh_s["median"],
-        "compile_pin_over_warm_apply_1": summaries["cold.compile_pin"]["median"] / warm1,
+        "compile_pin_over_warm_apply_1": s["cold.compile_pin"]["median"] / warm1,
         "fresh_over_baseline": fresh_s["median"] / base_s["median"],
         "fresh_minus_baseline_ms": fresh_s["median"] - base_s["median"],
+        "shared_release_over_alone": s["shared.release"]["median"] / s["warm.1.release"]["median"],
         "fresh_target_ms": TARGET_FRESH_MS,
         "fresh_meets_target": fresh_s["median"] < TARGET_FRESH_MS,
     }
+    d = derived
     print()
-    print(f"cold wall / warm prestart wall (fresh interpreters): {derived['cold_wall_over_fresh_wall']:,.1f}x")
-    print(f"compile+pin / warm apply of 1 rule (in process):     {derived['compile_pin_over_warm_apply_1']:,.0f}x")
-    print(f"warm prestart wall / bare interpreter start:         {derived['fresh_over_baseline']:.2f}x "
-          f"(+{derived['fresh_minus_baseline_ms']:.1f} ms)")
-    verdict = "meets" if derived["fresh_meets_target"] else "MISSES"
+    print(f"cold wall / warm prestart wall (fresh interpreters): {d['cold_wall_over_fresh_wall']:,.1f}x")
+    print(f"compile+pin / warm apply of 1 rule (in process):     {d['compile_pin_over_warm_apply_1']:,.0f}x")
+    print(f"warm prestart wall / python -S -E -c pass:           {d['fresh_over_baseline']:.2f}x "
+          f"(+{d['fresh_minus_baseline_ms']:.1f} ms)")
+    print(f"1-rule release next to {big} / alone:        {d['shared_release_over_alone']:.2f}x")
+    verdict = "meets" if d["fresh_meets_target"] else "MISSES"
     print(f"warm prestart median {fresh_s['median']:.1f} ms {verdict} the < {TARGET_FRESH_MS} ms target")
-    return {"summary_ms": summaries, "derived": derived}
+    return {"summary_ms": s, "derived": derived}
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        raise SystemExit("bench/apply.py: needs root (cgroups, bpf)")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (cleanup)
-    root = BPFFS / f"sdbench_{os.getpid()}"
-    state = Path(tempfile.mkdtemp(prefix="sdbench_state_"))
-    os.environ["SAFEDEPLOY_BPFFS"] = str(root)  # read at call time, inherited by the children
-    os.environ["SAFEDEPLOY_STATE_DIR"] = str(state)
-    # Children run with up-to-date bytecode, as an installed hook would, even when the caller
-    # sets PYTHONDONTWRITEBYTECODE and sources are being edited (a stale .pyc means a recompile).
+    begin("apply.py", "cgroups, bpf")
+    sandbox = Sandbox("apply", compile=False)
+    os.environ["SAFEDEPLOY_POLICY_DIR"] = str(sandbox.state / "policies")
+    # The cold children (site on, so no -E) get an up-to-date bytecode cache of their own even
+    # when the caller sets PYTHONDONTWRITEBYTECODE and sources are being edited. The warm
+    # children run with -E like the launcher, so they use the normal __pycache__ as the hook does.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(state / "pycache")
-    progress(f"pin root {root}, state dir {state}")
+    os.environ["PYTHONPYCACHEPREFIX"] = str(sandbox.state / "pycache")
     try:
-        progress("priming the children's bytecode cache (not measured)")
+        progress("priming the cold children's bytecode cache (not measured)")
         run_child([PY, "-c", PRIME_CHILD])
-        cold = bench_cold(root)
-        policies, parse = parse_policies()
-        warm = bench_warm(policies)
-        shared = bench_shared(policies)
-        fresh = bench_fresh(policies[1])
+        cold = bench_cold(sandbox.root)
+        sandbox.compile()  # pinned by the last cold sample
+        compiled, policies = bench_policies()
+        warm = bench_warm(compiled)
+        shared = bench_shared(compiled)
+        fresh = bench_fresh(sandbox)
     finally:
-        remove_pin_root(root)
-        shutil.rmtree(state, ignore_errors=True)
-        progress(f"removed {root} and {state}")
-    results = report(cold, parse, warm, shared, fresh)
-    path = write_results("apply", {"pin_version": loader.source_hash(), "samples_ns": {
-        "cold": cold, "parse": parse, "warm": warm, "shared": shared, "fresh": fresh}, **results})
+        sandbox.close()
+    results = report(cold, policies, warm, shared, fresh)
+    path = write_results("apply", {"pin_version": sandbox.pin_version, "samples_ns": {
+        "cold": cold, "policies": policies, "warm": warm, "shared": shared, "fresh": fresh}, **results})
     progress(f"results in {path}")
     return 0
 

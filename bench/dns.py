@@ -18,8 +18,9 @@ and two client cgroups (``<cgroup2>/safedeploy/sdbench-<pid>-*``):
               learned for its TTL), and sendto() goes through the sendmsg4 program.
 
 One long-lived client process (a Worker) per (cgroup, server). A round is one turn of
-QUERIES_PER_TURN queries of every client, the order rotating; WARMUP_ROUNDS rounds are not
-counted, then ROUNDS rounds (ROUNDS x QUERIES_PER_TURN queries per client). Ratios are per
+QUERIES_PER_TURN queries of every client, in a shuffled order: ROUNDS rounds (ROUNDS x
+QUERIES_PER_TURN queries per client) in EPOCHS epochs, each with fresh client processes
+and WARMUP_ROUNDS uncounted rounds first. Ratios are per
 round (median round trip of the policed turn / of the unpoliced turn to the same server),
 summarised by their median and a bootstrap 95% interval.
 
@@ -29,7 +30,7 @@ measuring, the programs' DNS events must add up to the queries made, and the ans
 address must be in the learned map for the policed cgroup. A last pass with BPF run-time
 statistics on gives runs and ns per query, per program.
 
-Everything BPF runs against a throwaway pin root and state dir (connect.Sandbox), removed at
+Everything BPF runs against a throwaway pin root and state dir (common.Sandbox), removed at
 the end with the cgroups and processes.
 
 Usage: .venv/bin/python bench/dns.py     (root; cgroup v2, bpffs, bcc, dnslib)
@@ -39,18 +40,15 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, percentile, print_table, progress, write_results  # noqa: E402
-from connect import (Sandbox, Worker, bpf_stats, describe_netfilter, git_state, netfilter_state,  # noqa: E402
-                     paired, prog_stats, rotated, run_in, start_server, stats_delta)
-from connect import stop_server  # noqa: E402
+from common import (Sandbox, Worker, begin, close_all, describe_netfilter, median,  # noqa: E402
+                    netfilter_state, paired, percentile, print_table, progress, run_in, run_rounds, start_server,
+                    stop_server, with_stats, write_results)
 
 from dnslib import QTYPE, RR, A, DNSRecord  # noqa: E402
 from dnslib.server import BaseResolver, DNSLogger, DNSServer  # noqa: E402
@@ -62,9 +60,10 @@ ANSWER = "127.0.0.80"
 TTL = 300
 OTHER = "other.bench.internal"  # not in the policy: denied by default
 SERVERS = {"dnslib": "127.0.0.153", "static": "127.0.0.154"}
-ROUNDS = 40
-QUERIES_PER_TURN = 100  # ROUNDS * QUERIES_PER_TURN = 4 000 queries per client
-WARMUP_ROUNDS = 2
+ROUNDS = 80
+QUERIES_PER_TURN = 100  # ROUNDS * QUERIES_PER_TURN = 8 000 queries per client
+EPOCHS = 4  # fresh client processes every ROUNDS / EPOCHS rounds
+WARMUP_ROUNDS = 1  # per epoch, not counted
 STATS_TURNS = 10
 TIMEOUT_S = 2.0
 
@@ -162,9 +161,7 @@ def learned_entry(pins: Path, cgid: int) -> dict | None:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        raise SystemExit("bench/dns.py: needs root (cgroups, bpf, port 53)")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (cleanup)
+    begin("dns.py", "cgroups, bpf, port 53")
     servers = {}
     sandbox = None
     workers: dict[tuple[str, str], Worker] = {}
@@ -195,38 +192,32 @@ def main() -> int:
         progress(f"check: the kernel learned {ANSWER} for {NAME} (TTL left {learned['ttl_left_s']} s)")
 
         clients = [(v, srv) for srv in SERVERS for v in cgroups]
-        for v, srv in clients:
-            workers[(v, srv)] = Worker(cgroups[v], query_turns, SERVERS[srv], QUERIES_PER_TURN)
         made = {v: 2 for v in cgroups}  # the check queries
         rtt: dict[tuple[str, str], list[int]] = {c: [] for c in clients}
         turn_median: dict[tuple[str, str], list[float]] = {c: [] for c in clients}
         cpu: dict[tuple[str, str], list[float]] = {c: [] for c in clients}
-        progress(f"{WARMUP_ROUNDS} warm-up rounds, then {ROUNDS} rounds of {QUERIES_PER_TURN} queries per client "
-                 f"({ROUNDS * QUERIES_PER_TURN:,} per client)")
-        for r in range(-WARMUP_ROUNDS, ROUNDS):
-            if r >= 0 and r % 10 == 0:
-                progress(f"round {r + 1}/{ROUNDS}")
-            for c in rotated(clients, r):
-                samples, cpu_ns = workers[c].turn()
-                made[c[0]] += len(samples)
-                if r >= 0:
-                    rtt[c] += samples
-                    turn_median[c].append(median(samples) / 1e3)
-                    cpu[c].append(cpu_ns / 1e3 / len(samples))
+
+        def record(c: tuple[str, str], out, counted: bool) -> None:
+            samples, cpu_ns = out
+            made[c[0]] += len(samples)
+            if counted:
+                rtt[c] += samples
+                turn_median[c].append(median(samples) / 1e3)
+                cpu[c].append(cpu_ns / 1e3 / len(samples))
+
+        run_rounds(clients, workers, lambda c: Worker(cgroups[c[0]], query_turns, SERVERS[c[1]], QUERIES_PER_TURN),
+                   lambda c, worker: worker.turn(), record, rounds=ROUNDS, epochs=EPOCHS, warmup=WARMUP_ROUNDS,
+                   what=f"{QUERIES_PER_TURN} queries per client")
 
         progress(f"BPF run-time statistics pass: {STATS_TURNS} turns per server from the policed cgroup (stats on)")
         stats = {}
-        with bpf_stats():
-            for srv in SERVERS:
-                before = prog_stats(sandbox.pins)
-                n = 0
-                for _ in range(STATS_TURNS):
-                    n += len(workers[("safedeploy", srv)].turn()[0])
-                made["safedeploy"] += n
-                stats[srv] = {"queries": n, "programs": stats_delta(before, prog_stats(sandbox.pins))}
+        for srv in SERVERS:
+            out, delta = with_stats(sandbox.pins, STATS_TURNS, workers[("safedeploy", srv)].turn)
+            n = sum(len(x[0]) for x in out)
+            made["safedeploy"] += n
+            stats[srv] = {"queries": n, "programs": delta}
         learned = learned_entry(sandbox.pins, att.cgid)
-        for w in workers.values():
-            w.close()
+        close_all(*workers.values())
         workers.clear()
         events = sandbox.release(policed)
         dns_allowed = sum(val.count for key, val in events
@@ -237,18 +228,16 @@ def main() -> int:
         progress(f"safedeploy: {dns_allowed:,} queries made and judged in the kernel; learned {learned}")
         nf_after = netfilter_state()
     finally:
-        for w in workers.values():
-            w.close()
+        close_all(*workers.values())
         for pid in servers.values():
             stop_server(pid)
-        if sandbox is not None:
-            sandbox.close()
+        close_all(sandbox)
 
     results = report(rtt, turn_median, cpu, stats)
     print(describe_netfilter(nf_before, nf_after))
     path = write_results("dns", {
-        "pin_version": sandbox.pin_version, "source": git_state(), "netfilter": {"start": nf_before, "end": nf_after},
-        "name": NAME, "servers": SERVERS, "policy": json.loads(POLICY), "rounds": ROUNDS,
+        "pin_version": sandbox.pin_version, "netfilter": {"start": nf_before, "end": nf_after},
+        "name": NAME, "servers": SERVERS, "policy": json.loads(POLICY), "rounds": ROUNDS, "epochs": EPOCHS,
         "queries_per_turn": QUERIES_PER_TURN, "dns_events_allowed": dns_allowed, "learned": learned,
         "samples": {"rtt_ns": {f"{v}/{s}": x for (v, s), x in rtt.items()},
                     "turn_median_us": {f"{v}/{s}": x for (v, s), x in turn_median.items()},
@@ -275,9 +264,9 @@ def report(rtt: dict, turn_median: dict, cpu: dict, stats: dict) -> dict:
             rows.append([f"{srv} server, {v}", f"{len(us):,}", s["median_us"], s["p10_us"], s["p90_us"], s["p99_us"],
                          f"{s['ratio_median']:.3f}", "{:.3f}-{:.3f}".format(*s["ratio_ci95"]),
                          f"{s['cpu_us_median']:.1f}", f"{s['cpu_ratio']:.3f}"])
-        base, sd = summary[f"unpoliced/{srv}"], summary[f"safedeploy/{srv}"]
-        verdicts[srv] = {"ratio": sd["ratio_median"], "ratio_ci95": sd["ratio_ci95"],
-                         "added_us": sd["median_us"] - base["median_us"]}
+        sd = summary[f"safedeploy/{srv}"]
+        diffs = [a - b for a, b in zip(turn_median[("safedeploy", srv)], turn_median[("unpoliced", srv)])]
+        verdicts[srv] = {"ratio": sd["ratio_median"], "ratio_ci95": sd["ratio_ci95"], "added_us": median(diffs)}
     print_table(["DNS query round trip (us)", "queries", "median", "p10", "p90", "p99", "ratio", "ratio 95% CI",
                  "cpu us/q", "cpu ratio"], rows)
     print("ratio: median of per-round ratios of the turn medians (policed / unpoliced, same server, same round); "
@@ -299,7 +288,7 @@ def report(rtt: dict, turn_median: dict, cpu: dict, stats: dict) -> dict:
     for srv, v in verdicts.items():
         lo, hi = v["ratio_ci95"]
         print(f"{srv} server: a policed query takes {v['ratio']:.3f}x the unpoliced round trip "
-              f"(95% CI {lo:.3f}-{hi:.3f}), {v['added_us']:+.1f} us at the median")
+              f"(95% CI {lo:.3f}-{hi:.3f}), {v['added_us']:+.1f} us (median of per-round differences)")
     return {"summary": summary, "verdicts": verdicts}
 
 

@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
             print(f"run_all: no such benchmark: {', '.join(sorted(missing))}", file=sys.stderr)
             return 2
     results = []
+    t_all = time.perf_counter()
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)
         t0 = time.perf_counter()
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> int:
     print("\n=== summary ===")
     for name, rc, secs in results:
         print(f"{name:<24} {'ok' if rc == 0 else f'FAILED (exit {rc})':<18} {secs:6.1f} s")
+    print(f"{'total':<24} {'':<18} {time.perf_counter() - t_all:6.1f} s")
     return 1 if any(rc for _, rc, _ in results) else 0
 
 

@@ -10,23 +10,25 @@ where safedeploy's DNS programs sit. The variants, all in cgroups
 ``<cgroup2>/safedeploy/sdbench-<pid>-*``:
 
   unpoliced   nothing attached (the baseline)
-  safedeploy  a policy of 1 and of 100 CIDR rules (connect.policy_text: default allow, deny
-              127.0.0.2/32 and /24s in 10.0.0.0/8); all 6 programs attached
+  safedeploy  a policy of 1 and of 100 CIDR rules (common.policy_text: default allow, deny
+              127.0.0.2/32 and /24s in 10.0.0.0/8); all programs attached
   iptables    the peer: an unpoliced cgroup, ``-m cgroup --path`` in OUTPUT jumping to a
-              chain of the same ``-d <cidr> -j REJECT`` rules (connect.Iptables), the jump
+              chain of the same ``-d <cidr> -j REJECT`` rules (common.Iptables), the jump
               inserted only around that variant's turns
 
-A round is one turn of every variant, the order rotating; WARMUP_ROUNDS rounds are not
-counted, then ROUNDS rounds (ROUNDS x 64 MiB, ~16-20 GB per variant). Short, interleaved
-turns on long-lived connections: on this VM a fresh connection per 1 GB sample varied by
-2x from one sample to the next, a turn on a warm connection by ~+-20%, and pairing turns
-of the same round cancels the slower drift. Ratios are per round (variant / unpoliced of
+A round is one turn of every variant, in a shuffled order: ROUNDS rounds (ROUNDS x 64 MiB,
+~20 GB per variant) in EPOCHS epochs, each with fresh streams (processes, connections) and
+WARMUP_ROUNDS uncounted rounds first. Short, interleaved turns on warm connections: on
+this VM a fresh connection per 1 GB sample varied by 2x from one sample to the next, a
+turn on a warm connection by ~+-20%; pairing turns of the same round cancels the slower
+drift, and the epochs keep one connection's luck (a +-2% bias between otherwise equal
+connections was seen) from sticking to one variant. Ratios are per round (variant / unpoliced of
 the same round), summarised by their median and a bootstrap 95% interval; "ratio totals"
 divides the total times instead. Before measuring, each variant proves what it is
 (127.0.0.2: EPERM / ECONNREFUSED / connects). A last pass with BPF run-time statistics on
 counts the program runs per GB and what they cost.
 
-Everything BPF runs against a throwaway pin root and state dir (connect.Sandbox), removed at
+Everything BPF runs against a throwaway pin root and state dir (common.Sandbox), removed at
 the end with the cgroups, the processes and the iptables chains.
 
 Usage: .venv/bin/python bench/throughput.py     (root; cgroup v2, bpffs, bcc, iptables)
@@ -34,25 +36,20 @@ Progress goes to stderr, the table to stdout, everything to bench/results/throug
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, print_table, progress, write_results  # noqa: E402
-from connect import (DENIED_HOST, HOST, Iptables, Sandbox, Worker, bpf_stats, checks, describe_netfilter,  # noqa: E402
-                     git_state, netfilter_state, paired, policy_text, prog_stats, rotated, rules, run_in,
-                     start_server, stats_delta, stop_server)
-
-from ocihook import loader  # noqa: E402
+from common import (DENIED_HOST, HOST, Iptables, Variants, Worker, begin, close_all, describe_netfilter,  # noqa: E402
+                    listener, median, netfilter_state, network_variants, paired, print_table, progress, rules,
+                    run_rounds, start_server, stop_server, with_stats, write_results)
 
 RULE_COUNTS = (1, 100)
 ROUNDS = 300  # measured rounds: every variant sends one turn per round
-WARMUP_ROUNDS = 4
+EPOCHS = 6  # fresh streams (processes, connections) every ROUNDS / EPOCHS rounds
+WARMUP_ROUNDS = 1  # per epoch, not counted
 STATS_TURNS = 16  # per safedeploy variant, BPF run-time statistics on
 TURN_BYTES = 64 << 20  # one turn: 64 MiB, then the receiver's 1-byte acknowledgement
 CHUNK = 1 << 20  # bytes per send()/recv_into()
@@ -125,114 +122,58 @@ class Stream:
         stop_server(self.receiver)
 
 
+def measure(variants: Variants, streams: dict[str, Stream]) -> dict:
+    """The rounds and the BPF statistics pass; streams are left in `streams` for the caller
+    to close."""
+    names = list(variants)
+    mbps: dict[str, list[float]] = {name: [] for name in names}
+    cpu_s_per_gb: dict[str, list[float]] = {name: [] for name in names}
+
+    def record(name: str, out, counted: bool) -> None:
+        wall, cpu = out
+        if counted:
+            mbps[name].append(TURN_BYTES / MB / (wall / 1e9))
+            cpu_s_per_gb[name].append(cpu / 1e9 / (TURN_BYTES / 1e9))
+
+    run_rounds(names, streams, lambda name: Stream(variants[name]["path"]), variants.turn, record, rounds=ROUNDS,
+               epochs=EPOCHS, warmup=WARMUP_ROUNDS, what=f"one {TURN_BYTES >> 20} MiB turn per variant")
+
+    progress(f"BPF run-time statistics pass: {STATS_TURNS} turns per safedeploy variant (stats on)")
+    stats = {}
+    for name in variants.of_kind("safedeploy"):
+        out, delta = with_stats(variants.pins, STATS_TURNS, streams[name].turn)
+        stats[name] = {"bytes": STATS_TURNS * TURN_BYTES, "wall_ns": sum(x[0] for x in out), "programs": delta}
+        if not delta["sd_dns_egress"]["runs"]:
+            raise SystemExit(f"bench/throughput.py: {name}: the egress program never ran")
+    return {"mbps": mbps, "cpu_s_per_gb": cpu_s_per_gb, "stats": stats}
+
+
 def main() -> int:
-    if os.geteuid() != 0:
-        raise SystemExit("bench/throughput.py: needs root (cgroups, bpf, iptables)")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks (cleanup)
-    dsock = socket.socket()  # the check listener on the denied address, never accepted
-    dsock.bind((DENIED_HOST, 0))
-    dsock.listen(16)
-    dport = dsock.getsockname()[1]
-    csock = socket.socket()  # the check listener on 127.0.0.1
-    csock.bind((HOST, 0))
-    csock.listen(16)
-    cport = csock.getsockname()[1]
-    sandbox = ipt = None
-    variants: dict[str, dict] = {}
+    begin("throughput.py", "cgroups, bpf, iptables")
+    dsock, dport = listener(DENIED_HOST, 16)  # the check listener on the denied address, never accepted
+    csock, cport = listener(HOST, 16)  # the check listener on 127.0.0.1
     streams: dict[str, Stream] = {}
     nf_before = netfilter_state()
     try:
-        sandbox = Sandbox("tput")
-        ipt = Iptables()
-        variants["unpoliced"] = {"path": sandbox.cgroup("plain")[0], "kind": "unpoliced"}
-        for n in RULE_COUNTS:
-            variants[f"safedeploy, {rules(n)}"] = {"path": sandbox.cgroup(f"sd{n}", policy_text(n))[0],
-                                                   "kind": "safedeploy", "rules": n}
-        if not ipt.error:
+        with network_variants("tput", RULE_COUNTS, cport, dport, "throughput.py") as variants:
             try:
-                for n in RULE_COUNTS:
-                    chain = ipt.add_chain(n)
-                    variants[f"iptables, {rules(n)}"] = {"path": sandbox.cgroup(f"ipt{n}")[0], "kind": "iptables",
-                                                         "rules": n, "chain": chain}
-            except RuntimeError as e:
-                ipt.error = f"iptables peer not set up: {e}"
-        if ipt.error:
-            progress(f"{ipt.error}: the iptables rows are reported as unavailable")
-            variants = {k: v for k, v in variants.items() if v["kind"] != "iptables"}
-
-        @contextlib.contextmanager
-        def entered(name: str):
-            v = variants[name]
-            if v["kind"] == "iptables":
-                with ipt.active(v["chain"], v["path"]):
-                    yield
-            else:
-                yield
-
-        expect = {"unpoliced": "ok", "safedeploy": "EPERM", "iptables": "ECONNREFUSED"}
-        for name, v in variants.items():
-            with entered(name):
-                got = run_in(v["path"], checks, cport, dport)
-            attached = sandbox.attached(v["path"])
-            want_attached = len(loader.PROGRAMS) if v["kind"] == "safedeploy" else 0
-            if got != {"allowed": "ok", "denied": expect[v["kind"]]} or attached != want_attached:
-                raise SystemExit(f"bench/throughput.py: variant {name!r} is not what it claims: {got}, "
-                                 f"{attached} programs attached")
-            v["check"] = f"{DENIED_HOST}: {got['denied']}"
-            progress(f"check {name}: {DENIED_HOST} {got['denied']}, {attached} programs attached")
-
-        names = list(variants)
-        for name in names:
-            streams[name] = Stream(variants[name]["path"])
-        progress(f"{WARMUP_ROUNDS} warm-up rounds, then {ROUNDS} rounds of one {TURN_BYTES >> 20} MiB turn per "
-                 f"variant ({ROUNDS * TURN_BYTES / 1e9:.1f} GB per variant)")
-        mbps: dict[str, list[float]] = {name: [] for name in names}
-        cpu_s_per_gb: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(-WARMUP_ROUNDS, ROUNDS):
-            if r >= 0 and r % 40 == 0:
-                progress(f"round {r + 1}/{ROUNDS}")
-            for name in rotated(names, r):
-                with entered(name):
-                    wall, cpu = streams[name].turn()
-                if r >= 0:
-                    mbps[name].append(TURN_BYTES / MB / (wall / 1e9))
-                    cpu_s_per_gb[name].append(cpu / 1e9 / (TURN_BYTES / 1e9))
-
-        progress(f"BPF run-time statistics pass: {STATS_TURNS} turns per safedeploy variant (stats on)")
-        stats = {}
-        with bpf_stats():
-            for name in names:
-                if variants[name]["kind"] != "safedeploy":
-                    continue
-                before = prog_stats(sandbox.pins)
-                wall = sum(streams[name].turn()[0] for _ in range(STATS_TURNS))
-                stats[name] = {"bytes": STATS_TURNS * TURN_BYTES, "wall_ns": wall,
-                               "programs": stats_delta(before, prog_stats(sandbox.pins))}
-                if not stats[name]["programs"]["sd_dns_egress"]["runs"]:
-                    raise SystemExit(f"bench/throughput.py: {name}: the egress program never ran")
+                m = measure(variants, streams)
+            finally:
+                close_all(*streams.values())
         nf_after = netfilter_state()
     finally:
-        for stream in streams.values():
-            stream.close()
-        dsock.close()
-        csock.close()
-        try:
-            if ipt is not None:
-                ipt.close()
-        finally:
-            if sandbox is not None:
-                sandbox.close()
+        close_all(dsock, csock)
 
-    results = report(variants, mbps, cpu_s_per_gb, stats, ipt)
+    ipt = variants.ipt
+    results = report(variants, m["mbps"], m["cpu_s_per_gb"], m["stats"], ipt)
     print(describe_netfilter(nf_before, nf_after))
     path = write_results("throughput", {
-        "pin_version": sandbox.pin_version, "source": git_state(), "iptables": ipt.version,
+        "pin_version": variants.sandbox.pin_version, "iptables": ipt.version,
         "netfilter": {"start": nf_before, "end": nf_after},
-        "iptables_error": ipt.error, "rounds": ROUNDS, "turn_bytes": TURN_BYTES, "chunk": CHUNK,
-        "sockbuf": SOCKBUF,
-        "variants": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()}
-                     for k, v in variants.items()},
-        "samples": {"mb_per_s": mbps, "sender_cpu_s_per_gb": cpu_s_per_gb}, "bpf_stats": stats, **results})
+        "iptables_error": ipt.error, "rounds": ROUNDS, "epochs": EPOCHS, "turn_bytes": TURN_BYTES, "chunk": CHUNK,
+        "sockbuf": SOCKBUF, "variants": variants.to_json(),
+        "samples": {"mb_per_s": m["mbps"], "sender_cpu_s_per_gb": m["cpu_s_per_gb"]}, "bpf_stats": m["stats"],
+        **results})
     progress(f"results in {path}")
     return 0
 
@@ -251,12 +192,12 @@ def report(variants: dict, mbps: dict, cpu: dict, stats: dict, ipt: Iptables) ->
         rows.append([name, s["n"], f"{len(mbps[name]) * TURN_BYTES / 1e9:.1f}", f"{s['aggregate_mb_per_s']:,.0f}",
                      f"{s['median']:,.0f}", f"{s['ratio_median']:.3f}", f"{lo:.3f}-{hi:.3f}",
                      f"{s['ratio_of_totals']:.3f}", f"{c['median']:.3f}", f"{c['ratio_median']:.3f}",
-                     variants[name].get("check", "")])
+                     "{:.3f}-{:.3f}".format(*c["ratio_ci95"]), variants[name].get("check", "")])
     if ipt.error:
         for n in RULE_COUNTS:
-            rows.append([f"iptables, {rules(n)}", 0, "-", "-", "-", "-", "-", "-", "-", "-", "unavailable"])
+            rows.append([f"iptables, {rules(n)}", 0, "-", "-", "-", "-", "-", "-", "-", "-", "-", "unavailable"])
     print_table([f"variant ({TURN_BYTES >> 20} MiB turns to 127.0.0.1)", "turns", "GB", "MB/s", "median MB/s",
-                 "ratio", "ratio 95% CI", "ratio totals", "cpu s/GB", "cpu ratio", "check"], rows)
+                 "ratio", "ratio 95% CI", "ratio totals", "cpu s/GB", "cpu ratio", "cpu 95% CI", "check"], rows)
     print("MB/s: all bytes / all turn time; ratio: median of per-round ratios to the unpoliced turn of the same "
           "round (bootstrap CI); ratio totals: unpoliced time / variant time; cpu: the sender's CPU time per GB")
     if ipt.error:
@@ -283,7 +224,9 @@ def report(variants: dict, mbps: dict, cpu: dict, stats: dict, ipt: Iptables) ->
         sd, ip = f"safedeploy, {rules(n)}", f"iptables, {rules(n)}"
         r, (lo, hi) = summ[sd]["ratio_median"], summ[sd]["ratio_ci95"]
         v = {"ratio_vs_unpoliced": r, "ratio_ci95": [lo, hi], "ratio_of_totals": summ[sd]["ratio_of_totals"],
-             "within_3pct": r >= TARGET_RATIO, "cpu_ratio": csum[sd]["ratio_median"]}
+             "within_3pct": r >= TARGET_RATIO, "cpu_ratio": csum[sd]["ratio_median"],
+             "cpu_ratio_ci95": csum[sd]["ratio_ci95"],
+             "bpf_share_of_wall": stats.get(sd, {}).get("share_of_wall")}
         line = (f"{sd}: {r:.3f}x the unpoliced throughput ({(r - 1) * 100:+.1f}%, 95% CI {lo:.3f}-{hi:.3f}): "
                 f"{'meets' if r >= TARGET_RATIO else 'MISSES'} the within-3% target")
         if ip in mbps:
