@@ -19,6 +19,39 @@
 
 #define SD_SKB_ANCESTOR(level) bpf_skb_ancestor_cgroup_id(skb, level)
 
+/* The cheap test every packet takes: could it be DNS (port 53 in the right direction)?
+ * Direct packet reads, no helper calls; 1 also when the headers are not in the linear
+ * part (then sd_dns_locate decides). */
+static __always_inline int sd_maybe_dns(struct __sk_buff *skb, int to_dns)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    __u8 *h = data;
+    __u32 l4;
+    __u8 proto;
+    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+        if ((void *)(h + 20) > end)
+            return 1;
+        l4 = (h[0] & 0x0f) * 4;
+        proto = h[9];
+    } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
+        if ((void *)(h + 40) > end)
+            return 1;
+        l4 = 40;
+        proto = h[6];
+    } else {
+        return 0;
+    }
+    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
+        return 0;
+    asm volatile("%0 &= 0x3c" : "+r"(l4));
+    __u8 *ports = h + l4;
+    if ((void *)(ports + 4) > end)
+        return 1;
+    __u16 port = to_dns ? ((ports[2] << 8) | ports[3]) : ((ports[0] << 8) | ports[1]);
+    return port == SD_DNS_PORT;
+}
+
 /* Find a DNS message. to_dns: the packet goes to port 53 (egress query), else it comes
  * from port 53 (ingress answer). Fills the peer (the resolver) into d, *off = DNS header. */
 static __always_inline int sd_dns_locate(struct __sk_buff *skb, int to_dns, struct sd_dest *d, __u32 *off)
@@ -279,7 +312,7 @@ struct sd_dns_ctx {
 static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, int to_dns, __u32 slot,
                                                        struct sd_dns_ctx *c)
 {
-    if (!sd_dns_locate(skb, to_dns, &c->d, &c->off))
+    if (!sd_maybe_dns(skb, to_dns) || !sd_dns_locate(skb, to_dns, &c->d, &c->off))
         return 0;
     c->pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &c->cgid);
     if (!c->pol)
