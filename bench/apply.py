@@ -224,8 +224,8 @@ def bench_fresh(sandbox: Sandbox) -> dict:
         with temp_cgroup(f"sdbench-{os.getpid()}-fresh-{i}") as cg:
             try:
                 out, start, wall = run_child([PY, *HOOK_FLAGS, "-c", WARM_CHILD, str(REPO), str(cg), FRESH_POLICY])
-            finally:  # release whatever the child attached (release does not need the generation)
-                session.release(session.Attachment(cg, cgroup.cgroup_id(cg), pins, 0), compiled)
+            finally:  # release whatever the child attached
+                session.release(session.Attachment(cg, cgroup.cgroup_id(cg), pins), compiled)
         if i == 0:
             continue
         samples["baseline"].append(base)

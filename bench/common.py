@@ -358,33 +358,11 @@ class Sandbox:
 
 
 def run_in(path: Path, fn, *args):
-    """fork; the child joins cgroup `path`, runs fn(*args) and sends the result back
-    (pickled). Anything the child raises fails the benchmark loudly."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            try:
-                cgroup.move_self(path)
-                out = ("ok", fn(*args))
-            except BaseException:  # noqa: BLE001 — report anything to the parent
-                out = ("error", traceback.format_exc())
-            with os.fdopen(w, "wb") as f:
-                pickle.dump(out, f)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    if not data:
-        raise SystemExit(f"bench: child in {path} died without a result")
-    status, value = pickle.loads(data)
-    if status != "ok":
-        raise SystemExit(f"bench: child in {path} failed:\n{value}")
-    return value
+    """cgroup.run_in, failing the benchmark loudly."""
+    try:
+        return cgroup.run_in(path, fn, *args)
+    except RuntimeError as e:
+        raise SystemExit(f"bench: {e}") from None
 
 
 FRAME = struct.Struct("I")

@@ -11,6 +11,22 @@ def sha256_hex(data: bytes) -> str:
     return sha256(data).hexdigest()
 
 
+def read_text(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write_atomic(path, text: str) -> None:
+    """Write a file whole or not at all (temp file + rename), creating its directory."""
+    import os
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def enable_site_packages() -> None:
     """The hook's launcher starts Python with -S (no site-packages: ~15 ms less per start).
     The cold paths — validating a new policy (jsonschema, yaml), compiling programs (bcc) —

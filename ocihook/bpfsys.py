@@ -25,7 +25,6 @@ BPF_PROG_QUERY = 16
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
-BPF_EXIST = 2
 BPF_F_ALLOW_MULTI = 2
 
 # enum bpf_attach_type

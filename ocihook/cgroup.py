@@ -82,6 +82,40 @@ def move_self(path) -> None:
         f.write("0")
 
 
+def run_in(path, fn, *args):
+    """Call fn(*args) in a forked child that has joined cgroup `path`, and return its
+    (pickled) result; what the child raises comes back as a RuntimeError with the child's
+    traceback. For tests and benchmarks: real code in a real policed cgroup."""
+    import pickle  # noqa: PLC0415 — not on the hook's path
+    import signal  # noqa: PLC0415
+    import traceback  # noqa: PLC0415
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            try:
+                move_self(path)
+                out = ("ok", fn(*args))
+            except BaseException:  # noqa: BLE001 — everything goes back to the parent
+                out = ("error", traceback.format_exc())
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(out, f)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError(f"the child in cgroup {path} died without a result")
+    status, value = pickle.loads(data)
+    if status != "ok":
+        raise RuntimeError(f"the child in cgroup {path} failed:\n{value}")
+    return value
+
+
 def remove(path, timeout: float = 5.0) -> None:
     """Kill whatever still runs in the cgroup tree and remove it, deepest first."""
     path = os.fspath(path)

@@ -241,17 +241,7 @@ def status_cmd() -> None:
     """Policed cgroups, program versions and map fill levels."""
     from . import loader
     from .maps import PinnedMaps
-    from .watch import containers
-
-    def containers_by_cgid() -> dict[int, tuple[str, str]]:
-        out = {}
-        for cgid, cid in containers().items():
-            try:
-                rec = json.loads((Path(loader.settings.state_dir()) / f"{cid}.json").read_text())
-                out[cgid] = (f"container {cid[:12]}", rec["compiled"]["name"])
-            except (OSError, ValueError, KeyError):
-                out[cgid] = (f"container {cid[:12]}", "?")
-        return out
+    from .hook import state_records
     root = Path(loader.settings.bpffs_root())
     current = Path(loader.pin_dir())
     versions = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -270,11 +260,13 @@ def status_cmd() -> None:
                 cgs = maps.policed_cgroups()
                 total += len(cgs)
                 typer.echo(f"version {ver.name}{tag}: {len(cgs)} policed cgroups")
-                owners = containers_by_cgid()
+                owners = state_records()
                 counts = maps.event_counts()
                 for cgid, val in sorted(cgs.items()):
                     mode = "audit" if val.mode else "enforce"
-                    who, pol = owners.get(cgid, (f"cgroup {cgid}", "?"))
+                    rec = owners.get(cgid)
+                    who = f"container {rec['id'][:12]}" if rec else f"cgroup {cgid}"
+                    pol = rec.get("compiled", {}).get("name", "?") if rec else "?"
                     c = counts.get(cgid, {})
                     typer.echo(f"  {who}: policy {pol} ({mode}), blocked {c.get('blocked', 0)}, "
                                f"would-block {c.get('would-block', 0)}, allowed {c.get('allowed', 0)}")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, EventKey, EventVal, addr_of
+from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, addr_of
+from .policy import display_ip
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,11 +30,6 @@ def proc_cmdline(pid: int, proc: str = "/proc") -> str | None:
         return None
     args = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
     return " ".join(args) if raw else None
-
-
-def display_ip(addr) -> str:
-    mapped = addr.ipv4_mapped
-    return str(mapped) if mapped is not None else addr.compressed
 
 
 def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:

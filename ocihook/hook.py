@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from . import cgroup, enable_site_packages, settings, sha256_hex
+from . import cgroup, enable_site_packages, read_text, settings, sha256_hex, write_atomic
 from .jsonfast import JSONError, dumps, loads
 
 ANNOTATION = "safedeploy.policy"
@@ -126,19 +126,6 @@ def _read(path: str) -> bytes:
         raise HookError(f"cannot read policy {_show(path)}: {e.strerror}") from None
 
 
-def _read_text(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -156,7 +143,7 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict
     cache = os.path.join(settings.state_dir(), "policy-cache", f"{digest}.json")
     compiled = None
     try:
-        compiled = loads(_read_text(cache))
+        compiled = loads(read_text(cache))
     except (OSError, ValueError):
         pass
     if not isinstance(compiled, dict) or compiled.get("format") != CACHE_FORMAT:
@@ -166,7 +153,7 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict
         policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
         compiled = dict(compile_policy(policy), format=CACHE_FORMAT, source=source, digest=policy.digest)
         try:
-            _write_atomic(cache, dumps(compiled))
+            write_atomic(cache, dumps(compiled))
         except OSError:
             pass  # no cache: the next start validates again
     if mode is not None:
@@ -180,16 +167,34 @@ def state_path(cid: str) -> str:
 
 
 def write_state(cid: str, data: dict) -> None:
-    _write_atomic(state_path(cid), dumps(data))
+    write_atomic(state_path(cid), dumps(data))
 
 
 def read_state_file(cid: str) -> dict | None:
     try:
-        return loads(_read_text(state_path(cid)))
+        return loads(read_text(state_path(cid)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise HookError(f"state file {state_path(cid)} is unreadable: {e}") from None
+
+
+def state_records() -> dict[int, dict]:
+    """cgroup id -> state record, for every readable state file (watch, status)."""
+    out = {}
+    sdir = settings.state_dir()
+    try:
+        names = os.listdir(sdir)
+    except OSError:
+        return out
+    for name in names:
+        if name.endswith(".json") and not name.startswith("."):
+            try:
+                rec = loads(read_text(os.path.join(sdir, name)))
+                out[int(rec["cgid"])] = rec
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return out
 
 
 # -- stages -----------------------------------------------------------------------------
@@ -236,23 +241,17 @@ def start(state: dict, ann: dict[str, str], log=None) -> dict:
 def stop(state: dict) -> str | None:
     """poststop: drain events into the report, remove map entries and the state file.
     A container that is already cleaned (or was never policed) is fine."""
-    from . import events, report, session  # noqa: PLC0415
-    from .maps import PinnedMaps  # noqa: PLC0415
+    from . import events, loader, report, session  # noqa: PLC0415
     cid = state["id"]
     record = read_state_file(cid)
     if record is None:
         return None
     compiled = record["compiled"]
     if record.get("attachment"):
-        drained = session.release(session.Attachment.from_dict(record["attachment"]), compiled)
-    else:  # prestart died between the state file and the attachment: clean by cgroup id
-        from . import loader  # noqa: PLC0415
-        pins = loader.pin_dir()
-        drained = session.Drained()
-        if os.path.exists(pins):
-            with PinnedMaps.open(pins) as maps:
-                drained = maps.drain(record["cgid"])
-                maps.unload_policy(record["cgid"], compiled)
+        att = session.Attachment.from_dict(record["attachment"])
+    else:  # prestart died between the state file and the attachment: what it may have loaded
+        att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
+    drained = session.release(att, compiled)
     records = events.to_records(drained, compiled, cid)
     out = report.write(records, os.path.join(settings.log_dir(), f"{cid}.jsonl"), drained.dropped, cid,
                        compiled["name"])

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from . import bpfsys, cgroup, enable_site_packages, settings, sha256_hex
+from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
 from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
 
 # bcc program type numbers (enum bpf_prog_type)
@@ -41,16 +41,11 @@ class LoaderError(Exception):
 def source_text() -> str:
     """One translation unit: the header, then every source (bcc rewrites map calls only
     in the main file, so the header is inlined rather than #included)."""
-    parts = [_read(HEADER)]
+    parts = [read_text(HEADER)]
     for name in SOURCES:
-        lines = _read(os.path.join(BPF_DIR, name)).splitlines()
+        lines = read_text(os.path.join(BPF_DIR, name)).splitlines()
         parts.append("\n".join(line for line in lines if line.strip() != '#include "safedeploy.h"'))
     return "\n".join(parts)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 def source_hash() -> str:

@@ -10,7 +10,7 @@ import ctypes
 import os
 TYPE_CHECKING = False  # typing is not imported on the hook's hot path
 
-from . import bpfsys
+from . import bpfsys, read_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable
@@ -25,9 +25,7 @@ HEADER = os.path.join(BPF_DIR, "safedeploy.h")
 def _read_constants(header: str) -> dict[str, int]:
     """Every ``#define SD_NAME <integer>`` of the header (no regex: this is the hot path)."""
     out = {}
-    with open(header) as f:
-        text = f.read()
-    for line in text.splitlines():
+    for line in read_text(header).splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[0] == "#define" and parts[1].startswith("SD_"):
             try:
@@ -48,8 +46,7 @@ VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
 
 class SdCgroup(ctypes.Structure):
     _fields_ = [("mode", ctypes.c_uint8), ("dflt", ctypes.c_uint8), ("has_resolvers", ctypes.c_uint8),
-                ("name_denies", ctypes.c_uint8), ("allow_raw", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
-                ("generation", ctypes.c_uint32)]
+                ("name_denies", ctypes.c_uint8), ("allow_raw", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
 
 
 class CidrKey(ctypes.Structure):
@@ -199,13 +196,12 @@ def name_entries(policy: "Policy", cgid: int) -> list[tuple[NameKey, NameVal]]:
             for (h, kind, proto, port), (verdict, index) in merged.items()]
 
 
-def cgroup_entry(compiled: dict, generation: int) -> SdCgroup:
+def cgroup_entry(compiled: dict) -> SdCgroup:
     return SdCgroup(mode=C["SD_MODE_AUDIT"] if compiled["mode"] == "audit" else C["SD_MODE_ENFORCE"],
                     dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
                     has_resolvers=1 if compiled["has_resolvers"] else 0,
                     name_denies=1 if compiled.get("name_denies") else 0,
-                    allow_raw=1 if compiled.get("allow_raw") else 0,
-                    generation=generation & 0xFFFFFFFF)
+                    allow_raw=1 if compiled.get("allow_raw") else 0)
 
 
 def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
@@ -283,7 +279,7 @@ class PinnedMaps:
         val = SdCgroup()
         return val if bpfsys.map_lookup(self.fds["cgroups"], U64(cgid), val) else None
 
-    def load_policy(self, cgid: int, compiled: dict, generation: int) -> None:
+    def load_policy(self, cgid: int, compiled: dict) -> None:
         """Write the rules, then the cgroup header that makes the programs use them.
         Fails (and leaves nothing behind) when the cgroup already has a policy."""
         if self.policy_of(cgid) is not None:
@@ -297,7 +293,7 @@ class PinnedMaps:
                         raise bpfsys.BpfError(e.errno, f"policy map {name} is full: cannot load the policy") from None
                     raise
             try:
-                bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled, generation),
+                bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled),
                                   bpfsys.BPF_NOEXIST)
             except bpfsys.BpfError as e:
                 if e.errno == 7:

@@ -8,8 +8,9 @@ CIDRs, ports, resolver addresses, at most ``MAX_RULES`` rules) is checked here. 
 reported as one line ``<source>: <json-path>: <message>`` (json-path like ``$.allow[2]``); a
 ``PolicyError`` carries all of them. Inputs larger than 1 MiB, not UTF-8, YAML anchors/aliases/merge
 keys, duplicate keys and JSON NaN/Infinity are refused before anything is built from them.
-``jsonschema`` and ``yaml`` are imported only when a document is validated, so the hook can reload a
-cached ``Policy.to_json()`` with ``load_policy_trusted`` cheaply.
+``jsonschema`` and ``yaml`` are imported only when a document is validated, so importing this module
+(for ``decide`` or ``display_ip``) stays cheap. The OCI hook caches policies in kernel form
+(``maps.compile_policy``) and does not import this module on its warm path.
 
 Rules
 -----
@@ -75,7 +76,6 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_LIKE = re.compile(r"[0-9.]+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_NORMALISED_KEYS = {"version", "name", "mode", "default", "allow", "deny"}
 _KIND_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
 _TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
 
@@ -182,24 +182,6 @@ def load_policy_text(text: str | bytes, source: str = "<policy>", fmt: str | Non
     except _DocumentError as error:
         raise PolicyError([_line(source, (), str(error))]) from None
     return _build(document, source, problems)
-
-
-def load_policy_trusted(json_text: str, source: str) -> Policy:
-    """Reload ``Policy.to_json()`` output without jsonschema (for caches written by safedeploy)."""
-    try:
-        document = json.loads(json_text)
-        if not (
-            isinstance(document, dict)
-            and _NORMALISED_KEYS <= document.keys() <= _NORMALISED_KEYS | {"dns", "raw_sockets"}
-            and document.get("raw_sockets", "deny") in ("deny", "allow")
-            and document["version"] == 1
-            and document["mode"] in ("enforce", "audit")
-            and document["default"] in ("deny", "allow")
-        ):
-            raise ValueError("not in Policy.to_json() form")
-        return _build(document, source, _Problems())
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise PolicyError([_line(source, (), "not a normalised safedeploy policy")]) from None
 
 
 def validate_files(paths: Iterable[str | os.PathLike[str]]) -> list[str]:

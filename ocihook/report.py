@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from . import write_atomic
 from .events import FIELDS
 
 TYPE_CHECKING = False
@@ -60,13 +61,9 @@ def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str 
         old = load_summary(path)
         records = load(path) + records
         dropped += (old or {}).get("events_dropped", 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        for rec in aggregate(records):
-            f.write(json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) + "\n")
-        f.write(json.dumps(summarize(records, dropped, container, policy), separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    lines = [json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) for rec in aggregate(records)]
+    lines.append(json.dumps(summarize(records, dropped, container, policy), separators=(",", ":")))
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -5,7 +5,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,8 +72,3 @@ def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     return rc if rc >= 0 else 128 - rc
-
-
-def stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-

@@ -6,7 +6,6 @@ removes whatever was already written or attached.
 from __future__ import annotations
 
 import os
-import time
 
 from . import cgroup, loader
 from .maps import C, EventKey, EventVal, PinnedMaps
@@ -15,16 +14,15 @@ from .maps import C, EventKey, EventVal, PinnedMaps
 class Attachment:
     """What apply() did: which cgroup (and id) got which program version."""
 
-    def __init__(self, cgroup, cgid: int, pin_dir, generation: int):
-        self.cgroup, self.cgid, self.pin_dir, self.generation = os.fspath(cgroup), cgid, os.fspath(pin_dir), generation
+    def __init__(self, cgroup, cgid: int, pin_dir):
+        self.cgroup, self.cgid, self.pin_dir = os.fspath(cgroup), cgid, os.fspath(pin_dir)
 
     def to_dict(self) -> dict:
-        return {"cgroup": str(self.cgroup), "cgid": self.cgid, "pin_dir": str(self.pin_dir),
-                "generation": self.generation}
+        return {"cgroup": self.cgroup, "cgid": self.cgid, "pin_dir": self.pin_dir}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Attachment":
-        return cls(d["cgroup"], int(d["cgid"]), d["pin_dir"], int(d["generation"]))
+        return cls(d["cgroup"], int(d["cgid"]), d["pin_dir"])
 
 
 def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
@@ -37,9 +35,9 @@ def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
                                  f"{C['SD_MAX_DEPTH'] - 1} levels down at most; refusing to leave it unpoliced")
     pins = loader.ensure_programs(log)
     cgid = cgroup.cgroup_id(cgroup_path)
-    att = Attachment(cgroup_path, cgid, pins, time.time_ns() & 0xFFFFFFFF)
+    att = Attachment(cgroup_path, cgid, pins)
     with PinnedMaps.open(pins) as maps, loader.Programs(pins) as progs:
-        maps.load_policy(cgid, compiled, att.generation)
+        maps.load_policy(cgid, compiled)
         try:
             progs.attach(cgroup_path)
         except BaseException:

@@ -6,9 +6,10 @@ import ctypes
 import json
 import os
 import time
-from pathlib import Path
 
-from . import bpfsys, events, loader, settings
+from . import bpfsys, events, loader
+from .hook import state_records
+from .policy import display_ip
 from .maps import KIND_NAME, PROTO_NAME, VERDICT_NAME, LiveEvent, PinnedMaps, addr_of
 
 
@@ -16,22 +17,9 @@ class WatchError(Exception):
     """watch cannot start; str() is one line."""
 
 
-def _state_files() -> dict[int, dict]:
-    """cgroup id -> the hook's state record (container id, compiled policy)."""
-    out = {}
-    sdir = Path(settings.state_dir())
-    for path in sdir.glob("*.json") if sdir.is_dir() else ():
-        try:
-            rec = json.loads(path.read_text())
-            out[int(rec["cgid"])] = rec
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return out
-
-
 def containers() -> dict[int, str]:
     """cgroup id -> container id, from the hook's state files."""
-    return {cgid: rec["id"] for cgid, rec in _state_files().items()}
+    return {cgid: rec["id"] for cgid, rec in state_records().items()}
 
 
 def cgid_of(target: str) -> int:
@@ -54,7 +42,7 @@ def watch(target: str | None = None, duration: float | None = None, as_json: boo
     except ImportError as e:
         raise WatchError(f"bcc is not importable ({e}); install python3-bpfcc") from None
     only = cgid_of(target) if target else None
-    states = _state_files()
+    states = state_records()
     shown = 0
     since = time.clock_gettime_ns(time.CLOCK_BOOTTIME)  # the buffer may hold old, unread events
 
@@ -66,14 +54,14 @@ def watch(target: str | None = None, duration: float | None = None, as_json: boo
             if ev.ts_ns < since or (only is not None and k.cgid != only):
                 return 0
             if k.cgid not in states:
-                states.update(_state_files())
+                states.update(state_records())
             st = states.get(k.cgid, {})
             rule, reason = events.rule_of(st.get("compiled", {"rules": []}), k.rule)
             domain = maps.names_of(k.cgid, [k.name_id]).get(k.name_id) if k.name_id else None
             proc = maps.procs_of(k.cgid, [k.pid]).get(k.pid, {})
             rec = {"time": events.boot_ns_to_rfc3339(ev.ts_ns), "container": st.get("id", f"cgroup:{k.cgid}"),
                    "verdict": VERDICT_NAME.get(k.verdict), "kind": KIND_NAME.get(k.kind),
-                   "proto": PROTO_NAME.get(k.proto, str(k.proto)), "dst_ip": events.display_ip(addr_of(k.addr)),
+                   "proto": PROTO_NAME.get(k.proto, str(k.proto)), "dst_ip": display_ip(addr_of(k.addr)),
                    "dst_port": k.port, "domain": domain, "pid": k.pid, "comm": ev.comm.decode(errors="replace"),
                    "cmdline": proc.get("cmdline") or events.proc_cmdline(k.pid), "rule": rule, "reason": reason}
             shown += 1

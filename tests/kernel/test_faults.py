@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from helpers import require
 from ocihook import cgroup, install, loader
 from ocihook.maps import U64, PinnedMaps, SdCgroup

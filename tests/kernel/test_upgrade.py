@@ -39,9 +39,9 @@ def test_new_version_beside_old_then_gc_removes_the_unused_old(tmp_path, monkeyp
         # a container started after the upgrade runs on the new programs
         with PinnedMaps.open(new_pins) as maps, loader.Programs(new_pins) as progs:
             cgid = cgroup.cgroup_id(new_cg)
-            maps.load_policy(cgid, compiled, 1)
+            maps.load_policy(cgid, compiled)
             progs.attach(new_cg)
-        new_att = session.Attachment(new_cg, cgid, new_pins, 1)
+        new_att = session.Attachment(new_cg, cgid, new_pins)
         assert run_in(new_cg, connect, "127.0.0.2", 80) == "EPERM"
         assert run_in(old_cg, connect, "127.0.0.2", 80) == "EPERM"   # the old one keeps working
         gc = [sys.executable, "-m", "ocihook.cli", "gc"]
