@@ -55,7 +55,6 @@ struct sd_cgroup {
     __u8 name_denies;   /* 1: the policy denies some name (unparseable queries are dropped) */
     __u8 allow_raw;     /* 1: raw IP sockets are allowed (they bypass connect/sendmsg rules) */
     __u8 pad[3];
-    __u32 generation;   /* userspace's instance number, for stale-entry checks */
 };
 
 /* cidrs: LPM trie. The fixed part (proto, pad, port, cgid: 96 bits) always matches in
