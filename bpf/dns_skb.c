@@ -103,52 +103,33 @@ static __always_inline int sd_dns_locate(struct __sk_buff *skb, int to_dns, stru
     return 1;
 }
 
-/* Hash every label-aligned suffix of the dotted name in s->q.name[0..len) (shortest first,
- * the full name last, into s->q.hashes) and look each up: the longest matching base gives
- * the query verdict (s->found, s->qv_*). Returns the full name's hash. */
-static __always_inline __u64 sd_hash_name(__u64 cgid, struct sd_scratch *s, __u32 len)
+/* Judge the dotted name in s->text[0..len): write it reversed into s->key (the names-trie
+ * and qids key: `gro.naibed` then a 0 terminator, zero padded) and look up the verdict of
+ * a query for it (s->found, s->qv_*). */
+static __always_inline void sd_judge_name(__u64 cgid, struct sd_scratch *s, __u32 len)
 {
     s->found = 0;
-    s->h = SD_FNV_OFFSET;
-    s->k = 0;
-    for (int j = 0; j < SD_NAME_BUF; j++) {
-        int i = (int)len - 1 - j;
-        if (i < 0)
-            break;
-        __u8 c = s->q.name[i & 0xff];
-        __u64 h = s->h;
-        if (c == '.') {
-            struct sd_name_val *v = sd_name_lookup(cgid, h, SD_NAME_WILD, 0, 0);
-            if (v) {
-                s->qv_rule = v->rule;
-                s->qv_verdict = v->verdict;
-                s->found = 1;
-            }
-            __u32 k = s->k;
-            if (k < SD_MAX_SUFFIXES)
-                s->q.hashes[k & (SD_MAX_SUFFIXES - 1)] = h;
-            s->k = k + 1;
-        }
-        s->h = (h ^ c) * SD_FNV_PRIME;
+    for (int j = 0; j < SD_NAME_KEY; j++) {
+        __u8 c = 0;
+        if (j < len)
+            c = s->text[(len - 1 - j) & 0xff];
+        s->key.name[j] = c;
     }
-    __u64 h = s->h;
-    struct sd_name_val *v = sd_name_lookup(cgid, h, SD_NAME_EXACT, 0, 0);
+    s->klen = len + 1;
+    s->key.prefixlen = SD_NAME_FIXED_BITS + (len + 1) * 8;
+    s->key.proto = 0;
+    s->key.pad = 0;
+    s->key.port = 0;
+    void *names = cg_names.lookup(&cgid);
+    struct sd_name_val *v = names ? bpf_map_lookup_elem(names, &s->key) : 0;
     if (v) {
         s->qv_rule = v->rule;
         s->qv_verdict = v->verdict;
         s->found = 1;
     }
-    __u32 k = s->k;
-    if (k < SD_MAX_SUFFIXES) {
-        s->q.hashes[k & (SD_MAX_SUFFIXES - 1)] = h;
-        s->q.nhash = k + 1;
-    } else {
-        s->q.nhash = 0; /* too many labels to judge its addresses by name */
-    }
-    return h;
 }
 
-/* One byte of a name in wire format into the dotted text in s->q.name. Returns 1 when
+/* One byte of a name in wire format into the dotted text in s->text. Returns 1 when
  * the name ended, -1 when it is malformed, 0 to go on. */
 static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
 {
@@ -163,16 +144,16 @@ static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
             return -1; /* a bad length (compression is handled by the caller) */
         s->rem = c;
         if (out) {
-            s->q.name[out & 0xff] = '.';
+            s->text[out & 0xff] = '.';
             s->out = out + 1;
         }
         return 0;
     }
-    if (c == '.')
-        return -1; /* a dot inside a label would fake a label boundary */
+    if (c == '.' || c == 0)
+        return -1; /* a dot (or the terminator) inside a label would fake a label boundary */
     if (c >= 'A' && c <= 'Z')
         c += 'a' - 'A';
-    s->q.name[out & 0xff] = c;
+    s->text[out & 0xff] = c;
     s->out = out + 1;
     s->rem = rem - 1;
     return 0;
@@ -186,22 +167,20 @@ static __always_inline void sd_name_start(struct sd_scratch *s, __u32 pos)
     s->done = 0;
 }
 
-/* After a name's last byte: check it, then hash and judge it (*full: the name's hash). */
-static __always_inline int sd_name_end(__u64 cgid, struct sd_scratch *s, __u64 *full)
+/* After a name's last byte: check it, then judge it. */
+static __always_inline int sd_name_end(__u64 cgid, struct sd_scratch *s)
 {
     __u32 len = s->out;
     if (!s->done || len == 0 || len > SD_NAME_MAX)
         return 0;
-    s->q.len = len;
-    *full = sd_hash_name(cgid, s, len);
+    sd_judge_name(cgid, s, len);
     return 1;
 }
 
 /* Parse the question name at off (no compression allowed there) into s->q and judge it.
  * Returns the name's wire length, or 0 when it cannot be parsed (compression in the
  * question, bad or over-long labels, a dot inside a label, truncation). */
-static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s,
-                                            __u64 *full)
+static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s)
 {
     __u32 avail = skb->len > off ? skb->len - off : 0;
     if (avail == 0)
@@ -224,7 +203,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
             break;
         }
     }
-    return sd_name_end(cgid, s, full) ? s->pos : 0;
+    return sd_name_end(cgid, s) ? s->pos : 0;
 }
 
 /* Parse a possibly compressed name at off (an answer's owner name) into s->q and judge
@@ -259,16 +238,39 @@ static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off
             break;
         }
     }
-    __u64 full;
-    return sd_name_end(cgid, s, &full);
+    return sd_name_end(cgid, s);
 }
 
-static __always_inline void sd_remember_name(__u64 cgid, struct sd_scratch *s, __u32 name_id)
+/* The id of the name in s->key in this cgroup (qids), given the next id when it has none
+ * yet; 0 when the cgroup's maps are gone. */
+static __always_inline __u32 sd_name_id(__u64 cgid, struct sd_scratch *s)
 {
-    struct sd_qname_key qk = {};
-    qk.cgid = cgid;
-    qk.name_id = name_id;
-    qnames.update(&qk, &s->q);
+    void *qids = cg_qids.lookup(&cgid);
+    void *qnames = cg_qnames.lookup(&cgid);
+    struct sd_cgstats *st = cgstats.lookup(&cgid);
+    if (!qids || !qnames || !st)
+        return 0;
+    __u32 *have = bpf_map_lookup_elem(qids, s->key.name);
+    if (have) {
+        __u32 id = *have;
+        if (bpf_map_lookup_elem(qnames, &id))
+            return id;
+    }
+    __u32 id = (__u32)__sync_fetch_and_add(&st->names_new, 1) + 1;
+    if (id == 0)
+        return 0;
+    if (bpf_map_update_elem(qnames, &id, &s->key, BPF_ANY) != 0)
+        return 0;
+    bpf_map_update_elem(qids, s->key.name, &id, BPF_ANY);
+    return id;
+}
+
+/* The id of an already named name (no new id): 0 when unknown. */
+static __always_inline __u32 sd_known_name_id(__u64 cgid, struct sd_scratch *s)
+{
+    void *qids = cg_qids.lookup(&cgid);
+    __u32 *have = qids ? bpf_map_lookup_elem(qids, s->key.name) : 0;
+    return have ? *have : 0;
 }
 
 /* A packet of a raw socket: it bypassed connect/sendmsg, so drop it unless the policy
@@ -322,6 +324,42 @@ static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, in
     return scratch.lookup(&slot);
 }
 
+/* Remember a query let through, so that only its answer teaches addresses. An entry is
+ * never overwritten: a query reusing the id of a pending one for another question has its
+ * own entry (the question is part of the key). */
+static __always_inline void sd_pending_put(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+{
+    void *pending = cg_pending.lookup(&cgid);
+    struct sd_cgstats *st = cgstats.lookup(&cgid);
+    if (!pending || !st)
+        return;
+    struct sd_pending_key pk = {};
+    __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
+    pk.txid = txid;
+    pk.name_id = name_id;
+    __u8 one = 1;
+    if (bpf_map_update_elem(pending, &pk, &one, BPF_NOEXIST) == 0)
+        __sync_fetch_and_add(&st->pending_new, 1);
+    else
+        __sync_fetch_and_add(&st->pending_busy, 1);
+}
+
+/* Take the pending query an answer belongs to: 1 when (resolver, id, question) was asked. */
+static __always_inline int sd_pending_take(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+{
+    void *pending = cg_pending.lookup(&cgid);
+    if (!pending || !name_id)
+        return 0;
+    struct sd_pending_key pk = {};
+    __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
+    pk.txid = txid;
+    pk.name_id = name_id;
+    if (!bpf_map_lookup_elem(pending, &pk))
+        return 0;
+    bpf_map_delete_elem(pending, &pk);
+    return 1;
+}
+
 int sd_dns_egress(struct __sk_buff *skb)
 {
     struct bpf_sock *sk = skb->sk;
@@ -344,9 +382,8 @@ int sd_dns_egress(struct __sk_buff *skb)
     __u16 qdcount = (hdr[4] << 8) | hdr[5];
 
     __u32 wire_len = 0;
-    __u64 full = 0;
     if (opcode == 0 && qdcount == 1)
-        wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
+        wire_len = sd_parse_qname(skb, off + 12, cgid, s);
 
     __u8 verdict;
     __u16 rule;
@@ -359,29 +396,25 @@ int sd_dns_egress(struct __sk_buff *skb)
     } else {
         verdict = s->found ? s->qv_verdict : pol->dflt;
         rule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-        name_id = (__u32)full;
-        sd_remember_name(cgid, s, name_id); /* the report shows the name */
+        name_id = sd_name_id(cgid, s); /* the report shows the name */
     }
     if ((bpf_get_current_pid_tgid() >> 32) == 0) /* a TCP retransmission from kernel context */
         return verdict == SD_ALLOW || pol->mode == SD_MODE_AUDIT;
     int ret = sd_verdict_return(cgid, pol, &c.d, verdict, rule, SD_KIND_DNS, name_id);
-    if (ret && name_id) {
-        struct sd_pending_key pk = {};
-        pk.cgid = cgid;
-        __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
-        pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
-        pending.update(&pk, &name_id);
-    }
+    if (ret && name_id)
+        sd_pending_put(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
     return ret;
 }
 
 static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
 {
-    struct sd_addr_key k = {};
-    k.cgid = cgid;
+    void *learned = cg_learned.lookup(&cgid);
+    if (!learned)
+        return;
+    struct sd_addr k = {};
     __builtin_memcpy(k.addr, addr, sizeof(k.addr));
     __u64 now = bpf_ktime_get_boot_ns();
-    struct sd_learned *old = learned.lookup(&k);
+    struct sd_learned *old = bpf_map_lookup_elem(learned, &k);
     if (old && old->verdict == SD_DENY && verdict == SD_ALLOW && old->expires_ns > now)
         return; /* an address of a denied name stays denied until its TTL ends */
     if (ttl < SD_TTL_MIN_S)
@@ -393,7 +426,11 @@ static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u
     v.name_id = name_id;
     v.verdict = verdict;
     v.rule = rule;
-    learned.update(&k, &v);
+    if (bpf_map_update_elem(learned, &k, &v, BPF_ANY) == 0 && !old) {
+        struct sd_cgstats *st = cgstats.lookup(&cgid);
+        if (st)
+            __sync_fetch_and_add(&st->learned_new, 1);
+    }
 }
 
 int sd_dns_ingress(struct __sk_buff *skb)
@@ -411,24 +448,16 @@ int sd_dns_ingress(struct __sk_buff *skb)
         return 1;
     __u16 ancount = (hdr[6] << 8) | hdr[7];
 
-    __u64 full = 0;
-    __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
-    if (!wire_len || !s->q.nhash)
+    __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s);
+    if (!wire_len)
         return 1; /* not judged by name: its addresses are not learned */
-    __u32 name_id = (__u32)full;
-    struct sd_pending_key pk = {};
-    pk.cgid = cgid;
-    __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
-    pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
-    __u32 *asked = pending.lookup(&pk);
-    if (!asked || *asked != name_id)
+    __u32 name_id = sd_known_name_id(cgid, s);
+    if (!sd_pending_take(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
         return 1; /* no such question went to that resolver from here: nothing to learn */
-    pending.delete(&pk);
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
     __u8 qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
     __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-    sd_remember_name(cgid, s, name_id);
     __u32 question = off + 12;
 
     s->aoff = off + 12 + wire_len + 4;

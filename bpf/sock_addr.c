@@ -14,7 +14,7 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
         return 1; /* other protocols are out of scope of connect/sendmsg rules */
     d->proto = proto;
     d->port = bpf_ntohs((__u16)ctx->user_port);
-    return sd_enforce(cgid, pol, d, kind);
+    return sd_enforce(cgid, pol, d, SD_SCRATCH_SOCK, kind);
 }
 
 static __always_inline int sd_v4(struct bpf_sock_addr *ctx, __u8 kind)

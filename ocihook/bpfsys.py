@@ -194,4 +194,26 @@ def map_info(map_fd: int) -> dict:
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "map info")
     u32 = lambda off: ctypes.c_uint32.from_buffer(info, off).value  # noqa: E731
     return {"type": u32(0), "id": u32(4), "key_size": u32(8), "value_size": u32(12),
-            "max_entries": u32(16)}
+            "max_entries": u32(16), "flags": u32(20)}
+
+
+BPF_MAP_CREATE = 0
+BPF_MAP_GET_FD_BY_ID = 14
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+               name: str = "") -> int:
+    """Create a map; returns its fd (caller closes)."""
+    attr = _attr()
+    for off, v in ((0, map_type), (4, key_size), (8, value_size), (12, max_entries), (16, flags)):
+        _put(attr, off, ctypes.c_uint32, v)
+    raw = name.encode()[:15]
+    ctypes.memmove(ctypes.addressof(attr) + 28, raw, len(raw))
+    return _bpf(BPF_MAP_CREATE, attr, f"create map {name} ({max_entries} entries)")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """An fd of the map with this kernel id (e.g. an inner map of a map-in-map)."""
+    attr = _attr()
+    _put(attr, 0, ctypes.c_uint32, map_id)
+    return _bpf(BPF_MAP_GET_FD_BY_ID, attr, f"open map id {map_id}")

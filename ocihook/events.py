@@ -1,6 +1,7 @@
 """Turn raw kernel events (maps.EventKey/EventVal) into report records (DESIGN.md §5)."""
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
 from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, addr_of
@@ -21,8 +22,26 @@ def boot_ns_to_rfc3339(ns: int) -> str:
     return datetime.fromtimestamp(wall / 1e9, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def proc_cmdline(pid: int, proc: str = "/proc") -> str | None:
-    """The command line of a live process, or None."""
+def _start_ns(pid: int, proc: str) -> int | None:
+    """A live process's start time (ns since boot, 10 ms resolution) from /proc/PID/stat."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_cmdline(pid: int, pstart: int = 0, proc: str = "/proc") -> str | None:
+    """The command line of a live process, or None. With pstart (the kernel's start time of
+    the process that made the call), only when the live process with that pid is that one:
+    a later process that reused the pid is never blamed."""
+    if not pid:
+        return None
+    if pstart:
+        start = _start_ns(pid, proc)
+        if start is None or abs(start - pstart) > 50_000_000:
+            return None
     try:
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
             raw = f.read()
@@ -72,8 +91,8 @@ def to_records(drained: "Drained", compiled: dict, container: str,
         rule, reason = rule_of(compiled, key.rule)
         if rule == "dns.resolvers" and key.verdict != C["SD_EV_ALLOWED"]:
             reason = "dns.resolvers: not a listed resolver"  # as decide() and explain say
-        proc = drained.procs.get(key.pid, {})
-        cmd = proc.get("cmdline") or proc_cmdline(key.pid)
+        proc = drained.procs.get((key.pid, key.pstart), {})
+        cmd = proc.get("cmdline") or proc_cmdline(key.pid, key.pstart)
         out.append({
             "container": container,
             "policy": compiled["name"],

@@ -21,7 +21,7 @@ from .jsonfast import JSONError, dumps, loads
 ANNOTATION = "safedeploy.policy"
 MODE_ANNOTATION = "safedeploy.mode"
 MAX_STATE_BYTES = 4 << 20
-CACHE_FORMAT = 2  # bump when compile_policy's output changes
+CACHE_FORMAT = 3  # bump when compile_policy's output changes
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 

@@ -151,7 +151,7 @@ def gc(log=print, keep_current: bool = True) -> int:
                     if cgid in live:
                         busy += 1
                         continue
-                    removed += len(maps.drain_events([cgid])) + maps.unload_policy(cgid)
+                    removed += len(maps.drain_events(cgid)) + maps.unload_policy(cgid)
                     log(f"gc: dropped map entries of vanished cgroup {cgid} ({ver.name})")
         if busy or (ver == current and keep_current):
             continue

@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
-from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
+from .maps import BPF_DIR, HEADER, pin_names
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -38,14 +38,29 @@ class LoaderError(Exception):
     """Programs could not be compiled, pinned, opened or attached; str() is one line."""
 
 
+def _inline(name: str, seen: set[str]) -> list[str]:
+    """The lines of bpf/<name> with its local #includes inlined, each header once."""
+    out = []
+    for line in read_text(os.path.join(BPF_DIR, name)).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "#include" and parts[1].startswith('"'):
+            inc = parts[1].strip('"')
+            if inc not in seen:
+                seen.add(inc)
+                out += _inline(inc, seen)
+            continue
+        out.append(line)
+    return out
+
+
 def source_text() -> str:
-    """One translation unit: the header, then every source (bcc rewrites map calls only
-    in the main file, so the header is inlined rather than #included)."""
-    parts = [read_text(HEADER)]
+    """One translation unit: every source with the local headers inlined (bcc rewrites
+    map calls only in the main file, so headers are inlined rather than #included)."""
+    seen: set[str] = set()
+    lines: list[str] = []
     for name in SOURCES:
-        lines = read_text(os.path.join(BPF_DIR, name)).splitlines()
-        parts.append("\n".join(line for line in lines if line.strip() != '#include "safedeploy.h"'))
-    return "\n".join(parts)
+        lines += _inline(name, seen)
+    return "\n".join(lines)
 
 
 def source_hash() -> str:
@@ -58,7 +73,7 @@ def pin_dir(version: str | None = None) -> str:
 
 
 def _pin_names() -> list[str]:
-    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in (*MAPS, *RINGBUFS)]
+    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in pin_names()]
 
 
 def is_pinned(path) -> bool:
@@ -93,7 +108,9 @@ def ensure_bpffs() -> str:
 # (struct, member) -> the -D macro bpf/safedeploy.h expects for process attribution
 BTF_OFFSETS = {("task_struct", "mm"): "SD_OFF_TASK_MM", ("task_struct", "real_parent"): "SD_OFF_TASK_REAL_PARENT",
                ("task_struct", "tgid"): "SD_OFF_TASK_TGID", ("task_struct", "comm"): "SD_OFF_TASK_COMM",
-               ("mm_struct", "arg_start"): "SD_OFF_MM_ARG_START", ("mm_struct", "arg_end"): "SD_OFF_MM_ARG_END"}
+               ("mm_struct", "arg_start"): "SD_OFF_MM_ARG_START", ("mm_struct", "arg_end"): "SD_OFF_MM_ARG_END",
+               ("task_struct", "group_leader"): "SD_OFF_TASK_GROUP_LEADER",
+               ("task_struct", "start_time"): "SD_OFF_TASK_START_TIME"}
 
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
@@ -158,7 +175,7 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 bpfsys.obj_pin(fn.fd, os.path.join(tmp, f"prog_{name}"))
-            for name in (*MAPS, *RINGBUFS):
+            for name in pin_names():
                 bpfsys.obj_pin(b[name.encode()].map_fd, os.path.join(tmp, f"map_{name}"))
             try:
                 os.rename(tmp, target)

@@ -1,8 +1,7 @@
 """Userspace side of bpf/safedeploy.h: the map layouts, and policy <-> map entries.
 
-The ctypes structures below are the only userspace copy of the header's structs; the
-``SD_*`` constants are read from the header itself. A kernel test compares both with
-what bcc compiled. Nothing here imports bcc.
+The structs and constants come from ocihook/abi.py, generated from bpf/abi.h; a kernel
+test compares them with what bcc compiled. Nothing here imports bcc.
 """
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import ctypes
 import os
 TYPE_CHECKING = False  # typing is not imported on the hook's hot path
 
-from . import bpfsys, read_text
+from . import abi, bpfsys
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable
@@ -21,21 +20,7 @@ BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
 HEADER = os.path.join(BPF_DIR, "safedeploy.h")
 
-
-def _read_constants(header: str) -> dict[str, int]:
-    """Every ``#define SD_NAME <integer>`` of the header (no regex: this is the hot path)."""
-    out = {}
-    for line in read_text(header).splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0] == "#define" and parts[1].startswith("SD_"):
-            try:
-                out[parts[1]] = int(parts[2], 0)
-            except ValueError:
-                continue
-    return out
-
-
-C = _read_constants(HEADER)
+C = {k: v for k, v in vars(abi).items() if k.startswith("SD_")}
 IPPROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip"}  # raw sockets: any protocol
 KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
@@ -43,103 +28,46 @@ KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C
 VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
                 C["SD_EV_WOULD_BLOCK"]: "would-block"}
 
-
-class SdCgroup(ctypes.Structure):
-    _fields_ = [("mode", ctypes.c_uint8), ("dflt", ctypes.c_uint8), ("has_resolvers", ctypes.c_uint8),
-                ("name_denies", ctypes.c_uint8), ("allow_raw", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
-
-
-class CidrKey(ctypes.Structure):
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8),
-                ("port", ctypes.c_uint16), ("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16)]
-
-
-class CidrVal(ctypes.Structure):
-    _fields_ = [("rule", ctypes.c_uint16), ("verdict", ctypes.c_uint8), ("plen", ctypes.c_uint8)]
-
-
-class AddrKey(ctypes.Structure):
-    _fields_ = [("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16)]
-
-
-class EventKey(ctypes.Structure):
-    _fields_ = [("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16), ("pid", ctypes.c_uint32),
-                ("port", ctypes.c_uint16), ("rule", ctypes.c_uint16), ("verdict", ctypes.c_uint8),
-                ("kind", ctypes.c_uint8), ("proto", ctypes.c_uint8), ("family", ctypes.c_uint8),
-                ("name_id", ctypes.c_uint32)]
-
-
-class EventVal(ctypes.Structure):
-    _fields_ = [("count", ctypes.c_uint64), ("first_ns", ctypes.c_uint64), ("last_ns", ctypes.c_uint64),
-                ("uid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
-
-
-class NameKey(ctypes.Structure):
-    _fields_ = [("cgid", ctypes.c_uint64), ("hash", ctypes.c_uint64), ("kind", ctypes.c_uint8),
-                ("proto", ctypes.c_uint8), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint32)]
-
-
-class NameVal(ctypes.Structure):
-    _fields_ = [("rule", ctypes.c_uint16), ("verdict", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
-
-
-class QnameKey(ctypes.Structure):
-    _fields_ = [("cgid", ctypes.c_uint64), ("name_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
-
-
-class Qname(ctypes.Structure):
-    _fields_ = [("hashes", ctypes.c_uint64 * C["SD_MAX_SUFFIXES"]), ("nhash", ctypes.c_uint32),
-                ("len", ctypes.c_uint32), ("name", ctypes.c_char * C["SD_NAME_BUF"])]
-
-
-class Learned(ctypes.Structure):
-    _fields_ = [("expires_ns", ctypes.c_uint64), ("name_id", ctypes.c_uint32), ("verdict", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8), ("rule", ctypes.c_uint16)]
-
-
-class LiveEvent(ctypes.Structure):
-    _fields_ = [("k", EventKey), ("ts_ns", ctypes.c_uint64), ("comm", ctypes.c_char * 16)]
-
-
-class PendingKey(ctypes.Structure):
-    _fields_ = [("cgid", ctypes.c_uint64), ("addr", ctypes.c_uint8 * 16), ("txid", ctypes.c_uint16),
-                ("pad", ctypes.c_uint16), ("pad2", ctypes.c_uint32)]
-
-
-class ProcKey(ctypes.Structure):
-    _fields_ = [("cgid", ctypes.c_uint64), ("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
-
-
-class Ancestor(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
-
-
-class Proc(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint32), ("chain_len", ctypes.c_uint32),
-                ("chain", Ancestor * C["SD_CHAIN"]), ("cmdline", ctypes.c_uint8 * C["SD_CMDLINE"])]
-
+SdCgroup, Cgstats, CidrKey, CidrVal, AddrKey = abi.Cgroup, abi.Cgstats, abi.CidrKey, abi.CidrVal, abi.Addr
+NameKey, NameVal, QidKey, Learned, PendingKey = abi.NameKey, abi.NameVal, abi.QidKey, abi.Learned, abi.PendingKey
+EventKey, EventVal, LiveEvent, ProcKey, Proc = abi.EventKey, abi.EventVal, abi.Live, abi.ProcKey, abi.Proc
 
 U8 = ctypes.c_uint8
+U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
 
-# map name in the header -> (key type, value type); the pins are named map_<name>
+# shared maps: name in maps.h -> (key type, value type); the pins are named map_<name>
 MAPS: dict[str, tuple[type, type]] = {
     "cgroups": (U64, SdCgroup),
-    "cidrs": (CidrKey, CidrVal),
-    "resolvers": (AddrKey, U8),
-    "events": (EventKey, EventVal),
-    "stats": (ctypes.c_uint32, U64),
-    "names": (NameKey, NameVal),
-    "qnames": (QnameKey, Qname),
-    "learned": (AddrKey, Learned),
-    "procs": (ProcKey, Proc),
-    "drops": (U64, U64),
-    "pending": (PendingKey, ctypes.c_uint32),
+    "cgstats": (U64, Cgstats),
+    "stats": (U32, U64),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
-# the maps that hold per-cgroup state (cleared when a cgroup is released)
-POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs", "pending")  # keys have a cgid
-DYNAMIC_MAPS = ("qnames", "learned", "procs", "pending")  # written by the programs, not from the policy
+
+# per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
+# maps a cgroup id to the cgroup's own inner map, created with its policy from the template
+# tpl_<template> (the kernel insists on the template's type, sizes and flags). Rule maps
+# (quota None) are sized to the policy, at most RULES_QUOTA entries; the others hold what
+# the programs learn, each bounded per cgroup (LRU maps evict the cgroup's own oldest).
+RULES_QUOTA = 65536
+INNER: dict[str, tuple[type, type, str, int | None]] = {
+    "cidrs": (CidrKey, CidrVal, "cidrs", None),
+    "names": (NameKey, NameVal, "names", None),
+    "resolvers": (AddrKey, U8, "resolvers", None),
+    "learned": (AddrKey, Learned, "learned", 8192),
+    "pending": (PendingKey, U8, "pending", 1024),
+    "qids": (QidKey, U32, "qids", 2048),
+    "qnames": (U32, NameKey, "qnames", 2048),
+    "procs": (ProcKey, Proc, "procs", 1024),
+    "events": (EventKey, EventVal, "events", 4096),
+    "blocked": (EventKey, EventVal, "events", 4096),
+}
+TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
+
+
+def pin_names() -> list[str]:
+    """Every map pin of a program version (map_<name>)."""
+    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS]
 
 
 def addr_of(raw):
@@ -150,31 +78,31 @@ def addr_of(raw):
 
 def compile_policy(policy: "Policy") -> dict:
     """A policy in kernel form, JSON-serialisable: what the hook caches and what state
-    files keep, so the warm path needs neither the policy module nor a re-parse.
-    Entry keys are stored with cgid 0; :func:`_with_cgid` fills it in."""
+    files keep, so the warm path needs neither the policy module nor a re-parse."""
     return {
         "name": policy.name, "mode": policy.mode, "default": policy.default,
         "has_resolvers": policy.resolvers is not None,
         "rules": [[r.text, r.reason] for r in policy.rules],
-        "cidrs": [[bytes(k).hex(), bytes(v).hex()] for k, v in cidr_entries(policy, 0)],
-        "names": [[bytes(k).hex(), bytes(v).hex()] for k, v in name_entries(policy, 0)],
+        "cidrs": [[bytes(k).hex(), bytes(v).hex()] for k, v in cidr_entries(policy)],
+        "names": [[bytes(k).hex(), bytes(v).hex()] for k, v in name_entries(policy)],
         "resolvers": [a.packed.hex() for a in policy.resolvers or ()],
         "name_denies": any(r.kind == "name" and r.verdict == "deny" for r in policy.rules),
         "allow_raw": policy.raw_sockets == "allow",
     }
 
 
-def name_hash(base: str) -> int:
-    """FNV-1a 64 of the reversed lower-case name: what the kernel computes per suffix."""
-    h = 0xCBF29CE484222325
-    for c in reversed(base.encode()):
-        h = ((h ^ c) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
+def name_key_bytes(name: str, wildcard: bool) -> bytes:
+    """The names-trie key of a rule's name, as the kernel builds it from a query: the
+    lower-case name reversed, then a 0 byte (exact) or a dot (``*.name``: names below it)."""
+    raw = name.lower().rstrip(".").encode()[::-1] + (b"." if wildcard else b"\0")
+    if len(raw) > C["SD_NAME_KEY"]:
+        raise ValueError(f"name {name} is longer than {C['SD_NAME_MAX']} characters")
+    return raw
 
 
-def name_entries(policy: "Policy", cgid: int) -> list[tuple[NameKey, NameVal]]:
-    """Name rules by (hash of base, exact|wildcard, proto, port). proto 0 holds the DNS
-    query verdict (decide_query): allow rules (any ports) and port-less deny rules."""
+def name_entries(policy: "Policy") -> list[tuple[NameKey, NameVal]]:
+    """Name rules by (proto, port, name). proto 0 holds the DNS query verdict
+    (decide_query): allow rules (any ports) and port-less deny rules."""
     merged: dict[tuple, tuple[int, int]] = {}
 
     def put(slot, verdict, index):
@@ -185,15 +113,27 @@ def name_entries(policy: "Policy", cgid: int) -> list[tuple[NameKey, NameVal]]:
         if rule.kind != "name":
             continue
         verdict = C["SD_DENY"] if rule.verdict == "deny" else C["SD_ALLOW"]
-        h = name_hash(rule.name)
-        kind = C["SD_NAME_WILD"] if rule.wildcard else C["SD_NAME_EXACT"]
+        key = name_key_bytes(rule.name, rule.wildcard)
         for proto in [rule.proto] if rule.proto else ["tcp", "udp"]:
             for port in rule.ports or (0,):
-                put((h, kind, IPPROTO[proto], port), verdict, rule.index)
+                put((IPPROTO[proto], port, key), verdict, rule.index)
         if rule.verdict == "allow" or (rule.ports is None and rule.proto is None):
-            put((h, kind, 0, 0), verdict, rule.index)
-    return [(NameKey(cgid=cgid, hash=h, kind=kind, proto=proto, port=port), NameVal(rule=index, verdict=verdict))
-            for (h, kind, proto, port), (verdict, index) in merged.items()]
+            put((0, 0, key), verdict, rule.index)
+    out = []
+    for (proto, port, key), (verdict, index) in merged.items():
+        k = NameKey(prefixlen=C["SD_NAME_FIXED_BITS"] + 8 * len(key), proto=proto, port=port)
+        ctypes.memmove(k.name, key, len(key))
+        out.append((k, NameVal(rule=index, verdict=verdict, nlen=len(key))))
+    return out
+
+
+def name_of_key(key) -> str:
+    """The dotted name a names-trie key (or qnames value) holds."""
+    n = max(0, min((key.prefixlen - C["SD_NAME_FIXED_BITS"]) // 8, C["SD_NAME_KEY"]))
+    raw = bytes(key.name[:n])
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    return raw[::-1].decode(errors="replace")
 
 
 def cgroup_entry(compiled: dict) -> SdCgroup:
@@ -204,7 +144,7 @@ def cgroup_entry(compiled: dict) -> SdCgroup:
                     allow_raw=1 if compiled.get("allow_raw") else 0)
 
 
-def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
+def cidr_entries(policy: "Policy") -> list[tuple[CidrKey, CidrVal]]:
     """LPM entries for the CIDR rules. Rules that land on the same key are merged as
     decide() breaks ties: deny beats allow, then the lowest index."""
     merged: dict[tuple, tuple[int, int]] = {}
@@ -221,28 +161,32 @@ def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
                     merged[slot] = (verdict, rule.index)
     out = []
     for (proto, port, addr, plen), (verdict, index) in merged.items():
-        key = CidrKey(prefixlen=C["SD_CIDR_FIXED_BITS"] + plen, proto=proto, port=port, cgid=cgid)
-        key.addr[:] = addr
+        key = CidrKey(prefixlen=C["SD_CIDR_FIXED_BITS"] + plen, proto=proto, port=port)
+        ctypes.memmove(key.addr, addr, 16)
         out.append((key, CidrVal(rule=index, verdict=verdict, plen=plen)))
     return out
 
 
-def _with_cgid(key_type, hexkey: str, cgid: int):
-    key = key_type.from_buffer_copy(bytes.fromhex(hexkey))
-    key.cgid = cgid
-    return key
-
-
-def _compiled_entries(compiled: dict, cgid: int):
-    """(map name, key, value) of every rule entry of a compiled policy for cgid."""
+def _compiled_entries(compiled: dict):
+    """(inner map name, key, value) of every rule entry of a compiled policy."""
     for k, v in compiled["cidrs"]:
-        yield "cidrs", _with_cgid(CidrKey, k, cgid), CidrVal.from_buffer_copy(bytes.fromhex(v))
+        yield "cidrs", CidrKey.from_buffer_copy(bytes.fromhex(k)), CidrVal.from_buffer_copy(bytes.fromhex(v))
     for k, v in compiled.get("names", ()):
-        yield "names", _with_cgid(NameKey, k, cgid), NameVal.from_buffer_copy(bytes.fromhex(v))
+        yield "names", NameKey.from_buffer_copy(bytes.fromhex(k)), NameVal.from_buffer_copy(bytes.fromhex(v))
     for a in compiled["resolvers"]:
-        key = AddrKey(cgid=cgid)
-        key.addr[:] = bytes.fromhex(a)
+        key = AddrKey()
+        ctypes.memmove(key.addr, bytes.fromhex(a), 16)
         yield "resolvers", key, U8(1)
+
+
+def rule_counts(compiled: dict) -> dict[str, int]:
+    """Entries each rule map of a compiled policy needs."""
+    return {"cidrs": len(compiled["cidrs"]), "names": len(compiled.get("names", ())),
+            "resolvers": len(compiled["resolvers"])}
+
+
+class PolicyTooBig(bpfsys.BpfError):
+    """A policy needs more entries than a cgroup's share of a rule map."""
 
 
 class PinnedMaps:
@@ -255,7 +199,7 @@ class PinnedMaps:
     def open(cls, pin_dir) -> "PinnedMaps":
         fds = {}
         try:
-            for name in MAPS:
+            for name in (*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES)):
                 fds[name] = bpfsys.obj_get(os.path.join(pin_dir, f"map_{name}"))
         except Exception:
             for fd in fds.values():
@@ -279,54 +223,89 @@ class PinnedMaps:
         val = SdCgroup()
         return val if bpfsys.map_lookup(self.fds["cgroups"], U64(cgid), val) else None
 
+    def _create_inner(self, name: str, entries: int) -> int:
+        info = bpfsys.map_info(self.fds[f"tpl_{INNER[name][2]}"])
+        return bpfsys.map_create(info["type"], info["key_size"], info["value_size"], max(1, entries),
+                                 info["flags"], f"sd_{name}")
+
     def load_policy(self, cgid: int, compiled: dict) -> None:
-        """Write the rules, then the cgroup header that makes the programs use them.
-        Fails (and leaves nothing behind) when the cgroup already has a policy."""
+        """Give cgid its own maps (rules sized to the policy, the rest to their quotas),
+        write the rules, then the cgroup header that makes the programs use them. Fails
+        (and leaves nothing behind) when the cgroup already has a policy or the policy
+        exceeds a cgroup's share."""
         if self.policy_of(cgid) is not None:
             raise bpfsys.BpfError(17, f"cgroup {cgid} already has a safedeploy policy")
+        counts = rule_counts(compiled)
+        for name, n in counts.items():
+            if n > RULES_QUOTA:
+                raise PolicyTooBig(7, f"policy needs {n} {name} entries, more than a cgroup's share "
+                                      f"({RULES_QUOTA}): use fewer ports per rule or wider CIDRs")
+        fds: dict[str, int] = {}
         try:
-            for name, key, val in _compiled_entries(compiled, cgid):
-                try:
-                    bpfsys.map_update(self.fds[name], key, val)
-                except bpfsys.BpfError as e:
-                    if e.errno == 7:  # E2BIG: the shared map is full
-                        raise bpfsys.BpfError(e.errno, f"policy map {name} is full: cannot load the policy") from None
-                    raise
+            for name, (_, _, _, quota) in INNER.items():
+                fds[name] = self._create_inner(name, counts[name] if quota is None else quota)
+            for name, key, val in _compiled_entries(compiled):
+                bpfsys.map_update(fds[name], key, val)
+            bpfsys.map_update(self.fds["cgstats"], U64(cgid), Cgstats())
+            for name, fd in fds.items():
+                bpfsys.map_update(self.fds[f"cg_{name}"], U64(cgid), ctypes.c_uint32(fd), bpfsys.BPF_NOEXIST)
             try:
-                bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled),
-                                  bpfsys.BPF_NOEXIST)
+                bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled), bpfsys.BPF_NOEXIST)
             except bpfsys.BpfError as e:
                 if e.errno == 7:
                     raise bpfsys.BpfError(e.errno, "policy map cgroups is full: too many policed cgroups") from None
                 raise
         except Exception:
-            self.unload_policy(cgid, compiled)
+            self.unload_policy(cgid)
             raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def unload_policy(self, cgid: int, compiled: dict | None = None) -> int:
-        """Remove the header first (programs stop using the rules), then every rule
-        entry of cgid: exactly the compiled policy's keys when known, else by scanning
-        the shared maps (gc of a cgroup whose policy is lost). Returns entries removed."""
+        """Remove the header first (programs stop using the cgroup's maps), then the
+        cgroup's counters and maps: a few deletes, whatever other cgroups hold. Returns
+        the entries removed from the shared maps."""
         removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
-        removed += int(bpfsys.map_delete(self.fds["drops"], U64(cgid)))
-        scan = POLICY_MAPS
-        if compiled is not None:
-            for name, key, _ in _compiled_entries(compiled, cgid):
-                removed += int(bpfsys.map_delete(self.fds[name], key))
-            scan = DYNAMIC_MAPS  # what the kernel learned for this cgroup
-        for name in scan:
-            key_type = MAPS[name][0]
-            fd = self.fds[name]
-            for key in bpfsys.map_keys(fd, key_type):
-                if key.cgid == cgid:
-                    removed += int(bpfsys.map_delete(fd, key))
+        removed += int(bpfsys.map_delete(self.fds["cgstats"], U64(cgid)))
+        for name in INNER:
+            removed += int(bpfsys.map_delete(self.fds[f"cg_{name}"], U64(cgid)))
         return removed
 
+    def inner(self, cgid: int, name: str) -> int | None:
+        """An fd of cgid's own map `name` (caller closes), or None."""
+        map_id = ctypes.c_uint32()
+        if not bpfsys.map_lookup(self.fds[f"cg_{name}"], U64(cgid), map_id):
+            return None
+        try:
+            return bpfsys.map_fd_by_id(map_id.value)
+        except bpfsys.BpfError:
+            return None  # released meanwhile
+
+    def _items(self, cgid: int, name: str, limit: int | None = None) -> list:
+        fd = self.inner(cgid, name)
+        if fd is None:
+            return []
+        key_t, val_t = INNER[name][:2]
+        out = []
+        try:
+            for key in bpfsys.map_keys(fd, key_t)[:limit]:
+                val = val_t()
+                if bpfsys.map_lookup(fd, key, val):
+                    out.append((key, val))
+        finally:
+            os.close(fd)
+        return out
+
     def entries_of(self, cgid: int) -> int:
-        """How many map entries (policy and events) belong to cgid."""
+        """How many entries (policy header, counters, maps and what they hold) belong to cgid."""
         n = int(self.policy_of(cgid) is not None)
-        for name in (*POLICY_MAPS, "events"):
-            n += sum(1 for k in bpfsys.map_keys(self.fds[name], MAPS[name][0]) if k.cgid == cgid)
+        n += int(bpfsys.map_lookup(self.fds["cgstats"], U64(cgid), Cgstats()))
+        for name in INNER:
+            fd = self.inner(cgid, name)
+            if fd is not None:
+                n += 1 + len(bpfsys.map_keys(fd, INNER[name][0]))
+                os.close(fd)
         return n
 
     def policed_cgroups(self) -> dict[int, SdCgroup]:
@@ -337,62 +316,86 @@ class PinnedMaps:
                 out[key.value] = val
         return out
 
+    def counters(self, cgid: int) -> dict[str, int]:
+        """The exact per-cgroup counters (cgstats), {} when cgid has none."""
+        val = Cgstats()
+        if not bpfsys.map_lookup(self.fds["cgstats"], U64(cgid), val):
+            return {}
+        return {name: getattr(val, name) for name, _ in Cgstats._fields_}
+
     # -- events ------------------------------------------------------------------
-    def drain_events(self, cgids: Iterable[int]) -> list[tuple[EventKey, EventVal]]:
-        """Take (read and delete) every aggregated event of the given cgroups."""
-        wanted = set(cgids)
-        fd = self.fds["events"]
+    def drain_events(self, cgid: int) -> list[tuple[EventKey, EventVal]]:
+        """Take (read and delete) every aggregated event of a cgroup, blocked ones first."""
         out = []
-        for key in bpfsys.map_keys(fd, EventKey):
-            if key.cgid not in wanted:
+        for name in ("blocked", "events"):
+            fd = self.inner(cgid, name)
+            if fd is None:
                 continue
-            val = EventVal()
-            if bpfsys.map_lookup(fd, key, val):
-                bpfsys.map_delete(fd, key)
-                out.append((key, val))
+            try:
+                for key in bpfsys.map_keys(fd, EventKey):
+                    val = EventVal()
+                    if bpfsys.map_lookup(fd, key, val):
+                        bpfsys.map_delete(fd, key)
+                        out.append((key, val))
+            finally:
+                os.close(fd)
         return out
 
     def drain(self, cgid: int):
         """Events of cgid with the names and processes they refer to (session.Drained)."""
         from .session import Drained  # noqa: PLC0415
-        raw = self.drain_events([cgid])
-        dropped = U64()
-        bpfsys.map_lookup(self.fds["drops"], U64(cgid), dropped)
+        counters = self.counters(cgid)
+        raw = self.drain_events(cgid)
         return Drained(raw, self.names_of(cgid, (k.name_id for k, _ in raw)),
-                       self.procs_of(cgid, (k.pid for k, _ in raw)), dropped.value)
+                       self.procs_of(cgid, ((k.pid, k.pstart) for k, _ in raw)),
+                       counters.get("events_dropped", 0) + counters.get("blocked_dropped", 0), counters)
 
     def names_of(self, cgid: int, name_ids: Iterable[int]) -> dict[int, str]:
-        """The queried names (qnames map) behind event name ids."""
+        """The queried names (the cgroup's qnames map) behind event name ids."""
         out = {}
-        for nid in set(name_ids) - {0}:
-            val = Qname()
-            if bpfsys.map_lookup(self.fds["qnames"], QnameKey(cgid=cgid, name_id=nid), val):
-                out[nid] = val.name[:val.len].decode(errors="replace")
+        wanted = set(name_ids) - {0}
+        fd = self.inner(cgid, "qnames") if wanted else None
+        if fd is None:
+            return out
+        try:
+            for nid in wanted:
+                val = NameKey()
+                if bpfsys.map_lookup(fd, U32(nid), val):
+                    out[nid] = name_of_key(val)
+        finally:
+            os.close(fd)
         return out
 
-    def procs_of(self, cgid: int, pids: Iterable[int]) -> dict[int, dict]:
-        """What the kernel captured about processes: cmdline and ancestors (nearest first)."""
+    def procs_of(self, cgid: int, pids: Iterable[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+        """What the kernel captured about processes, by (pid, start time): argv (exact bytes),
+        cmdline and ancestors (nearest first)."""
         out = {}
-        for pid in set(pids):
-            val = Proc()
-            if bpfsys.map_lookup(self.fds["procs"], ProcKey(cgid=cgid, tgid=pid), val):
-                raw = bytes(val.cmdline[:val.len]) if val.len else b""
-                args = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
-                chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
-                         for i in range(min(val.chain_len, C["SD_CHAIN"]))]
-                out[pid] = {"cmdline": " ".join(args) or None, "parents": chain}
+        wanted = {p for p in pids if p[0]}
+        fd = self.inner(cgid, "procs") if wanted else None
+        if fd is None:
+            return out
+        try:
+            for pid, pstart in wanted:
+                val = Proc()
+                if bpfsys.map_lookup(fd, ProcKey(tgid=pid, pstart=pstart), val):
+                    raw = bytes(val.cmdline[:val.len]) if val.len else b""
+                    argv = raw.rstrip(b"\0").split(b"\0") if raw else []
+                    chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
+                             for i in range(min(val.chain_len, C["SD_CHAIN"]))]
+                    out[(pid, pstart)] = {"argv": argv,
+                                          "cmdline": " ".join(a.decode(errors="replace") for a in argv) or None,
+                                          "parents": chain}
+        finally:
+            os.close(fd)
         return out
 
     def event_counts(self) -> dict[int, dict[str, int]]:
-        """Per cgroup and verdict, the attempts aggregated so far (not drained)."""
-        out: dict[int, dict[str, int]] = {}
-        fd = self.fds["events"]
-        for key in bpfsys.map_keys(fd, EventKey):
-            val = EventVal()
-            if bpfsys.map_lookup(fd, key, val):
-                per = out.setdefault(key.cgid, {})
-                verdict = VERDICT_NAME.get(key.verdict, "?")
-                per[verdict] = per.get(verdict, 0) + val.count
+        """Per policed cgroup and verdict, the exact decision counts so far."""
+        out = {}
+        for cgid in self.policed_cgroups():
+            c = self.counters(cgid)
+            out[cgid] = {"allowed": c.get("allowed", 0), "blocked": c.get("blocked", 0),
+                         "would-block": c.get("would_block", 0)}
         return out
 
     def stats(self) -> dict[str, int]:
@@ -407,9 +410,9 @@ class PinnedMaps:
         return out
 
     def fill(self) -> dict[str, tuple[int, int]]:
-        """(entries, max_entries) of each hash/LPM map."""
+        """(entries, max_entries) of the shared maps."""
         out = {}
-        for name in ("cgroups", "cidrs", "resolvers", "events"):
+        for name in ("cgroups", "cgstats"):
             n = len(bpfsys.map_keys(self.fds[name], MAPS[name][0]))
             out[name] = (n, bpfsys.map_info(self.fds[name])["max_entries"])
         return out

@@ -51,9 +51,10 @@ class Drained:
     (command line, ancestors) they refer to."""
 
     def __init__(self, events: list[tuple[EventKey, EventVal]] | None = None, names: dict | None = None,
-                 procs: dict | None = None, dropped: int = 0):
+                 procs: dict | None = None, dropped: int = 0, counters: dict | None = None):
         self.events, self.names, self.procs = events or [], names or {}, procs or {}
-        self.dropped = dropped  # events the full events map could not hold
+        self.dropped = dropped  # decisions whose details the cgroup's quota could not hold
+        self.counters = counters or {}  # exact per-cgroup counts (maps.Cgstats)
 
 
 def release(att: Attachment, compiled: dict | None = None) -> Drained:

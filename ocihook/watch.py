@@ -51,15 +51,15 @@ def watch(target: str | None = None, duration: float | None = None, as_json: boo
             nonlocal shown
             ev = LiveEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(LiveEvent)))
             k = ev.k
-            if ev.ts_ns < since or (only is not None and k.cgid != only):
+            if ev.ts_ns < since or (only is not None and ev.cgid != only):
                 return 0
-            if k.cgid not in states:
+            if ev.cgid not in states:
                 states.update(state_records())
-            st = states.get(k.cgid, {})
+            st = states.get(ev.cgid, {})
             rule, reason = events.rule_of(st.get("compiled", {"rules": []}), k.rule)
-            domain = maps.names_of(k.cgid, [k.name_id]).get(k.name_id) if k.name_id else None
-            proc = maps.procs_of(k.cgid, [k.pid]).get(k.pid, {})
-            rec = {"time": events.boot_ns_to_rfc3339(ev.ts_ns), "container": st.get("id", f"cgroup:{k.cgid}"),
+            domain = maps.names_of(ev.cgid, [k.name_id]).get(k.name_id) if k.name_id else None
+            proc = maps.procs_of(ev.cgid, [(k.pid, k.pstart)]).get((k.pid, k.pstart), {})
+            rec = {"time": events.boot_ns_to_rfc3339(ev.ts_ns), "container": st.get("id", f"cgroup:{ev.cgid}"),
                    "verdict": VERDICT_NAME.get(k.verdict), "kind": KIND_NAME.get(k.kind),
                    "proto": PROTO_NAME.get(k.proto, str(k.proto)), "dst_ip": display_ip(addr_of(k.addr)),
                    "dst_port": k.port, "domain": domain, "pid": k.pid, "comm": ev.comm.decode(errors="replace"),
