@@ -179,7 +179,8 @@ def run_cmd(
     for line in report.summary(res.records):
         _err(line)
     if res.dropped:
-        _err(f"{res.dropped} events were dropped: the kernel's events map was full (enforcement unaffected)")
+        _err(f"{res.dropped} decisions were counted but not kept in detail: the run's events quota was full "
+             "(enforcement unaffected)")
     _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations)")
     if fail_on_violation and res.violations:
         raise typer.Exit(runner.EXIT_VIOLATION)

@@ -254,7 +254,7 @@ def stop(state: dict) -> str | None:
     drained = session.release(att, compiled)
     records = events.to_records(drained, compiled, cid)
     out = report.write(records, os.path.join(settings.log_dir(), f"{cid}.jsonl"), drained.dropped, cid,
-                       compiled["name"])
+                       compiled["name"], drained.counters)
     report.syslog_blocked(records)
     _unlink(state_path(cid))
     return out

@@ -38,31 +38,62 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
                                                   r["dst_ip"], r["dst_port"], r["pid"]))
 
 
+# per-cgroup quotas whose overflow a report names: counter of cgstats -> (map, what it holds)
+_QUOTAS = {"learned_new": ("learned", "learned addresses"), "pending_new": ("pending", "pending DNS queries"),
+           "names_new": ("qnames", "DNS names"), "procs_new": ("procs", "captured processes")}
+
+
+def quota_notes(counters: dict) -> dict[str, int]:
+    """What ran out of a cgroup's quotas: {map: entries over its quota (the oldest were
+    evicted)} plus the decisions whose details did not fit (blocked_dropped, events_dropped)."""
+    from .maps import INNER  # noqa: PLC0415
+    out = {}
+    for counter, (name, _) in _QUOTAS.items():
+        over = counters.get(counter, 0) - INNER[name][3]
+        if over > 0:
+            out[name] = over
+    for counter in ("blocked_dropped", "events_dropped"):
+        if counters.get(counter):
+            out[counter] = counters[counter]
+    return out
+
+
 def summarize(records: list[dict], dropped: int = 0, container: str | None = None,
-              policy: str | None = None) -> dict:
+              policy: str | None = None, counters: dict | None = None, base: dict | None = None) -> dict:
     """The final line of a report: totals per verdict, and events the kernel could not
-    keep because its events map was full (never hidden)."""
+    keep in detail (never hidden). With the kernel's exact per-cgroup counters, the totals
+    are those counts (plus base's, a summary this report extends), whether or not every
+    decision's details fit in the cgroup's quota."""
     recs = aggregate(records)
     first = recs[0] if recs else {}
     out = {"summary": True, "container": container or first.get("container"),
            "policy": policy or first.get("policy"), "destinations": len(recs), "events_dropped": dropped}
     for verdict in ("blocked", "would-block", "allowed"):
-        out[verdict.replace("-", "_")] = sum(r["count"] for r in recs if r["verdict"] == verdict)
+        key = verdict.replace("-", "_")
+        out[key] = sum(r["count"] for r in recs if r["verdict"] == verdict)
+        if counters:
+            out[key] = max(out[key], (base or {}).get(key, 0) + counters.get(key, 0))
+    quota = dict((base or {}).get("quota") or {})
+    for name, n in quota_notes(counters or {}).items():
+        quota[name] = quota.get(name, 0) + n
+    if quota:
+        out["quota"] = quota
     return out
 
 
 def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str | None = None,
-          policy: str | None = None) -> Path:
+          policy: str | None = None, counters: dict | None = None) -> Path:
     """Write (or extend: an existing report's lines are merged in) a JSON Lines report:
     one line per (process, destination, verdict), then a summary line."""
     records = list(records)
     path = Path(path)
+    old = None
     if path.exists():
         old = load_summary(path)
         records = load(path) + records
         dropped += (old or {}).get("events_dropped", 0)
     lines = [json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) for rec in aggregate(records)]
-    lines.append(json.dumps(summarize(records, dropped, container, policy), separators=(",", ":")))
+    lines.append(json.dumps(summarize(records, dropped, container, policy, counters, old), separators=(",", ":")))
     write_atomic(path, "\n".join(lines) + "\n")
     return path
 
@@ -108,8 +139,12 @@ def format_table(records: list[dict], summary: dict | None = None) -> str:
     """Grouped by verdict; one line per destination and process."""
     lines = []
     if summary and summary.get("events_dropped"):
-        lines += [f"WARNING: {summary['events_dropped']} events were dropped (the kernel's events map was full); "
-                  "enforcement was not affected", ""]
+        lines += [f"WARNING: {summary['events_dropped']} decisions were counted but not kept in detail "
+                  "(the cgroup's events quota was full); enforcement was not affected", ""]
+    for name, n in ((summary or {}).get("quota") or {}).items():
+        if name in ("blocked_dropped", "events_dropped"):
+            continue
+        lines += [f"WARNING: quota of {name} ran out: {n} entries over it (the oldest were evicted)", ""]
     if not records:
         return "\n".join(lines + ["no network activity recorded", ""])
     for verdict in ("blocked", "would-block", "allowed"):

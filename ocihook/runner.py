@@ -25,10 +25,14 @@ class RunResult:
     report_path: Path | None = None
     run_id: str = ""
     dropped: int = 0
+    summary: dict = field(default_factory=dict)
 
     @property
     def violations(self) -> int:
-        return sum(r["count"] for r in self.records if r["verdict"] != "allowed")
+        """Blocked and would-block decisions: the kernel's exact counts (the summary), not
+        only those whose details fit in the report."""
+        detailed = sum(r["count"] for r in self.records if r["verdict"] != "allowed")
+        return max(detailed, self.summary.get("blocked", 0) + self.summary.get("would_block", 0))
 
 
 def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=None) -> RunResult:
@@ -53,9 +57,10 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
                 drained = session.release(att, compiled)
     records = events.to_records(drained, compiled, run_id, stop_pids=frozenset({os.getpid()}))
     out = report_path or Path(settings.log_dir()) / f"{run_id}.jsonl"
-    report.write(records, out, drained.dropped, run_id, policy.name)
+    report.write(records, out, drained.dropped, run_id, policy.name, drained.counters)
     report.syslog_blocked(records)
-    return RunResult(returncode, report.aggregate(records), out, run_id, drained.dropped)
+    return RunResult(returncode, report.aggregate(records), out, run_id, drained.dropped,
+                     report.summarize(records, drained.dropped, run_id, policy.name, drained.counters))
 
 
 class RunError(Exception):
