@@ -185,6 +185,28 @@ def rule_counts(compiled: dict) -> dict[str, int]:
             "resolvers": len(compiled["resolvers"])}
 
 
+def _parallel(calls: list[tuple]) -> list:
+    """Run bpf(2) calls on threads. Each update or delete of a map-in-map waits for an RCU
+    grace period (~15 ms here): in parallel they share one. Raises the first error."""
+    import threading  # noqa: PLC0415 — only where maps are created or released
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def one(i: int, fn, *args) -> None:
+        try:
+            results[i] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 — re-raised below, in the caller's thread
+            errors.append(e)
+    threads = [threading.Thread(target=one, args=(i, *call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 class PolicyTooBig(bpfsys.BpfError):
     """A policy needs more entries than a cgroup's share of a rule map."""
 
@@ -247,8 +269,8 @@ class PinnedMaps:
             for name, key, val in _compiled_entries(compiled):
                 bpfsys.map_update(fds[name], key, val)
             bpfsys.map_update(self.fds["cgstats"], U64(cgid), Cgstats())
-            for name, fd in fds.items():
-                bpfsys.map_update(self.fds[f"cg_{name}"], U64(cgid), ctypes.c_uint32(fd), bpfsys.BPF_NOEXIST)
+            _parallel([(bpfsys.map_update, self.fds[f"cg_{name}"], U64(cgid), ctypes.c_uint32(fd), bpfsys.BPF_NOEXIST)
+                       for name, fd in fds.items()])
             try:
                 bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled), bpfsys.BPF_NOEXIST)
             except bpfsys.BpfError as e:
@@ -268,9 +290,7 @@ class PinnedMaps:
         the entries removed from the shared maps."""
         removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
         removed += int(bpfsys.map_delete(self.fds["cgstats"], U64(cgid)))
-        for name in INNER:
-            removed += int(bpfsys.map_delete(self.fds[f"cg_{name}"], U64(cgid)))
-        return removed
+        return removed + sum(_parallel([(bpfsys.map_delete, self.fds[f"cg_{name}"], U64(cgid)) for name in INNER]))
 
     def inner(self, cgid: int, name: str) -> int | None:
         """An fd of cgid's own map `name` (caller closes), or None."""
