@@ -129,3 +129,29 @@ def test_release_cost_does_not_depend_on_a_neighbours_full_tables(policed, liste
     quiet.close()
     assert time.monotonic() - t0 < 0.25
     assert busy.close()
+
+
+CONNECT = "import socket, sys\ntry:\n    socket.create_connection(('127.0.0.2', 443), timeout=2)\nexcept OSError:\n    pass\n"
+
+
+def _spawn_with_pid(pid: int, cg: Path, tag: str) -> bool:
+    """Start `python -c CONNECT TAG` in cgroup cg as process `pid` (pid reuse, forced through
+    /proc/sys/kernel/ns_last_pid); False when another fork took the pid first."""
+    from ocihook import cgroup
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    proc = subprocess.Popen([sys.executable, "-c", CONNECT, tag], preexec_fn=lambda: cgroup.move_self(cg))
+    proc.wait(timeout=30)
+    return proc.pid == pid
+
+
+def test_a_reused_pid_is_never_blamed_on_the_earlier_process(policed):
+    p = policed("version: 1\nname: reuse\ndefault: allow\ndeny: ['127.0.0.2/32']\n")
+    for _ in range(50):
+        pid = int(Path("/proc/sys/kernel/ns_last_pid").read_text()) + 5000
+        if pid < 4_000_000 and _spawn_with_pid(pid, p.path, "first-process") and \
+                _spawn_with_pid(pid, p.path, "second-process"):
+            break
+    else:
+        pytest.fail("could not make two processes with the same pid")
+    recs = [r for r in p.close() if r["pid"] == pid]
+    assert sorted(r["cmdline"].split()[-1] for r in recs) == ["first-process", "second-process"]
