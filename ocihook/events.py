@@ -5,14 +5,26 @@ import os
 import time
 from datetime import datetime, timezone
 from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, addr_of
-from .policy import display_ip
+from .policy import UNLISTED_REASON, display_ip
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Drained
 
 FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
-          "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen", "parents")
+          "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen", "parents",
+          "target", "note")
+
+
+def _note(key, target: str | None) -> str | None:
+    """What a reader needs beyond the rule to understand a row."""
+    if key.flags & C["SD_EVF_EXPIRED"]:
+        return "address learned from the domain, but its TTL (at least dns.min_ttl) had passed"
+    if target:
+        return f"the domain is a CNAME of {target}"
+    if key.rule == C["SD_RULE_UNLISTED"]:
+        return "a lookup of a name no rule covers (e.g. a search-list candidate)"
+    return None
 
 
 def boot_ns_to_rfc3339(ns: int) -> str:
@@ -59,6 +71,8 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
         return "dns.resolvers", None
     if index == C["SD_RULE_RAW"]:
         return "raw_sockets", "raw sockets bypass connect rules (policy raw_sockets: deny)"
+    if index == C["SD_RULE_UNLISTED"]:
+        return "dns.unlisted", UNLISTED_REASON
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
     if 0 <= index < len(compiled.get("rules", ())):
@@ -113,5 +127,7 @@ def to_records(drained: "Drained", compiled: dict, container: str,
             "first_seen": boot_ns_to_rfc3339(val.first_ns),
             "last_seen": boot_ns_to_rfc3339(val.last_ns),
             "parents": _deploy_parents(proc.get("parents", []), stop_pids),
+            "target": drained.names.get(key.target_id) if key.target_id else None,
+            "note": _note(key, drained.names.get(key.target_id) if key.target_id else None),
         })
     return out

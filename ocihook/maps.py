@@ -88,6 +88,8 @@ def compile_policy(policy: "Policy") -> dict:
         "resolvers": [a.packed.hex() for a in policy.resolvers or ()],
         "name_denies": any(r.kind == "name" and r.verdict == "deny" for r in policy.rules),
         "allow_raw": policy.raw_sockets == "allow",
+        "min_ttl": policy.min_ttl,
+        "unlisted": policy.unlisted == "resolve",
     }
 
 
@@ -141,7 +143,8 @@ def cgroup_entry(compiled: dict) -> SdCgroup:
                     dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
                     has_resolvers=1 if compiled["has_resolvers"] else 0,
                     name_denies=1 if compiled.get("name_denies") else 0,
-                    allow_raw=1 if compiled.get("allow_raw") else 0)
+                    allow_raw=1 if compiled.get("allow_raw") else 0,
+                    unlisted=1 if compiled.get("unlisted") else 0, min_ttl=compiled.get("min_ttl", 0))
 
 
 def cidr_entries(policy: "Policy") -> list[tuple[CidrKey, CidrVal]]:
@@ -188,6 +191,8 @@ def rule_counts(compiled: dict) -> dict[str, int]:
 def _parallel(calls: list[tuple]) -> list:
     """Run bpf(2) calls on threads. Each update or delete of a map-in-map waits for an RCU
     grace period (~15 ms here): in parallel they share one. Raises the first error."""
+    if os.environ.get("SAFEDEPLOY_SERIAL_BPF"):  # one thread: what fault injection by call number needs
+        return [fn(*args) for fn, *args in calls]
     import threading  # noqa: PLC0415 — only where maps are created or released
     results: list = [None] * len(calls)
     errors: list[BaseException] = []
@@ -366,7 +371,7 @@ class PinnedMaps:
         from .session import Drained  # noqa: PLC0415
         counters = self.counters(cgid)
         raw = self.drain_events(cgid)
-        return Drained(raw, self.names_of(cgid, (k.name_id for k, _ in raw)),
+        return Drained(raw, self.names_of(cgid, {i for k, _ in raw for i in (k.name_id, k.target_id)}),
                        self.procs_of(cgid, ((k.pid, k.pstart) for k, _ in raw)),
                        counters.get("events_dropped", 0) + counters.get("blocked_dropped", 0), counters)
 

@@ -80,6 +80,10 @@ _KIND_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
 _TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
 
 
+DEFAULT_MIN_TTL = 3600  # seconds: how long clients really reuse an address they resolved
+UNLISTED_REASON = "a name no rule covers: resolved (search lists), its addresses judged by CIDR rules and the default"
+
+
 class PolicyError(Exception):
     """Invalid policy. ``errors`` holds every problem as ``<source>: <json-path>: <message>``."""
 
@@ -120,6 +124,8 @@ class Policy:
     source: str
     digest: str
     raw_sockets: str = "deny"
+    min_ttl: int = DEFAULT_MIN_TTL
+    unlisted: str = "resolve"
 
     def to_json(self) -> str:
         """The canonical normalised document; ``digest`` is the sha256 of it."""
@@ -133,8 +139,15 @@ class Policy:
         }
         if self.raw_sockets != "deny":
             document["raw_sockets"] = self.raw_sockets
+        dns: dict[str, Any] = {}
         if self.resolvers is not None:
-            document["dns"] = {"resolvers": [display_ip(a) for a in self.resolvers]}
+            dns["resolvers"] = [display_ip(a) for a in self.resolvers]
+        if self.min_ttl != DEFAULT_MIN_TTL:
+            dns["min_ttl"] = self.min_ttl
+        if self.unlisted != "resolve":
+            dns["unlisted"] = self.unlisted
+        if dns:
+            document["dns"] = dns
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
@@ -411,7 +424,7 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
                     problems.add(path, str(error))
             index += 1
     resolvers: tuple[ipaddress.IPv6Address, ...] | None = None
-    if "dns" in document and problems.usable(("dns", "resolvers")):
+    if "dns" in document and "resolvers" in document["dns"] and problems.usable(("dns", "resolvers")):
         found: set[ipaddress.IPv6Address] = set()
         for position, text in enumerate(document["dns"]["resolvers"]):
             path = ("dns", "resolvers", position)
@@ -427,6 +440,8 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
         mode=document.get("mode", "enforce"),
         default=document.get("default", "deny"),
         raw_sockets=document.get("raw_sockets", "deny"),
+        min_ttl=document.get("dns", {}).get("min_ttl", DEFAULT_MIN_TTL),
+        unlisted=document.get("dns", {}).get("unlisted", "resolve"),
         rules=tuple(rules),
         resolvers=resolvers,
         source=source,
@@ -676,10 +691,15 @@ def decide_query(policy: Policy, name: str) -> Decision:
     deny or any name deny rule.
     """
     folded = normalize_name(name)
+    labels = folded.split(".")
+    if len(labels) > 2 and labels[0].startswith("_") and labels[1].startswith("_"):
+        folded = ".".join(labels[2:])   # _service._proto.NAME (RFC 2782) is a lookup of NAME
     applying = [r for r in policy.rules if r.kind == "name" and name_matches(r, folded)
                 and (r.verdict == "allow" or (r.ports is None and r.proto is None))]
     winner = max(applying, key=_name_rank, default=None)
     if winner is None:
+        if policy.default == "deny" and policy.unlisted == "resolve":
+            return _decision(policy, "allow", None, "dns.unlisted", UNLISTED_REASON)
         return _decision(policy, policy.default, None, "default", None)
     return _decision(policy, winner.verdict, winner, winner.text, winner.reason)
 

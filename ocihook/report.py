@@ -152,7 +152,7 @@ def format_table(records: list[dict], summary: dict | None = None) -> str:
         if not group:
             continue
         lines.append(f"{verdict.upper()} ({sum(r['count'] for r in group)} attempts)")
-        rows = [(_dest(r), f"{r['pid']} {r['comm']}", str(r["count"]), r["rule"] + (f" — {r['reason']}" if r.get("reason") else ""),
+        rows = [(_dest(r), f"{r['pid']} {r['comm']}", str(r["count"]), r["rule"] + (f" — {r['reason']}" if r.get("reason") else "") + (f" [{r['note']}]" if r.get("note") else ""),
                  r.get("cmdline") or "") for r in group]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         head = ("DESTINATION", "PROCESS", "COUNT", "RULE")

@@ -82,15 +82,15 @@ def test_one_cgroup_cannot_evict_anothers_learned_addresses(policed, listener):
     zone = {"mirror.victim.test": [("A", "127.0.0.1", 600)]}
     for i in range(n_names):
         zone[f"n{i}.flood.test"] = [("A", f"127.{20 + i // 250}.{i % 250}.{j}", 600) for j in range(1, per + 1)]
-    srv = Server(Zone(zone), "127.0.0.157")
+    srv = Server(Zone(zone), "127.0.0.159")
     try:
         policy = ("version: 1\nname: {n}\ndefault: deny\nallow: ['mirror.victim.test', '*.flood.test']\n"
-                  "dns: {{resolvers: ['127.0.0.157']}}\n")
+                  "dns: {{resolvers: ['127.0.0.159']}}\n")
         victim = policed(policy.format(n="victim"))
         attacker = policed(policy.format(n="attacker"))
-        assert victim.run(query, "mirror.victim.test", "127.0.0.157") == ("ok", ["127.0.0.1"])
+        assert victim.run(query, "mirror.victim.test", "127.0.0.159") == ("ok", ["127.0.0.1"])
         names = [f"n{i}.flood.test" for i in range(n_names)]
-        assert attacker.run(_lookup_many, "127.0.0.157", names) == n_names
+        assert attacker.run(_lookup_many, "127.0.0.159", names) == n_names
         assert victim.run(connect, "127.0.0.1", lst.port) == "ok"          # still learned in its own map
         with PinnedMaps.open(victim.att.pin_dir) as m:
             assert m.counters(attacker.cgid)["learned_new"] > INNER["learned"][3]

@@ -62,7 +62,9 @@ def test_audit_then_suggest_then_enforce_passes(tmp_path, listener, dns_server):
     res = subprocess.run([*CLI, "run", "--policy", str(strict), "--audit", "--report", str(audit_rep), "--",
                           sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "deploy ok" in res.stdout, res.stderr
-    assert {r["verdict"] for r in report.load(audit_rep)} == {"would-block"}
+    audit_recs = report.load(audit_rep)
+    assert {r["verdict"] for r in audit_recs} == {"would-block", "allowed"}
+    assert {r["rule"] for r in audit_recs if r["verdict"] == "allowed"} == {"dns.unlisted"}  # the lookup itself
     suggested = tmp_path / "suggested.yaml"
     sug = subprocess.run([*CLI, "policy", "suggest", str(audit_rep), "--base", str(strict), "-o", str(suggested)],
                          capture_output=True, text=True, timeout=60)

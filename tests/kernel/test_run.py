@@ -56,7 +56,7 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     assert set(blocked) == {("127.0.0.2", 443), ("127.0.0.9", 80)}
     assert blocked[("127.0.0.9", 80)]["rule"] == "default"
     assert blocked[("127.0.0.2", 443)]["reason"] == "circular: auth service"
-    assert all(r["policy"] == "run-test" and r["comm"].startswith("python") for r in recs)
+    assert all(r["policy"] == "run-test" and r["comm"].startswith("python") for r in recs), recs
     # nothing of the run remains: cgroup, map entries (policy and events), attachments
     assert runs() == before
     from ocihook.install import _live_cgroup_ids

@@ -318,7 +318,8 @@ DOC = "version: 1\nname: t\n"
         (DOC + "allow: ['\u212aey.com']\n", "$.allow[0]", "only ASCII"),
         # dns
         (DOC + "dns: [1.2.3.4]\n", "$.dns", "must be a mapping"),
-        (DOC + "dns: {}\n", "$.dns", "missing required key 'resolvers'"),
+        (DOC + "dns: {min_ttl: -1}\n", "$.dns.min_ttl", "-1"),
+        (DOC + "dns: {unlisted: maybe}\n", "$.dns.unlisted", "maybe"),
         (DOC + "dns: {resolvers: 127.0.0.53}\n", "$.dns.resolvers", "must be a list"),
         (DOC + "dns: {resolvers: ['127.0.0.53', '1.2.3.4:53']}\n", "$.dns.resolvers[1]", "plain IP address"),
         (DOC + "dns: {resolvers: ['[::1]:53']}\n", "$.dns.resolvers[0]", "invalid IP address"),
@@ -417,7 +418,7 @@ def test_all_errors_are_reported_in_path_order():
 
 @pytest.mark.parametrize("text, expected", [
     ("name: t\ncolour: red\nallow: ['10.0.0.1/8']\n", ["$", "$", "$.allow[0]"]),
-    ("version: 1\nallow: ['*']\ndns: {timeout: 5}\n", ["$", "$.allow[0]", "$.dns", "$.dns"]),
+    ("version: 1\nallow: ['*']\ndns: {timeout: 5}\n", ["$", "$.allow[0]", "$.dns"]),
     ("version: 1\nname: 'bad name'\nallow: [{domain: a.com, colour: red}, 'b..c']\n",
      ["$.allow[0]", "$.allow[1]", "$.name"]),
 ])
