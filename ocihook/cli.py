@@ -241,7 +241,7 @@ def watch_cmd(
 def status_cmd() -> None:
     """Policed cgroups, program versions and map fill levels."""
     from . import loader
-    from .maps import PinnedMaps
+    from .pinned import PinnedMaps
     from .hook import state_records
     root = Path(loader.settings.bpffs_root())
     current = Path(loader.pin_dir())

@@ -1,15 +1,23 @@
-"""Turn raw kernel events (maps.EventKey/EventVal) into report records (DESIGN.md §5)."""
+"""Turn raw kernel events (abi.EventKey/EventVal) into report records (docs/report.md)."""
 from __future__ import annotations
 
 import os
 import time
 from datetime import datetime, timezone
-from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, addr_of
-from .policy import UNLISTED_REASON, display_ip
+from . import abi
+from .addr import addr_of, display_ip
+
+C = {k: v for k, v in vars(abi).items() if k.startswith("SD_")}
+PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip"}  # raw sockets: any protocol
+KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
+             C["SD_KIND_SOCKET"]: "socket"}
+VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
+                C["SD_EV_WOULD_BLOCK"]: "would-block"}
+UNLISTED_REASON = "a name no rule covers: resolved (search lists), its addresses judged by CIDR rules and the default"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import Drained
+    from .pinned import Drained
 
 FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
           "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen", "parents",

@@ -7,7 +7,7 @@ entry and the state file. Fails closed: any error is one ``safedeploy:`` line on
 and exit 1, so the runtime refuses to start the container, with nothing left attached.
 
 Hot path: no bcc, typer, jsonschema or even the policy module: a policy validated once is
-cached in kernel form (maps.compile_policy), keyed by the content hash of its document.
+cached in kernel form (compiler.compile_policy), keyed by the content hash of its document.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _unlink(path: str) -> None:
 
 
 def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict:
-    """The compiled policy (maps.compile_policy) an annotation names, mode override
+    """The compiled policy (compiler.compile_policy) an annotation names, mode override
     applied. Validation runs once per distinct document; then it comes from the cache."""
     source, raw = policy_source(value, policy_dir)
     if mode is not None and mode not in ("audit", "enforce"):
@@ -148,7 +148,7 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict
         pass
     if not isinstance(compiled, dict) or compiled.get("format") != CACHE_FORMAT:
         enable_site_packages()
-        from .maps import compile_policy  # noqa: PLC0415
+        from .compiler import compile_policy  # noqa: PLC0415
         from .policy import load_policy_text  # noqa: PLC0415
         policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
         compiled = dict(compile_policy(policy), format=CACHE_FORMAT, source=source, digest=policy.digest)

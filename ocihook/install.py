@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import cgroup, loader, settings
-from .maps import BPF_DIR
+from .loader import BPF_DIR
 
 PACKAGING = Path(BPF_DIR).parent / "packaging" / "hooks.d"
 EXAMPLE_POLICY = Path(BPF_DIR).parent / "examples" / "policies" / "example.yaml"
@@ -121,7 +121,7 @@ def gc(log=print, keep_current: bool = True) -> int:
     """Release containers whose cgroup is gone (poststop never ran), drop map entries of
     vanished cgroups, and remove program versions nobody uses. Returns objects removed."""
     from . import hook  # noqa: PLC0415
-    from .maps import PinnedMaps  # noqa: PLC0415
+    from .pinned import PinnedMaps  # noqa: PLC0415
     removed = 0
     cache = Path(settings.state_dir()) / "policy-cache"   # revalidated on next use: cheap to drop
     for entry in cache.glob("*.json") if cache.is_dir() else ():

@@ -12,7 +12,10 @@ import sys
 import time
 
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
-from .maps import BPF_DIR, HEADER, pin_names
+from .pinned import pin_names
+
+BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8

@@ -10,7 +10,7 @@ reported as one line ``<source>: <json-path>: <message>`` (json-path like ``$.al
 keys, duplicate keys and JSON NaN/Infinity are refused before anything is built from them.
 ``jsonschema`` and ``yaml`` are imported only when a document is validated, so importing this module
 (for ``decide`` or ``display_ip``) stays cheap. The OCI hook caches policies in kernel form
-(``maps.compile_policy``) and does not import this module on its warm path.
+(``compiler.compile_policy``) and does not import this module on its warm path.
 
 Rules
 -----
@@ -60,6 +60,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .addr import display_ip  # noqa: F401 — the policy's own address form, used by its callers too
+from .events import UNLISTED_REASON
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 JsonPath = tuple[str | int, ...]
 
@@ -81,7 +84,6 @@ _TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "
 
 
 DEFAULT_MIN_TTL = 3600  # seconds: how long clients really reuse an address they resolved
-UNLISTED_REASON = "a name no rule covers: resolved (search lists), its addresses judged by CIDR rules and the default"
 
 
 class PolicyError(Exception):
@@ -646,11 +648,6 @@ def to_mapped(addr: str | IPAddress) -> ipaddress.IPv6Address:
     if isinstance(addr, ipaddress.IPv4Address):
         return ipaddress.IPv6Address(_V4_MAPPED_BITS | int(addr))
     return ipaddress.IPv6Address(int(addr))
-
-
-def display_ip(addr: ipaddress.IPv6Address) -> str:
-    v4 = addr.ipv4_mapped
-    return str(v4) if v4 is not None else addr.compressed
 
 
 def parse_dest(text: str, proto: str = "tcp") -> Dest:

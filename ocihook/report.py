@@ -46,7 +46,7 @@ _QUOTAS = {"learned_new": ("learned", "learned addresses"), "pending_new": ("pen
 def quota_notes(counters: dict) -> dict[str, int]:
     """What ran out of a cgroup's quotas: {map: entries over its quota (the oldest were
     evicted)} plus the decisions whose details did not fit (blocked_dropped, events_dropped)."""
-    from .maps import INNER  # noqa: PLC0415
+    from .pinned import INNER  # noqa: PLC0415
     out = {}
     for counter, (name, _) in _QUOTAS.items():
         over = counters.get(counter, 0) - INNER[name][3]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import cgroup, events, report, session, settings
-from .maps import compile_policy
+from .compiler import compile_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .policy import Policy

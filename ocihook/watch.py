@@ -9,8 +9,11 @@ import time
 
 from . import bpfsys, events, loader
 from .hook import state_records
-from .policy import display_ip
-from .maps import KIND_NAME, PROTO_NAME, VERDICT_NAME, LiveEvent, PinnedMaps, addr_of
+from .addr import display_ip
+from .abi import Live as LiveEvent
+from .addr import addr_of
+from .events import KIND_NAME, PROTO_NAME, VERDICT_NAME
+from .pinned import PinnedMaps
 
 
 class WatchError(Exception):

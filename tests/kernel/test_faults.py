@@ -12,7 +12,7 @@ from pathlib import Path
 from helpers import require
 from ocihook import cgroup, install, loader
 from ocihook import bpfsys
-from ocihook.maps import INNER, U64, PinnedMaps, SdCgroup
+from ocihook.pinned import INNER, U64, PinnedMaps, SdCgroup
 
 POLICY = '{"version": 1, "name": "faults", "default": "allow", "deny": ["127.0.0.2", "auth.internal"]}'
 HOOK = [sys.executable, "-m", "ocihook.hook", "prestart"]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ocihook import cgroup, loader, report
-from ocihook.maps import PinnedMaps
+from ocihook.pinned import PinnedMaps
 
 POLICY = """
 version: 1

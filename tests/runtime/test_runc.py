@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ocihook import cgroup, report
 from ocihook import bpfsys
-from ocihook.maps import INNER, U64, PinnedMaps
+from ocihook.pinned import INNER, U64, PinnedMaps
 from rtutil import make_bundle, runc_run, wait_poststop
 
 POLICY = """
