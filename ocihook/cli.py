@@ -220,16 +220,21 @@ def report_cmd(
 
 @app.command("watch")
 def watch_cmd(
-    target: Optional[str] = typer.Argument(None, help="A container id (or prefix); default: every policed cgroup."),
+    target: Optional[str] = typer.Argument(None, help="A container or run id (or prefix), or a cgroup id; "
+                                           "default: every policed cgroup."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per event."),
+    wide: bool = typer.Option(False, "--wide", help="Whole lines: do not cut them to the terminal's width."),
 ) -> None:
     """Live: every blocked or would-block attempt as it happens — destination, DNS name,
-    process and command line. Ctrl-C stops."""
+    container or run, deciding rule, process and command line. Ctrl-C stops."""
+    from .visible import visible
     from .watch import WatchError, watch
+    what = visible(target) if target else "every policed cgroup"
     try:
         with _errors():
-            watch(target, duration, as_json, out=lambda line: typer.echo(line))
+            watch(target, duration, as_json, out=lambda line: typer.echo(line), wide=wide,
+                  ready=lambda: _err(f"watching {what} (Ctrl-C stops)"))
     except WatchError as e:
         _err(str(e))
         raise typer.Exit(1) from None
@@ -240,8 +245,10 @@ def watch_cmd(
 def status_cmd() -> None:
     """Policed cgroups, program versions and map fill levels."""
     from . import loader
-    from .maps import PinnedMaps
     from .hook import state_records
+    from .maps import PinnedMaps
+    from .visible import visible
+    from .watch import owner_text
     root = Path(loader.settings.bpffs_root())
     current = Path(loader.pin_dir())
     versions = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -265,8 +272,8 @@ def status_cmd() -> None:
                 for cgid, val in sorted(cgs.items()):
                     mode = "audit" if val.mode else "enforce"
                     rec = owners.get(cgid)
-                    who = f"container {rec['id'][:12]}" if rec else f"cgroup {cgid}"
-                    pol = rec.get("compiled", {}).get("name", "?") if rec else "?"
+                    who = owner_text(rec, cgid)
+                    pol = visible(rec.get("compiled", {}).get("name", "?")) if rec else "?"
                     c = counts.get(cgid, {})
                     typer.echo(f"  {who}: policy {pol} ({mode}), blocked {c.get('blocked', 0)}, "
                                f"would-block {c.get('would-block', 0)}, allowed {c.get('allowed', 0)}")

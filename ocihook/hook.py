@@ -251,7 +251,7 @@ def stop(state: dict) -> str | None:
         att = session.Attachment.from_dict(record["attachment"])
     else:  # prestart died between the state file and the attachment: what it may have loaded
         att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
-    drained = session.release(att, compiled)
+    drained = events.release(att, compiled)
     records = events.to_records(drained, compiled, cid)
     out = report.write(records, os.path.join(settings.log_dir(), f"{cid}.jsonl"), drained.dropped, cid,
                        compiled["name"])
@@ -280,7 +280,8 @@ def _show(value) -> str:
 
 
 def _fail(msg: str) -> int:
-    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)  # one line, whatever came in
+    from .visible import visible  # noqa: PLC0415
+    msg = visible(msg)  # one line, whatever came in
     if os.environ.get("SAFEDEPLOY_DETACHED"):  # a background poststop: nobody reads stderr
         try:
             os.makedirs(settings.log_dir(), exist_ok=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cgroup, events, report, session, settings
+from . import cgroup, events, hook, report, session, settings
 from .maps import compile_policy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +39,7 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
     att = None
     try:
         att = session.apply(path, compiled, log)
+        _write_state(run_id, compiled, att)
         try:
             proc = subprocess.Popen(cmd, preexec_fn=lambda: cgroup.move_self(path))
         except OSError as e:
@@ -49,13 +50,32 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
         try:
             cgroup.remove(path)  # kill leftovers first: no unprotected window
         finally:
-            if att is not None:
-                drained = session.release(att, compiled)
+            try:
+                if att is not None:
+                    drained = events.release(att, compiled)
+            finally:
+                _remove_state(run_id)
     records = events.to_records(drained, compiled, run_id, stop_pids=frozenset({os.getpid()}))
     out = report_path or Path(settings.log_dir()) / f"{run_id}.jsonl"
     report.write(records, out, drained.dropped, run_id, policy.name)
     report.syslog_blocked(records)
     return RunResult(returncode, report.aggregate(records), out, run_id, drained.dropped)
+
+
+def _write_state(run_id: str, compiled: dict, att: session.Attachment) -> None:
+    """A state record, as the hook writes for a container, so `watch` and `status` name
+    the run (and `gc` releases it should this process die; while it lives, gc leaves it)."""
+    import time  # noqa: PLC0415
+    hook.write_state(run_id, {"id": run_id, "kind": "run", "pid": os.getpid(), "compiled": compiled,
+                              "cgroup": att.cgroup, "cgid": att.cgid, "started": time.time(),
+                              "attachment": att.to_dict()})
+
+
+def _remove_state(run_id: str) -> None:
+    try:
+        os.unlink(hook.state_path(run_id))
+    except FileNotFoundError:
+        pass
 
 
 class RunError(Exception):

@@ -48,7 +48,7 @@ class Policed:
             try:
                 cgroup.remove(self.path)
             finally:
-                drained = self.drained = session.release(self.att, self.compiled)
+                drained = self.drained = events.release(self.att, self.compiled)
             self.records = events.to_records(drained, self.compiled, self.path.name)
         return self.records
 
