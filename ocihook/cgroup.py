@@ -10,9 +10,10 @@ import fcntl
 import os
 import time
 
+from .errors import SafedeployError
 
 
-class CgroupError(Exception):
+class CgroupError(SafedeployError):
     """A cgroup problem; str() is one line."""
 
 

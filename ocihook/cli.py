@@ -28,20 +28,17 @@ def _err(msg: str) -> None:
 
 @contextlib.contextmanager
 def _errors():
-    """Known failures become one line on stderr and exit status 1, never a traceback."""
-    from .bpfsys import BpfError
-    from .cgroup import CgroupError
+    """Known failures (ocihook.errors.SafedeployError) become their lines on stderr and
+    exit status 1, never a traceback."""
+    from .errors import SafedeployError
     from .loader import LoaderError
-    from .policy import PolicyError
-    from .report import ReportError
-    from .runner import RunError
     try:
         yield
-    except PolicyError as e:
-        for line in e.errors or [str(e)]:
+    except SafedeployError as e:
+        for line in e.lines():
             _err(line)
         raise typer.Exit(1) from None
-    except (BpfError, CgroupError, LoaderError, ReportError, RunError) as e:
+    except LoaderError as e:  # until loader.LoaderError derives from SafedeployError
         _err(str(e))
         raise typer.Exit(1) from None
     except PermissionError as e:
@@ -229,15 +226,11 @@ def watch_cmd(
     """Live: every blocked or would-block attempt as it happens — destination, DNS name,
     container or run, deciding rule, process and command line. Ctrl-C stops."""
     from .visible import visible
-    from .watch import WatchError, watch
+    from .watch import watch
     what = visible(target) if target else "every policed cgroup"
-    try:
-        with _errors():
-            watch(target, duration, as_json, out=lambda line: typer.echo(line), wide=wide,
-                  ready=lambda: _err(f"watching {what} (Ctrl-C stops)"))
-    except WatchError as e:
-        _err(str(e))
-        raise typer.Exit(1) from None
+    with _errors():
+        watch(target, duration, as_json, out=lambda line: typer.echo(line), wide=wide,
+              ready=lambda: _err(f"watching {what} (Ctrl-C stops)"))
 
 
 # -- status / doctor ----------------------------------------------------------------
@@ -341,13 +334,9 @@ def demo_cmd(runtime: str = typer.Option("auto", "--runtime", help="podman, runc
     """The main job on a built-in example: a real busybox container under the policy `demo`
     reaches its package mirror, is refused the circular dependency (the auth service it
     should repair) at once, and the report is printed."""
-    from .demo import DemoError, run_demo
-    try:
-        with _errors():
-            rc = run_demo(runtime, log=typer.echo)
-    except DemoError as e:
-        _err(str(e))
-        raise typer.Exit(1) from None
+    from .demo import run_demo
+    with _errors():
+        rc = run_demo(runtime, log=typer.echo)
     raise typer.Exit(rc)
 
 

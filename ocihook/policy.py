@@ -60,6 +60,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .errors import SafedeployError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 JsonPath = tuple[str | int, ...]
 
@@ -80,7 +82,7 @@ _KIND_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
 _TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
 
 
-class PolicyError(Exception):
+class PolicyError(SafedeployError):
     """Invalid policy. ``errors`` holds every problem as ``<source>: <json-path>: <message>``."""
 
     def __init__(self, errors: Sequence[str]) -> None:
@@ -94,6 +96,9 @@ class PolicyError(Exception):
         if not more:
             return self.errors[0]
         return f"{self.errors[0]} (and {more} more error{'s' if more > 1 else ''})"
+
+    def lines(self) -> list[str]:
+        return list(self.errors)
 
 
 @dataclass(frozen=True)

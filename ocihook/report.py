@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from . import settings, write_atomic
+from .errors import SafedeployError
 from .events import ARGV_FIELDS, FIELDS, argv_bytes
 from .visible import argv_line, visible
 
@@ -20,7 +21,7 @@ _IDENTITY = ("container", "verdict", "kind", "proto", "family", "dst_ip", "dst_p
 _VERDICT_ORDER = {"blocked": 0, "would-block": 1, "allowed": 2}
 
 
-class ReportError(Exception):
+class ReportError(SafedeployError):
     """A report cannot be read; str() is one line."""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import cgroup, events, hook, report, session, settings
+from .errors import SafedeployError
 from .maps import compile_policy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +79,7 @@ def _remove_state(run_id: str) -> None:
         pass
 
 
-class RunError(Exception):
+class RunError(SafedeployError):
     """The command could not be started; str() is one line."""
 
 

@@ -8,13 +8,14 @@ import os
 import time
 
 from . import bpfsys, events, loader, report, settings
+from .errors import SafedeployError
 from .hook import state_records
 from .maps import KIND_NAME, PROTO_NAME, VERDICT_NAME, C, LiveEvent, PinnedMaps, addr_of
 from .policy import display_ip
 from .visible import cut, visible
 
 
-class WatchError(Exception):
+class WatchError(SafedeployError):
     """watch cannot start; str() is one line."""
 
 
