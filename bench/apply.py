@@ -1,7 +1,7 @@
 """Benchmark: what it costs to put a cgroup under a policy.
 
 One run measures, all against a throwaway pin root ``/sys/fs/bpf/sdbench_<pid>`` and state
-dir (common.Sandbox; removed at the end, the real ``/sys/fs/bpf/safedeploy`` is never touched):
+dir (_sandbox.Sandbox; removed at the end, the real ``/sys/fs/bpf/safedeploy`` is never touched):
 
   cold     first compile + pin of the programs, in a fresh interpreter per sample (so the
            bcc import is counted), pins removed before every sample
@@ -24,7 +24,7 @@ dir (common.Sandbox; removed at the end, the real ``/sys/fs/bpf/safedeploy`` is 
   baseline ``python -S -E -c pass`` (the launcher's flags) and ``python -E -c pass``
            (with site), same interpreter, interleaved with "fresh"
 
-Policies are common.policy_text: default allow, deny 127.0.0.2/32 and /24s in 10.0.0.0/8.
+Policies are _network.policy_text: default allow, deny 127.0.0.2/32 and /24s in 10.0.0.0/8.
 
 Usage: .venv/bin/python bench/apply.py     (root; cgroup v2, bpffs, bcc)
 Progress goes to stderr, the table to stdout, everything to bench/results/apply.json.
@@ -37,8 +37,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, MsTable, Sandbox, begin, policy_text, progress, remove_pin_root, rules,  # noqa: E402
-                    run_timed, temp_cgroup, timed, write_results)
+from _measure import MsTable, REPO, begin, progress, run_timed, timed, write_results  # noqa: E402
+from _sandbox import Sandbox, remove_pin_root, temp_cgroup  # noqa: E402
+from _network import policy_text, rules  # noqa: E402
 
 from ocihook import cgroup, hook, loader, maps, session  # noqa: E402
 from ocihook.policy import load_policy_text  # noqa: E402

@@ -14,7 +14,7 @@ variants, all in cgroups ``<cgroup2>/safedeploy/sdbench-<pid>-*``:
               -j SDB<pid>_<n>``, a chain of the same CIDRs as ``-d <cidr> -j REJECT``
               rules. The jump is inserted only around that variant's turns.
 
-A round is one turn of every variant, in a shuffled order (common.run_rounds): ROUNDS
+A round is one turn of every variant, in a shuffled order (_workers.run_rounds): ROUNDS
 rounds in EPOCHS epochs, each with fresh client processes and WARMUP_ROUNDS uncounted
 rounds first (so no variant keeps one process's luck, e.g. its CPU placement). Ratios are
 per round (variant / unpoliced of the same round), summarised by their median and a
@@ -43,9 +43,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DENIED_HOST, HOST, Iptables, Variants, Worker, begin, bootstrap_ci, close_all,  # noqa: E402
-                    describe_netfilter, listener, median, netfilter_state, network_variants, paired, print_table,
-                    progress, rules, run_rounds, start_server, stop_server, with_stats, write_results)
+from _measure import begin, bootstrap_ci, median, paired, print_table, progress, write_results  # noqa: E402
+from _workers import Worker, close_all, listener, run_rounds, start_server, stop_server, with_stats  # noqa: E402
+from _network import (DENIED_HOST, HOST, Iptables, Variants, describe_netfilter, netfilter_state,  # noqa: E402
+                      network_variants, rules)
 
 from ocihook import maps  # noqa: E402
 

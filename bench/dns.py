@@ -30,7 +30,7 @@ measuring, the programs' DNS events must add up to the queries made, and the ans
 address must be in the learned map for the policed cgroup. A last pass with BPF run-time
 statistics on gives runs and ns per query, per program.
 
-Everything BPF runs against a throwaway pin root and state dir (common.Sandbox), removed at
+Everything BPF runs against a throwaway pin root and state dir (_sandbox.Sandbox), removed at
 the end with the cgroups and processes.
 
 Usage: .venv/bin/python bench/dns.py     (root; cgroup v2, bpffs, bcc, dnslib)
@@ -46,9 +46,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Sandbox, Worker, begin, close_all, describe_netfilter, median,  # noqa: E402
-                    netfilter_state, paired, percentile, print_table, progress, run_in, run_rounds, start_server,
-                    stop_server, with_stats, write_results)
+from _measure import begin, median, paired, percentile, print_table, progress, write_results  # noqa: E402
+from _sandbox import Sandbox, run_in  # noqa: E402
+from _workers import Worker, close_all, run_rounds, start_server, stop_server, with_stats  # noqa: E402
+from _network import describe_netfilter, netfilter_state  # noqa: E402
 
 from dnslib import QTYPE, RR, A, DNSRecord  # noqa: E402
 from dnslib.server import BaseResolver, DNSLogger, DNSServer  # noqa: E402

@@ -75,15 +75,27 @@ class InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", U32), ("info_len", U32), ("info", U64)]
 
 
+BPF_ENABLE_STATS = 32  # returns an fd; run-time statistics stay on until it is closed
+BPF_STATS_RUN_TIME = 0
+
+
+class StatsAttr(ctypes.Structure):
+    """BPF_ENABLE_STATS."""
+    _fields_ = [("type", U32)]
+
+
 class BpfAttr(ctypes.Union):
     """128 bytes, zeroed: the kernel refuses non-zero bytes past a command's members."""
     _fields_ = [("obj", ObjAttr), ("elem", ElemAttr), ("attach", AttachAttr), ("query", QueryAttr),
-                ("info", InfoAttr), ("raw", ctypes.c_uint8 * 128)]
+                ("info", InfoAttr), ("enable_stats", StatsAttr), ("raw", ctypes.c_uint8 * 128)]
 
 
 class ProgInfo(ctypes.Structure):
-    """The head of struct bpf_prog_info; the kernel fills at most info_len bytes."""
-    _fields_ = [("type", U32), ("id", U32), ("rest", ctypes.c_uint8 * 248)]
+    """struct bpf_prog_info up to verified_insns (the members in between are not used
+    here); the kernel fills at most info_len bytes."""
+    _fields_ = [("type", U32), ("id", U32), ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", U32),
+                ("xlated_prog_len", U32), ("unused", ctypes.c_uint8 * 168), ("run_time_ns", U64),
+                ("run_cnt", U64), ("recursion_misses", U64), ("verified_insns", U32), ("rest", ctypes.c_uint8 * 36)]
 
 
 class MapInfo(ctypes.Structure):
@@ -225,7 +237,8 @@ def prog_query(cgroup_fd: int, attach_type: int) -> list[int]:
     return list(ids[:attr.query.prog_cnt])
 
 
-def _info(fd: int, info, what: str):
+def obj_info(fd: int, info, what: str = "object info"):
+    """Fill info (ProgInfo, MapInfo) for a program or map fd (BPF_OBJ_GET_INFO_BY_FD)."""
     attr = BpfAttr()
     attr.info.bpf_fd = fd
     attr.info.info_len = ctypes.sizeof(info)
@@ -234,13 +247,21 @@ def _info(fd: int, info, what: str):
     return info
 
 
+def enable_stats() -> int:
+    """Kernel-wide BPF run-time statistics on (run_cnt, run_time_ns) until the returned fd
+    is closed."""
+    attr = BpfAttr()
+    attr.enable_stats.type = BPF_STATS_RUN_TIME
+    return _bpf(BPF_ENABLE_STATS, attr, "enable BPF run-time stats")
+
+
 def prog_id(prog_fd: int) -> int:
     """The kernel id of a program fd (struct bpf_prog_info.id)."""
-    return _info(prog_fd, ProgInfo(), "program info").id
+    return obj_info(prog_fd, ProgInfo(), "program info").id
 
 
 def map_info(map_fd: int) -> dict:
     """type, key/value size and max_entries of a map (struct bpf_map_info)."""
-    info = _info(map_fd, MapInfo(), "map info")
+    info = obj_info(map_fd, MapInfo(), "map info")
     return {"type": info.type, "id": info.id, "key_size": info.key_size, "value_size": info.value_size,
             "max_entries": info.max_entries}

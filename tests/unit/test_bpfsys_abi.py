@@ -38,6 +38,14 @@ MEMBERS = {
     (bpfsys.InfoAttr, "info"): ("union bpf_attr", "info.info"),
     (bpfsys.ProgInfo, "type"): ("struct bpf_prog_info", "type"),
     (bpfsys.ProgInfo, "id"): ("struct bpf_prog_info", "id"),
+    (bpfsys.ProgInfo, "tag"): ("struct bpf_prog_info", "tag"),
+    (bpfsys.ProgInfo, "jited_prog_len"): ("struct bpf_prog_info", "jited_prog_len"),
+    (bpfsys.ProgInfo, "xlated_prog_len"): ("struct bpf_prog_info", "xlated_prog_len"),
+    (bpfsys.ProgInfo, "run_time_ns"): ("struct bpf_prog_info", "run_time_ns"),
+    (bpfsys.ProgInfo, "run_cnt"): ("struct bpf_prog_info", "run_cnt"),
+    (bpfsys.ProgInfo, "recursion_misses"): ("struct bpf_prog_info", "recursion_misses"),
+    (bpfsys.ProgInfo, "verified_insns"): ("struct bpf_prog_info", "verified_insns"),
+    (bpfsys.StatsAttr, "type"): ("union bpf_attr", "enable_stats.type"),
     (bpfsys.MapInfo, "type"): ("struct bpf_map_info", "type"),
     (bpfsys.MapInfo, "id"): ("struct bpf_map_info", "id"),
     (bpfsys.MapInfo, "key_size"): ("struct bpf_map_info", "key_size"),
@@ -47,7 +55,8 @@ MEMBERS = {
 }
 CONSTANTS = ["BPF_MAP_LOOKUP_ELEM", "BPF_MAP_UPDATE_ELEM", "BPF_MAP_DELETE_ELEM", "BPF_MAP_GET_NEXT_KEY",
              "BPF_OBJ_PIN", "BPF_OBJ_GET", "BPF_PROG_ATTACH", "BPF_PROG_DETACH", "BPF_OBJ_GET_INFO_BY_FD",
-             "BPF_PROG_QUERY", "BPF_ANY", "BPF_NOEXIST", "BPF_F_ALLOW_MULTI"]
+             "BPF_PROG_QUERY", "BPF_ANY", "BPF_NOEXIST", "BPF_F_ALLOW_MULTI", "BPF_ENABLE_STATS",
+             "BPF_STATS_RUN_TIME"]
 ATTACH = {"CGROUP_INET_INGRESS": "BPF_CGROUP_INET_INGRESS", "CGROUP_INET_EGRESS": "BPF_CGROUP_INET_EGRESS",
           "CGROUP_INET_SOCK_CREATE": "BPF_CGROUP_INET_SOCK_CREATE",
           "CGROUP_INET4_CONNECT": "BPF_CGROUP_INET4_CONNECT", "CGROUP_INET6_CONNECT": "BPF_CGROUP_INET6_CONNECT",
