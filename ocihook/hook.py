@@ -1,4 +1,4 @@
-"""``safedeploy-hook [prestart|createRuntime|poststop]``: the OCI hook (DESIGN.md §3, §4).
+"""``safedeploy-hook [prestart|createRuntime|poststop]``: the OCI hook (docs/hook.md).
 
 Reads the OCI state JSON on stdin. prestart/createRuntime resolve the policy named by the
 annotation ``safedeploy.policy``, load it for the container's cgroup v2 and attach the

@@ -2,7 +2,7 @@
 
 Loading
 -------
-``load_policy_file`` / ``load_policy_text`` accept JSON or YAML (version 1, DESIGN.md §2). Structure
+``load_policy_file`` / ``load_policy_text`` accept JSON or YAML (version 1, see docs/policy.md). Structure
 is checked by ``schemas/policy.schema.json``; the meaning of each value (policy name, domain names,
 CIDRs, ports, resolver addresses, at most ``MAX_RULES`` rules) is checked here. Every problem is
 reported as one line ``<source>: <json-path>: <message>`` (json-path like ``$.allow[2]``); a
