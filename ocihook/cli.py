@@ -28,20 +28,17 @@ def _err(msg: str) -> None:
 
 @contextlib.contextmanager
 def _errors():
-    """Known failures become one line on stderr and exit status 1, never a traceback."""
-    from .bpfsys import BpfError
-    from .cgroup import CgroupError
+    """Known failures (ocihook.errors.SafedeployError) become their lines on stderr and
+    exit status 1, never a traceback."""
+    from .errors import SafedeployError
     from .loader import LoaderError
-    from .policy import PolicyError
-    from .report import ReportError
-    from .runner import RunError
     try:
         yield
-    except PolicyError as e:
-        for line in e.errors or [str(e)]:
+    except SafedeployError as e:
+        for line in e.lines():
             _err(line)
         raise typer.Exit(1) from None
-    except (BpfError, CgroupError, LoaderError, ReportError, RunError) as e:
+    except LoaderError as e:  # until loader.LoaderError derives from SafedeployError
         _err(str(e))
         raise typer.Exit(1) from None
     except PermissionError as e:
@@ -221,19 +218,20 @@ def report_cmd(
 
 @app.command("watch")
 def watch_cmd(
-    target: Optional[str] = typer.Argument(None, help="A container id (or prefix); default: every policed cgroup."),
+    target: Optional[str] = typer.Argument(None, help="A container or run id (or prefix), or a cgroup id; "
+                                           "default: every policed cgroup."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per event."),
+    wide: bool = typer.Option(False, "--wide", help="Whole lines: do not cut them to the terminal's width."),
 ) -> None:
     """Live: every blocked or would-block attempt as it happens — destination, DNS name,
-    process and command line. Ctrl-C stops."""
-    from .watch import WatchError, watch
-    try:
-        with _errors():
-            watch(target, duration, as_json, out=lambda line: typer.echo(line))
-    except WatchError as e:
-        _err(str(e))
-        raise typer.Exit(1) from None
+    container or run, deciding rule, process and command line. Ctrl-C stops."""
+    from .visible import visible
+    from .watch import watch
+    what = visible(target) if target else "every policed cgroup"
+    with _errors():
+        watch(target, duration, as_json, out=lambda line: typer.echo(line), wide=wide,
+              ready=lambda: _err(f"watching {what} (Ctrl-C stops)"))
 
 
 # -- status / doctor ----------------------------------------------------------------
@@ -243,6 +241,8 @@ def status_cmd() -> None:
     from . import loader
     from .pinned import PinnedMaps
     from .hook import state_records
+    from .visible import visible
+    from .watch import owner_text
     root = Path(loader.settings.bpffs_root())
     current = Path(loader.pin_dir())
     versions = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -266,8 +266,8 @@ def status_cmd() -> None:
                 for cgid, val in sorted(cgs.items()):
                     mode = "audit" if val.mode else "enforce"
                     rec = owners.get(cgid)
-                    who = f"container {rec['id'][:12]}" if rec else f"cgroup {cgid}"
-                    pol = rec.get("compiled", {}).get("name", "?") if rec else "?"
+                    who = owner_text(rec, cgid)
+                    pol = visible(rec.get("compiled", {}).get("name", "?")) if rec else "?"
                     c = counts.get(cgid, {})
                     typer.echo(f"  {who}: policy {pol} ({mode}), blocked {c.get('blocked', 0)}, "
                                f"would-block {c.get('would-block', 0)}, allowed {c.get('allowed', 0)}")
@@ -335,13 +335,9 @@ def demo_cmd(runtime: str = typer.Option("auto", "--runtime", help="podman, runc
     """The main job on a built-in example: a real busybox container under the policy `demo`
     reaches its package mirror, is refused the circular dependency (the auth service it
     should repair) at once, and the report is printed."""
-    from .demo import DemoError, run_demo
-    try:
-        with _errors():
-            rc = run_demo(runtime, log=typer.echo)
-    except DemoError as e:
-        _err(str(e))
-        raise typer.Exit(1) from None
+    from .demo import run_demo
+    with _errors():
+        rc = run_demo(runtime, log=typer.echo)
     raise typer.Exit(rc)
 
 

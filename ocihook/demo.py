@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from . import install, report, settings
+from .errors import SafedeployError
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "nc", "echo", "cat", "sleep", "touch", "ls", "true", "wget", "date")
@@ -51,7 +52,7 @@ echo "deploy: rollout done"
 """
 
 
-class DemoError(Exception):
+class DemoError(SafedeployError):
     """The demo cannot run here; str() is one line."""
 
 

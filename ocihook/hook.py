@@ -1,4 +1,4 @@
-"""``safedeploy-hook [prestart|createRuntime|poststop]``: the OCI hook (DESIGN.md §3, §4).
+"""``safedeploy-hook [prestart|createRuntime|poststop]``: the OCI hook (docs/hook.md).
 
 Reads the OCI state JSON on stdin. prestart/createRuntime resolve the policy named by the
 annotation ``safedeploy.policy``, load it for the container's cgroup v2 and attach the
@@ -16,6 +16,7 @@ import sys
 import time
 
 from . import cgroup, enable_site_packages, read_text, settings, sha256_hex, write_atomic
+from .errors import SafedeployError
 from .jsonfast import JSONError, dumps, loads
 
 ANNOTATION = "safedeploy.policy"
@@ -37,7 +38,7 @@ def _valid_policy_name(name: str) -> bool:
 STAGES = {"prestart": "start", "createRuntime": "start", "create": "start", "poststop": "stop"}
 
 
-class HookError(Exception):
+class HookError(SafedeployError):
     """A reason to refuse the container; str() is one line."""
 
 
@@ -279,8 +280,16 @@ def _show(value) -> str:
     return text if text.isprintable() and " " not in text else repr(text)
 
 
+def _known(e: Exception) -> bool:
+    """An OS failure, or loader.LoaderError until it derives from SafedeployError (only
+    raised once the loader is imported)."""
+    loader = sys.modules.get("ocihook.loader")
+    return isinstance(e, OSError) or (loader is not None and isinstance(e, loader.LoaderError))
+
+
 def _fail(msg: str) -> int:
-    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)  # one line, whatever came in
+    from .visible import visible  # noqa: PLC0415
+    msg = visible(msg)  # one line, whatever came in
     if os.environ.get("SAFEDEPLOY_DETACHED"):  # a background poststop: nobody reads stderr
         try:
             os.makedirs(settings.log_dir(), exist_ok=True)
@@ -299,11 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stdin = sys.stdin.buffer.read(MAX_STATE_BYTES + 1)
         rc = run(argv, stdin, log=lambda m: sys.stderr.write(m + "\n"))
-    except HookError as e:
+    except SafedeployError as e:
         rc = _fail(str(e))
     except Exception as e:  # noqa: BLE001 — fail closed with one line, whatever it was
-        known = isinstance(e, OSError) or type(e).__name__ in ("LoaderError", "CgroupError", "PolicyError")
-        rc = _fail(str(e) if known else f"internal error: {e.__class__.__name__}: {e}")
+        rc = _fail(str(e) if _known(e) else f"internal error: {e.__class__.__name__}: {e}")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)  # skip interpreter teardown: the runtime is waiting for us

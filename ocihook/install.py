@@ -117,6 +117,19 @@ def _live_cgroup_ids() -> set[int]:
     return ids
 
 
+def _run_alive(rec: dict) -> bool:
+    """A `safedeploy run` whose process still lives releases its cgroup itself."""
+    if rec.get("kind") != "run" or not isinstance(rec.get("pid"), int):
+        return False
+    try:
+        os.kill(rec["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def gc(log=print, keep_current: bool = True) -> int:
     """Release containers whose cgroup is gone (poststop never ran), drop map entries of
     vanished cgroups, and remove program versions nobody uses. Returns objects removed."""
@@ -136,7 +149,7 @@ def gc(log=print, keep_current: bool = True) -> int:
             path.unlink(missing_ok=True)
             removed += 1
             continue
-        if cgid in live:
+        if cgid in live or _run_alive(rec):
             continue
         report = hook.stop({"id": cid})
         log(f"gc: released {cid} (cgroup gone); report {report}")

@@ -296,7 +296,7 @@ class PinnedMaps:
                     argv = raw.rstrip(b"\0").split(b"\0") if raw else []
                     chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
                              for i in range(min(val.chain_len, C["SD_CHAIN"]))]
-                    out[(pid, pstart)] = {"argv": argv,
+                    out[(pid, pstart)] = {"raw": raw, "argv": argv,
                                           "cmdline": " ".join(a.decode(errors="replace") for a in argv) or None,
                                           "parents": chain}
         finally:

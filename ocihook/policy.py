@@ -2,7 +2,7 @@
 
 Loading
 -------
-``load_policy_file`` / ``load_policy_text`` accept JSON or YAML (version 1, DESIGN.md §2). Structure
+``load_policy_file`` / ``load_policy_text`` accept JSON or YAML (version 1, see docs/policy.md). Structure
 is checked by ``schemas/policy.schema.json``; the meaning of each value (policy name, domain names,
 CIDRs, ports, resolver addresses, at most ``MAX_RULES`` rules) is checked here. Every problem is
 reported as one line ``<source>: <json-path>: <message>`` (json-path like ``$.allow[2]``); a
@@ -62,6 +62,7 @@ from typing import Any
 
 from .addr import display_ip  # noqa: F401 — the policy's own address form, used by its callers too
 from .events import UNLISTED_REASON
+from .errors import SafedeployError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 JsonPath = tuple[str | int, ...]
@@ -86,7 +87,7 @@ _TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "
 DEFAULT_MIN_TTL = 3600  # seconds: how long clients really reuse an address they resolved
 
 
-class PolicyError(Exception):
+class PolicyError(SafedeployError):
     """Invalid policy. ``errors`` holds every problem as ``<source>: <json-path>: <message>``."""
 
     def __init__(self, errors: Sequence[str]) -> None:
@@ -100,6 +101,9 @@ class PolicyError(Exception):
         if not more:
             return self.errors[0]
         return f"{self.errors[0]} (and {more} more error{'s' if more > 1 else ''})"
+
+    def lines(self) -> list[str]:
+        return list(self.errors)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cgroup, events, report, session, settings
+from . import cgroup, events, hook, report, session, settings
 from .compiler import compile_policy
+from .errors import SafedeployError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .policy import Policy
@@ -43,6 +44,7 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
     att = None
     try:
         att = session.apply(path, compiled, log)
+        _write_state(run_id, compiled, att)
         try:
             proc = subprocess.Popen(cmd, preexec_fn=lambda: cgroup.move_self(path))
         except OSError as e:
@@ -53,8 +55,11 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
         try:
             cgroup.remove(path)  # kill leftovers first: no unprotected window
         finally:
-            if att is not None:
-                drained = session.release(att, compiled)
+            try:
+                if att is not None:
+                    drained = session.release(att, compiled)
+            finally:
+                _remove_state(run_id)
     records = events.to_records(drained, compiled, run_id, stop_pids=frozenset({os.getpid()}))
     out = report_path or Path(settings.log_dir()) / f"{run_id}.jsonl"
     report.write(records, out, drained.dropped, run_id, policy.name, drained.counters)
@@ -63,7 +68,23 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
                      report.summarize(records, drained.dropped, run_id, policy.name, drained.counters))
 
 
-class RunError(Exception):
+def _write_state(run_id: str, compiled: dict, att: session.Attachment) -> None:
+    """A state record, as the hook writes for a container, so `watch` and `status` name
+    the run (and `gc` releases it should this process die; while it lives, gc leaves it)."""
+    import time  # noqa: PLC0415
+    hook.write_state(run_id, {"id": run_id, "kind": "run", "pid": os.getpid(), "compiled": compiled,
+                              "cgroup": att.cgroup, "cgid": att.cgid, "started": time.time(),
+                              "attachment": att.to_dict()})
+
+
+def _remove_state(run_id: str) -> None:
+    try:
+        os.unlink(hook.state_path(run_id))
+    except FileNotFoundError:
+        pass
+
+
+class RunError(SafedeployError):
     """The command could not be started; str() is one line."""
 
 

@@ -25,3 +25,7 @@ def state_dir() -> str:
 
 def bpffs_root() -> str:
     return _path("SAFEDEPLOY_BPFFS", "/sys/fs/bpf/safedeploy")
+
+
+def syslog_socket() -> str:
+    return _path("SAFEDEPLOY_SYSLOG", "/dev/log")

@@ -39,3 +39,17 @@ def runtime_prereqs(*tools: str) -> None:
     kernel_prereqs()
     for tool in tools:
         require(shutil.which(tool) is not None, f"{tool} not installed")
+
+
+def start_watch(*args: str, env: dict | None = None):
+    """`safedeploy watch ARGS` with stdout piped, returned once it says (on stderr) that its
+    ring buffer is open: every event from then on reaches its output. No sleeping."""
+    import subprocess
+    import sys
+    w = subprocess.Popen([sys.executable, "-m", "ocihook.cli", "watch", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    line = w.stderr.readline()
+    if not line.startswith("safedeploy: watching "):
+        w.kill()
+        raise AssertionError(f"watch did not start: {line}{w.stderr.read()}")
+    return w

@@ -848,7 +848,7 @@ model_dests = st.builds(
 
 
 def brute_force(rules: list[ModelRule], resolvers: list[int] | None, default: str, dest: ModelDest):
-    """(verdict, index of the deciding rule or a label) straight from the DESIGN text."""
+    """(verdict, index of the deciding rule or a label) straight from the rules as docs/policy.md states them."""
     if resolvers is not None and dest.port == 53 and dest.ip is not None:
         return ("allow" if dest.ip in resolvers else "deny"), "dns.resolvers"
     names, cidrs = [], []
