@@ -31,6 +31,7 @@ def _errors():
     """Known failures become one line on stderr and exit status 1, never a traceback."""
     from .bpfsys import BpfError
     from .cgroup import CgroupError
+    from .hook import HookError
     from .loader import LoaderError
     from .policy import PolicyError
     from .report import ReportError
@@ -41,7 +42,7 @@ def _errors():
         for line in e.errors or [str(e)]:
             _err(line)
         raise typer.Exit(1) from None
-    except (BpfError, CgroupError, LoaderError, ReportError, RunError) as e:
+    except (BpfError, CgroupError, HookError, LoaderError, ReportError, RunError) as e:
         _err(str(e))
         raise typer.Exit(1) from None
     except PermissionError as e:
@@ -161,6 +162,11 @@ def run_cmd(
                                                "(default $SAFEDEPLOY_LOG_DIR/<run-id>.jsonl)."),
     fail_on_violation: bool = typer.Option(False, "--fail-on-violation",
                                            help="Exit 3 when anything was blocked or would have been (CI gates)."),
+    keep_cap: List[str] = typer.Option([], "--keep-cap", metavar="CAP",
+                                       help="Keep a capability that run drops by default (repeatable): "
+                                            "SYS_ADMIN, NET_ADMIN, BPF, NET_RAW, SYS_MODULE, SYS_PTRACE, "
+                                            "DAC_READ_SEARCH, SYS_RAWIO, PERFMON. Each one is a way out: "
+                                            "see docs/security.md."),
 ) -> None:
     """Run CMD (and every process it starts) in its own cgroup under a policy.
 
@@ -168,19 +174,33 @@ def run_cmd(
 
     Exits with CMD's status (or 3 with --fail-on-violation when anything was blocked or
     would have been); blocked destinations are summarised on stderr.
+
+    CMD cannot leave the cgroup: it gets a cgroup namespace and a cgroup2 view rooted at
+    its own cgroup, and loses the capabilities that would let it out (--keep-cap opts back in).
     """
-    from . import loader, report, runner
+    from . import caps, loader, report, runner
     from .policy import load_policy_file
+    for c in keep_cap:
+        try:
+            caps.normalize(c)
+        except caps.CapError as e:
+            _err(f"--keep-cap: {e}")
+            raise typer.Exit(2) from None
+        if caps.normalize(c) not in caps.DANGEROUS:
+            _err(f"--keep-cap: {caps.normalize(c)} is never dropped (only {', '.join(caps.DANGEROUS)} are)")
+            raise typer.Exit(2)
     with _errors():
         pol = load_policy_file(policy)
         if audit:
             pol = dataclasses.replace(pol, mode="audit")
-        res = runner.run(cmd, pol, report_file, log=loader.stderr_log)
+        res = runner.run(cmd, pol, report_file, log=loader.stderr_log, keep=keep_cap)
     for line in report.summary(res.records):
         _err(line)
     if res.dropped:
         _err(f"{res.dropped} events were dropped: the kernel's events map was full (enforcement unaffected)")
-    _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations)")
+    kept = ", ".join(res.kept) if res.kept else "none"
+    _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations; "
+         f"capabilities kept: {kept})")
     if fail_on_violation and res.violations:
         raise typer.Exit(runner.EXIT_VIOLATION)
     raise typer.Exit(res.returncode)

@@ -216,7 +216,6 @@ def container_cgroup(pid: int) -> str:
 
 def start(state: dict, ann: dict[str, str], log=None) -> dict:
     """prestart/createRuntime: policy -> maps -> attach -> state file."""
-    from . import session  # noqa: PLC0415 — keeps `import ocihook.hook` light for no-annotation containers
     cid = state["id"]
     pid = state.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
@@ -227,37 +226,98 @@ def start(state: dict, ann: dict[str, str], log=None) -> dict:
         raise HookError(f"container {cid} is already policed (state file {state_path(cid)} exists)")
     record = {"id": cid, "pid": pid, "compiled": compiled, "cgroup": str(path), "cgid": cgroup.cgroup_id(path),
               "started": time.time(), "attachment": None}
-    write_state(cid, record)  # first: a crash from here on leaves something gc can clean
-    try:
-        att = session.apply(path, compiled, log)
-    except BaseException:
-        _unlink(state_path(cid))
-        raise
-    record["attachment"] = att.to_dict()
-    write_state(cid, record)
+    return register_and_apply(record, log)
+
+
+def register_and_apply(record: dict, log=None) -> dict:
+    """State file first (a crash from here on leaves something gc can clean), then the
+    policy, under the lock gc takes before it looks for map entries nobody owns."""
+    from . import session  # noqa: PLC0415
+    cid = record["id"]
+    with cgroup.locked(lock_path()):
+        write_state(cid, record)
+        try:
+            att = session.apply(record["cgroup"], record["compiled"], log)
+        except BaseException:
+            _unlink(state_path(cid))
+            raise
+        record["attachment"] = att.to_dict()
+        write_state(cid, record)
     return record
+
+
+def lock_path() -> str:
+    """The lock start, `run` and gc share: held while a state file is written and its
+    policy applied, and while gc looks for map entries nobody owns."""
+    return os.path.join(settings.state_dir(), ".lock")
+
+
+def spool_path(cid: str) -> str:
+    return os.path.join(settings.state_dir(), "spool", f"{cid}.jsonl")
+
+
+def _read_spool(spool: str) -> dict | None:
+    try:
+        return loads(read_text(spool))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise HookError(f"spooled records {spool} are unreadable: {e}") from None
+
+
+def _flush(cid: str, data: dict) -> str:
+    from . import report  # noqa: PLC0415
+    out = data.get("out") or os.path.join(settings.log_dir(), f"{cid}.jsonl")
+    try:
+        report.write(data["records"], out, data["dropped"], cid, data["policy"], extra=data.get("extra"))
+    except OSError as e:
+        raise HookError(f"cannot write report {out}: {e.strerror or e}; {len(data['records'])} records are "
+                        f"kept in {spool_path(cid)} until 'safedeploy gc' can write it") from None
+    report.syslog_blocked(data["records"])
+    _unlink(spool_path(cid))
+    return str(out)
 
 
 def stop(state: dict) -> str | None:
     """poststop: drain events into the report, remove map entries and the state file.
-    A container that is already cleaned (or was never policed) is fine."""
-    from . import events, loader, report, session  # noqa: PLC0415
+    A container that is already cleaned (or was never policed) is fine. Holds a lock on
+    the state file itself: a poststop and a gc of the same container never both drain."""
+    from . import events, loader, session  # noqa: PLC0415
+    import fcntl  # noqa: PLC0415
     cid = state["id"]
-    record = read_state_file(cid)
-    if record is None:
+    try:
+        fd = os.open(state_path(cid), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
-    compiled = record["compiled"]
-    if record.get("attachment"):
-        att = session.Attachment.from_dict(record["attachment"])
-    else:  # prestart died between the state file and the attachment: what it may have loaded
-        att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
-    drained = session.release(att, compiled)
-    records = events.to_records(drained, compiled, cid)
-    out = report.write(records, os.path.join(settings.log_dir(), f"{cid}.jsonl"), drained.dropped, cid,
-                       compiled["name"])
-    report.syslog_blocked(records)
-    _unlink(state_path(cid))
-    return out
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink == 0:
+            return None  # another stop finished it while we waited
+        record = read_state_file(cid)
+        if record is None:
+            return None
+        compiled = record["compiled"]
+        if not record.get("released"):
+            if record.get("attachment"):
+                att = session.Attachment.from_dict(record["attachment"])
+            else:  # prestart died between the state file and the attachment: what it may have loaded
+                att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
+            drained = session.release(att, compiled)
+            records = events.to_records(drained, compiled, cid, frozenset(record.get("stop_pids", ())))
+            spooled = {"records": records, "dropped": drained.dropped, "policy": compiled["name"],
+                       "out": record.get("report"), "extra": record.get("extra")}
+            old = _read_spool(spool_path(cid))
+            if old:
+                spooled["records"] = old["records"] + records
+                spooled["dropped"] += old["dropped"]
+            write_atomic(spool_path(cid), dumps(spooled))
+            write_state(cid, dict(record, released=True))  # what the kernel had is now in the spool
+        data = _read_spool(spool_path(cid))
+        out = _flush(cid, data) if data else None
+        _unlink(state_path(cid))
+        return out
+    finally:
+        os.close(fd)
 
 
 def run(argv: list[str], stdin: bytes, log=None) -> int:

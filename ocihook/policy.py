@@ -60,6 +60,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from . import caps
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 JsonPath = tuple[str | int, ...]
 
@@ -120,6 +122,8 @@ class Policy:
     source: str
     digest: str
     raw_sockets: str = "deny"
+    capabilities: tuple[str, ...] = ()
+    privileged: bool = False
 
     def to_json(self) -> str:
         """The canonical normalised document; ``digest`` is the sha256 of it."""
@@ -133,6 +137,10 @@ class Policy:
         }
         if self.raw_sockets != "deny":
             document["raw_sockets"] = self.raw_sockets
+        if self.capabilities:
+            document["capabilities"] = list(self.capabilities)
+        if self.privileged:
+            document["privileged"] = True
         if self.resolvers is not None:
             document["dns"] = {"resolvers": [display_ip(a) for a in self.resolvers]}
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
@@ -421,12 +429,28 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
                 except ValueError as error:
                     problems.add(path, f"{error} (a resolver is a plain IP address)")
         resolvers = tuple(sorted(found))
+    capabilities: list[str] = []
+    if problems.usable(("capabilities",)):
+        for position, text in enumerate(document.get("capabilities", [])):
+            if problems.clean(("capabilities", position)):
+                try:
+                    cap = caps.normalize(text)
+                except caps.CapError as error:
+                    problems.add(("capabilities", position), str(error))
+                    continue
+                if cap not in caps.DANGEROUS:
+                    problems.add(("capabilities", position), f"{cap} is never refused or dropped; list only "
+                                 f"{', '.join(c[4:] for c in caps.DANGEROUS)}")
+                elif cap not in capabilities:
+                    capabilities.append(cap)
     problems.raise_if_any(source)
     policy = Policy(
         name=name,
         mode=document.get("mode", "enforce"),
         default=document.get("default", "deny"),
         raw_sockets=document.get("raw_sockets", "deny"),
+        capabilities=tuple(c for c in caps.DANGEROUS if c in capabilities),
+        privileged=document.get("privileged", False) is True,
         rules=tuple(rules),
         resolvers=resolvers,
         source=source,

@@ -39,7 +39,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
 
 
 def summarize(records: list[dict], dropped: int = 0, container: str | None = None,
-              policy: str | None = None) -> dict:
+              policy: str | None = None, extra: dict | None = None) -> dict:
     """The final line of a report: totals per verdict, and events the kernel could not
     keep because its events map was full (never hidden)."""
     recs = aggregate(records)
@@ -48,21 +48,24 @@ def summarize(records: list[dict], dropped: int = 0, container: str | None = Non
            "policy": policy or first.get("policy"), "destinations": len(recs), "events_dropped": dropped}
     for verdict in ("blocked", "would-block", "allowed"):
         out[verdict.replace("-", "_")] = sum(r["count"] for r in recs if r["verdict"] == verdict)
+    out.update(extra or {})
     return out
 
 
 def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str | None = None,
-          policy: str | None = None) -> Path:
+          policy: str | None = None, extra: dict | None = None) -> Path:
     """Write (or extend: an existing report's lines are merged in) a JSON Lines report:
     one line per (process, destination, verdict), then a summary line."""
     records = list(records)
     path = Path(path)
     if path.exists():
-        old = load_summary(path)
+        old = load_summary(path) or {}
         records = load(path) + records
-        dropped += (old or {}).get("events_dropped", 0)
+        dropped += old.get("events_dropped", 0)
+        kept = {k: v for k, v in old.items() if k not in summarize([])}
+        extra = {**kept, **(extra or {})}
     lines = [json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) for rec in aggregate(records)]
-    lines.append(json.dumps(summarize(records, dropped, container, policy), separators=(",", ":")))
+    lines.append(json.dumps(summarize(records, dropped, container, policy, extra), separators=(",", ":")))
     write_atomic(path, "\n".join(lines) + "\n")
     return path
 
