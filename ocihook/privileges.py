@@ -115,7 +115,8 @@ def judge(cfg: dict, compiled: dict, cid: str) -> dict:
         bad = caps.dangerous_in(have, allowed)
         if bad:
             cap = bad[0]
-            if len(have) >= len(caps.NUMBERS) - 3:
+            linux = cfg.get("linux") if isinstance(cfg.get("linux"), dict) else {}
+            if len(have) >= len(caps.NUMBERS) - 3 or (cap == "CAP_SYS_ADMIN" and not linux.get("maskedPaths")):
                 what = f"is privileged (--privileged: every capability, {cap} among them)"
                 fix = "privileged: true"
             else:
