@@ -104,10 +104,7 @@ def policy_source(value: str, policy_dir=None) -> tuple[str, bytes]:
         except (binascii.Error, ValueError):
             raise HookError(f"annotation {ANNOTATION}: invalid base64") from None
     if value.startswith("file:"):
-        path = value[5:]
-        if not os.path.isabs(path):
-            raise HookError(f"annotation {ANNOTATION}: file: needs an absolute path, got {value[5:]!r}")
-        return path, _read(path)
+        return FILE_SOURCE + value[5:], _read_listed(value[5:])
     if not _valid_policy_name(value):
         raise HookError(f"annotation {ANNOTATION}: {value[:60]!r} is not a policy name, file:, base64: or JSON")
     base = os.fspath(policy_dir or settings.policy_dir())
@@ -116,6 +113,28 @@ def policy_source(value: str, policy_dir=None) -> tuple[str, bytes]:
         if os.path.isfile(path):
             return path, _read(path)
     raise HookError(f"unknown policy {value!r}: no {value}.yaml, .yml or .json in {base}")
+
+
+FILE_SOURCE = "file:"  # a source label: its document's contents are never shown in errors
+
+
+def _read_listed(path: str) -> bytes:
+    """A `file:` policy: only a regular file below a directory SAFEDEPLOY_FILE_DIRS lists
+    (symlinks and '..' resolved first). Whoever starts the container sees the hook's
+    errors: they must learn nothing about files they could not read themselves."""
+    if not os.path.isabs(path):
+        raise HookError(f"annotation {ANNOTATION}: file: needs an absolute path, got {_show(path[:80])}")
+    dirs = settings.file_dirs()
+    if not dirs:
+        raise HookError(f"annotation {ANNOTATION}: file: policies are off (no directory is listed in "
+                        "SAFEDEPLOY_FILE_DIRS); use a policy name, base64: or inline JSON")
+    real = os.path.realpath(path)
+    if not any(real.startswith(os.path.realpath(d).rstrip("/") + "/") for d in dirs):
+        raise HookError(f"annotation {ANNOTATION}: file: {_show(path[:120])} is outside the directories "
+                        f"SAFEDEPLOY_FILE_DIRS lists ({':'.join(dirs)})")
+    if not os.path.isfile(real):
+        raise HookError(f"cannot read policy {_show(path[:120])}: not a regular file")
+    return _read(real)
 
 
 def _read(path: str) -> bytes:
@@ -150,7 +169,16 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict
         enable_site_packages()
         from .maps import compile_policy  # noqa: PLC0415
         from .policy import load_policy_text  # noqa: PLC0415
-        policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
+        if source.startswith(FILE_SOURCE):
+            from .policy import PolicyError  # noqa: PLC0415
+            try:
+                policy = load_policy_text(raw, source[len(FILE_SOURCE):])
+            except PolicyError as e:  # its messages may quote the file: say where, never what
+                raise HookError(f"policy {_show(source[len(FILE_SOURCE):])} is not a valid safedeploy policy "
+                                f"({len(e.errors)} problem{'s' if len(e.errors) != 1 else ''}; contents not "
+                                f"shown: run 'safedeploy policy validate' on it)") from None
+        else:
+            policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
         compiled = dict(compile_policy(policy), format=CACHE_FORMAT, source=source, digest=policy.digest,
                         capabilities=list(policy.capabilities), privileged=policy.privileged)
         try:

@@ -26,7 +26,8 @@ def hook_env() -> list[str]:
             f"SAFEDEPLOY_POLICY_DIR={settings.policy_dir()}",
             f"SAFEDEPLOY_LOG_DIR={settings.log_dir()}",
             f"SAFEDEPLOY_STATE_DIR={settings.state_dir()}",
-            f"SAFEDEPLOY_BPFFS={settings.bpffs_root()}"]
+            f"SAFEDEPLOY_BPFFS={settings.bpffs_root()}",
+            f"SAFEDEPLOY_FILE_DIRS={':'.join(settings.file_dirs())}"]
 
 
 def render_hooks(hook_path: Path) -> dict[str, dict]:

@@ -171,3 +171,23 @@ def test_runtime_in_a_policed_cgroup_placing_its_container_elsewhere_gets_the_sa
     finally:
         cgroup.remove(outer)
         hookmod.stop({"id": rid})
+
+
+def test_runc_file_annotation_outside_the_listed_dirs_is_refused_without_quoting(tmp_path, rootfs, hook):
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("api_token: hunter2\n")
+    cid = f"sdesc{secrets.token_hex(4)}"
+    bundle = make_bundle(tmp_path / "b", rootfs, "touch /ran", annotations={"safedeploy.policy": f"file:{secret}"},
+                         hook_path=hook.path, hook_env=hook.env)
+    res = runc_run(bundle, cid)
+    subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    assert res.returncode != 0 and not (bundle / "rootfs" / "ran").exists()
+    assert "safedeploy: annotation safedeploy.policy: file: policies are off" in res.stderr, res.stderr
+    env = [e for e in hook.env if not e.startswith("SAFEDEPLOY_FILE_DIRS=")] + [f"SAFEDEPLOY_FILE_DIRS={tmp_path}"]
+    bundle = make_bundle(tmp_path / "b", rootfs, "touch /ran", annotations={"safedeploy.policy": f"file:{secret}"},
+                         hook_path=hook.path, hook_env=env)
+    res = runc_run(bundle, cid)
+    subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+    assert res.returncode != 0 and not (bundle / "rootfs" / "ran").exists()
+    assert f"safedeploy: policy {secret} is not a valid safedeploy policy" in res.stderr, res.stderr
+    assert "hunter2" not in res.stderr and "api_token" not in res.stderr
