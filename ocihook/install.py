@@ -118,45 +118,74 @@ def _live_cgroup_ids() -> set[int]:
     return ids
 
 
+def _alive(rec: dict) -> bool:
+    """Is the cgroup of a state record still there? Its recorded path first; when that
+    is gone (or recorded in another mount namespace), a fresh walk of every cgroup."""
+    with contextlib.suppress(OSError, KeyError, ValueError, TypeError):
+        if os.stat(rec["cgroup"]).st_ino == int(rec["cgid"]):
+            return True
+    return int(rec["cgid"]) in _live_cgroup_ids()
+
+
 def gc(log=print, keep_current: bool = True) -> int:
-    """Release containers whose cgroup is gone (poststop never ran), drop map entries of
-    vanished cgroups, and remove program versions nobody uses. Returns objects removed."""
+    """Release runs and containers whose cgroup is gone (poststop never ran, or their
+    report could not be written then), drop map entries that no live cgroup and no state
+    file owns, and remove program versions nobody uses. Returns objects removed.
+
+    Safe beside starting and stopping containers: a cgroup that is alive or has a state
+    file is never touched; each stale one is judged right before it is released, and map
+    entries are judged under the lock prestart and `run` hold while they register."""
     from . import hook  # noqa: PLC0415
     from .maps import PinnedMaps  # noqa: PLC0415
     removed = 0
     cache = Path(settings.state_dir()) / "policy-cache"   # revalidated on next use: cheap to drop
     for entry in cache.glob("*.json") if cache.is_dir() else ():
         entry.unlink(missing_ok=True)
-    live = _live_cgroup_ids()
     sdir = Path(settings.state_dir())
     for path in sorted(sdir.glob("*.json")) if sdir.is_dir() else []:
         try:
             rec = json.loads(path.read_text())
-            cid, cgid = rec["id"], int(rec["cgid"])
+            cid = rec["id"]
+            int(rec["cgid"])
+        except FileNotFoundError:
+            continue  # its poststop finished meanwhile
         except (OSError, ValueError, KeyError, TypeError):
-            path.unlink(missing_ok=True)
+            log(f"gc: unreadable state file {path} left alone")
+            continue
+        if _alive(rec):
+            continue
+        try:
+            report = hook.stop({"id": cid})
+        except hook.HookError as e:
+            log(f"gc: {cid}: {e}")
+            continue
+        if report:
+            log(f"gc: released {cid} (cgroup gone); report {report}")
             removed += 1
-            continue
-        if cgid in live:
-            continue
-        report = hook.stop({"id": cid})
-        log(f"gc: released {cid} (cgroup gone); report {report}")
-        removed += 1
     root = Path(settings.bpffs_root())
     current = Path(loader.pin_dir())
     for ver in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         busy = 0
         if loader.is_pinned(ver):
-            with PinnedMaps.open(ver) as maps:
+            with PinnedMaps.open(ver) as maps, cgroup.locked(hook.lock_path()):
+                owned = set(hook.state_records())   # read under the lock: nobody registers meanwhile
+                live = _live_cgroup_ids()
                 for cgid in maps.policed_cgroups():
-                    if cgid in live:
+                    if cgid in live or cgid in owned:
                         busy += 1
                         continue
                     removed += len(maps.drain_events([cgid])) + maps.unload_policy(cgid)
                     log(f"gc: dropped map entries of vanished cgroup {cgid} ({ver.name})")
         if busy or (ver == current and keep_current):
             continue
-        shutil.rmtree(ver, ignore_errors=True)
+        with cgroup.locked(root):  # the loader's lock: never a version being compiled and pinned
+            if not ver.exists():
+                continue
+            if loader.is_pinned(ver):
+                with PinnedMaps.open(ver) as maps:
+                    if maps.policed_cgroups():
+                        continue  # policed since we looked
+            shutil.rmtree(ver, ignore_errors=True)
         log(f"gc: removed unused program version {ver.name}")
         removed += 1
     return removed
