@@ -107,7 +107,8 @@ def policy_explain(
         dec = decide_query(pol, d.name) if lookup else decide(pol, d)
     out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
            "proto": d.proto, "kind": "dns" if lookup else "connect", "verdict": dec.verdict,
-           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode}
+           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode,
+           "capabilities": list(pol.capabilities), "privileged": pol.privileged}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -115,6 +116,18 @@ def policy_explain(
     what = f"DNS lookup of {d.name}" if lookup else f"{dest} [{d.proto}]"
     typer.echo(f"{dec.verdict.upper()} {what} — rule: {dec.rule_text}{why}; "
                f"in {pol.mode} mode this is {dec.effective}")
+    typer.echo(f"privileges: {_privileges(pol)}")
+
+
+def _privileges(pol) -> str:
+    """What the policy lets a run keep and a container have, of what could take it out."""
+    if pol.privileged:
+        return ("privileged: true — every capability, --privileged, writable cgroupfs: "
+                "a process that wants out of the cgroup can leave (docs/security.md)")
+    if pol.capabilities:
+        return (f"capabilities: {', '.join(pol.capabilities)} kept by runs and allowed in containers; "
+                "every other way out of the cgroup is dropped or refused")
+    return "none: runs drop, and containers are refused, every capability that leads out of the cgroup"
 
 
 @policy_app.command("suggest")

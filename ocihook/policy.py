@@ -79,7 +79,8 @@ _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_LIKE = re.compile(r"[0-9.]+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _KIND_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
-_TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
+_TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer",
+               "boolean": "true or false"}
 
 
 class PolicyError(Exception):
