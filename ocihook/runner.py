@@ -45,6 +45,10 @@ def kept_capabilities(policy: "Policy", keep=()) -> list[str]:
 
 def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=None, keep=()) -> RunResult:
     """Run cmd under policy; always cleans up its cgroup, map entries and attachment."""
+    inherited = _network_stdio()
+    if inherited:
+        raise RunError(f"{inherited[0]} is a network socket, opened outside the cgroup: the command could use "
+                       "a connection the policy never judged; redirect it (e.g. </dev/null) or use a pipe")
     run_id = f"run-{os.getpid()}-{secrets.token_hex(3)}"
     kept = kept_capabilities(policy, keep)
     drop = [c for c in caps.DANGEROUS if c not in kept]
@@ -74,6 +78,24 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
     out_path = Path(written)
     summary = report.load_summary(out_path) or {}
     return RunResult(returncode, report.load(out_path), out_path, run_id, summary.get("events_dropped", 0), kept)
+
+
+def _network_stdio() -> list[str]:
+    """stdin/stdout/stderr that are IP sockets (inetd-style callers): the only descriptors
+    the command inherits (Popen closes the rest), and a connection made outside the policy."""
+    import socket  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+    out = []
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as s:
+                if s.family in (socket.AF_INET, socket.AF_INET6):
+                    out.append(name)
+        except OSError:
+            continue
+    return out
 
 
 class RunError(Exception):

@@ -203,3 +203,30 @@ def test_keep_cap_and_policy_capabilities_opt_back_in(tmp_path):
     assert "capabilities kept: CAP_NET_RAW, CAP_SYS_PTRACE" in res.stderr
     bad = _run(tmp_path, "--keep-cap", "FLY", cmd=["true"])
     assert bad.returncode == 2 and "safedeploy: --keep-cap: unknown capability 'FLY'" in bad.stderr
+
+
+def test_run_refuses_a_network_socket_as_stdio(tmp_path):
+    """A connection opened outside the cgroup (inetd-style stdin) is never handed in; a
+    pipe or an AF_UNIX socketpair is fine."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    try:
+        res = subprocess.run([*CLI, "run", "--policy", str(pol), "--", "touch", str(tmp_path / "ran")],
+                             stdin=conn.fileno(), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and not (tmp_path / "ran").exists()
+        assert res.stderr.startswith("safedeploy: stdin is a network socket, opened outside the cgroup"), res.stderr
+        a, b = socket.socketpair()
+        res = subprocess.run([*CLI, "run", "--policy", str(pol), "--", "touch", str(tmp_path / "ran")],
+                             stdin=a.fileno(), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and (tmp_path / "ran").exists(), res.stderr
+        a.close()
+        b.close()
+    finally:
+        for s in (cli, conn, srv):
+            s.close()
