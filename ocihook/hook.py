@@ -311,6 +311,20 @@ def policed_origin(state: dict) -> dict | None:
     return _origin_record(found, nested=False) if found else None
 
 
+def policed_above(pid: int | str = "self") -> str | None:
+    """The id of the run or container whose policed cgroup holds process pid (or is the
+    root of the cgroup2 view this process sees), else None."""
+    try:
+        if not os.listdir(os.path.join(settings.state_dir(), "cgids")):
+            return None
+        mount = cgroup.cgroup2_mount()
+        found = _policed_ancestor(mount, mount) or _policed_ancestor(
+            cgroup.cgroup_of_pid(os.getpid() if pid == "self" else pid, mount=mount), mount)
+    except (OSError, cgroup.CgroupError):
+        return None
+    return _origin_record(found, nested=True).get("id") if found else None
+
+
 def _origin_record(found: tuple[int, str], nested: bool) -> dict:
     cgid, link = found
     try:

@@ -49,6 +49,10 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
     if inherited:
         raise RunError(f"{inherited[0]} is a network socket, opened outside the cgroup: the command could use "
                        "a connection the policy never judged; redirect it (e.g. </dev/null) or use a pipe")
+    outer = hook.policed_above()
+    if outer:
+        raise RunError(f"this process is already policed by {outer}: a run inside it would replace that "
+                       "policy with its own (the deepest policed cgroup decides); refused")
     run_id = f"run-{os.getpid()}-{secrets.token_hex(3)}"
     kept = kept_capabilities(policy, keep)
     drop = [c for c in caps.DANGEROUS if c not in kept]

@@ -230,3 +230,13 @@ def test_run_refuses_a_network_socket_as_stdio(tmp_path):
     finally:
         for s in (cli, conn, srv):
             s.close()
+
+
+def test_a_run_inside_a_run_is_refused(tmp_path):
+    """Even with SYS_ADMIN kept (needed to nest at all), an inner run would put a deeper
+    policy, which would win, below the outer one: refused."""
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("version: 1\nname: loose\ndefault: allow\n")
+    res = _run(tmp_path, "--keep-cap", "SYS_ADMIN", cmd=[*CLI, "run", "--policy", str(inner), "--", "echo", "RAN"])
+    assert "RAN" not in res.stdout
+    assert "safedeploy: this process is already policed by run-" in res.stderr, res.stderr
