@@ -295,7 +295,10 @@ def policed_origin(state: dict) -> dict | None:
     pid = state.get("pid")
     if isinstance(pid, int) and pid > 0:
         try:
-            found = _policed_ancestor(cgroup.cgroup_of_pid(pid, mount=mount), mount)
+            own = cgroup.cgroup_of_pid(pid, mount=mount)
+            # strictly above: the container's own cgroup may still carry a policy of an
+            # earlier container in it whose poststop has not run yet
+            found = _policed_ancestor(os.path.dirname(own), mount) if own != mount else None
         except cgroup.CgroupError:
             pass
         if found:

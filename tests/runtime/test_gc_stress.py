@@ -64,7 +64,7 @@ def test_gc_from_a_timer_while_containers_start_and_stop(tmp_path, rootfs, hook)
         bundle = make_bundle(tmp_path / f"b{worker}", rootfs, CONTAINER, annotations={"safedeploy.policy": "stress"},
                              hook_path=hook.path, hook_env=hook.env, stages=stages)
         while not stop.is_set():
-            cid = f"sdstress-{secrets.token_hex(4)}"
+            cid = f"sdstress-w{worker}-{secrets.token_hex(4)}"
             res = runc_run(bundle, cid, timeout=120)
             if res.returncode != 0 or res.stdout.split() != ["EPERM"] * SAMPLES:
                 problems.append(f"{cid}: rc={res.returncode} out={res.stdout.split()} err={res.stderr[-300:]}")
@@ -85,7 +85,8 @@ def test_gc_from_a_timer_while_containers_start_and_stop(tmp_path, rootfs, hook)
     samples, leaks = (int(kv.split("=")[1]) for kv in out.split())
     assert leaks == 0 and samples > seconds * 5, out
     run_report = Path(err.split("report: ")[1].split(" (")[0])
-    assert report.load_summary(run_report)["blocked"] == samples        # gc took none of its events
+    run_summary = report.load_summary(run_report)
+    assert run_summary["blocked"] + run_summary["events_dropped"] == samples, run_summary  # gc took none
     assert not problems, problems[:5]
     assert gcs[0] >= 5 and len(done) >= 10, (gcs, len(done))
     subprocess.run([*CLI, "gc"], capture_output=True, timeout=120)       # the last stale ones
@@ -93,4 +94,6 @@ def test_gc_from_a_timer_while_containers_start_and_stop(tmp_path, rootfs, hook)
         files = wait_poststop(hook.log_dir, hook.state_dir, cid)
         assert files, f"{cid}: no report"
         summary = report.load_summary(files[0])
-        assert summary["blocked"] == SAMPLES, (cid, summary)            # exactly its own attempts
+        # exactly its own attempts; the events map is shared by every policed cgroup on the
+        # host, so one filled by someone else drops events: counted, never lost silently
+        assert summary["blocked"] + summary["events_dropped"] == SAMPLES, (cid, summary)
