@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from . import cgroup, enable_site_packages, read_text, settings, sha256_hex, write_atomic
+from . import cgroup, enable_site_packages, origin, read_text, settings, sha256_hex, write_atomic
 from .jsonfast import JSONError, dumps, loads
 
 ANNOTATION = "safedeploy.policy"
@@ -243,118 +243,23 @@ def container_cgroup(pid: int) -> str:
     return path
 
 
-def cgid_index(cgid: int) -> str:
-    """$STATE_DIR/cgids/<cgid>: a symlink to the state file of the run or container that
-    polices that cgroup (one lstat tells the hook whether a cgroup is policed)."""
-    return os.path.join(settings.state_dir(), "cgids", str(cgid))
-
-
-def _policed_ancestor(path: str, mount: str) -> tuple[int, str] | None:
-    """(cgid, state file) of the nearest policed cgroup at or above path (up to the mount)."""
-    while True:
-        try:
-            cgid = os.stat(path).st_ino
-        except OSError:
-            return None
-        link = cgid_index(cgid)
-        if os.path.lexists(link):
-            return cgid, link
-        if path == mount or len(path) <= len(mount):
-            return None
-        path = os.path.dirname(path)
-
-
-def _parent_pids(limit: int = 16) -> list[int]:
-    """The hook's ancestors: the runtime, whoever started it, and so on up to pid 1."""
-    out, pid = [], os.getppid()
-    while pid > 1 and len(out) < limit:
-        out.append(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return out
-
-
-def policed_origin(state: dict) -> dict | None:
-    """Was this container created from inside a policed cgroup? Looks at the container's
-    own cgroup (a runtime in a `safedeploy run` nests it there), the runtime's cgroup
-    namespace root and the cgroups of the hook's ancestors (runc, conmon, podman, the
-    deploy script). None, at the cost of one listdir, when nothing is policed."""
-    try:
-        if not os.listdir(os.path.join(settings.state_dir(), "cgids")):
-            return None
-    except OSError:
-        return None
-    try:
-        mount = cgroup.cgroup2_mount()
-    except cgroup.CgroupError:
-        return None
-    found = None
-    pid = state.get("pid")
-    if isinstance(pid, int) and pid > 0:
-        try:
-            own = cgroup.cgroup_of_pid(pid, mount=mount)
-            # strictly above: the container's own cgroup may still carry a policy of an
-            # earlier container in it whose poststop has not run yet
-            found = _policed_ancestor(os.path.dirname(own), mount) if own != mount else None
-        except cgroup.CgroupError:
-            pass
-        if found:
-            return _origin_record(found, nested=True)
-    found = _policed_ancestor(mount, mount)  # a cgroup namespace (and cgroup2 view) rooted at a policed cgroup
-    for ppid in _parent_pids() if not found else ():
-        try:
-            found = _policed_ancestor(cgroup.cgroup_of_pid(ppid, mount=mount), mount)
-        except cgroup.CgroupError:
-            continue
-        if found:
-            break
-    return _origin_record(found, nested=False) if found else None
-
-
-def policed_above(pid: int | str = "self") -> str | None:
-    """The id of the run or container whose policed cgroup holds process pid (or is the
-    root of the cgroup2 view this process sees), else None."""
-    try:
-        if not os.listdir(os.path.join(settings.state_dir(), "cgids")):
-            return None
-        mount = cgroup.cgroup2_mount()
-        found = _policed_ancestor(mount, mount) or _policed_ancestor(
-            cgroup.cgroup_of_pid(os.getpid() if pid == "self" else pid, mount=mount), mount)
-    except (OSError, cgroup.CgroupError):
-        return None
-    return _origin_record(found, nested=True).get("id") if found else None
-
-
-def _origin_record(found: tuple[int, str], nested: bool) -> dict:
-    cgid, link = found
-    try:
-        rec = loads(read_text(link))
-    except (OSError, ValueError) as e:
-        raise HookError(f"the container is created from policed cgroup {cgid}, whose state {link} is "
-                        f"unreadable ({e.__class__.__name__}): refusing to start it unpoliced") from None
-    return dict(rec, nested=nested)
-
-
-def start(state: dict, ann: dict[str, str], log=None, origin: dict | None = None) -> dict | None:
+def start(state: dict, ann: dict[str, str], log=None, creator: dict | None = None) -> dict | None:
     """prestart/createRuntime: policy -> checks -> maps -> attach -> state file. A
-    container created from a policed cgroup (origin) gets that cgroup's policy: by
+    container created from a policed cgroup (creator) gets that cgroup's policy: by
     inheritance when it was nested under it, else applied to its own cgroup."""
     from . import privileges  # noqa: PLC0415
     cid = state["id"]
     pid = state.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         raise HookError(f"OCI state of {cid} has no container pid (status {state.get('status')!r})")
-    if origin is not None and origin.get("id") == cid:
+    if creator is not None and creator.get("id") == cid:
         raise HookError(f"container {cid} is already policed (state file {state_path(cid)} exists)")
-    if origin is not None:
-        theirs = origin["compiled"]
+    if creator is not None:
+        theirs = creator["compiled"]
         if ANNOTATION in ann:
             mine = resolve_policy(ann[ANNOTATION], ann.get(MODE_ANNOTATION))
             if mine.get("digest") != theirs.get("digest") or mine.get("mode") != theirs.get("mode"):
-                raise HookError(f"container {cid} is created from {origin['id']}, policed by policy "
+                raise HookError(f"container {cid} is created from {creator['id']}, policed by policy "
                                 f"{theirs.get('name')!r}, but asks for policy {mine.get('name')!r}: refused; a "
                                 f"container started by a policed deploy runs under the deploy's policy "
                                 f"(drop the {ANNOTATION} annotation)")
@@ -365,12 +270,12 @@ def start(state: dict, ann: dict[str, str], log=None, origin: dict | None = None
         allowed = privileges.judge(privileges.read_config(state.get("bundle")), compiled, cid)
     except privileges.Refused as e:
         raise HookError(str(e)) from None
-    if origin is not None and origin["nested"]:
+    if creator is not None and creator["nested"]:
         return None  # inside the policed cgroup already: its programs and report cover it
     path = container_cgroup(pid)
     if read_state_file(cid) is not None:
         raise HookError(f"container {cid} is already policed (state file {state_path(cid)} exists)")
-    extra = dict(allowed, parent=origin["id"]) if origin is not None else allowed
+    extra = dict(allowed, parent=creator["id"]) if creator is not None else allowed
     record = {"id": cid, "pid": pid, "compiled": compiled, "cgroup": str(path), "cgid": cgroup.cgroup_id(path),
               "started": time.time(), "attachment": None, "extra": extra}
     return register_and_apply(record, log)
@@ -381,7 +286,7 @@ def register_and_apply(record: dict, log=None) -> dict:
     policy, under the lock gc takes before it looks for map entries nobody owns."""
     from . import session  # noqa: PLC0415
     cid = record["id"]
-    link = cgid_index(record["cgid"])
+    link = origin.cgid_index(record["cgid"])
     with cgroup.locked(lock_path()):
         write_state(cid, record)
         try:
@@ -466,8 +371,8 @@ def stop(state: dict) -> str | None:
             write_state(cid, dict(record, released=True))  # what the kernel had is now in the spool
         data = _read_spool(spool_path(cid))
         out = _flush(cid, data) if data else None
-        if os.path.realpath(cgid_index(record["cgid"])) == os.path.realpath(state_path(cid)):
-            _unlink(cgid_index(record["cgid"]))
+        if os.path.realpath(origin.cgid_index(record["cgid"])) == os.path.realpath(state_path(cid)):
+            _unlink(origin.cgid_index(record["cgid"]))
         _unlink(state_path(cid))
         return out
     finally:
@@ -481,10 +386,13 @@ def run(argv: list[str], stdin: bytes, log=None) -> int:
         stop(state)
         return 0
     ann = annotations_of(state)
-    origin = policed_origin(state)
-    if ANNOTATION not in ann and origin is None:
+    try:
+        found = origin.policed_origin(state)
+    except origin.OriginError as e:
+        raise HookError(str(e)) from None
+    if ANNOTATION not in ann and found is None:
         return 0  # not ours: touch nothing
-    start(state, ann, log, origin)
+    start(state, ann, log, found)
     return 0
 
 

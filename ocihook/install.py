@@ -162,6 +162,11 @@ def gc(log=print, keep_current: bool = True) -> int:
         if report:
             log(f"gc: released {cid} (cgroup gone); report {report}")
             removed += 1
+    links = sdir / "cgids"
+    for link in list(links.iterdir()) if links.is_dir() else []:
+        if not link.exists() and link.name.isdigit() and int(link.name) not in _live_cgroup_ids():
+            link.unlink(missing_ok=True)  # its state file is gone and so is its cgroup
+            removed += 1
     root = Path(settings.bpffs_root())
     current = Path(loader.pin_dir())
     for ver in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:

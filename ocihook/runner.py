@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import caps, cgroup, confine, hook, report
+from . import caps, cgroup, confine, hook, origin, report
 from .maps import compile_policy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,14 +49,18 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
     if inherited:
         raise RunError(f"{inherited[0]} is a network socket, opened outside the cgroup: the command could use "
                        "a connection the policy never judged; redirect it (e.g. </dev/null) or use a pipe")
-    outer = hook.policed_above()
+    try:
+        outer = origin.policed_above()
+    except origin.OriginError as e:
+        raise RunError(str(e)) from None
     if outer:
         raise RunError(f"this process is already policed by {outer}: a run inside it would replace that "
                        "policy with its own (the deepest policed cgroup decides); refused")
     run_id = f"run-{os.getpid()}-{secrets.token_hex(3)}"
     kept = kept_capabilities(policy, keep)
     drop = [c for c in caps.DANGEROUS if c not in kept]
-    compiled = compile_policy(policy)
+    compiled = dict(compile_policy(policy), digest=policy.digest, capabilities=list(policy.capabilities),
+                    privileged=policy.privileged)  # as the hook's resolve_policy: containers it starts are judged by it
     path = cgroup.create(run_id)
     out = os.fspath(report_path) if report_path else None
     record = {"id": run_id, "pid": os.getpid(), "kind": "run", "compiled": compiled, "cgroup": path,

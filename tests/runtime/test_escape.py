@@ -191,3 +191,12 @@ def test_runc_file_annotation_outside_the_listed_dirs_is_refused_without_quoting
     assert res.returncode != 0 and not (bundle / "rootfs" / "ran").exists()
     assert f"safedeploy: policy {secret} is not a valid safedeploy policy" in res.stderr, res.stderr
     assert "hunter2" not in res.stderr and "api_token" not in res.stderr
+
+
+def test_podman_inside_a_run_asking_for_the_runs_own_policy_runs_under_it(tmp_path, hook, podman_image):
+    import base64
+    same = base64.b64encode(POLICY.replace("rollout", "deploy").encode()).decode()
+    res = _safedeploy_run(tmp_path, _podman_cmd(hook, podman_image, "--annotation", f"safedeploy.policy=base64:{same}"))
+    assert res.returncode == 0 and "a=1" in res.stdout, (res.stdout, res.stderr)
+    recs, _ = _run_report(res)
+    assert [r["dst_ip"] for r in recs if r["verdict"] == "blocked"] == ["127.0.0.2"]
