@@ -298,7 +298,7 @@ def status_cmd() -> None:
                 for cgid, val in sorted(cgs.items()):
                     mode = "audit" if val.mode else "enforce"
                     rec = owners.get(cgid)
-                    who = f"container {rec['id'][:12]}" if rec else f"cgroup {cgid}"
+                    who = f"{rec.get('kind', 'container')} {rec['id'][:16]}" if rec else f"cgroup {cgid}"
                     pol = rec.get("compiled", {}).get("name", "?") if rec else "?"
                     c = counts.get(cgid, {})
                     typer.echo(f"  {who}: policy {pol} ({mode}), blocked {c.get('blocked', 0)}, "

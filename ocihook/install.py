@@ -127,6 +127,25 @@ def _alive(rec: dict) -> bool:
     return int(rec["cgid"]) in _live_cgroup_ids()
 
 
+def _abandoned_run(rec: dict) -> bool:
+    """A `safedeploy run` that was killed before its cleanup: its process is gone and
+    nothing runs in its cgroup any more (cgroup.events says unpopulated)."""
+    if rec.get("kind") != "run":
+        return False
+    try:
+        with open(f"/proc/{int(rec['pid'])}/cmdline", "rb") as f:
+            cmd = f.read()
+        if b"ocihook" in cmd or b"safedeploy" in cmd:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        with open(os.path.join(rec["cgroup"], "cgroup.events")) as f:
+            return "populated 0" in f.read()
+    except (OSError, KeyError, TypeError):
+        return False
+
+
 def gc(log=print, keep_current: bool = True) -> int:
     """Release runs and containers whose cgroup is gone (poststop never ran, or their
     report could not be written then), drop map entries that no live cgroup and no state
@@ -153,7 +172,13 @@ def gc(log=print, keep_current: bool = True) -> int:
             log(f"gc: unreadable state file {path} left alone")
             continue
         if _alive(rec):
-            continue
+            if not _abandoned_run(rec):
+                continue
+            for sub, _dirs, _files in os.walk(rec["cgroup"], topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(sub)  # only empty cgroups go: rmdir never kills (EBUSY when populated)
+            if _alive(rec):
+                continue
         try:
             report = hook.stop({"id": cid})
         except hook.HookError as e:

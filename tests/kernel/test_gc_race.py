@@ -48,3 +48,39 @@ def test_a_container_registered_while_gc_releases_a_stale_one_stays_policed(pins
     finally:
         for p, _r in born:
             cgroup.remove(p)
+
+
+def test_gc_finishes_a_run_whose_safedeploy_process_was_killed(tmp_path):
+    """`safedeploy run` SIGKILLed: its command finishes later in the still-policed cgroup;
+    gc then writes the run's report and removes the empty cgroup. A live one is left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    pol = tmp_path / "p.yaml"
+    pol.write_text("version: 1\nname: killed\ndefault: allow\ndeny: ['127.0.0.2']\n")
+    code = "import socket, time\ntime.sleep(1)\ntry:\n    socket.create_connection(('127.0.0.2', 9))\nexcept OSError as e:\n    print(e.errno, flush=True)\n"
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "ocihook.cli", "run", "--policy", str(pol), "--", "sh", "-c",
+                            f"{sys.executable} -c \"{code}\" > {out}"], start_new_session=True)
+    sdir = Path(hook.settings.state_dir())
+    for _ in range(200):
+        recs = [r for r in hook.state_records().values() if r.get("kind") == "run" and r.get("attachment")]
+        if recs:
+            break
+        time.sleep(0.05)
+    (rec,) = recs
+    os.kill(run.pid, signal.SIGKILL)                 # the runner dies; its command goes on
+    run.wait()
+    install.gc(log=lambda *_: None)                  # still running: untouched
+    assert (sdir / f"{rec['id']}.json").exists()
+    for _ in range(100):
+        if out.exists() and out.read_text().strip():
+            break
+        time.sleep(0.05)
+    assert out.read_text().split() == ["1"]          # EPERM: still policed after its runner died
+    time.sleep(0.2)
+    install.gc(log=lambda *_: None)
+    assert not (sdir / f"{rec['id']}.json").exists() and not Path(rec["cgroup"]).exists()
+    assert report.load_summary(Path(hook.settings.log_dir()) / f"{rec['id']}.jsonl")["blocked"] == 1
