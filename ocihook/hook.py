@@ -338,7 +338,8 @@ def _flush(cid: str, data: dict) -> str:
 def stop(state: dict) -> str | None:
     """poststop: drain events into the report, remove map entries and the state file.
     A container that is already cleaned (or was never policed) is fine. Holds a lock on
-    the state file itself: a poststop and a gc of the same container never both drain."""
+    the state file itself (never replaced while it lives): a poststop and a gc of the same
+    container never both drain or both write its report."""
     from . import events, loader, session  # noqa: PLC0415
     import fcntl  # noqa: PLC0415
     cid = state["id"]
@@ -354,21 +355,18 @@ def stop(state: dict) -> str | None:
         if record is None:
             return None
         compiled = record["compiled"]
-        if not record.get("released"):
+        if not os.path.exists(spool_path(cid)):  # a spool means: released, report still to write
             if record.get("attachment"):
                 att = session.Attachment.from_dict(record["attachment"])
             else:  # prestart died between the state file and the attachment: what it may have loaded
                 att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
             drained = session.release(att, compiled)
             records = events.to_records(drained, compiled, cid, frozenset(record.get("stop_pids", ())))
-            spooled = {"records": records, "dropped": drained.dropped, "policy": compiled["name"],
-                       "out": record.get("report"), "extra": record.get("extra")}
-            old = _read_spool(spool_path(cid))
-            if old:
-                spooled["records"] = old["records"] + records
-                spooled["dropped"] += old["dropped"]
-            write_atomic(spool_path(cid), dumps(spooled))
-            write_state(cid, dict(record, released=True))  # what the kernel had is now in the spool
+            # the kernel no longer has them: on disk before anything else (never by replacing
+            # the state file, whose inode carries the lock)
+            write_atomic(spool_path(cid), dumps({"records": records, "dropped": drained.dropped,
+                                                 "policy": compiled["name"], "out": record.get("report"),
+                                                 "extra": record.get("extra")}))
         data = _read_spool(spool_path(cid))
         out = _flush(cid, data) if data else None
         if os.path.realpath(origin.cgid_index(record["cgid"])) == os.path.realpath(state_path(cid)):
