@@ -61,12 +61,6 @@ def _check(rc: int, what: str) -> None:
         raise ConfineError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def drop_set(keep=()) -> list[str]:
-    """The capabilities a run drops: DANGEROUS minus the kept ones (normalised names)."""
-    kept = {caps.normalize(k) for k in keep}
-    return [c for c in caps.DANGEROUS if c not in kept]
-
-
 def _mounts(fstype: str) -> list[str]:
     out = []
     with open("/proc/self/mountinfo") as f:
@@ -139,12 +133,3 @@ def confine(cgroup_path: str, drop: list[str]) -> None:
         os.write(2, f"safedeploy: cannot confine the command to {cgroup_path}: {msg}\n".encode())
         raise
 
-
-def bounding_set(pid: int | str = "self") -> set[str]:
-    """The capability names in a process's bounding set (from /proc/PID/status)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("CapBnd:"):
-                mask = int(line.split()[1], 16)
-                return {name for name, n in caps.NUMBERS.items() if mask >> n & 1}
-    return set()
