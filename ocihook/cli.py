@@ -31,15 +31,11 @@ def _errors():
     """Known failures (ocihook.errors.SafedeployError) become their lines on stderr and
     exit status 1, never a traceback."""
     from .errors import SafedeployError
-    from .loader import LoaderError
     try:
         yield
     except SafedeployError as e:
         for line in e.lines():
             _err(line)
-        raise typer.Exit(1) from None
-    except LoaderError as e:  # until loader.LoaderError derives from SafedeployError
-        _err(str(e))
         raise typer.Exit(1) from None
     except PermissionError as e:
         _err(f"{e.filename or 'operation'}: permission denied (run as root)")
@@ -103,7 +99,8 @@ def policy_explain(
         dec = decide_query(pol, d.name) if lookup else decide(pol, d)
     out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
            "proto": d.proto, "kind": "dns" if lookup else "connect", "verdict": dec.verdict,
-           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode}
+           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode,
+           "capabilities": list(pol.capabilities), "privileged": pol.privileged}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -111,6 +108,18 @@ def policy_explain(
     what = f"DNS lookup of {d.name}" if lookup else f"{dest} [{d.proto}]"
     typer.echo(f"{dec.verdict.upper()} {what} — rule: {dec.rule_text}{why}; "
                f"in {pol.mode} mode this is {dec.effective}")
+    typer.echo(f"privileges: {_privileges(pol)}")
+
+
+def _privileges(pol) -> str:
+    """What the policy lets a run keep and a container have, of what could take it out."""
+    if pol.privileged:
+        return ("privileged: true — every capability, --privileged, writable cgroupfs: "
+                "a process that wants out of the cgroup can leave (docs/security.md)")
+    if pol.capabilities:
+        return (f"capabilities: {', '.join(pol.capabilities)} kept by runs and allowed in containers; "
+                "every other way out of the cgroup is dropped or refused")
+    return "none: runs drop, and containers are refused, every capability that leads out of the cgroup"
 
 
 @policy_app.command("suggest")
@@ -158,6 +167,11 @@ def run_cmd(
                                                "(default $SAFEDEPLOY_LOG_DIR/<run-id>.jsonl)."),
     fail_on_violation: bool = typer.Option(False, "--fail-on-violation",
                                            help="Exit 3 when anything was blocked or would have been (CI gates)."),
+    keep_cap: List[str] = typer.Option([], "--keep-cap", metavar="CAP",
+                                       help="Keep a capability that run drops by default (repeatable): "
+                                            "SYS_ADMIN, NET_ADMIN, BPF, NET_RAW, SYS_MODULE, SYS_PTRACE, "
+                                            "DAC_READ_SEARCH, SYS_RAWIO, PERFMON. Each one is a way out: "
+                                            "see docs/security.md."),
 ) -> None:
     """Run CMD (and every process it starts) in its own cgroup under a policy.
 
@@ -165,20 +179,34 @@ def run_cmd(
 
     Exits with CMD's status (or 3 with --fail-on-violation when anything was blocked or
     would have been); blocked destinations are summarised on stderr.
+
+    CMD cannot leave the cgroup: it gets a cgroup namespace and a cgroup2 view rooted at
+    its own cgroup, and loses the capabilities that would let it out (--keep-cap opts back in).
     """
-    from . import loader, report, runner
+    from . import caps, loader, report, runner
     from .policy import load_policy_file
+    for c in keep_cap:
+        try:
+            caps.normalize(c)
+        except caps.CapError as e:
+            _err(f"--keep-cap: {e}")
+            raise typer.Exit(2) from None
+        if caps.normalize(c) not in caps.DANGEROUS:
+            _err(f"--keep-cap: {caps.normalize(c)} is never dropped (only {', '.join(caps.DANGEROUS)} are)")
+            raise typer.Exit(2)
     with _errors():
         pol = load_policy_file(policy)
         if audit:
             pol = dataclasses.replace(pol, mode="audit")
-        res = runner.run(cmd, pol, report_file, log=loader.stderr_log)
+        res = runner.run(cmd, pol, report_file, log=loader.stderr_log, keep=keep_cap)
     for line in report.summary(res.records):
         _err(line)
     if res.dropped:
         _err(f"{res.dropped} decisions were counted but not kept in detail: the run's events quota was full "
              "(enforcement unaffected)")
-    _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations)")
+    kept = ", ".join(res.kept) if res.kept else "none"
+    _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations; "
+         f"capabilities kept: {kept})")
     if fail_on_violation and res.violations:
         raise typer.Exit(runner.EXIT_VIOLATION)
     raise typer.Exit(res.returncode)

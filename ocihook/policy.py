@@ -60,6 +60,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from . import caps
 from .addr import display_ip  # noqa: F401 — the policy's own address form, used by its callers too
 from .events import UNLISTED_REASON
 from .errors import SafedeployError
@@ -81,7 +82,8 @@ _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_LIKE = re.compile(r"[0-9.]+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _KIND_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
-_TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
+_TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer",
+               "boolean": "true or false"}
 
 
 DEFAULT_MIN_TTL = 3600  # seconds: how long clients really reuse an address they resolved
@@ -132,6 +134,8 @@ class Policy:
     raw_sockets: str = "deny"
     min_ttl: int = DEFAULT_MIN_TTL
     unlisted: str = "resolve"
+    capabilities: tuple[str, ...] = ()
+    privileged: bool = False
 
     def to_json(self) -> str:
         """The canonical normalised document; ``digest`` is the sha256 of it."""
@@ -145,6 +149,10 @@ class Policy:
         }
         if self.raw_sockets != "deny":
             document["raw_sockets"] = self.raw_sockets
+        if self.capabilities:
+            document["capabilities"] = list(self.capabilities)
+        if self.privileged:
+            document["privileged"] = True
         dns: dict[str, Any] = {}
         if self.resolvers is not None:
             dns["resolvers"] = [display_ip(a) for a in self.resolvers]
@@ -440,6 +448,20 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
                 except ValueError as error:
                     problems.add(path, f"{error} (a resolver is a plain IP address)")
         resolvers = tuple(sorted(found))
+    capabilities: list[str] = []
+    if problems.usable(("capabilities",)):
+        for position, text in enumerate(document.get("capabilities", [])):
+            if problems.clean(("capabilities", position)):
+                try:
+                    cap = caps.normalize(text)
+                except caps.CapError as error:
+                    problems.add(("capabilities", position), str(error))
+                    continue
+                if cap not in caps.DANGEROUS:
+                    problems.add(("capabilities", position), f"{cap} is never refused or dropped; list only "
+                                 f"{', '.join(c[4:] for c in caps.DANGEROUS)}")
+                elif cap not in capabilities:
+                    capabilities.append(cap)
     problems.raise_if_any(source)
     policy = Policy(
         name=name,
@@ -448,6 +470,8 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
         raw_sockets=document.get("raw_sockets", "deny"),
         min_ttl=document.get("dns", {}).get("min_ttl", DEFAULT_MIN_TTL),
         unlisted=document.get("dns", {}).get("unlisted", "resolve"),
+        capabilities=tuple(c for c in caps.DANGEROUS if c in capabilities),
+        privileged=document.get("privileged", False) is True,
         rules=tuple(rules),
         resolvers=resolvers,
         source=source,

@@ -65,7 +65,8 @@ def quota_notes(counters: dict) -> dict[str, int]:
 
 
 def summarize(records: list[dict], dropped: int = 0, container: str | None = None,
-              policy: str | None = None, counters: dict | None = None, base: dict | None = None) -> dict:
+              policy: str | None = None, counters: dict | None = None, base: dict | None = None,
+              extra: dict | None = None) -> dict:
     """The final line of a report: totals per verdict, and events the kernel could not
     keep in detail (never hidden). With the kernel's exact per-cgroup counters, the totals
     are those counts (plus base's, a summary this report extends), whether or not every
@@ -84,22 +85,26 @@ def summarize(records: list[dict], dropped: int = 0, container: str | None = Non
         quota[name] = quota.get(name, 0) + n
     if quota:
         out["quota"] = quota
+    out.update(extra or {})
     return out
 
 
 def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str | None = None,
-          policy: str | None = None, counters: dict | None = None) -> Path:
+          policy: str | None = None, counters: dict | None = None, extra: dict | None = None) -> Path:
     """Write (or extend: an existing report's lines are merged in) a JSON Lines report:
     one line per (process, destination, verdict), then a summary line."""
     records = list(records)
     path = Path(path)
     old = None
     if path.exists():
-        old = load_summary(path)
+        old = load_summary(path) or {}
         records = load(path) + records
-        dropped += (old or {}).get("events_dropped", 0)
+        dropped += old.get("events_dropped", 0)
+        kept = {k: v for k, v in old.items() if k not in summarize([]) and k != "quota"}
+        extra = {**kept, **(extra or {})}
     lines = [json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) for rec in aggregate(records)]
-    lines.append(json.dumps(summarize(records, dropped, container, policy, counters, old), separators=(",", ":")))
+    lines.append(json.dumps(summarize(records, dropped, container, policy, counters, old, extra),
+                            separators=(",", ":")))
     write_atomic(path, "\n".join(lines) + "\n")
     return path
 

@@ -9,17 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import require
+from helpers import plain_bundle, require
 from ocihook import cgroup, install, loader
 from ocihook import bpfsys
 from ocihook.pinned import INNER, U64, PinnedMaps, SdCgroup
 
 POLICY = '{"version": 1, "name": "faults", "default": "allow", "deny": ["127.0.0.2", "auth.internal"]}'
+BUNDLE = plain_bundle()
 HOOK = [sys.executable, "-m", "ocihook.hook", "prestart"]
 
 
 def _state(cid, pid):
-    return json.dumps({"id": cid, "pid": pid, "status": "creating",
+    return json.dumps({"id": cid, "pid": pid, "status": "creating", "bundle": BUNDLE,
                        "annotations": {"safedeploy.policy": POLICY}}).encode()
 
 
