@@ -239,8 +239,9 @@ class PinnedMaps:
         return {name: getattr(val, name) for name, _ in Cgstats._fields_}
 
     # -- events ------------------------------------------------------------------
-    def drain_events(self, cgid: int) -> list[tuple[EventKey, EventVal]]:
-        """Take (read and delete) every aggregated event of a cgroup, blocked ones first."""
+    def drain_events(self, cgid: int, delete: bool = True) -> list[tuple[EventKey, EventVal]]:
+        """Take (read, and delete unless told not to) every aggregated event of a cgroup,
+        blocked ones first."""
         out = []
         for name in ("blocked", "events"):
             fd = self.inner(cgid, name)
@@ -250,16 +251,17 @@ class PinnedMaps:
                 for key in bpfsys.map_keys(fd, EventKey):
                     val = EventVal()
                     if bpfsys.map_lookup(fd, key, val):
-                        bpfsys.map_delete(fd, key)
+                        if delete:
+                            bpfsys.map_delete(fd, key)
                         out.append((key, val))
             finally:
                 os.close(fd)
         return out
 
-    def drain(self, cgid: int):
-        """Events of cgid with the names and processes they refer to (session.Drained)."""
+    def drain(self, cgid: int, delete: bool = True) -> Drained:
+        """Events of cgid with the names and processes they refer to."""
         counters = self.counters(cgid)
-        raw = self.drain_events(cgid)
+        raw = self.drain_events(cgid, delete)
         return Drained(raw, self.names_of(cgid, {i for k, _ in raw for i in (k.name_id, k.target_id)}),
                        self.procs_of(cgid, ((k.pid, k.pstart) for k, _ in raw)),
                        counters.get("events_dropped", 0) + counters.get("blocked_dropped", 0), counters)
