@@ -31,6 +31,7 @@ def _errors():
     """Known failures become one line on stderr and exit status 1, never a traceback."""
     from .bpfsys import BpfError
     from .cgroup import CgroupError
+    from .install import InstallError
     from .loader import LoaderError
     from .policy import PolicyError
     from .report import ReportError
@@ -41,7 +42,7 @@ def _errors():
         for line in e.errors or [str(e)]:
             _err(line)
         raise typer.Exit(1) from None
-    except (BpfError, CgroupError, LoaderError, ReportError, RunError) as e:
+    except (BpfError, CgroupError, InstallError, LoaderError, ReportError, RunError) as e:
         _err(str(e))
         raise typer.Exit(1) from None
     except PermissionError as e:
@@ -293,8 +294,10 @@ def doctor_cmd() -> None:
 def install_cmd(
     hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir",
                                    help="Where podman reads oci-hooks(5) files (stock podman: only this one)."),
-    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path",
-                                   help="Where to put the hook launcher the hooks.d files point to."),
+    hook_path: Optional[Path] = typer.Option(None, "--hook-path", show_default=False,
+                                             help="Where to put the hook launcher the hooks.d files point to "
+                                                  "(default: /usr/local/libexec/safedeploy/safedeploy-hook; "
+                                                  "/usr/libexec/... for the .deb)."),
     preload: bool = typer.Option(True, "--preload/--no-preload", help="Compile and pin the programs now."),
 ) -> None:
     """Install the OCI hook (hooks.d files + launcher), /etc/safedeploy/policies with an
@@ -302,21 +305,21 @@ def install_cmd(
 
     Then: podman run --annotation safedeploy.policy=example ...
     """
-    from .install import install
+    from .install import DEFAULT_HOOK_PATH, install
     with _errors():
-        install(hooks_dir, hook_path, preload, log=typer.echo)
+        install(hooks_dir, hook_path or DEFAULT_HOOK_PATH, preload, log=typer.echo)
 
 
 @app.command("uninstall")
 def uninstall_cmd(
     hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir"),
-    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path"),
+    hook_path: Optional[Path] = typer.Option(None, "--hook-path", show_default=False),
 ) -> None:
     """Remove the hook and hooks.d files; clean state; unpin programs no container uses.
     Policies and reports are kept."""
-    from .install import uninstall
+    from .install import DEFAULT_HOOK_PATH, uninstall
     with _errors():
-        uninstall(hooks_dir, hook_path, log=typer.echo)
+        uninstall(hooks_dir, hook_path or DEFAULT_HOOK_PATH, log=typer.echo)
 
 
 @app.command("gc")

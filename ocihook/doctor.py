@@ -26,8 +26,8 @@ def _headers() -> Check:
     build = kdir / "build"
     if (build / "include").is_dir():
         return ("kernel headers", True, f"{build} -> {build.resolve()}", True)
-    return ("kernel headers", False, f"{build} missing; run packaging/setup-host.sh "
-            "(links Debian's linux-headers for bcc)", True)
+    return ("kernel headers", False, f"{build} missing; apt install linux-headers-$(uname -r) "
+            "(a custom kernel: packaging/setup-host.sh links Debian's linux-headers for bcc)", True)
 
 
 def _cgroup2() -> Check:
@@ -65,12 +65,15 @@ def _capabilities() -> Check:
 
 
 def _hooks_d() -> Check:
-    from .install import DEFAULT_HOOKS_DIR, HOOK_FILES  # noqa: PLC0415
+    from .install import DEFAULT_HOOKS_DIR, HOOK_FILES, verify_chain  # noqa: PLC0415
     missing = [n for n in HOOK_FILES if not (DEFAULT_HOOKS_DIR / n).exists()]
     if missing:
         return ("hooks.d", False, f"{', '.join(missing)} not in {DEFAULT_HOOKS_DIR}: run `safedeploy install` "
                 "(podman only reads this directory)", False)
-    return ("hooks.d", True, f"installed in {DEFAULT_HOOKS_DIR}", False)
+    problems = verify_chain(DEFAULT_HOOKS_DIR)
+    if problems:   # installed but broken: annotated containers are refused (or worse, unpoliced)
+        return ("hooks.d", False, "; ".join(problems), True)
+    return ("hooks.d", True, f"{DEFAULT_HOOKS_DIR}: entry -> launcher -> python -> ocihook.hook runs", False)
 
 
 def _kernel() -> Check:

@@ -17,8 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .policy import Policy
 
-BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
+from .resources import BPF_DIR  # noqa: E402 — checkout or installed package data
 HEADER = os.path.join(BPF_DIR, "safedeploy.h")
 
 
