@@ -323,13 +323,27 @@ def uninstall_cmd(
 
 
 @app.command("gc")
-def gc_cmd() -> None:
+def gc_cmd(all_versions: bool = typer.Option(False, "--all", help="Also unpin the current programs if no "
+                                             "container uses them (package removal).")) -> None:
     """Clean up after containers whose poststop never ran (a killed runtime): write their
     reports, drop their map entries and state, remove unused old program versions."""
-    from .install import gc
+    from .install import gc, retire
     with _errors():
+        if all_versions:
+            retire(log=typer.echo)
+            return
         n = gc(log=typer.echo)
     typer.echo(f"gc: {n} objects removed")
+
+
+@app.command("preload")
+def preload_cmd() -> None:
+    """Mount bpffs and compile/pin the programs now, so the next container start is warm
+    (run at boot by safedeploy.service, and by `install`)."""
+    from . import loader
+    with _errors():
+        loader.ensure_bpffs()
+        typer.echo(f"programs: {loader.ensure_programs(log=typer.echo)}")
 
 
 @app.command("demo")

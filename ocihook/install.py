@@ -179,6 +179,12 @@ def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR, hook_path: Path = DEFAULT_HOO
     with contextlib.suppress(FileNotFoundError):
         hook_path.unlink()
         log(f"removed {hook_path}")
+    retire(log=log)
+
+
+def retire(log=print) -> None:
+    """gc, then unpin every program version no container uses, the current one included
+    (uninstall, package removal); the bpffs directory goes when nothing is left."""
     gc(log=log, keep_current=False)
     root = Path(settings.bpffs_root())
     left = [v for v in root.iterdir() if v.is_dir()] if root.is_dir() else []

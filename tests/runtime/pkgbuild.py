@@ -18,15 +18,12 @@ def clean_env(**extra: str) -> dict:
 
 
 def build_wheel(out: Path) -> Path:
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
-                         capture_output=True, text=True, timeout=600, cwd=out)
-    assert res.returncode == 0, res.stdout + res.stderr
-    wheel, = out.glob("safedeploy-*.whl")
-    return wheel
+    return build_wheel_from(REPO, out)
 
 
-def build_deb(out: Path, wheel: Path) -> Path:
-    res = subprocess.run([sys.executable, str(REPO / "packaging" / "deb" / "build.py"), "--wheel", str(wheel),
+def build_deb(out: Path, wheel: Path, src: Path = REPO) -> Path:
+    """`make deb` (packaging/deb/build.py of the tree ``src``) for an already built wheel."""
+    res = subprocess.run([sys.executable, str(src / "packaging" / "deb" / "build.py"), "--wheel", str(wheel),
                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     deb, = out.glob("safedeploy_*.deb")
@@ -38,3 +35,28 @@ def hidden_checkout(cmd: list[str]) -> list[str]:
     nothing installed reaches back into it."""
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             f'mount -t tmpfs -o size=1m safedeploy-hidden "{REPO}" && exec "$@"', "sh", *cmd]
+
+
+def source_copy(dest: Path, version: str, bpf_note: str) -> Path:
+    """A copy of the checkout as a newer release: another version number and changed
+    kernel sources (so its programs are a new version beside the old)."""
+    import re
+    import shutil
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache", ".hypothesis"))
+    for rel, pattern in (("pyproject.toml", r'^version = "[^"]+"'), ("ocihook/__init__.py", r'^__version__ = "[^"]+"')):
+        text = (dest / rel).read_text()
+        new = re.sub(pattern, pattern.split(" = ")[0].lstrip("^") + f' = "{version}"', text, count=1, flags=re.M)
+        assert new != text, rel
+        (dest / rel).write_text(new)
+    with open(dest / "bpf" / "sock_addr.c", "a") as f:
+        f.write(f"\n/* {bpf_note} */\n")
+    return dest
+
+
+def build_wheel_from(src: Path, out: Path) -> Path:
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+                         capture_output=True, text=True, timeout=600, cwd=out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    wheel, = out.glob("safedeploy-*.whl")
+    return wheel
