@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ DATA = {"ocihook/data/bpf/safedeploy.h", "ocihook/data/bpf/sock_addr.c", "ocihoo
         "ocihook/data/hooks_d/safedeploy-poststop.json", "ocihook/data/policies/example.yaml"}
 
 
-def test_wheel_installs_and_polices_without_the_checkout(tmp_path, podman_image):
+def test_wheel_installs_and_polices_without_the_checkout(tmp_path, podman_image, request):
     runtime_prereqs("runc", "podman")
     wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -35,9 +36,21 @@ def test_wheel_installs_and_polices_without_the_checkout(tmp_path, podman_image)
     site = subprocess.run([str(venv / "bin" / "python"), "-c", "import ocihook, os; print(os.path.dirname(ocihook.__file__))"],
                           capture_output=True, text=True, cwd=tmp_path, env=clean_env(), check=True).stdout.strip()
     assert site.startswith(str(venv)), site
+    same = ("import importlib.resources as ir, os\n"
+            "from ocihook import resources\n"
+            "for name in resources.DATA:\n"
+            "    assert str(ir.files('ocihook').joinpath('data', name)) == resources.path(name), name\n"
+            "    assert os.listdir(resources.path(name)), name\n"
+            "print(resources.installed())")
+    res = subprocess.run([str(venv / "bin" / "python"), "-c", same], capture_output=True, text=True, cwd=tmp_path,
+                         env=clean_env())
+    assert res.stdout.strip() == "True", res.stderr          # importlib.resources agrees with resources.path
 
     pol, log, state = tmp_path / "policies", tmp_path / "log", tmp_path / "state"
-    env = clean_env(SAFEDEPLOY_POLICY_DIR=str(pol), SAFEDEPLOY_LOG_DIR=str(log), SAFEDEPLOY_STATE_DIR=str(state))
+    bpffs = f"/sys/fs/bpf/sdwheel{secrets.token_hex(4)}"   # its own pins: compiled from the installed sources
+    request.addfinalizer(lambda: shutil.rmtree(bpffs, ignore_errors=True))
+    env = clean_env(SAFEDEPLOY_POLICY_DIR=str(pol), SAFEDEPLOY_LOG_DIR=str(log), SAFEDEPLOY_STATE_DIR=str(state),
+                    SAFEDEPLOY_BPFFS=bpffs)
     hooks, launcher = tmp_path / "hooks.d", tmp_path / "libexec" / "safedeploy-hook"
 
     def run(*cmd: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -70,3 +83,5 @@ def test_wheel_installs_and_polices_without_the_checkout(tmp_path, podman_image)
     assert len(reports) == 1
     blocked = [r for r in report.load(reports[0]) if r["verdict"] == "blocked"]
     assert [(r["dst_ip"], r["reason"]) for r in blocked] == [("127.0.0.2", "circular: auth")]
+    out = run(sd, "uninstall", "--hooks-dir", str(hooks), "--hook-path", str(launcher))
+    assert out.returncode == 0 and not launcher.exists() and not Path(bpffs).exists(), out.stdout + out.stderr
