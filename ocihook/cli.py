@@ -279,11 +279,14 @@ def status_cmd() -> None:
 
 
 @app.command("doctor")
-def doctor_cmd() -> None:
-    """Check kernel, cgroup v2, bpffs, privileges, bcc, headers and runtimes."""
+def doctor_cmd(hooks_dir: Optional[Path] = typer.Option(None, "--hooks-dir", show_default=False,
+                                                         help="The hooks.d to check (default: "
+                                                              "/usr/share/containers/oci/hooks.d).")) -> None:
+    """Check kernel, cgroup v2, bpffs, privileges, bcc, headers, runtimes, and that the hooks.d
+    entries run the hook (entry -> launcher -> python -> package)."""
     from .doctor import run_checks
     ok = True
-    for name, good, detail, required in run_checks():
+    for name, good, detail, required in run_checks(hooks_dir):
         mark = "ok  " if good else ("FAIL" if required else "warn")
         typer.echo(f"{mark} {name}: {detail}")
         ok &= good or not required

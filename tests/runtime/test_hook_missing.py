@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import subprocess
+import sys
 
 from ocihook import install, resources
 from rtutil import IMAGE, podman
@@ -28,6 +30,10 @@ def test_missing_launcher_or_package_refuses_annotated_containers(hook, podman_i
     assert f"safedeploy: hook launcher {hook.path} is missing: refusing the annotated container" in res.stderr
     problems = install.verify_chain(hook.dir)
     assert len(problems) == 1 and "is missing" in problems[0], problems
+    doctor = subprocess.run([sys.executable, "-m", "ocihook.cli", "doctor", "--hooks-dir", str(hook.dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 1 and f"FAIL hooks.d: {hook.dir}/safedeploy-prestart.json -> {hook.path}: exit 1: " \
+        f"safedeploy: hook launcher {hook.path} is missing" in doctor.stdout, doctor.stdout
 
     # the package directory gone (a removed venv, a deleted checkout): the launcher says so
     root = tmp_path / "site"

@@ -67,8 +67,9 @@ def test_wheel_installs_and_polices_without_the_checkout(tmp_path, podman_image,
 
     val = run(sd, "policy", "validate", str(pol / "example.yaml"))
     assert val.returncode == 0, val.stderr
-    doctor = run(sd, "doctor")
-    assert "ok   bcc" in doctor.stdout and "FAIL" not in doctor.stdout, doctor.stdout
+    doctor = run(sd, "doctor", "--hooks-dir", str(hooks))
+    assert doctor.returncode == 0 and "ok   bcc" in doctor.stdout, doctor.stdout
+    assert f"ok   hooks.d: {hooks}: entry -> launcher -> python -> ocihook.hook runs" in doctor.stdout, doctor.stdout
 
     (pol / "wheeled.yaml").write_text(POLICY)
     name = f"sdwheel-{secrets.token_hex(4)}"
