@@ -89,13 +89,10 @@ def test_deb_install_police_upgrade_remove_purge(deb_root, tmp_path, podman_imag
 
     val = ns.chroot("safedeploy", "policy", "validate", "/etc/safedeploy/policies/example.yaml", check=False)
     assert val.returncode == 0, val.stderr
-    pre = ns.chroot("safedeploy", "preload", timeout=600)          # what safedeploy.service runs at boot
-    v1, = _pin_versions(ns)
-    assert pre.stdout.strip().endswith(f"/sys/fs/bpf/safedeploy/{v1}"), pre.stdout
     doctor = ns.chroot("safedeploy", "doctor", check=False)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "ok   hooks.d: /usr/share/containers/oci/hooks.d: entry -> launcher -> python -> ocihook.hook runs" \
-        in doctor.stdout and "ok   programs: pinned" in doctor.stdout, doctor.stdout
+        in doctor.stdout, doctor.stdout
 
     # doctor follows the chain into the package: a broken install is a FAIL with the reason
     hook_py = root / "usr/lib/python3/dist-packages/ocihook/hook.py"
@@ -104,7 +101,9 @@ def test_deb_install_police_upgrade_remove_purge(deb_root, tmp_path, podman_imag
     hook_py.with_suffix(".moved").rename(hook_py)
     assert broken.returncode == 1 and "FAIL hooks.d:" in broken.stdout and "ocihook is missing" in broken.stdout
 
-    # -- a policed container through the package's hook
+    # -- a policed container through the package's hook, with no other step (no systemd in the
+    # chroot to preload: the first container's hook compiles and pins the programs)
+    assert _pin_versions(ns) is None
     (root / "etc/safedeploy/policies/pkgtest.yaml").write_text(POLICY)
     hooks = _shim_hooks(root, tmp_path / "hooks.d")
     ann = ("--network", "host", "--annotation", "safedeploy.policy=pkgtest", IMAGE)
@@ -117,6 +116,8 @@ def test_deb_install_police_upgrade_remove_purge(deb_root, tmp_path, podman_imag
         time.sleep(0.1)
     blocked = [r for r in _report(root, cid[0]) if r.get("verdict") == "blocked"]
     assert [(r["dst_ip"], r["reason"]) for r in blocked] == [("127.0.0.2", "circular: auth")]
+    v1, = _pin_versions(ns)
+    assert "ok   programs: pinned" in ns.chroot("safedeploy", "doctor").stdout
 
     # -- upgrade while a container runs
     old = f"sddeb-old-{secrets.token_hex(3)}"
@@ -130,8 +131,10 @@ def test_deb_install_police_upgrade_remove_purge(deb_root, tmp_path, podman_imag
     shutil.copy(deb2, root / "tmp")
     up = ns.chroot("apt-get", "install", "-y", "-q", "--no-install-recommends", f"/tmp/{deb2.name}")
     assert "Unpacking safedeploy (0.1.1-1) over (0.1.0-1)" in up.stdout, up.stdout[-2000:]
-    ns.chroot("safedeploy", "preload", timeout=600)                # the unit's restart in postinst, under systemd
+    assert _pin_versions(ns) == {v1}
+    pre = ns.chroot("safedeploy", "preload", timeout=600)  # safedeploy.service's job (postinst restarts it)
     v2 = (_pin_versions(ns) - {v1}).pop()
+    assert pre.stdout.strip().endswith(f"programs: /sys/fs/bpf/safedeploy/{v2}"), pre.stdout
     still = _podman(ns, hooks, podman_image, "exec", old, "sh", "-c", PROBE)
     assert "a=1" in still.stdout and "Operation not permitted" in still.stderr, still.stdout + still.stderr
     new = f"sddeb-new-{secrets.token_hex(3)}"
