@@ -34,6 +34,7 @@ def deb_root(tmp_path):
     yield root, ns
     ns.run("sh", "-c", "podman rm -f -a --filter name=sddeb- >/dev/null 2>&1; true", check=False)
     ns.close()
+    shutil.rmtree(root, ignore_errors=True)   # ~0.5 GB; the namespace's mounts are not visible from here
 
 
 def _shim_hooks(root: Path, dest: Path) -> Path:
