@@ -126,7 +126,8 @@ def verify_chain(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> list[str]:
     for name in HOOK_FILES:
         try:
             hook = json.loads((hooks_dir / name).read_text())["hook"]
-            path, args, env = hook["path"], hook["args"], hook.get("env") or []
+            path, args = hook["path"], list(hook["args"])
+            env = dict(e.split("=", 1) for e in hook.get("env") or [])
         except (OSError, ValueError, KeyError, TypeError) as e:
             problems.append(f"{hooks_dir / name}: unreadable ({e.__class__.__name__}: {e})")
             continue
@@ -134,11 +135,13 @@ def verify_chain(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> list[str]:
             problems.append(f"{hooks_dir / name}: not the fail-closed entry (if {path} went missing, podman "
                             "would skip it and run annotated containers unpoliced): rerun `safedeploy install`")
             continue
-        if name != "safedeploy-prestart.json":
+        if name != "safedeploy-prestart.json":   # poststop runs in the background: the launcher must be there
+            if not os.access(args[3], os.X_OK):
+                problems.append(f"{hooks_dir / name}: hook launcher {args[3]} is missing")
             continue
         try:
             res = subprocess.run(args, executable=path, input=b'{"id": "safedeploy-doctor-probe"}',
-                                 capture_output=True, env=dict(e.split("=", 1) for e in env), timeout=60)
+                                 capture_output=True, env=env, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:
             problems.append(f"{hooks_dir / name}: the hook did not run ({e})")
             continue
