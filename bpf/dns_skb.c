@@ -11,10 +11,10 @@
  * per-CPU scratch map; variable-length loads are masked for the verifier.
  */
 #include "safedeploy.h"
+#include "dns.h"
 
 #define SD_ETH_P_IP 0x0800
 #define SD_ETH_P_IPV6 0x86DD
-#define SD_DNS_PORT 53
 #define SD_MAX_LABELS_SKIP 32
 
 #define SD_SKB_ANCESTOR(level) bpf_skb_ancestor_cgroup_id(skb, level)
@@ -103,105 +103,10 @@ static __always_inline int sd_dns_locate(struct __sk_buff *skb, int to_dns, stru
     return 1;
 }
 
-/* Hash every label-aligned suffix of the dotted name in s->q.name[0..len) (shortest first,
- * the full name last, into s->q.hashes) and look each up: the longest matching base gives
- * the query verdict (s->found, s->qv_*). Returns the full name's hash. */
-static __always_inline __u64 sd_hash_name(__u64 cgid, struct sd_scratch *s, __u32 len)
-{
-    s->found = 0;
-    s->h = SD_FNV_OFFSET;
-    s->k = 0;
-    for (int j = 0; j < SD_NAME_BUF; j++) {
-        int i = (int)len - 1 - j;
-        if (i < 0)
-            break;
-        __u8 c = s->q.name[i & 0xff];
-        __u64 h = s->h;
-        if (c == '.') {
-            struct sd_name_val *v = sd_name_lookup(cgid, h, SD_NAME_WILD, 0, 0);
-            if (v) {
-                s->qv_rule = v->rule;
-                s->qv_verdict = v->verdict;
-                s->found = 1;
-            }
-            __u32 k = s->k;
-            if (k < SD_MAX_SUFFIXES)
-                s->q.hashes[k & (SD_MAX_SUFFIXES - 1)] = h;
-            s->k = k + 1;
-        }
-        s->h = (h ^ c) * SD_FNV_PRIME;
-    }
-    __u64 h = s->h;
-    struct sd_name_val *v = sd_name_lookup(cgid, h, SD_NAME_EXACT, 0, 0);
-    if (v) {
-        s->qv_rule = v->rule;
-        s->qv_verdict = v->verdict;
-        s->found = 1;
-    }
-    __u32 k = s->k;
-    if (k < SD_MAX_SUFFIXES) {
-        s->q.hashes[k & (SD_MAX_SUFFIXES - 1)] = h;
-        s->q.nhash = k + 1;
-    } else {
-        s->q.nhash = 0; /* too many labels to judge its addresses by name */
-    }
-    return h;
-}
-
-/* One byte of a name in wire format into the dotted text in s->q.name. Returns 1 when
- * the name ended, -1 when it is malformed, 0 to go on. */
-static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
-{
-    __u32 rem = s->rem;
-    __u32 out = s->out;
-    if (out >= SD_NAME_MAX)
-        return -1;
-    if (rem == 0) {
-        if (c == 0)
-            return 1;
-        if (c > 63)
-            return -1; /* a bad length (compression is handled by the caller) */
-        s->rem = c;
-        if (out) {
-            s->q.name[out & 0xff] = '.';
-            s->out = out + 1;
-        }
-        return 0;
-    }
-    if (c == '.')
-        return -1; /* a dot inside a label would fake a label boundary */
-    if (c >= 'A' && c <= 'Z')
-        c += 'a' - 'A';
-    s->q.name[out & 0xff] = c;
-    s->out = out + 1;
-    s->rem = rem - 1;
-    return 0;
-}
-
-static __always_inline void sd_name_start(struct sd_scratch *s, __u32 pos)
-{
-    s->pos = pos;
-    s->out = 0;
-    s->rem = 0;
-    s->done = 0;
-}
-
-/* After a name's last byte: check it, then hash and judge it (*full: the name's hash). */
-static __always_inline int sd_name_end(__u64 cgid, struct sd_scratch *s, __u64 *full)
-{
-    __u32 len = s->out;
-    if (!s->done || len == 0 || len > SD_NAME_MAX)
-        return 0;
-    s->q.len = len;
-    *full = sd_hash_name(cgid, s, len);
-    return 1;
-}
-
 /* Parse the question name at off (no compression allowed there) into s->q and judge it.
  * Returns the name's wire length, or 0 when it cannot be parsed (compression in the
  * question, bad or over-long labels, a dot inside a label, truncation). */
-static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s,
-                                            __u64 *full)
+static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s)
 {
     __u32 avail = skb->len > off ? skb->len - off : 0;
     if (avail == 0)
@@ -224,7 +129,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
             break;
         }
     }
-    return sd_name_end(cgid, s, full) ? s->pos : 0;
+    return sd_name_end(cgid, s) ? s->pos : 0;
 }
 
 /* Parse a possibly compressed name at off (an answer's owner name) into s->q and judge
@@ -259,16 +164,7 @@ static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off
             break;
         }
     }
-    __u64 full;
-    return sd_name_end(cgid, s, &full);
-}
-
-static __always_inline void sd_remember_name(__u64 cgid, struct sd_scratch *s, __u32 name_id)
-{
-    struct sd_qname_key qk = {};
-    qk.cgid = cgid;
-    qk.name_id = name_id;
-    qnames.update(&qk, &s->q);
+    return sd_name_end(cgid, s);
 }
 
 /* A packet of a raw socket: it bypassed connect/sendmsg, so drop it unless the policy
@@ -296,7 +192,7 @@ static __always_inline int sd_raw_egress(struct __sk_buff *skb)
         d.proto = hdr[6];
         d.family = 6;
     }
-    return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
+    return sd_rule_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET);
 }
 
 /* What both DNS programs need first: the DNS message, the policy of the socket's cgroup,
@@ -344,9 +240,8 @@ int sd_dns_egress(struct __sk_buff *skb)
     __u16 qdcount = (hdr[4] << 8) | hdr[5];
 
     __u32 wire_len = 0;
-    __u64 full = 0;
     if (opcode == 0 && qdcount == 1)
-        wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
+        wire_len = sd_parse_qname(skb, off + 12, cgid, s);
 
     __u8 verdict;
     __u16 rule;
@@ -357,43 +252,18 @@ int sd_dns_egress(struct __sk_buff *skb)
         verdict = (pol->dflt == SD_DENY || pol->name_denies) ? SD_DENY : SD_ALLOW;
         rule = SD_RULE_MALFORMED;
     } else {
-        verdict = s->found ? s->qv_verdict : pol->dflt;
-        rule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-        name_id = (__u32)full;
-        sd_remember_name(cgid, s, name_id); /* the report shows the name */
+        verdict = sd_query_verdict(pol, s, &rule);
+        name_id = sd_name_id(cgid, s); /* the report shows the name */
     }
     if ((bpf_get_current_pid_tgid() >> 32) == 0) /* a TCP retransmission from kernel context */
         return verdict == SD_ALLOW || pol->mode == SD_MODE_AUDIT;
-    int ret = sd_verdict_return(cgid, pol, &c.d, verdict, rule, SD_KIND_DNS, name_id);
-    if (ret && name_id) {
-        struct sd_pending_key pk = {};
-        pk.cgid = cgid;
-        __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
-        pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
-        pending.update(&pk, &name_id);
-    }
+    struct sd_why why = {};
+    why.rule = rule;
+    why.name_id = name_id;
+    int ret = sd_verdict_return(cgid, pol, &c.d, verdict, &why, SD_KIND_DNS);
+    if (ret && name_id)
+        sd_pending_put(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
     return ret;
-}
-
-static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
-{
-    struct sd_addr_key k = {};
-    k.cgid = cgid;
-    __builtin_memcpy(k.addr, addr, sizeof(k.addr));
-    __u64 now = bpf_ktime_get_boot_ns();
-    struct sd_learned *old = learned.lookup(&k);
-    if (old && old->verdict == SD_DENY && verdict == SD_ALLOW && old->expires_ns > now)
-        return; /* an address of a denied name stays denied until its TTL ends */
-    if (ttl < SD_TTL_MIN_S)
-        ttl = SD_TTL_MIN_S;
-    if (ttl > SD_TTL_MAX_S)
-        ttl = SD_TTL_MAX_S;
-    struct sd_learned v = {};
-    v.expires_ns = now + (__u64)ttl * 1000000000ULL;
-    v.name_id = name_id;
-    v.verdict = verdict;
-    v.rule = rule;
-    learned.update(&k, &v);
 }
 
 int sd_dns_ingress(struct __sk_buff *skb)
@@ -411,24 +281,16 @@ int sd_dns_ingress(struct __sk_buff *skb)
         return 1;
     __u16 ancount = (hdr[6] << 8) | hdr[7];
 
-    __u64 full = 0;
-    __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
-    if (!wire_len || !s->q.nhash)
+    __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s);
+    if (!wire_len)
         return 1; /* not judged by name: its addresses are not learned */
-    __u32 name_id = (__u32)full;
-    struct sd_pending_key pk = {};
-    pk.cgid = cgid;
-    __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
-    pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
-    __u32 *asked = pending.lookup(&pk);
-    if (!asked || *asked != name_id)
+    __u32 name_id = sd_known_name_id(cgid, s);
+    if (!sd_pending_take(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
         return 1; /* no such question went to that resolver from here: nothing to learn */
-    pending.delete(&pk);
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
     __u8 qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
     __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-    sd_remember_name(cgid, s, name_id);
     __u32 question = off + 12;
 
     s->aoff = off + 12 + wire_len + 4;
@@ -500,6 +362,7 @@ int sd_dns_ingress(struct __sk_buff *skb)
     /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
     __u8 verdict = qverdict;
     __u16 rule = qrule;
+    __u32 target_id = 0;
     __u32 chain_end = s->owner;
     if (chain_end) {
         if (!sd_parse_name_at(skb, off, chain_end, cgid, s)) {
@@ -508,13 +371,14 @@ int sd_dns_ingress(struct __sk_buff *skb)
         } else if (s->found && s->qv_verdict == SD_DENY) {
             verdict = SD_DENY;
             rule = s->qv_rule;
+            target_id = sd_name_id(cgid, s); /* the report names the denied target too */
         }
     }
     for (int i = 0; i < SD_MAX_ANSWERS; i++) {
         if (i >= s->naddr)
             break;
-        sd_learn(cgid, s->addrs[i & (SD_MAX_ANSWERS - 1)].a, name_id, verdict, rule,
-                 s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
+        sd_learn_via(cgid, s->addrs[i & (SD_MAX_ANSWERS - 1)].a, name_id, target_id, verdict, rule,
+                     s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
     }
     return 1;
 }

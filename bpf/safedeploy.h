@@ -1,12 +1,11 @@
-/* safedeploy: the one header shared by every BPF program (bcc dialect).
- *
- * Every struct here is mirrored once in userspace, in ocihook/maps.py; a kernel test
- * compares the two layouts with what bcc compiled. Change both together.
+/* safedeploy: what every BPF program includes (bcc dialect) — the ABI, the maps, process
+ * capture, and the decision: find a cgroup's policy, judge a destination, record it.
  *
  * Programs are compiled once, pinned under $SAFEDEPLOY_BPFFS/<source-hash>/ and shared
- * by every policed cgroup. Per-cgroup state lives in the maps below, keyed by the id of
- * the cgroup the policy was applied to; a program finds it by walking the ancestors of
- * the current cgroup, so nested cgroups inherit their container's policy.
+ * by every policed cgroup. A program finds the policy by walking the ancestors of the
+ * current cgroup (nested cgroups inherit their container's policy), then that cgroup's
+ * own maps through the outer cg_* maps (maps.h). decide() in ocihook/policy.py is the
+ * reference for every verdict here.
  */
 #ifndef SAFEDEPLOY_H
 #define SAFEDEPLOY_H
@@ -14,285 +13,15 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 
+#include "abi.h"
+#include "maps.h"
+#include "proc.h"
+
 /* bcc 0.26's helpers.h lacks this one (helper 123, kernel 5.7+) */
 static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
     (void *)BPF_FUNC_get_current_ancestor_cgroup_id;
 
-#define SD_MAX_DEPTH 16          /* cgroup levels walked to find a policy */
-#define SD_RULE_DEFAULT 0xffff   /* event/verdict came from the policy default */
-#define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
-#define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
-#define SD_RULE_RAW 0xfffc       /* raw_sockets: deny */
-
-#define SD_ALLOW 0
-#define SD_DENY 1
-
-#define SD_MODE_ENFORCE 0
-#define SD_MODE_AUDIT 1
-
-#define SD_EV_ALLOWED 0
-#define SD_EV_BLOCKED 1
-#define SD_EV_WOULD_BLOCK 2
-
-#define SD_KIND_CONNECT 1
-#define SD_KIND_SENDMSG 2
-#define SD_KIND_DNS 3
-#define SD_KIND_SOCKET 4    /* a raw socket: its creation or its packets */
 #define SD_SOCK_RAW 3
-
-#define SD_STAT_EVENTS_DROPPED 0
-#define SD_STAT_DECISIONS 1
-#define SD_STAT_DENIED 2
-#define SD_STAT_DNS_MALFORMED 3
-#define SD_STAT_LIVE_UNREAD 4   /* live events not taken because nobody runs `watch` */
-#define SD_NSTATS 5
-
-/* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
-struct sd_cgroup {
-    __u8 mode;          /* SD_MODE_* */
-    __u8 dflt;          /* SD_ALLOW | SD_DENY: verdict when no rule applies */
-    __u8 has_resolvers; /* 1: port-53 traffic only to the resolvers map */
-    __u8 name_denies;   /* 1: the policy denies some name (unparseable queries are dropped) */
-    __u8 allow_raw;     /* 1: raw IP sockets are allowed (they bypass connect/sendmsg rules) */
-    __u8 pad[3];
-};
-
-/* cidrs: LPM trie. The fixed part (proto, pad, port, cgid: 96 bits) always matches in
- * full; prefixlen = 96 + the rule's prefix in the IPv6 (v4-mapped) address space. port 0
- * holds rules that cover every port; tcp and udp are separate entries. */
-struct sd_cidr_key {
-    __u32 prefixlen;
-    __u8 proto;         /* IPPROTO_TCP | IPPROTO_UDP */
-    __u8 pad;
-    __u16 port;         /* host order; 0 = any port */
-    __u64 cgid;
-    __u32 addr[4];      /* network order; IPv4 as ::ffff:a.b.c.d */
-};
-#define SD_CIDR_FIXED_BITS 96
-
-struct sd_cidr_val {
-    __u16 rule;         /* index of the rule in the policy */
-    __u8 verdict;       /* SD_ALLOW | SD_DENY */
-    __u8 plen;          /* the rule's prefix length (0..128) */
-};
-
-/* resolvers: (cgid, address) -> 1, consulted for port 53 when has_resolvers */
-struct sd_addr_key {
-    __u64 cgid;
-    __u32 addr[4];
-};
-
-/* events: aggregation of decisions, drained into the report. Nothing is lost while no
- * one listens; a full map counts SD_STAT_EVENTS_DROPPED instead. */
-struct sd_event_key {
-    __u64 cgid;         /* cgroup the policy belongs to */
-    __u32 addr[4];
-    __u32 pid;          /* tgid */
-    __u16 port;         /* host order */
-    __u16 rule;
-    __u8 verdict;       /* SD_EV_* */
-    __u8 kind;          /* SD_KIND_* */
-    __u8 proto;
-    __u8 family;        /* 4 | 6 */
-    __u32 name_id;      /* 0, or a key of the names map (DNS) */
-};
-
-struct sd_event_val {
-    __u64 count;
-    __u64 first_ns;     /* CLOCK_BOOTTIME */
-    __u64 last_ns;
-    __u32 uid;
-    __u32 pad;
-    char comm[16];
-};
-
-/* names: name rules by FNV-1a-64 hash of the *reversed* lower-case base name.
- * proto 0 / port 0 with SD_NAME_QUERY: the verdict for a DNS query of that name;
- * proto tcp|udp, port 0 (any) or a port: the verdict for connections to it. */
-struct sd_name_key {
-    __u64 cgid;
-    __u64 hash;
-    __u8 kind;          /* SD_NAME_EXACT | SD_NAME_WILD */
-    __u8 proto;         /* 0 for the query verdict */
-    __u16 port;
-    __u32 pad;
-};
-#define SD_NAME_EXACT 1
-#define SD_NAME_WILD 2
-
-struct sd_name_val {
-    __u16 rule;
-    __u8 verdict;
-    __u8 pad;
-};
-
-#define SD_NAME_BUF 256     /* wire-format name buffer (a DNS name is at most 255 bytes) */
-#define SD_NAME_MAX 253     /* dotted text */
-#define SD_MAX_SUFFIXES 16  /* names with more labels are not learned */
-
-/* qnames: (cgid, name id) -> a queried name: text for reports, suffix hashes (shortest
- * first; the last one is the full name) for judging connects to its learned addresses */
-struct sd_qname_key {
-    __u64 cgid;
-    __u32 name_id;      /* low 32 bits of the full name's hash */
-    __u32 pad;
-};
-struct sd_qname {
-    __u64 hashes[SD_MAX_SUFFIXES];
-    __u32 nhash;        /* 0: too many labels to judge connects by name */
-    __u32 len;
-    char name[SD_NAME_BUF];
-};
-
-/* learned: (cgid, address) -> the name whose answer carried it, until the TTL ends */
-struct sd_learned {
-    __u64 expires_ns;   /* CLOCK_BOOTTIME */
-    __u32 name_id;
-    __u8 verdict;       /* deny when the queried name or a name in its CNAME chain is denied;
-                         * a deny is never overwritten before it expires */
-    __u8 pad;
-    __u16 rule;         /* the rule behind a deny */
-};
-#define SD_TTL_MIN_S 2
-#define SD_TTL_MAX_S 86400
-
-#define SD_MAX_ANSWERS 16   /* answer records examined per DNS response */
-struct sd_answer {
-    __u32 a[4];
-    __u32 ttl;
-};
-
-/* pending: queries let through, by (cgid, resolver address, DNS id). Only an answer that
- * matches one (same resolver, id and question) teaches addresses: a process cannot widen
- * its own policy by sending itself forged answers from a port 53 of its own. */
-struct sd_pending_key {
-    __u64 cgid;
-    __u32 addr[4];
-    __u16 txid;
-    __u16 pad;
-    __u32 pad2;
-};
-
-/* per-CPU scratch: buffers too big for the 512-byte stack, and the state of the parsing
- * loops. The loop state is volatile memory on purpose: the verifier then sees unknown
- * scalars at every iteration, so equivalent states are pruned instead of being explored
- * once per possible byte value. */
-struct sd_scratch {
-    __u8 wire[SD_NAME_BUF];
-    struct sd_qname q;
-    struct sd_answer addrs[SD_MAX_ANSWERS];
-    volatile __u64 h;
-    volatile __u32 pos;
-    volatile __u32 out;
-    volatile __u32 rem;
-    volatile __u32 k;
-    volatile __u32 done;
-    volatile __u32 found;
-    volatile __u32 aoff;
-    volatile __u32 owner;       /* offset of the owner name of the answer's addresses, if not the question */
-    volatile __u32 naddr;
-    volatile __u32 mixed;
-    volatile __u32 skipped;
-    volatile __u16 owner_ptr;
-    volatile __u16 qv_rule;
-    volatile __u8 qv_verdict;
-    __u8 pad;
-};
-
-/* live: blocked and would-block decisions as they happen, for `safedeploy watch` */
-struct sd_live {
-    struct sd_event_key k;
-    __u64 ts_ns;        /* CLOCK_BOOTTIME */
-    char comm[16];
-};
-
-BPF_HASH(cgroups, __u64, struct sd_cgroup, 16384);
-/* drops: per policed cgroup, events that found the events map full (shown in its report) */
-BPF_HASH(drops, __u64, __u64, 16384);
-BPF_RINGBUF_OUTPUT(live, 64);
-BPF_LPM_TRIE(cidrs, struct sd_cidr_key, struct sd_cidr_val, 262144);
-BPF_HASH(resolvers, struct sd_addr_key, __u8, 16384);
-BPF_HASH(events, struct sd_event_key, struct sd_event_val, 65536);
-BPF_PERCPU_ARRAY(stats, __u64, SD_NSTATS);
-BPF_HASH(names, struct sd_name_key, struct sd_name_val, 262144);
-BPF_TABLE("lru_hash", struct sd_qname_key, struct sd_qname, qnames, 16384);
-BPF_TABLE("lru_hash", struct sd_addr_key, struct sd_learned, learned, 65536);
-/* one slot per program kind: an ingress program may interrupt an egress one on a CPU */
-#define SD_SCRATCH_EGRESS 0
-#define SD_SCRATCH_INGRESS 1
-BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 2);
-BPF_TABLE("lru_hash", struct sd_pending_key, __u32, pending, 16384);
-
-/* procs: who made a recorded call, captured in the kernel when its first event is
- * recorded (so a report names processes that exited long before poststop): the command
- * line and the nearest ancestors. Task/mm field offsets come from the running kernel's
- * BTF at compile time (-DSD_OFF_*); without them nothing is captured. */
-#define SD_CMDLINE 256
-#define SD_CHAIN 4
-struct sd_proc_key {
-    __u64 cgid;
-    __u32 tgid;
-    __u32 pad;
-};
-struct sd_ancestor {
-    __u32 pid;
-    char comm[16];
-};
-struct sd_proc {
-    __u32 len;          /* bytes of cmdline (NUL-separated argv) */
-    __u32 chain_len;
-    struct sd_ancestor chain[SD_CHAIN]; /* parent first */
-    char cmdline[SD_CMDLINE];
-};
-BPF_TABLE("lru_hash", struct sd_proc_key, struct sd_proc, procs, 16384);
-BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
-
-#if defined(SD_OFF_TASK_MM) && defined(SD_OFF_MM_ARG_START) && defined(SD_OFF_MM_ARG_END) && \
-    defined(SD_OFF_TASK_REAL_PARENT) && defined(SD_OFF_TASK_TGID) && defined(SD_OFF_TASK_COMM)
-static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid)
-{
-    struct sd_proc_key pk = {};
-    pk.cgid = cgid;
-    pk.tgid = tgid;
-    if (procs.lookup(&pk))
-        return;
-    __u32 zero = 0;
-    struct sd_proc *p = procscratch.lookup(&zero);
-    if (!p)
-        return;
-    __u64 task = bpf_get_current_task();
-    __u64 mm = 0, start = 0, end = 0;
-    bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + SD_OFF_TASK_MM));
-    p->len = 0;
-    if (mm) {
-        bpf_probe_read_kernel(&start, sizeof(start), (void *)(mm + SD_OFF_MM_ARG_START));
-        bpf_probe_read_kernel(&end, sizeof(end), (void *)(mm + SD_OFF_MM_ARG_END));
-        if (end > start) {
-            __u32 len = end - start > SD_CMDLINE ? SD_CMDLINE : end - start;
-            len -= 1;
-            asm volatile("%0 &= 0xff" : "+r"(len));
-            len += 1;
-            if (bpf_probe_read_user(p->cmdline, len, (void *)start) == 0)
-                p->len = len;
-        }
-    }
-    p->chain_len = 0;
-    __u64 cur = task;
-    for (int i = 0; i < SD_CHAIN; i++) {
-        __u64 parent = 0;
-        bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(cur + SD_OFF_TASK_REAL_PARENT));
-        if (!parent || parent == cur)
-            break;
-        bpf_probe_read_kernel(&p->chain[i].pid, sizeof(__u32), (void *)(parent + SD_OFF_TASK_TGID));
-        bpf_probe_read_kernel(&p->chain[i].comm, 16, (void *)(parent + SD_OFF_TASK_COMM));
-        p->chain_len = i + 1;
-        cur = parent;
-    }
-    procs.update(&pk, p);
-}
-#else
-static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid) {}
-#endif
 
 static __always_inline void sd_stat(__u32 idx)
 {
@@ -350,149 +79,170 @@ struct sd_dest {
     __u8 family;
 };
 
-#define SD_FNV_OFFSET 0xcbf29ce484222325ULL
-#define SD_FNV_PRIME 0x100000001b3ULL
+/* Why a verdict: the deciding rule and what the report says about the name behind it. */
+struct sd_why {
+    __u16 rule;         /* rule index, or SD_RULE_* */
+    __u8 flags;         /* SD_EVF_* */
+    __u8 pad;
+    __u32 name_id;      /* the name the address was learned from (qnames id), or 0 */
+    __u32 target_id;    /* the denied CNAME target behind a deny, or 0 */
+};
 
-static __always_inline struct sd_name_val *sd_name_lookup(__u64 cgid, __u64 hash, __u8 kind, __u8 proto, __u16 port)
-{
-    struct sd_name_key k = {};
-    k.cgid = cgid;
-    k.hash = hash;
-    k.kind = kind;
-    k.proto = proto;
-    k.port = port;
-    return names.lookup(&k);
-}
-
-/* Of two name rules at the same base: deny, then the lowest rule index. */
+/* Best of two name matches: the longer (more specific) name, then deny, then the lowest
+ * rule index. */
 static __always_inline struct sd_name_val *sd_better_name(struct sd_name_val *a, struct sd_name_val *b)
 {
     if (!a)
         return b;
     if (!b)
         return a;
+    if (a->nlen != b->nlen)
+        return a->nlen > b->nlen ? a : b;
     if (a->verdict != b->verdict)
         return a->verdict == SD_DENY ? a : b;
     return a->rule <= b->rule ? a : b;
 }
 
-/* The name rule deciding a connection to a learned name: the longest base that has an
- * applying rule wins (the full name's exact rules, then wildcards of shorter suffixes). */
-static __always_inline int sd_name_verdict(__u64 cgid, struct sd_qname *q, __u8 proto, __u16 port,
-                                           struct sd_name_val *out)
+/* The name rule deciding a connection to an address learned from the name q: the most
+ * specific rule for (proto, port) or for (proto, any port). The trie key is built in the
+ * caller's per-CPU scratch slot (too big for the stack). */
+static __always_inline int sd_name_verdict(__u64 cgid, struct sd_name_key *q, __u8 proto, __u16 port,
+                                           __u32 slot, struct sd_name_val *out)
 {
-    __u32 n = q->nhash;
-    if (n == 0 || n > SD_MAX_SUFFIXES)
+    void *names = cg_names.lookup(&cgid);
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!names || !s)
         return 0;
-    for (int j = 0; j < SD_MAX_SUFFIXES; j++) {
-        int i = (int)n - 1 - j;
-        if (i < 0)
-            break;
-        __u64 h = q->hashes[i & (SD_MAX_SUFFIXES - 1)];
-        __u8 kind = (i == (int)n - 1) ? SD_NAME_EXACT : SD_NAME_WILD;
-        struct sd_name_val *best = sd_better_name(sd_name_lookup(cgid, h, kind, proto, port),
-                                                  sd_name_lookup(cgid, h, kind, proto, 0));
-        if (best) {
-            *out = *best;
-            return 1;
-        }
-    }
-    return 0;
+    __builtin_memcpy(&s->key, q, sizeof(s->key));
+    s->key.proto = proto;
+    s->key.port = port;
+    struct sd_name_val *by_port = bpf_map_lookup_elem(names, &s->key);
+    s->key.port = 0;
+    struct sd_name_val *any_port = bpf_map_lookup_elem(names, &s->key);
+    struct sd_name_val *best = sd_better_name(by_port, any_port);
+    if (!best)
+        return 0;
+    *out = *best;
+    return 1;
 }
 
 /* Verdict of the policy of cgid for dest (decide() in ocihook/policy.py is the
- * reference). *rule receives the deciding rule index, *name_id the learned name. */
-static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u16 *rule,
-                                      __u32 *name_id)
+ * reference); *why receives the deciding rule and the learned name. slot: the caller's
+ * per-CPU scratch slot. */
+static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u32 slot,
+                                      struct sd_why *why)
 {
+    struct sd_addr a = {};
+    __builtin_memcpy(a.addr, d->addr, sizeof(a.addr));
     if (pol->has_resolvers && d->port == 53) {
-        struct sd_addr_key rk = {};
-        rk.cgid = cgid;
-        __builtin_memcpy(rk.addr, d->addr, sizeof(rk.addr));
-        *rule = SD_RULE_RESOLVERS;
-        return resolvers.lookup(&rk) ? SD_ALLOW : SD_DENY;
+        void *resolvers = cg_resolvers.lookup(&cgid);
+        why->rule = SD_RULE_RESOLVERS;
+        return resolvers && bpf_map_lookup_elem(resolvers, &a) ? SD_ALLOW : SD_DENY;
     }
-    struct sd_cidr_key k = {};
-    k.prefixlen = SD_CIDR_FIXED_BITS + 128;
-    k.proto = d->proto;
-    k.port = d->port;
-    k.cgid = cgid;
-    __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
-    struct sd_cidr_val *by_port = cidrs.lookup(&k);
-    k.port = 0;
-    struct sd_cidr_val *any_port = cidrs.lookup(&k);
-    struct sd_cidr_val *best = sd_better(by_port, any_port);
+    struct sd_cidr_val *best = 0;
+    void *cidrs = cg_cidrs.lookup(&cgid);
+    if (cidrs) {
+        struct sd_cidr_key k = {};
+        k.prefixlen = SD_CIDR_FIXED_BITS + 128;
+        k.proto = d->proto;
+        k.port = d->port;
+        __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
+        struct sd_cidr_val *by_port = bpf_map_lookup_elem(cidrs, &k);
+        k.port = 0;
+        struct sd_cidr_val *any_port = bpf_map_lookup_elem(cidrs, &k);
+        best = sd_better(by_port, any_port);
+    }
 
     /* the name this address was learned from (a DNS answer), while its TTL lasts */
     struct sd_name_val nv = {};
     int have_name = 0;
-    struct sd_addr_key lk = {};
-    lk.cgid = cgid;
-    __builtin_memcpy(lk.addr, d->addr, sizeof(lk.addr));
-    struct sd_learned *l = learned.lookup(&lk);
+    void *learned = cg_learned.lookup(&cgid);
+    struct sd_learned *l = learned ? bpf_map_lookup_elem(learned, &a) : 0;
     if (l) {
+        why->name_id = l->name_id;
         if (l->expires_ns < bpf_ktime_get_boot_ns()) {
-            learned.delete(&lk);
+            why->flags |= SD_EVF_EXPIRED; /* named in the report, judged without it */
         } else if (l->verdict == SD_DENY) {
             /* learned from an answer that involved a denied name (e.g. through a CNAME) */
-            *name_id = l->name_id;
+            why->target_id = l->target_id;
             nv.rule = l->rule;
             nv.verdict = SD_DENY;
             have_name = 1;
         } else {
-            struct sd_qname_key qk = {};
-            qk.cgid = cgid;
-            qk.name_id = l->name_id;
-            *name_id = l->name_id;
-            struct sd_qname *q = qnames.lookup(&qk);
+            __u32 id = l->name_id;
+            void *qnames = cg_qnames.lookup(&cgid);
+            struct sd_name_key *q = qnames ? bpf_map_lookup_elem(qnames, &id) : 0;
             if (q)
-                have_name = sd_name_verdict(cgid, q, d->proto, d->port, &nv);
+                have_name = sd_name_verdict(cgid, q, d->proto, d->port, slot, &nv);
         }
     }
     if (have_name && best) {
         /* both decide: if they agree the name rule decides, else the deny one */
         if (nv.verdict == best->verdict || nv.verdict == SD_DENY) {
-            *rule = nv.rule;
+            why->rule = nv.rule;
             return nv.verdict;
         }
-        *rule = best->rule;
+        why->rule = best->rule;
         return best->verdict;
     }
     if (have_name) {
-        *rule = nv.rule;
+        why->rule = nv.rule;
         return nv.verdict;
     }
     if (best) {
-        *rule = best->rule;
+        why->rule = best->rule;
         return best->verdict;
     }
-    *rule = SD_RULE_DEFAULT;
+    why->rule = SD_RULE_DEFAULT;
     return pol->dflt;
 }
 
-static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule, __u8 ev, __u8 kind, __u32 name_id)
+/* Count a decision exactly (cgstats) and keep its details (events or blocked map of the
+ * cgroup) while its quota lasts. */
+static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
 {
+    struct sd_cgstats *st = cgstats.lookup(&cgid);
+    if (st) {
+        if (ev == SD_EV_ALLOWED)
+            __sync_fetch_and_add(&st->allowed, 1);
+        else if (ev == SD_EV_BLOCKED)
+            __sync_fetch_and_add(&st->blocked, 1);
+        else
+            __sync_fetch_and_add(&st->would_block, 1);
+    }
     struct sd_event_key k = {};
-    k.cgid = cgid;
     __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
     k.pid = bpf_get_current_pid_tgid() >> 32;
+    k.pstart = sd_current_pstart();
     k.port = d->port;
-    k.rule = rule;
+    k.rule = why->rule;
     k.verdict = ev;
     k.kind = kind;
     k.proto = d->proto;
     k.family = d->family;
-    k.name_id = name_id;
+    k.name_id = why->name_id;
+    k.target_id = why->target_id;
+    k.flags = why->flags;
     __u64 now = bpf_ktime_get_boot_ns();
+    void *m;
     if (ev != SD_EV_ALLOWED) {
-        struct sd_live live_ev = {};
-        live_ev.k = k;
-        live_ev.ts_ns = now;
-        bpf_get_current_comm(&live_ev.comm, sizeof(live_ev.comm));
-        if (live.ringbuf_output(&live_ev, sizeof(live_ev), 0) != 0)
+        struct sd_live *live_ev = live.ringbuf_reserve(sizeof(struct sd_live));
+        if (live_ev) {
+            live_ev->cgid = cgid;
+            __builtin_memcpy(&live_ev->k, &k, sizeof(k));
+            live_ev->ts_ns = now;
+            bpf_get_current_comm(&live_ev->comm, sizeof(live_ev->comm));
+            live.ringbuf_submit(live_ev, 0);
+        } else {
             sd_stat(SD_STAT_LIVE_UNREAD);
+        }
+        m = cg_blocked.lookup(&cgid);
+    } else {
+        m = cg_events.lookup(&cgid);
     }
-    struct sd_event_val *v = events.lookup(&k);
+    if (!m)
+        return;
+    struct sd_event_val *v = bpf_map_lookup_elem(m, &k);
     if (v) {
         __sync_fetch_and_add(&v->count, 1);
         v->last_ns = now;
@@ -504,48 +254,56 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
     nv.last_ns = now;
     nv.uid = (__u32)bpf_get_current_uid_gid();
     bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
-    sd_capture_proc(cgid, k.pid);
-    if (events.insert(&k, &nv) != 0) {
-        v = events.lookup(&k); /* lost a race with another CPU */
+    sd_capture_proc(cgid, k.pid, k.pstart);
+    if (bpf_map_update_elem(m, &k, &nv, BPF_NOEXIST) != 0) {
+        v = bpf_map_lookup_elem(m, &k); /* lost a race with another CPU */
         if (v) {
             __sync_fetch_and_add(&v->count, 1);
         } else {
             sd_stat(SD_STAT_EVENTS_DROPPED);
-            __u64 *dc = drops.lookup(&cgid);
-            if (dc) {
-                __sync_fetch_and_add(dc, 1);
-            } else {
-                __u64 one = 1;
-                drops.update(&cgid, &one);
+            if (st) {
+                if (ev == SD_EV_ALLOWED)
+                    __sync_fetch_and_add(&st->events_dropped, 1);
+                else
+                    __sync_fetch_and_add(&st->blocked_dropped, 1);
             }
         }
     }
 }
 
-/* Decide, record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */
+/* Record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */
 static __always_inline int sd_verdict_return(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
-                                             __u16 rule, __u8 kind, __u32 name_id)
+                                             struct sd_why *why, __u8 kind)
 {
     sd_stat(SD_STAT_DECISIONS);
     if (verdict == SD_ALLOW) {
-        sd_record(cgid, d, rule, SD_EV_ALLOWED, kind, name_id);
+        sd_record(cgid, d, why, SD_EV_ALLOWED, kind);
         return 1;
     }
     sd_stat(SD_STAT_DENIED);
     if (pol->mode == SD_MODE_AUDIT) {
-        sd_record(cgid, d, rule, SD_EV_WOULD_BLOCK, kind, name_id);
+        sd_record(cgid, d, why, SD_EV_WOULD_BLOCK, kind);
         return 1;
     }
-    sd_record(cgid, d, rule, SD_EV_BLOCKED, kind, name_id);
+    sd_record(cgid, d, why, SD_EV_BLOCKED, kind);
     return 0;
 }
 
-static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 kind)
+/* A verdict with only a rule behind it (no name). */
+static __always_inline int sd_rule_return(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
+                                          __u16 rule, __u8 kind)
 {
-    __u16 rule = SD_RULE_DEFAULT;
-    __u32 name_id = 0;
-    __u8 verdict = sd_decide(cgid, pol, d, &rule, &name_id);
-    return sd_verdict_return(cgid, pol, d, verdict, rule, kind, name_id);
+    struct sd_why why = {};
+    why.rule = rule;
+    return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
+}
+
+static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u32 slot, __u8 kind)
+{
+    struct sd_why why = {};
+    why.rule = SD_RULE_DEFAULT;
+    __u8 verdict = sd_decide(cgid, pol, d, slot, &why);
+    return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
 }
 
 #endif /* SAFEDEPLOY_H */

@@ -12,7 +12,9 @@ import sys
 import time
 
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
-from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
+from .errors import SafedeployError
+from .pinned import pin_names
+from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -34,18 +36,33 @@ CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
 BPFFS_MAGIC_TYPE = "bpf"
 
 
-class LoaderError(Exception):
+class LoaderError(SafedeployError):
     """Programs could not be compiled, pinned, opened or attached; str() is one line."""
 
 
+def _inline(name: str, seen: set[str]) -> list[str]:
+    """The lines of bpf/<name> with its local #includes inlined, each header once."""
+    out = []
+    for line in read_text(os.path.join(BPF_DIR, name)).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "#include" and parts[1].startswith('"'):
+            inc = parts[1].strip('"')
+            if inc not in seen:
+                seen.add(inc)
+                out += _inline(inc, seen)
+            continue
+        out.append(line)
+    return out
+
+
 def source_text() -> str:
-    """One translation unit: the header, then every source (bcc rewrites map calls only
-    in the main file, so the header is inlined rather than #included)."""
-    parts = [read_text(HEADER)]
+    """One translation unit: every source with the local headers inlined (bcc rewrites
+    map calls only in the main file, so headers are inlined rather than #included)."""
+    seen: set[str] = set()
+    lines: list[str] = []
     for name in SOURCES:
-        lines = read_text(os.path.join(BPF_DIR, name)).splitlines()
-        parts.append("\n".join(line for line in lines if line.strip() != '#include "safedeploy.h"'))
-    return "\n".join(parts)
+        lines += _inline(name, seen)
+    return "\n".join(lines)
 
 
 def source_hash() -> str:
@@ -58,7 +75,7 @@ def pin_dir(version: str | None = None) -> str:
 
 
 def _pin_names() -> list[str]:
-    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in (*MAPS, *RINGBUFS)]
+    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in pin_names()]
 
 
 def is_pinned(path) -> bool:
@@ -77,15 +94,21 @@ def _bpffs_mounted(path) -> bool:
 
 
 def ensure_bpffs() -> str:
-    """Make sure $SAFEDEPLOY_BPFFS lives on a bpf filesystem (mount one if needed)."""
+    """Make sure $SAFEDEPLOY_BPFFS lives on a bpf filesystem. A bpffs is only ever mounted
+    at the system location, /sys/fs/bpf; any other path must already be on one (mounting
+    over an arbitrary parent would hide whatever lives there)."""
     root = settings.bpffs_root().rstrip("/")
-    mount_at = os.path.dirname(root)
-    if not _bpffs_mounted(mount_at):
-        os.makedirs(mount_at, exist_ok=True)
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"bpf", os.fsencode(mount_at), b"bpf", 0, b"mode=0700") != 0:
-            err = ctypes.get_errno()
-            raise LoaderError(f"cannot mount bpffs at {mount_at}: {os.strerror(err)}")
+    if not _bpffs_mounted(root):
+        system = "/sys/fs/bpf"
+        if os.path.dirname(os.path.realpath(root)) != system and os.path.realpath(root) != system:
+            raise LoaderError(f"SAFEDEPLOY_BPFFS={root} is not on a bpf filesystem; safedeploy mounts bpffs "
+                              f"only at {system} (mount one yourself: mount -t bpf bpf <dir>)")
+        if not _bpffs_mounted(system):
+            os.makedirs(system, exist_ok=True)
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.mount(b"bpf", system.encode(), b"bpf", 0, b"mode=0700") != 0:
+                err = ctypes.get_errno()
+                raise LoaderError(f"cannot mount bpffs at {system}: {os.strerror(err)}")
     os.makedirs(root, exist_ok=True)
     return root
 
@@ -93,7 +116,9 @@ def ensure_bpffs() -> str:
 # (struct, member) -> the -D macro bpf/safedeploy.h expects for process attribution
 BTF_OFFSETS = {("task_struct", "mm"): "SD_OFF_TASK_MM", ("task_struct", "real_parent"): "SD_OFF_TASK_REAL_PARENT",
                ("task_struct", "tgid"): "SD_OFF_TASK_TGID", ("task_struct", "comm"): "SD_OFF_TASK_COMM",
-               ("mm_struct", "arg_start"): "SD_OFF_MM_ARG_START", ("mm_struct", "arg_end"): "SD_OFF_MM_ARG_END"}
+               ("mm_struct", "arg_start"): "SD_OFF_MM_ARG_START", ("mm_struct", "arg_end"): "SD_OFF_MM_ARG_END",
+               ("task_struct", "group_leader"): "SD_OFF_TASK_GROUP_LEADER",
+               ("task_struct", "start_time"): "SD_OFF_TASK_START_TIME"}
 
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
@@ -158,7 +183,7 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 bpfsys.obj_pin(fn.fd, os.path.join(tmp, f"prog_{name}"))
-            for name in (*MAPS, *RINGBUFS):
+            for name in pin_names():
                 bpfsys.obj_pin(b[name.encode()].map_fd, os.path.join(tmp, f"map_{name}"))
             try:
                 os.rename(tmp, target)

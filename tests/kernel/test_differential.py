@@ -8,7 +8,7 @@ import random
 import pytest
 
 from kutil import connect
-from ocihook import loader, maps
+from ocihook import loader, pinned as maps
 from ocihook.policy import decide, parse_dest
 
 PORTS = [1000, 1001, 1002, 1003, 53]
@@ -83,19 +83,24 @@ def test_kernel_verdict_equals_decide(policed, seed):
 
 
 def test_struct_layouts_match_what_bcc_compiled(pins):
-    """maps.py is the one userspace mirror of bpf/safedeploy.h: compare with bcc's view."""
+    """ocihook/abi.py (generated from bpf/abi.h) is the one userspace mirror: compare every
+    map's key and value, the per-cgroup maps' templates and the ring buffer record with
+    what bcc compiled (names, offsets and sizes)."""
     from bcc import BPF
     b = BPF(text=loader.source_text().encode(), cflags=list(loader.CFLAGS))
+    tables = dict(maps.MAPS)
+    tables.update({f"tpl_{tpl}": (key_t, val_t) for key_t, val_t, tpl, _ in maps.INNER.values()})
     try:
-        for name, (key_t, val_t) in maps.MAPS.items():
+        for name, (key_t, val_t) in tables.items():
             table = b[name.encode()]
             leaf = getattr(table.Leaf, "_type_", table.Leaf) if name == "stats" else table.Leaf  # per-CPU
             assert ctypes.sizeof(table.Key) == ctypes.sizeof(key_t), name
             assert ctypes.sizeof(leaf) == ctypes.sizeof(val_t), name
             for ours, theirs in ((key_t, table.Key), (val_t, leaf)):
                 if hasattr(ours, "_fields_") and hasattr(theirs, "_fields_"):
-                    ours_off = [getattr(ours, f).offset for f, *_ in ours._fields_]
-                    theirs_off = [getattr(theirs, f).offset for f, *_ in theirs._fields_ if not f.startswith("__pad")]
+                    ours_off = [(f, getattr(ours, f).offset, getattr(ours, f).size) for f, *_ in ours._fields_]
+                    theirs_off = [(f, getattr(theirs, f).offset, getattr(theirs, f).size)
+                                  for f, *_ in theirs._fields_ if not f.startswith("__pad")]
                     assert ours_off == theirs_off, name
     finally:
         b.cleanup()

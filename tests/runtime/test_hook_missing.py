@@ -1,4 +1,4 @@
-"""A hook that cannot run must refuse the annotated container (issue 11, item 4): podman
+"""A hook that cannot run must refuse the container (issue 11, item 4): podman
 skips a hooks.d entry whose path is missing, so the entry runs /bin/sh, which always exists,
 and the launcher checks its python and package before it runs them."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_missing_launcher_or_package_refuses_annotated_containers(hook, podman_i
     hook.path.unlink()                                                  # launcher gone
     res = _run(hook, podman_image)
     assert res.returncode != 0 and MARK not in res.stdout
-    assert f"safedeploy: hook launcher {hook.path} is missing: refusing the annotated container" in res.stderr
+    assert f"safedeploy: hook launcher {hook.path} is missing: refusing the container" in res.stderr
     problems = install.verify_chain(hook.dir)
     assert len(problems) == 2 and all(f"hook launcher {hook.path} is missing" in p for p in problems), problems
     doctor = subprocess.run([sys.executable, "-m", "ocihook.cli", "doctor", "--hooks-dir", str(hook.dir)],
@@ -54,5 +54,12 @@ def test_missing_launcher_or_package_refuses_annotated_containers(hook, podman_i
     assert res.returncode != 0 and MARK not in res.stdout
     assert f"safedeploy: cannot import the hook from {root}: ImportError: half-removed" in res.stderr
 
-    unannotated = _run(hook, podman_image, annotated=False)             # others are not affected
-    assert unannotated.returncode == 0 and MARK in unannotated.stdout, unannotated.stderr
+    # hooks.d matches every container (one created from a policed cgroup needs the hook too):
+    # while the hook is broken, none starts; repaired, all do again
+    unannotated = _run(hook, podman_image, annotated=False)
+    assert unannotated.returncode != 0 and "safedeploy: cannot import the hook" in unannotated.stderr
+    install.write_hook_wrapper(hook.path)
+    assert install.verify_chain(hook.dir) == []
+    for annotated in (False, True):
+        res = _run(hook, podman_image, annotated=annotated)
+        assert res.returncode == 0 and MARK in res.stdout, res.stderr

@@ -1,13 +1,15 @@
 """Property tests: every input gives a result or a one-line error, never a traceback."""
 from __future__ import annotations
 
+import ctypes
 import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocihook import hook
-from ocihook.maps import name_hash
+from ocihook.compiler import name_key_bytes
+from ocihook.pinned import C, NameKey, name_of_key
 from ocihook.policy import PolicyError, load_policy_text, normalize_name
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -60,14 +62,19 @@ def test_policy_loader_never_tracebacks(text):
 @FAST
 @given(st.lists(st.text(alphabet="abcXYZ019-_", min_size=1, max_size=10), min_size=1, max_size=6),
        st.booleans())
-def test_dns_name_encoder_matches_the_kernels_suffix_hashing(labels, trailing_dot):
+def test_dns_name_keys_match_the_kernels_trie(labels, trailing_dot):
     name = ".".join(labels) + ("." if trailing_dot else "")
     norm = normalize_name(name)
     assert norm == norm.lower() and not norm.endswith(".")
-    # the kernel hashes the reversed text of every label-aligned suffix: suffix hashes of a
-    # name must be the hashes of the bases a wildcard rule would name
+    # the kernel looks up the reversed name + a 0 byte: the key of `*.BASE` is a prefix of it
+    # exactly when BASE is a proper label-aligned suffix, the exact key only for the name itself
+    query = name_key_bytes(norm, False)
     parts = norm.split(".")
     for i in range(len(parts)):
-        assert name_hash(".".join(parts[i:])) == name_hash(normalize_name(".".join(labels[i:])))
-    assert len({name_hash(".".join(parts[i:])) for i in range(len(parts))}) == len(set(
-        ".".join(parts[i:]) for i in range(len(parts))))
+        base = normalize_name(".".join(labels[i:]))
+        assert query.startswith(name_key_bytes(base, True)) == (i > 0)
+        assert query.startswith(name_key_bytes(base, False)) == (i == 0)
+    assert not query.startswith(name_key_bytes("x" + norm, False))
+    key = NameKey(prefixlen=C["SD_NAME_FIXED_BITS"] + 8 * len(query))
+    ctypes.memmove(key.name, query, len(query))
+    assert name_of_key(key) == norm

@@ -1,0 +1,212 @@
+/* safedeploy ABI: every struct and constant shared by the BPF programs and userspace.
+ *
+ * ocihook/abi.py is generated from this file (python -m ocihook.abigen) and checked in; a unit
+ * test regenerates it and fails when it is stale. Keep this file to what the generator reads:
+ * `#define SD_NAME <integer>` lines and structs of fixed-width fields and arrays of them.
+ * Nothing bcc-specific here: the maps live in maps.h.
+ */
+#ifndef SD_ABI_H
+#define SD_ABI_H
+
+#define SD_MAX_DEPTH 16          /* cgroup levels walked to find a policy */
+#define SD_RULE_DEFAULT 0xffff   /* event/verdict came from the policy default */
+#define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
+#define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
+#define SD_RULE_RAW 0xfffc       /* raw_sockets: deny */
+#define SD_RULE_UNLISTED 0xfffb  /* a lookup of a name no rule covers, let through (dns.unlisted: resolve) */
+
+#define SD_ALLOW 0
+#define SD_DENY 1
+
+#define SD_MODE_ENFORCE 0
+#define SD_MODE_AUDIT 1
+
+#define SD_EV_ALLOWED 0
+#define SD_EV_BLOCKED 1
+#define SD_EV_WOULD_BLOCK 2
+
+#define SD_KIND_CONNECT 1
+#define SD_KIND_SENDMSG 2
+#define SD_KIND_DNS 3
+#define SD_KIND_SOCKET 4    /* a raw socket: its creation or its packets */
+
+/* global per-CPU counters (stats map) */
+#define SD_STAT_EVENTS_DROPPED 0
+#define SD_STAT_DECISIONS 1
+#define SD_STAT_DENIED 2
+#define SD_STAT_DNS_MALFORMED 3
+#define SD_STAT_LIVE_UNREAD 4   /* live events not taken because nobody runs `watch` */
+#define SD_NSTATS 5
+
+/* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
+struct sd_cgroup {
+    __u8 mode;          /* SD_MODE_* */
+    __u8 dflt;          /* SD_ALLOW | SD_DENY: verdict when no rule applies */
+    __u8 has_resolvers; /* 1: port-53 traffic only to the resolvers map */
+    __u8 name_denies;   /* 1: the policy denies some name (unparseable queries are dropped) */
+    __u8 allow_raw;     /* 1: raw IP sockets are allowed (they bypass connect/sendmsg rules) */
+    __u8 unlisted;      /* 1: lookups of names no rule covers pass under default deny (search lists);
+                         * their addresses are then judged by CIDR rules and the default */
+    __u8 pad[2];
+    __u32 min_ttl;      /* seconds a learned address stays valid at least (dns.min_ttl) */
+};
+
+/* cgstats: u64 cgroup id -> exact counters of one policed cgroup, written by the programs.
+ * Created with the policy, so a flood of one cgroup never costs another one its counts. */
+struct sd_cgstats {
+    __u64 allowed;          /* decisions, exactly, whether or not their details fit */
+    __u64 blocked;
+    __u64 would_block;
+    __u64 events_dropped;   /* allowed decisions whose details found the events quota full */
+    __u64 blocked_dropped;  /* blocked/would-block decisions whose details found the quota full */
+    __u64 learned_new;      /* addresses learned (more than the quota: the oldest were evicted) */
+    __u64 pending_new;      /* queries remembered to match their answers */
+    __u64 names_new;        /* distinct names given an id (next id = names_new + 1) */
+    __u64 procs_new;        /* processes captured */
+    __u64 pending_busy;     /* a query whose (resolver, id, question) was already pending */
+};
+
+/* Per-cgroup maps (one inner map per policed cgroup, see maps.h): keys carry no cgroup id. */
+
+/* cidrs: LPM trie. The fixed part (proto, pad, port: 32 bits) always matches in full;
+ * prefixlen = 32 + the rule's prefix in the IPv6 (v4-mapped) address space. port 0 holds
+ * rules that cover every port; tcp and udp are separate entries. */
+struct sd_cidr_key {
+    __u32 prefixlen;
+    __u8 proto;         /* IPPROTO_TCP | IPPROTO_UDP */
+    __u8 pad;
+    __u16 port;         /* host order; 0 = any port */
+    __u32 addr[4];      /* network order; IPv4 as ::ffff:a.b.c.d */
+};
+#define SD_CIDR_FIXED_BITS 32
+
+struct sd_cidr_val {
+    __u16 rule;         /* index of the rule in the policy */
+    __u8 verdict;       /* SD_ALLOW | SD_DENY */
+    __u8 plen;          /* the rule's prefix length (0..128) */
+};
+
+/* an address (resolvers, learned): IPv4 as ::ffff:a.b.c.d */
+struct sd_addr {
+    __u32 addr[4];
+};
+
+/* names: LPM trie on the name itself, reversed and lower-case: `gro.naibed` then a 0 byte
+ * for the exact name debian.org, `gro.naibed.` for *.debian.org, so the longest match is
+ * the most specific rule and no name can pose as another (no hashes). proto 0 / port 0:
+ * the verdict of a DNS query for the name; proto tcp|udp with port 0 (any) or a port: the
+ * verdict of a connection to its addresses. */
+#define SD_NAME_KEY 252     /* reversed name + terminator: names of at most 251 characters */
+#define SD_NAME_MAX 251
+#define SD_NAME_BUF 256     /* wire-format name buffer (a DNS name is at most 255 bytes) */
+#define SD_NAME_FIXED_BITS 32
+struct sd_name_key {
+    __u32 prefixlen;
+    __u8 proto;         /* 0 for the query verdict */
+    __u8 pad;
+    __u16 port;
+    __u8 name[SD_NAME_KEY];
+};
+
+struct sd_name_val {
+    __u16 rule;
+    __u8 verdict;
+    __u8 pad;
+    __u32 nlen;         /* bytes of the rule's key name: of two matches, the longer decides */
+};
+
+/* qids: reversed name (zero padded) -> its id in this cgroup; qnames: id -> the name, as a
+ * names-trie key whose prefixlen covers the name and its terminator. Ids are handed out in
+ * order (cgstats.names_new): a learned address refers to the name it was learned from by
+ * id, and an id cannot be chosen by choosing a name. */
+struct sd_qid_key {
+    __u8 name[SD_NAME_KEY];
+};
+
+/* learned: address -> the name whose answer carried it, until the TTL ends */
+struct sd_learned {
+    __u64 expires_ns;   /* CLOCK_BOOTTIME; an expired entry is kept to name the domain in reports */
+    __u32 name_id;
+    __u32 target_id;    /* the denied end of the CNAME chain that made a deny, or 0 */
+    __u8 verdict;       /* deny when the queried name or a name in its CNAME chain is denied;
+                         * a deny is never overwritten before it expires */
+    __u8 pad;
+    __u16 rule;         /* the rule behind a deny */
+    __u32 pad2;
+};
+#define SD_TTL_MIN_S 2
+#define SD_TTL_MAX_S 86400
+
+#define SD_MAX_ANSWERS 16   /* answer records examined per DNS response */
+struct sd_answer {
+    __u32 a[4];
+    __u32 ttl;
+};
+
+/* pending: queries let through, by (resolver address, DNS id, question). Only an answer
+ * that matches one teaches addresses; an entry is never overwritten. */
+struct sd_pending_key {
+    __u32 addr[4];
+    __u16 txid;
+    __u16 pad;
+    __u32 name_id;
+};
+
+/* events and blocked: aggregation of decisions, drained into the report. Allowed and
+ * blocked decisions have separate maps, so allowed traffic never crowds out a violation. */
+struct sd_event_key {
+    __u64 pstart;       /* start time of the process (with pid: which process, across pid reuse) */
+    __u32 addr[4];
+    __u32 pid;          /* tgid; 0 when no process of the cgroup was running (softirq) */
+    __u16 port;         /* host order */
+    __u16 rule;
+    __u8 verdict;       /* SD_EV_* */
+    __u8 kind;          /* SD_KIND_* */
+    __u8 proto;
+    __u8 family;        /* 4 | 6 */
+    __u32 name_id;      /* 0, or an id of the qnames map */
+    __u32 target_id;    /* the denied CNAME target behind a deny (qnames id), or 0 */
+    __u8 flags;         /* SD_EVF_* */
+    __u8 pad[3];
+};
+#define SD_EVF_EXPIRED 1    /* the address was learned from name_id, but its TTL had passed */
+
+struct sd_event_val {
+    __u64 count;
+    __u64 first_ns;     /* CLOCK_BOOTTIME */
+    __u64 last_ns;
+    __u32 uid;
+    __u32 pad;
+    char comm[16];
+};
+
+/* live: blocked and would-block decisions as they happen, for `safedeploy watch` */
+struct sd_live {
+    __u64 cgid;
+    struct sd_event_key k;
+    __u64 ts_ns;        /* CLOCK_BOOTTIME */
+    char comm[16];
+};
+
+/* procs: who made a recorded call, captured when its first event is recorded (so a report
+ * names processes that exited long before poststop): the command line and the nearest
+ * ancestors. Keyed by pid and start time: a later process with the same pid is not it. */
+#define SD_CMDLINE 256
+#define SD_CHAIN 4
+struct sd_proc_key {
+    __u64 pstart;
+    __u32 tgid;
+    __u32 pad;
+};
+struct sd_ancestor {
+    __u32 pid;
+    char comm[16];
+};
+struct sd_proc {
+    __u32 len;          /* bytes of cmdline (NUL-separated argv) */
+    __u32 chain_len;
+    struct sd_ancestor chain[SD_CHAIN]; /* parent first */
+    __u8 cmdline[SD_CMDLINE];  /* bytes, not a string: NUL-separated */
+};
+
+#endif /* SD_ABI_H */

@@ -1,0 +1,241 @@
+/* safedeploy: DNS in the kernel, independent of where the message came from (a packet,
+ * a TCP stream): judging a parsed name against the names trie, name ids, pending queries
+ * and learning answers. The wire parsers feed sd_name_byte() one byte at a time into the
+ * per-CPU scratch (maps.h). */
+#ifndef SD_DNS_H
+#define SD_DNS_H
+
+#define SD_DNS_PORT 53
+
+/* Judge the dotted name in s->text[0..len): write it reversed into s->key (the names-trie
+ * and qids key: `gro.naibed` then a 0 terminator, zero padded) and look up the verdict of
+ * a query for it (s->found, s->qv_*). */
+static __always_inline void sd_judge_name(__u64 cgid, struct sd_scratch *s, __u32 len)
+{
+    s->found = 0;
+    /* a service lookup _service._proto.NAME (RFC 2782) is judged as NAME: srv = where the
+     * two leading `_` labels end (after the dot that follows the second) */
+    s->dots = 0;
+    s->srv = 0;
+    if (s->text[0] == '_') {
+        for (int i = 1; i < 128; i++) {
+            if (i >= len)
+                break;
+            if (s->text[i & 0xff] != '.')
+                continue;
+            __u32 dots = s->dots + 1;
+            s->dots = dots;
+            if (dots == 1 && s->text[(i + 1) & 0xff] != '_')
+                break;
+            if (dots == 2) {
+                s->srv = i + 1;
+                break;
+            }
+        }
+    }
+    __u32 srv = s->srv;
+    for (int j = 0; j < SD_NAME_KEY; j++) {
+        __u8 c = 0;
+        if (j < len)
+            c = s->text[(len - 1 - j) & 0xff];
+        s->key.name[j] = c;
+    }
+    s->key.proto = 0;
+    s->key.pad = 0;
+    s->key.port = 0;
+    void *names = cg_names.lookup(&cgid);
+    __u32 vlen = len - srv; /* the name whose verdict this is */
+    __u32 vi = vlen;
+    asm volatile("%0 &= 0xff" : "+r"(vi)); /* clang drops a plain mask it thinks redundant */
+    __u8 saved = 0;
+    if (srv && vlen < SD_NAME_KEY) {
+        saved = s->key.name[vi];
+        s->key.name[vi] = 0;
+    }
+    s->key.prefixlen = SD_NAME_FIXED_BITS + (vlen + 1) * 8;
+    struct sd_name_val *v = names ? bpf_map_lookup_elem(names, &s->key) : 0;
+    if (v) {
+        s->qv_rule = v->rule;
+        s->qv_verdict = v->verdict;
+        s->found = 1;
+    }
+    if (srv && vlen < SD_NAME_KEY)
+        s->key.name[vi] = saved;
+    s->klen = len + 1;
+    s->key.prefixlen = SD_NAME_FIXED_BITS + (len + 1) * 8;
+}
+
+/* One byte of a name in wire format into the dotted text in s->text. Returns 1 when
+ * the name ended, -1 when it is malformed, 0 to go on. */
+static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
+{
+    __u32 rem = s->rem;
+    __u32 out = s->out;
+    if (out >= SD_NAME_MAX)
+        return -1;
+    if (rem == 0) {
+        if (c == 0)
+            return 1;
+        if (c > 63)
+            return -1; /* a bad length (compression is handled by the caller) */
+        s->rem = c;
+        if (out) {
+            s->text[out & 0xff] = '.';
+            s->out = out + 1;
+        }
+        return 0;
+    }
+    if (c == '.' || c == 0)
+        return -1; /* a dot (or the terminator) inside a label would fake a label boundary */
+    if (c >= 'A' && c <= 'Z')
+        c += 'a' - 'A';
+    s->text[out & 0xff] = c;
+    s->out = out + 1;
+    s->rem = rem - 1;
+    return 0;
+}
+
+static __always_inline void sd_name_start(struct sd_scratch *s, __u32 pos)
+{
+    s->pos = pos;
+    s->out = 0;
+    s->rem = 0;
+    s->done = 0;
+}
+
+/* After a name's last byte: check it, then judge it. */
+static __always_inline int sd_name_end(__u64 cgid, struct sd_scratch *s)
+{
+    __u32 len = s->out;
+    if (!s->done || len == 0 || len > SD_NAME_MAX)
+        return 0;
+    sd_judge_name(cgid, s, len);
+    return 1;
+}
+
+/* The id of the name in s->key in this cgroup (qids), given the next id when it has none
+ * yet; 0 when the cgroup's maps are gone. */
+static __always_inline __u32 sd_name_id(__u64 cgid, struct sd_scratch *s)
+{
+    void *qids = cg_qids.lookup(&cgid);
+    void *qnames = cg_qnames.lookup(&cgid);
+    struct sd_cgstats *st = cgstats.lookup(&cgid);
+    if (!qids || !qnames || !st)
+        return 0;
+    __u32 *have = bpf_map_lookup_elem(qids, s->key.name);
+    if (have) {
+        __u32 id = *have;
+        if (bpf_map_lookup_elem(qnames, &id))
+            return id;
+    }
+    __u32 id = (__u32)__sync_fetch_and_add(&st->names_new, 1) + 1;
+    if (id == 0)
+        return 0;
+    if (bpf_map_update_elem(qnames, &id, &s->key, BPF_ANY) != 0)
+        return 0;
+    bpf_map_update_elem(qids, s->key.name, &id, BPF_ANY);
+    return id;
+}
+
+/* The id of an already named name (no new id): 0 when unknown. */
+static __always_inline __u32 sd_known_name_id(__u64 cgid, struct sd_scratch *s)
+{
+    void *qids = cg_qids.lookup(&cgid);
+    __u32 *have = qids ? bpf_map_lookup_elem(qids, s->key.name) : 0;
+    return have ? *have : 0;
+}
+
+/* Remember a query let through, so that only its answer teaches addresses. An entry is
+ * never overwritten: a query reusing the id of a pending one for another question has its
+ * own entry (the question is part of the key). */
+static __always_inline void sd_pending_put(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+{
+    void *pending = cg_pending.lookup(&cgid);
+    struct sd_cgstats *st = cgstats.lookup(&cgid);
+    if (!pending || !st)
+        return;
+    struct sd_pending_key pk = {};
+    __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
+    pk.txid = txid;
+    pk.name_id = name_id;
+    __u8 one = 1;
+    if (bpf_map_update_elem(pending, &pk, &one, BPF_NOEXIST) == 0)
+        __sync_fetch_and_add(&st->pending_new, 1);
+    else
+        __sync_fetch_and_add(&st->pending_busy, 1);
+}
+
+/* Take the pending query an answer belongs to: 1 when (resolver, id, question) was asked. */
+static __always_inline int sd_pending_take(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+{
+    void *pending = cg_pending.lookup(&cgid);
+    if (!pending || !name_id)
+        return 0;
+    struct sd_pending_key pk = {};
+    __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
+    pk.txid = txid;
+    pk.name_id = name_id;
+    if (!bpf_map_lookup_elem(pending, &pk))
+        return 0;
+    bpf_map_delete_elem(pending, &pk);
+    return 1;
+}
+
+/* Learn that addr answered a query for name_id, for its TTL: at least the policy's
+ * dns.min_ttl (clients reuse addresses past the TTL), never less than SD_TTL_MIN_S nor more
+ * than SD_TTL_MAX_S. target_id: the denied CNAME target that makes verdict a deny. */
+static __always_inline void sd_learn_via(__u64 cgid, __u32 *addr, __u32 name_id, __u32 target_id, __u8 verdict,
+                                         __u16 rule, __u32 ttl)
+{
+    void *learned = cg_learned.lookup(&cgid);
+    struct sd_cgroup *pol = sd_cgroup_of(cgid);
+    if (!learned || !pol)
+        return;
+    struct sd_addr k = {};
+    __builtin_memcpy(k.addr, addr, sizeof(k.addr));
+    __u64 now = bpf_ktime_get_boot_ns();
+    struct sd_learned *old = bpf_map_lookup_elem(learned, &k);
+    if (old && old->verdict == SD_DENY && verdict == SD_ALLOW && old->expires_ns > now)
+        return; /* an address of a denied name stays denied until its TTL ends */
+    if (ttl < pol->min_ttl)
+        ttl = pol->min_ttl;
+    if (ttl < SD_TTL_MIN_S)
+        ttl = SD_TTL_MIN_S;
+    if (ttl > SD_TTL_MAX_S)
+        ttl = SD_TTL_MAX_S;
+    struct sd_learned v = {};
+    v.expires_ns = now + (__u64)ttl * 1000000000ULL;
+    v.name_id = name_id;
+    v.target_id = target_id;
+    v.verdict = verdict;
+    v.rule = rule;
+    if (bpf_map_update_elem(learned, &k, &v, BPF_ANY) == 0 && !old) {
+        struct sd_cgstats *st = cgstats.lookup(&cgid);
+        if (st)
+            __sync_fetch_and_add(&st->learned_new, 1);
+    }
+}
+
+static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
+{
+    sd_learn_via(cgid, addr, name_id, 0, verdict, rule, ttl);
+}
+
+/* The verdict of a query for the name just judged (s->found, s->qv_*). A name no rule
+ * covers passes under default deny when the policy resolves unlisted names (search-list
+ * candidates): its addresses are then judged by CIDR rules and the default at connect. */
+static __always_inline __u8 sd_query_verdict(struct sd_cgroup *pol, struct sd_scratch *s, __u16 *rule)
+{
+    if (s->found) {
+        *rule = s->qv_rule;
+        return s->qv_verdict;
+    }
+    if (pol->dflt == SD_DENY && pol->unlisted) {
+        *rule = SD_RULE_UNLISTED;
+        return SD_ALLOW;
+    }
+    *rule = SD_RULE_DEFAULT;
+    return pol->dflt;
+}
+
+#endif /* SD_DNS_H */

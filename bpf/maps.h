@@ -1,0 +1,75 @@
+/* safedeploy maps (bcc dialect). Layouts are in abi.h.
+ *
+ * Shared by every policed cgroup: the policy headers (cgroups), their exact counters
+ * (cgstats), global counters, the live ring buffer and per-CPU scratch. Everything a cgroup
+ * can fill lives in maps of its own: the outer cg_* maps map a cgroup id to that cgroup's
+ * inner map, created by userspace with the policy and sized by its quota, so one cgroup
+ * filling (or evicting) its tables never touches another's. The tpl_* maps are only the
+ * templates the outer maps are declared with (the kernel checks inner maps against them).
+ */
+#ifndef SD_MAPS_H
+#define SD_MAPS_H
+
+BPF_HASH(cgroups, __u64, struct sd_cgroup, 16384);
+BPF_HASH(cgstats, __u64, struct sd_cgstats, 16384);
+BPF_PERCPU_ARRAY(stats, __u64, SD_NSTATS);
+BPF_RINGBUF_OUTPUT(live, 64);
+
+/* templates of the per-cgroup maps (type, key, value and flags must match the real ones) */
+BPF_F_TABLE("lpm_trie", struct sd_cidr_key, struct sd_cidr_val, tpl_cidrs, 1, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct sd_name_key, struct sd_name_val, tpl_names, 1, BPF_F_NO_PREALLOC);
+BPF_TABLE("hash", struct sd_addr, __u8, tpl_resolvers, 1);
+BPF_TABLE("lru_hash", struct sd_addr, struct sd_learned, tpl_learned, 1);
+BPF_TABLE("lru_hash", struct sd_pending_key, __u8, tpl_pending, 1);
+BPF_TABLE("lru_hash", struct sd_qid_key, __u32, tpl_qids, 1);
+BPF_TABLE("lru_hash", __u32, struct sd_name_key, tpl_qnames, 1);
+BPF_TABLE("lru_hash", struct sd_proc_key, struct sd_proc, tpl_procs, 1);
+BPF_F_TABLE("hash", struct sd_event_key, struct sd_event_val, tpl_events, 1, BPF_F_NO_PREALLOC);
+
+BPF_HASH_OF_MAPS(cg_cidrs, __u64, "tpl_cidrs", 16384);
+BPF_HASH_OF_MAPS(cg_names, __u64, "tpl_names", 16384);
+BPF_HASH_OF_MAPS(cg_resolvers, __u64, "tpl_resolvers", 16384);
+BPF_HASH_OF_MAPS(cg_learned, __u64, "tpl_learned", 16384);
+BPF_HASH_OF_MAPS(cg_pending, __u64, "tpl_pending", 16384);
+BPF_HASH_OF_MAPS(cg_qids, __u64, "tpl_qids", 16384);
+BPF_HASH_OF_MAPS(cg_qnames, __u64, "tpl_qnames", 16384);
+BPF_HASH_OF_MAPS(cg_procs, __u64, "tpl_procs", 16384);
+BPF_HASH_OF_MAPS(cg_events, __u64, "tpl_events", 16384);
+BPF_HASH_OF_MAPS(cg_blocked, __u64, "tpl_events", 16384);
+
+/* per-CPU scratch: buffers too big for the 512-byte stack, and the state of the parsing
+ * loops. The loop state is volatile memory on purpose: the verifier then sees unknown
+ * scalars at every iteration, so equivalent states are pruned instead of being explored
+ * once per possible byte value. */
+struct sd_scratch {
+    __u8 wire[SD_NAME_BUF];
+    char text[SD_NAME_BUF];       /* the dotted lower-case name being parsed */
+    struct sd_name_key key;       /* the same name reversed: a names-trie key, a qids key */
+    struct sd_answer addrs[SD_MAX_ANSWERS];
+    volatile __u32 pos;
+    volatile __u32 out;
+    volatile __u32 rem;
+    volatile __u32 done;
+    volatile __u32 found;
+    volatile __u32 klen;          /* bytes of key.name in use, the terminator included */
+    volatile __u32 dots;          /* sd_judge_name's search for a service prefix */
+    volatile __u32 srv;
+    volatile __u32 aoff;
+    volatile __u32 owner;         /* offset of the owner name of the answer's addresses, if not the question */
+    volatile __u32 naddr;
+    volatile __u32 mixed;
+    volatile __u32 skipped;
+    volatile __u16 owner_ptr;
+    volatile __u16 qv_rule;
+    volatile __u8 qv_verdict;
+    __u8 pad[3];
+};
+/* one slot per program kind: an ingress program may interrupt an egress one on a CPU,
+ * and either may interrupt a connect */
+#define SD_SCRATCH_EGRESS 0
+#define SD_SCRATCH_INGRESS 1
+#define SD_SCRATCH_SOCK 2
+BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 3);
+BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
+
+#endif /* SD_MAPS_H */

@@ -1,0 +1,78 @@
+/* safedeploy: who made a recorded call. The first event of a process captures its command
+ * line and nearest ancestors into its cgroup's procs map. Task/mm field offsets come from
+ * the running kernel's BTF at compile time (-DSD_OFF_*, ocihook/loader.py btf_offsets);
+ * without them nothing is captured and the report says so. */
+#ifndef SD_PROC_H
+#define SD_PROC_H
+
+#if defined(SD_OFF_TASK_GROUP_LEADER) && defined(SD_OFF_TASK_START_TIME)
+/* Start time of the current thread group's leader: with the tgid, it names one process
+ * for the life of the machine (pids are reused, start times are not). */
+static __always_inline __u64 sd_current_pstart(void)
+{
+    __u64 task = bpf_get_current_task();
+    __u64 leader = 0, start = 0;
+    bpf_probe_read_kernel(&leader, sizeof(leader), (void *)(task + SD_OFF_TASK_GROUP_LEADER));
+    if (leader)
+        bpf_probe_read_kernel(&start, sizeof(start), (void *)(leader + SD_OFF_TASK_START_TIME));
+    return start;
+}
+#else
+static __always_inline __u64 sd_current_pstart(void) { return 0; }
+#endif
+
+#if defined(SD_OFF_TASK_MM) && defined(SD_OFF_MM_ARG_START) && defined(SD_OFF_MM_ARG_END) && \
+    defined(SD_OFF_TASK_REAL_PARENT) && defined(SD_OFF_TASK_TGID) && defined(SD_OFF_TASK_COMM)
+static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid, __u64 pstart)
+{
+    void *procs = cg_procs.lookup(&cgid);
+    if (!procs)
+        return;
+    struct sd_proc_key pk = {};
+    pk.tgid = tgid;
+    pk.pstart = pstart;
+    if (bpf_map_lookup_elem(procs, &pk))
+        return;
+    __u32 zero = 0;
+    struct sd_proc *p = procscratch.lookup(&zero);
+    if (!p)
+        return;
+    __u64 task = bpf_get_current_task();
+    __u64 mm = 0, start = 0, end = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + SD_OFF_TASK_MM));
+    p->len = 0;
+    if (mm) {
+        bpf_probe_read_kernel(&start, sizeof(start), (void *)(mm + SD_OFF_MM_ARG_START));
+        bpf_probe_read_kernel(&end, sizeof(end), (void *)(mm + SD_OFF_MM_ARG_END));
+        if (end > start) {
+            __u32 len = end - start > SD_CMDLINE ? SD_CMDLINE : end - start;
+            len -= 1;
+            asm volatile("%0 &= 0xff" : "+r"(len));
+            len += 1;
+            if (bpf_probe_read_user(p->cmdline, len, (void *)start) == 0)
+                p->len = len;
+        }
+    }
+    p->chain_len = 0;
+    __u64 cur = task;
+    for (int i = 0; i < SD_CHAIN; i++) {
+        __u64 parent = 0;
+        bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(cur + SD_OFF_TASK_REAL_PARENT));
+        if (!parent || parent == cur)
+            break;
+        bpf_probe_read_kernel(&p->chain[i].pid, sizeof(__u32), (void *)(parent + SD_OFF_TASK_TGID));
+        bpf_probe_read_kernel(&p->chain[i].comm, 16, (void *)(parent + SD_OFF_TASK_COMM));
+        p->chain_len = i + 1;
+        cur = parent;
+    }
+    if (bpf_map_update_elem(procs, &pk, p, BPF_NOEXIST) == 0) {
+        struct sd_cgstats *st = cgstats.lookup(&cgid);
+        if (st)
+            __sync_fetch_and_add(&st->procs_new, 1);
+    }
+}
+#else
+static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid, __u64 pstart) {}
+#endif
+
+#endif /* SD_PROC_H */

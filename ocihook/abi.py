@@ -1,0 +1,264 @@
+"""Generated from bpf/abi.h by ``python -m ocihook.abigen``. DO NOT EDIT."""
+import ctypes
+
+# constants
+SD_MAX_DEPTH = 16
+SD_RULE_DEFAULT = 0xffff
+SD_RULE_RESOLVERS = 0xfffe
+SD_RULE_MALFORMED = 0xfffd
+SD_RULE_RAW = 0xfffc
+SD_RULE_UNLISTED = 0xfffb
+SD_ALLOW = 0
+SD_DENY = 1
+SD_MODE_ENFORCE = 0
+SD_MODE_AUDIT = 1
+SD_EV_ALLOWED = 0
+SD_EV_BLOCKED = 1
+SD_EV_WOULD_BLOCK = 2
+SD_KIND_CONNECT = 1
+SD_KIND_SENDMSG = 2
+SD_KIND_DNS = 3
+SD_KIND_SOCKET = 4
+SD_STAT_EVENTS_DROPPED = 0
+SD_STAT_DECISIONS = 1
+SD_STAT_DENIED = 2
+SD_STAT_DNS_MALFORMED = 3
+SD_STAT_LIVE_UNREAD = 4
+SD_NSTATS = 5
+SD_CIDR_FIXED_BITS = 32
+SD_NAME_KEY = 252
+SD_NAME_MAX = 251
+SD_NAME_BUF = 256
+SD_NAME_FIXED_BITS = 32
+SD_TTL_MIN_S = 2
+SD_TTL_MAX_S = 86400
+SD_MAX_ANSWERS = 16
+SD_EVF_EXPIRED = 1
+SD_CMDLINE = 256
+SD_CHAIN = 4
+
+
+class Cgroup(ctypes.Structure):
+    """struct sd_cgroup"""
+    _fields_ = [
+        ("mode", ctypes.c_uint8),
+        ("dflt", ctypes.c_uint8),
+        ("has_resolvers", ctypes.c_uint8),
+        ("name_denies", ctypes.c_uint8),
+        ("allow_raw", ctypes.c_uint8),
+        ("unlisted", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+        ("min_ttl", ctypes.c_uint32),
+    ]
+
+
+class Cgstats(ctypes.Structure):
+    """struct sd_cgstats"""
+    _fields_ = [
+        ("allowed", ctypes.c_uint64),
+        ("blocked", ctypes.c_uint64),
+        ("would_block", ctypes.c_uint64),
+        ("events_dropped", ctypes.c_uint64),
+        ("blocked_dropped", ctypes.c_uint64),
+        ("learned_new", ctypes.c_uint64),
+        ("pending_new", ctypes.c_uint64),
+        ("names_new", ctypes.c_uint64),
+        ("procs_new", ctypes.c_uint64),
+        ("pending_busy", ctypes.c_uint64),
+    ]
+
+
+class CidrKey(ctypes.Structure):
+    """struct sd_cidr_key"""
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("addr", ctypes.c_uint32 * 4),
+    ]
+
+
+class CidrVal(ctypes.Structure):
+    """struct sd_cidr_val"""
+    _fields_ = [
+        ("rule", ctypes.c_uint16),
+        ("verdict", ctypes.c_uint8),
+        ("plen", ctypes.c_uint8),
+    ]
+
+
+class Addr(ctypes.Structure):
+    """struct sd_addr"""
+    _fields_ = [
+        ("addr", ctypes.c_uint32 * 4),
+    ]
+
+
+class NameKey(ctypes.Structure):
+    """struct sd_name_key"""
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("name", ctypes.c_uint8 * 252),
+    ]
+
+
+class NameVal(ctypes.Structure):
+    """struct sd_name_val"""
+    _fields_ = [
+        ("rule", ctypes.c_uint16),
+        ("verdict", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("nlen", ctypes.c_uint32),
+    ]
+
+
+class QidKey(ctypes.Structure):
+    """struct sd_qid_key"""
+    _fields_ = [
+        ("name", ctypes.c_uint8 * 252),
+    ]
+
+
+class Learned(ctypes.Structure):
+    """struct sd_learned"""
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("name_id", ctypes.c_uint32),
+        ("target_id", ctypes.c_uint32),
+        ("verdict", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("rule", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class Answer(ctypes.Structure):
+    """struct sd_answer"""
+    _fields_ = [
+        ("a", ctypes.c_uint32 * 4),
+        ("ttl", ctypes.c_uint32),
+    ]
+
+
+class PendingKey(ctypes.Structure):
+    """struct sd_pending_key"""
+    _fields_ = [
+        ("addr", ctypes.c_uint32 * 4),
+        ("txid", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("name_id", ctypes.c_uint32),
+    ]
+
+
+class EventKey(ctypes.Structure):
+    """struct sd_event_key"""
+    _fields_ = [
+        ("pstart", ctypes.c_uint64),
+        ("addr", ctypes.c_uint32 * 4),
+        ("pid", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("rule", ctypes.c_uint16),
+        ("verdict", ctypes.c_uint8),
+        ("kind", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("name_id", ctypes.c_uint32),
+        ("target_id", ctypes.c_uint32),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class EventVal(ctypes.Structure):
+    """struct sd_event_val"""
+    _fields_ = [
+        ("count", ctypes.c_uint64),
+        ("first_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+        ("uid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+class Live(ctypes.Structure):
+    """struct sd_live"""
+    _fields_ = [
+        ("cgid", ctypes.c_uint64),
+        ("k", EventKey),
+        ("ts_ns", ctypes.c_uint64),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+class ProcKey(ctypes.Structure):
+    """struct sd_proc_key"""
+    _fields_ = [
+        ("pstart", ctypes.c_uint64),
+        ("tgid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class Ancestor(ctypes.Structure):
+    """struct sd_ancestor"""
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+class Proc(ctypes.Structure):
+    """struct sd_proc"""
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("chain_len", ctypes.c_uint32),
+        ("chain", Ancestor * 4),
+        ("cmdline", ctypes.c_uint8 * 256),
+    ]
+
+
+# struct -> (size, {field: (offset, size)}) as C lays it out
+LAYOUT = {
+    "sd_cgroup": (12, {'mode': (0, 1), 'dflt': (1, 1), 'has_resolvers': (2, 1), 'name_denies': (3, 1), 'allow_raw': (4, 1), 'unlisted': (5, 1), 'pad': (6, 2), 'min_ttl': (8, 4)}),
+    "sd_cgstats": (80, {'allowed': (0, 8), 'blocked': (8, 8), 'would_block': (16, 8), 'events_dropped': (24, 8), 'blocked_dropped': (32, 8), 'learned_new': (40, 8), 'pending_new': (48, 8), 'names_new': (56, 8), 'procs_new': (64, 8), 'pending_busy': (72, 8)}),
+    "sd_cidr_key": (24, {'prefixlen': (0, 4), 'proto': (4, 1), 'pad': (5, 1), 'port': (6, 2), 'addr': (8, 16)}),
+    "sd_cidr_val": (4, {'rule': (0, 2), 'verdict': (2, 1), 'plen': (3, 1)}),
+    "sd_addr": (16, {'addr': (0, 16)}),
+    "sd_name_key": (260, {'prefixlen': (0, 4), 'proto': (4, 1), 'pad': (5, 1), 'port': (6, 2), 'name': (8, 252)}),
+    "sd_name_val": (8, {'rule': (0, 2), 'verdict': (2, 1), 'pad': (3, 1), 'nlen': (4, 4)}),
+    "sd_qid_key": (252, {'name': (0, 252)}),
+    "sd_learned": (24, {'expires_ns': (0, 8), 'name_id': (8, 4), 'target_id': (12, 4), 'verdict': (16, 1), 'pad': (17, 1), 'rule': (18, 2), 'pad2': (20, 4)}),
+    "sd_answer": (20, {'a': (0, 16), 'ttl': (16, 4)}),
+    "sd_pending_key": (24, {'addr': (0, 16), 'txid': (16, 2), 'pad': (18, 2), 'name_id': (20, 4)}),
+    "sd_event_key": (48, {'pstart': (0, 8), 'addr': (8, 16), 'pid': (24, 4), 'port': (28, 2), 'rule': (30, 2), 'verdict': (32, 1), 'kind': (33, 1), 'proto': (34, 1), 'family': (35, 1), 'name_id': (36, 4), 'target_id': (40, 4), 'flags': (44, 1), 'pad': (45, 3)}),
+    "sd_event_val": (48, {'count': (0, 8), 'first_ns': (8, 8), 'last_ns': (16, 8), 'uid': (24, 4), 'pad': (28, 4), 'comm': (32, 16)}),
+    "sd_live": (80, {'cgid': (0, 8), 'k': (8, 48), 'ts_ns': (56, 8), 'comm': (64, 16)}),
+    "sd_proc_key": (16, {'pstart': (0, 8), 'tgid': (8, 4), 'pad': (12, 4)}),
+    "sd_ancestor": (20, {'pid': (0, 4), 'comm': (4, 16)}),
+    "sd_proc": (344, {'len': (0, 4), 'chain_len': (4, 4), 'chain': (8, 80), 'cmdline': (88, 256)}),
+}
+
+STRUCTS = {
+    "sd_cgroup": Cgroup,
+    "sd_cgstats": Cgstats,
+    "sd_cidr_key": CidrKey,
+    "sd_cidr_val": CidrVal,
+    "sd_addr": Addr,
+    "sd_name_key": NameKey,
+    "sd_name_val": NameVal,
+    "sd_qid_key": QidKey,
+    "sd_learned": Learned,
+    "sd_answer": Answer,
+    "sd_pending_key": PendingKey,
+    "sd_event_key": EventKey,
+    "sd_event_val": EventVal,
+    "sd_live": Live,
+    "sd_proc_key": ProcKey,
+    "sd_ancestor": Ancestor,
+    "sd_proc": Proc,
+}

@@ -1,0 +1,342 @@
+"""The pinned maps of one program version: policy headers and counters shared by every
+policed cgroup, and each cgroup's own maps (map-in-map) — created with its policy, drained
+and dropped with it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+from . import abi, bpfsys
+from .abi import Cgstats, EventKey, EventVal, NameKey, Proc, ProcKey
+from .compiler import cgroup_entry, compiled_entries, rule_counts
+
+TYPE_CHECKING = False  # typing is not imported on the hook's hot path
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Iterable
+
+C = {k: v for k, v in vars(abi).items() if k.startswith("SD_")}
+SdCgroup, CidrKey, CidrVal, AddrKey = abi.Cgroup, abi.CidrKey, abi.CidrVal, abi.Addr
+NameVal, QidKey, Learned, PendingKey = abi.NameVal, abi.QidKey, abi.Learned, abi.PendingKey
+LiveEvent = abi.Live
+
+U8 = ctypes.c_uint8
+U32 = ctypes.c_uint32
+U64 = ctypes.c_uint64
+
+# shared maps: name in maps.h -> (key type, value type); the pins are named map_<name>
+MAPS: dict[str, tuple[type, type]] = {
+    "cgroups": (U64, SdCgroup),
+    "cgstats": (U64, Cgstats),
+    "stats": (U32, U64),
+}
+RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
+
+# per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
+# maps a cgroup id to the cgroup's own inner map, created with its policy from the template
+# tpl_<template> (the kernel insists on the template's type, sizes and flags). Rule maps
+# (quota None) are sized to the policy, at most RULES_QUOTA entries; the others hold what
+# the programs learn, each bounded per cgroup (LRU maps evict the cgroup's own oldest).
+RULES_QUOTA = 65536
+INNER: dict[str, tuple[type, type, str, int | None]] = {
+    "cidrs": (CidrKey, CidrVal, "cidrs", None),
+    "names": (NameKey, NameVal, "names", None),
+    "resolvers": (AddrKey, U8, "resolvers", None),
+    "learned": (AddrKey, Learned, "learned", 8192),
+    "pending": (PendingKey, U8, "pending", 1024),
+    "qids": (QidKey, U32, "qids", 2048),
+    "qnames": (U32, NameKey, "qnames", 2048),
+    "procs": (ProcKey, Proc, "procs", 1024),
+    "events": (EventKey, EventVal, "events", 4096),
+    "blocked": (EventKey, EventVal, "events", 4096),
+}
+TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
+
+
+def pin_names() -> list[str]:
+    """Every map pin of a program version (map_<name>)."""
+    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS]
+
+
+def name_of_key(key) -> str:
+    """The dotted name a names-trie key (or qnames value) holds."""
+    n = max(0, min((key.prefixlen - C["SD_NAME_FIXED_BITS"]) // 8, C["SD_NAME_KEY"]))
+    raw = bytes(key.name[:n])
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    return raw[::-1].decode(errors="replace")
+
+
+class Drained:
+    """What a released cgroup left: aggregated events, the DNS names and the processes
+    (command line, ancestors) they refer to, and the exact per-cgroup counters."""
+
+    def __init__(self, events: list[tuple[EventKey, EventVal]] | None = None, names: dict | None = None,
+                 procs: dict | None = None, dropped: int = 0, counters: dict | None = None):
+        self.events, self.names, self.procs = events or [], names or {}, procs or {}
+        self.dropped = dropped  # decisions whose details the cgroup's quota could not hold
+        self.counters = counters or {}  # exact per-cgroup counts (abi.Cgstats)
+
+
+def _parallel(calls: list[tuple]) -> list:
+    """Run bpf(2) calls on threads. Each update or delete of a map-in-map waits for an RCU
+    grace period (~15 ms here): in parallel they share one. Raises the first error."""
+    if os.environ.get("SAFEDEPLOY_SERIAL_BPF"):  # one thread: what fault injection by call number needs
+        return [fn(*args) for fn, *args in calls]
+    import threading  # noqa: PLC0415 — only where maps are created or released
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def one(i: int, fn, *args) -> None:
+        try:
+            results[i] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 — re-raised below, in the caller's thread
+            errors.append(e)
+    threads = [threading.Thread(target=one, args=(i, *call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+class PolicyTooBig(bpfsys.BpfError):
+    """A policy needs more entries than a cgroup's share of a rule map."""
+
+
+class PinnedMaps:
+    """Open fds of the pinned maps of one program version."""
+
+    def __init__(self, fds: dict[str, int]):
+        self.fds = fds
+
+    @classmethod
+    def open(cls, pin_dir) -> "PinnedMaps":
+        fds = {}
+        try:
+            for name in (*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES)):
+                fds[name] = bpfsys.obj_get(os.path.join(pin_dir, f"map_{name}"))
+        except Exception:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(fds)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self) -> "PinnedMaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- per-cgroup policy -------------------------------------------------------
+    def policy_of(self, cgid: int) -> SdCgroup | None:
+        val = SdCgroup()
+        return val if bpfsys.map_lookup(self.fds["cgroups"], U64(cgid), val) else None
+
+    def _create_inner(self, name: str, entries: int) -> int:
+        info = bpfsys.map_info(self.fds[f"tpl_{INNER[name][2]}"])
+        return bpfsys.map_create(info["type"], info["key_size"], info["value_size"], max(1, entries),
+                                 info["flags"], f"sd_{name}")
+
+    def load_policy(self, cgid: int, compiled: dict) -> None:
+        """Give cgid its own maps (rules sized to the policy, the rest to their quotas),
+        write the rules, then the cgroup header that makes the programs use them. Fails
+        (and leaves nothing behind) when the cgroup already has a policy or the policy
+        exceeds a cgroup's share."""
+        if self.policy_of(cgid) is not None:
+            raise bpfsys.BpfError(17, f"cgroup {cgid} already has a safedeploy policy")
+        counts = rule_counts(compiled)
+        for name, n in counts.items():
+            if n > RULES_QUOTA:
+                raise PolicyTooBig(7, f"policy needs {n} {name} entries, more than a cgroup's share "
+                                      f"({RULES_QUOTA}): use fewer ports per rule or wider CIDRs")
+        fds: dict[str, int] = {}
+        try:
+            for name, (_, _, _, quota) in INNER.items():
+                fds[name] = self._create_inner(name, counts[name] if quota is None else quota)
+            for name, key, val in compiled_entries(compiled):
+                bpfsys.map_update(fds[name], key, val)
+            bpfsys.map_update(self.fds["cgstats"], U64(cgid), Cgstats())
+            _parallel([(bpfsys.map_update, self.fds[f"cg_{name}"], U64(cgid), ctypes.c_uint32(fd), bpfsys.BPF_NOEXIST)
+                       for name, fd in fds.items()])
+            try:
+                bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled), bpfsys.BPF_NOEXIST)
+            except bpfsys.BpfError as e:
+                if e.errno == 7:
+                    raise bpfsys.BpfError(e.errno, "policy map cgroups is full: too many policed cgroups") from None
+                raise
+        except Exception:
+            self.unload_policy(cgid)
+            raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def unload_policy(self, cgid: int, compiled: dict | None = None) -> int:
+        """Remove the header first (programs stop using the cgroup's maps), then the
+        cgroup's counters and maps: a few deletes, whatever other cgroups hold. Returns
+        the entries removed from the shared maps."""
+        removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
+        removed += int(bpfsys.map_delete(self.fds["cgstats"], U64(cgid)))
+        return removed + sum(_parallel([(bpfsys.map_delete, self.fds[f"cg_{name}"], U64(cgid)) for name in INNER]))
+
+    def inner(self, cgid: int, name: str) -> int | None:
+        """An fd of cgid's own map `name` (caller closes), or None."""
+        map_id = ctypes.c_uint32()
+        if not bpfsys.map_lookup(self.fds[f"cg_{name}"], U64(cgid), map_id):
+            return None
+        try:
+            return bpfsys.map_fd_by_id(map_id.value)
+        except bpfsys.BpfError:
+            return None  # released meanwhile
+
+    def _items(self, cgid: int, name: str, limit: int | None = None) -> list:
+        fd = self.inner(cgid, name)
+        if fd is None:
+            return []
+        key_t, val_t = INNER[name][:2]
+        out = []
+        try:
+            for key in bpfsys.map_keys(fd, key_t)[:limit]:
+                val = val_t()
+                if bpfsys.map_lookup(fd, key, val):
+                    out.append((key, val))
+        finally:
+            os.close(fd)
+        return out
+
+    def entries_of(self, cgid: int) -> int:
+        """How many entries (policy header, counters, maps and what they hold) belong to cgid."""
+        n = int(self.policy_of(cgid) is not None)
+        n += int(bpfsys.map_lookup(self.fds["cgstats"], U64(cgid), Cgstats()))
+        for name in INNER:
+            fd = self.inner(cgid, name)
+            if fd is not None:
+                n += 1 + len(bpfsys.map_keys(fd, INNER[name][0]))
+                os.close(fd)
+        return n
+
+    def policed_cgroups(self) -> dict[int, SdCgroup]:
+        out = {}
+        for key in bpfsys.map_keys(self.fds["cgroups"], U64):
+            val = SdCgroup()
+            if bpfsys.map_lookup(self.fds["cgroups"], key, val):
+                out[key.value] = val
+        return out
+
+    def counters(self, cgid: int) -> dict[str, int]:
+        """The exact per-cgroup counters (cgstats), {} when cgid has none."""
+        val = Cgstats()
+        if not bpfsys.map_lookup(self.fds["cgstats"], U64(cgid), val):
+            return {}
+        return {name: getattr(val, name) for name, _ in Cgstats._fields_}
+
+    # -- events ------------------------------------------------------------------
+    def drain_events(self, cgid: int) -> list[tuple[EventKey, EventVal]]:
+        """Take (read and delete) every aggregated event of a cgroup, blocked ones first."""
+        out = []
+        for name in ("blocked", "events"):
+            fd = self.inner(cgid, name)
+            if fd is None:
+                continue
+            try:
+                for key in bpfsys.map_keys(fd, EventKey):
+                    val = EventVal()
+                    if bpfsys.map_lookup(fd, key, val):
+                        bpfsys.map_delete(fd, key)
+                        out.append((key, val))
+            finally:
+                os.close(fd)
+        return out
+
+    def drain(self, cgid: int):
+        """Events of cgid with the names and processes they refer to (session.Drained)."""
+        counters = self.counters(cgid)
+        raw = self.drain_events(cgid)
+        return Drained(raw, self.names_of(cgid, {i for k, _ in raw for i in (k.name_id, k.target_id)}),
+                       self.procs_of(cgid, ((k.pid, k.pstart) for k, _ in raw)),
+                       counters.get("events_dropped", 0) + counters.get("blocked_dropped", 0), counters)
+
+    def names_of(self, cgid: int, name_ids: Iterable[int]) -> dict[int, str]:
+        """The queried names (the cgroup's qnames map) behind event name ids."""
+        out = {}
+        wanted = set(name_ids) - {0}
+        fd = self.inner(cgid, "qnames") if wanted else None
+        if fd is None:
+            return out
+        try:
+            for nid in wanted:
+                val = NameKey()
+                if bpfsys.map_lookup(fd, U32(nid), val):
+                    out[nid] = name_of_key(val)
+        finally:
+            os.close(fd)
+        return out
+
+    def procs_of(self, cgid: int, pids: Iterable[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+        """What the kernel captured about processes, by (pid, start time): argv (exact bytes),
+        cmdline and ancestors (nearest first)."""
+        out = {}
+        wanted = {p for p in pids if p[0]}
+        fd = self.inner(cgid, "procs") if wanted else None
+        if fd is None:
+            return out
+        try:
+            for pid, pstart in wanted:
+                val = Proc()
+                if bpfsys.map_lookup(fd, ProcKey(tgid=pid, pstart=pstart), val):
+                    raw = bytes(val.cmdline[:val.len]) if val.len else b""
+                    argv = raw.rstrip(b"\0").split(b"\0") if raw else []
+                    chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
+                             for i in range(min(val.chain_len, C["SD_CHAIN"]))]
+                    out[(pid, pstart)] = {"raw": raw, "argv": argv,
+                                          "cmdline": " ".join(a.decode(errors="replace") for a in argv) or None,
+                                          "parents": chain}
+        finally:
+            os.close(fd)
+        return out
+
+    def event_counts(self) -> dict[int, dict[str, int]]:
+        """Per policed cgroup and verdict, the exact decision counts so far."""
+        out = {}
+        for cgid in self.policed_cgroups():
+            c = self.counters(cgid)
+            out[cgid] = {"allowed": c.get("allowed", 0), "blocked": c.get("blocked", 0),
+                         "would-block": c.get("would_block", 0)}
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Per-CPU counters summed over CPUs."""
+        ncpu = possible_cpus()
+        names = {v: k[len("SD_STAT_"):].lower() for k, v in C.items() if k.startswith("SD_STAT_")}
+        out = {}
+        for idx, name in sorted(names.items()):
+            buf = (ctypes.c_uint64 * ncpu)()
+            bpfsys.map_lookup(self.fds["stats"], ctypes.c_uint32(idx), buf)
+            out[name] = sum(buf)
+        return out
+
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """(entries, max_entries) of the shared maps."""
+        out = {}
+        for name in ("cgroups", "cgstats"):
+            n = len(bpfsys.map_keys(self.fds[name], MAPS[name][0]))
+            out[name] = (n, bpfsys.map_info(self.fds[name])["max_entries"])
+        return out
+
+
+def possible_cpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
