@@ -34,7 +34,7 @@ def base_tarball() -> Path:
         if BASE.exists():
             return BASE
         work = CACHE / f"{SUITE}.build"
-        shutil.rmtree(work, ignore_errors=True)
+        remove_root(work)
         _sh(["debootstrap", "--variant=minbase", f"--cache-dir={archives()}", SUITE, str(work), MIRROR])
         (work / "etc/apt/sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
         ns = Namespace(work)
@@ -44,7 +44,7 @@ def base_tarball() -> Path:
             ns.close()
         _sh(["tar", "-C", str(work), "-cf", f"{BASE}.tmp", "."])
         os.replace(f"{BASE}.tmp", BASE)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_root(work)
         return BASE
 
 
@@ -63,16 +63,23 @@ def fresh_root(dest: Path) -> Path:
 class Namespace:
     """A private mount namespace, held by a sleeping process, with ``root`` prepared for
     chroot: /proc, /sys (its own bpffs: pins never touch the host's), /dev, resolv.conf,
-    the host's kernel headers for bcc (read-only) and the apt download cache."""
+    the host's kernel headers for bcc (read-only), podman's storage (the bundles a hook
+    reads, at the paths the runtime passes) and the apt download cache."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "infinity"],
                                        start_new_session=True)
-        for _ in range(100):
-            if os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
-                break
+        for _ in range(250):
+            try:
+                if os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
+                    break
+            except OSError:
+                pass
             time.sleep(0.02)
+        else:   # never mount anything into the host's namespace
+            self.close()
+            raise AssertionError("unshare --mount did not give a private mount namespace")
         r = str(self.root)
         rel = platform.release()
         script = f"""set -e
@@ -84,6 +91,9 @@ mkdir -p {r}/lib/modules/{rel} {r}/usr/src {r}/var/cache/apt/archives
 mount --bind -o ro /lib/modules/{rel} {r}/lib/modules/{rel}
 mount --bind -o ro /usr/src {r}/usr/src
 mount --bind {archives()} {r}/var/cache/apt/archives
+if [ -d /var/lib/containers ]; then   # podman's bundles: the hook reads their config.json
+    mkdir -p {r}/var/lib/containers && mount --rbind /var/lib/containers {r}/var/lib/containers
+fi
 cp /etc/resolv.conf {r}/etc/resolv.conf 2>/dev/null || true
 """
         self.run("sh", "-c", script)
@@ -104,3 +114,13 @@ cp /etc/resolv.conf {r}/etc/resolv.conf 2>/dev/null || true
     def close(self) -> None:
         os.killpg(self.holder.pid, signal.SIGKILL)
         self.holder.wait()
+
+
+def remove_root(root: Path) -> None:
+    """rm -rf the root, unless something is mounted below it in this namespace (then the
+    mounts leaked out of the private namespace: leave it, never recurse into /sys or /var)."""
+    with open("/proc/self/mountinfo") as f:
+        mounted = [line.split()[4] for line in f]
+    if any(m == str(root) or m.startswith(f"{root}/") for m in mounted):
+        raise AssertionError(f"mounts below {root} in the test's own namespace: not removing it")
+    shutil.rmtree(root, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from debroot import Namespace, fresh_root
+from debroot import Namespace, fresh_root, remove_root
 from helpers import runtime_prereqs
 from pkgbuild import build_deb, build_wheel, build_wheel_from, source_copy
 from rtutil import IMAGE
@@ -25,7 +25,7 @@ HOOKS_D = "usr/share/containers/oci/hooks.d"
 
 
 @pytest.fixture
-def deb_root(tmp_path):
+def deb_root(tmp_path, podman_image):     # the image first: podman's storage exists to be bound
     runtime_prereqs("runc", "podman")
     for tool in ("debootstrap", "unshare", "nsenter", "dpkg-deb"):
         assert shutil.which(tool), f"{tool} missing (packaging/setup-host.sh installs it)"
@@ -34,7 +34,7 @@ def deb_root(tmp_path):
     yield root, ns
     ns.run("sh", "-c", "podman rm -f -a --filter name=sddeb- >/dev/null 2>&1; true", check=False)
     ns.close()
-    shutil.rmtree(root, ignore_errors=True)   # ~0.5 GB; the namespace's mounts are not visible from here
+    remove_root(root)   # ~0.5 GB; the namespace's mounts are not visible from here
 
 
 def _shim_hooks(root: Path, dest: Path) -> Path:
