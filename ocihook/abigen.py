@@ -110,8 +110,8 @@ def generate(text: str) -> str:
 
 
 def paths() -> tuple[str, str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(os.path.dirname(here), "bpf", "abi.h"), os.path.join(here, "abi.py")
+    from . import resources  # noqa: PLC0415
+    return os.path.join(resources.path("bpf"), "abi.h"), os.path.join(resources.PKG_DIR, "abi.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,11 +307,14 @@ def status_cmd() -> None:
 
 
 @app.command("doctor")
-def doctor_cmd() -> None:
-    """Check kernel, cgroup v2, bpffs, privileges, bcc, headers and runtimes."""
+def doctor_cmd(hooks_dir: Optional[Path] = typer.Option(None, "--hooks-dir", show_default=False,
+                                                         help="The hooks.d to check (default: "
+                                                              "/usr/share/containers/oci/hooks.d).")) -> None:
+    """Check kernel, cgroup v2, bpffs, privileges, bcc, headers, runtimes, and that the hooks.d
+    entries run the hook (entry -> launcher -> python -> package)."""
     from .doctor import run_checks
     ok = True
-    for name, good, detail, required in run_checks():
+    for name, good, detail, required in run_checks(hooks_dir):
         mark = "ok  " if good else ("FAIL" if required else "warn")
         typer.echo(f"{mark} {name}: {detail}")
         ok &= good or not required
@@ -322,8 +325,10 @@ def doctor_cmd() -> None:
 def install_cmd(
     hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir",
                                    help="Where podman reads oci-hooks(5) files (stock podman: only this one)."),
-    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path",
-                                   help="Where to put the hook launcher the hooks.d files point to."),
+    hook_path: Optional[Path] = typer.Option(None, "--hook-path", show_default=False,
+                                             help="Where to put the hook launcher the hooks.d files point to "
+                                                  "(default: /usr/local/libexec/safedeploy/safedeploy-hook; "
+                                                  "/usr/libexec/... for the .deb)."),
     preload: bool = typer.Option(True, "--preload/--no-preload", help="Compile and pin the programs now."),
 ) -> None:
     """Install the OCI hook (hooks.d files + launcher), /etc/safedeploy/policies with an
@@ -331,31 +336,45 @@ def install_cmd(
 
     Then: podman run --annotation safedeploy.policy=example ...
     """
-    from .install import install
+    from .install import DEFAULT_HOOK_PATH, install
     with _errors():
-        install(hooks_dir, hook_path, preload, log=typer.echo)
+        install(hooks_dir, hook_path or DEFAULT_HOOK_PATH, preload, log=typer.echo)
 
 
 @app.command("uninstall")
 def uninstall_cmd(
     hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir"),
-    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path"),
+    hook_path: Optional[Path] = typer.Option(None, "--hook-path", show_default=False),
 ) -> None:
     """Remove the hook and hooks.d files; clean state; unpin programs no container uses.
     Policies and reports are kept."""
-    from .install import uninstall
+    from .install import DEFAULT_HOOK_PATH, uninstall
     with _errors():
-        uninstall(hooks_dir, hook_path, log=typer.echo)
+        uninstall(hooks_dir, hook_path or DEFAULT_HOOK_PATH, log=typer.echo)
 
 
 @app.command("gc")
-def gc_cmd() -> None:
+def gc_cmd(all_versions: bool = typer.Option(False, "--all", help="Also unpin the current programs if no "
+                                             "container uses them (package removal).")) -> None:
     """Clean up after containers whose poststop never ran (a killed runtime): write their
     reports, drop their map entries and state, remove unused old program versions."""
-    from .install import gc
+    from .install import gc, retire
     with _errors():
+        if all_versions:
+            retire(log=typer.echo)
+            return
         n = gc(log=typer.echo)
     typer.echo(f"gc: {n} objects removed")
+
+
+@app.command("preload")
+def preload_cmd() -> None:
+    """Mount bpffs and compile/pin the programs now, so the next container start is warm
+    (run at boot by safedeploy.service, and by `install`)."""
+    from . import loader
+    with _errors():
+        loader.ensure_bpffs()
+        typer.echo(f"programs: {loader.ensure_programs(log=typer.echo)}")
 
 
 @app.command("demo")

@@ -14,9 +14,7 @@ import time
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
 from .errors import SafedeployError
 from .pinned import pin_names
-
-BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
+from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8

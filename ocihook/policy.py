@@ -60,7 +60,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import caps
+from . import caps, resources
 from .addr import display_ip  # noqa: F401 — the policy's own address form, used by its callers too
 from .events import UNLISTED_REASON
 from .errors import SafedeployError
@@ -70,7 +70,7 @@ JsonPath = tuple[str | int, ...]
 
 MAX_POLICY_BYTES = 1 << 20
 MAX_RULES = 65_000  # the kernel numbers rules in 16 bits and reserves the top few values
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "policy.schema.json"
+SCHEMA_PATH = Path(resources.path("schemas")) / "policy.schema.json"
 
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _V4_MAPPED_BITS = int(_V4_MAPPED.network_address)

@@ -4,7 +4,8 @@
 set -euo pipefail
 
 PKGS=(python3-bpfcc python3-venv python3-yaml bpftool linux-headers-amd64 runc podman
-      busybox-static iproute2 iptables util-linux strace)
+      busybox-static iproute2 iptables util-linux strace
+      debootstrap)
 
 missing=()
 for p in "${PKGS[@]}"; do
