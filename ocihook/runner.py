@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cgroup, events, report, session, settings
+from . import cgroup, events, nss, report, session, settings
 from .maps import compile_policy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,10 +39,17 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
     att = None
     try:
         att = session.apply(path, compiled, log)
+        hide = [p for _daemon, p in nss.live_sockets()]
+
+        def child_setup() -> None:
+            cgroup.move_self(path)
+            _hide_name_service_daemons(hide)
         try:
-            proc = subprocess.Popen(cmd, preexec_fn=lambda: cgroup.move_self(path))
+            proc = subprocess.Popen(cmd, preexec_fn=child_setup)
         except OSError as e:
             raise RunError(f"cannot run {cmd[0]}: {e.strerror}") from None
+        except subprocess.SubprocessError as e:
+            raise RunError(f"cannot run {cmd[0]}: {e}") from None
         returncode = _wait_forwarding_signals(proc)
     finally:
         drained = session.Drained()
@@ -56,6 +63,13 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
     report.write(records, out, drained.dropped, run_id, policy.name)
     report.syslog_blocked(records)
     return RunResult(returncode, report.aggregate(records), out, run_id, drained.dropped)
+
+
+def _hide_name_service_daemons(sockets: list[str]) -> None:
+    """In the child: nscd / systemd-resolved sockets covered in a private mount namespace, so
+    the command's lookups go out as DNS the kernel judges and learns from (ocihook/nss.py)."""
+    if sockets:
+        nss.hide_sockets(sockets)
 
 
 class RunError(Exception):
