@@ -28,7 +28,7 @@ CLIENTS: dict[str, tuple[str, list[str]]] = {
     "getent": ("lookup", ["getent", "ahosts", "{host}"]),
     "python": ("http", [PY, "-c", _CONNECT, "{host}", "{port}", "/{tag}/"]),
     "curl": ("http", ["curl", "-sS", "-o", "/dev/null", "{url}"]),
-    "wget": ("http", ["wget", "-q", "-O", "/dev/null", "{url}"]),
+    "wget": ("http", ["wget", "-nv", "-O", "/dev/null", "{url}"]),
     "busybox-wget": ("http", ["busybox", "wget", "-q", "-O", "/dev/null", "{url}"]),
     "busybox-nslookup": ("lookup", ["busybox", "nslookup", "{host}"]),
     "dig": ("lookup", ["dig", "{host}"]),
@@ -36,8 +36,8 @@ CLIENTS: dict[str, tuple[str, list[str]]] = {
     "nslookup": ("lookup", ["nslookup", "{host}"]),
     "requests": ("http", [PY, "-c", _REQUESTS, "{url}"]),
     "git": ("http", ["git", "ls-remote", "{url}repo.git"]),
-    "pip": ("http", [PY, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", "/tmp/sd-pip",
-                     "--index-url", "{url}simple/", "nothing-here"]),
+    "pip": ("http", [PY, "-m", "pip", "download", "--isolated", "--no-deps", "--no-cache-dir", "-q",
+                     "-d", "/tmp/sd-pip", "--trusted-host", "{host}", "--index-url", "{url}simple/", "nothing-here"]),
 }
 # the python client that connects to every address getaddrinfo returned (prints ip + errno)
 CONNECT_ALL = [PY, "-c", _CONNECT_ALL, "{host}", "{port}"]

@@ -40,9 +40,11 @@ class _Rcode(resolvers.Zone):
         return reply
 
 
-def _jobs(cond: str, port: int, cap: float) -> list[field.Job]:
+def _jobs(cond: str, port: int, cap: float, only: list[str] | None = None) -> list[field.Job]:
     jobs = []
     for c, (kind, _) in clients.CLIENTS.items():
+        if only and c not in only:
+            continue
         connect = cond.startswith(("connect-", "today-connect"))
         if connect and kind != "http":
             continue
@@ -58,6 +60,7 @@ def _jobs(cond: str, port: int, cap: float) -> list[field.Job]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cap", type=float, default=40.0)
+    ap.add_argument("--clients", help="comma-separated subset of clients.CLIENTS")
     ap.add_argument("conditions", nargs="*", default=CONDITIONS)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sd-measure-"))
@@ -66,7 +69,7 @@ def main() -> None:
     extra = []
     try:
         for cond in args.conditions:
-            jobs = _jobs(cond, lst.port, args.cap)
+            jobs = _jobs(cond, lst.port, args.cap, args.clients.split(",") if args.clients else None)
             if cond.startswith("today"):
                 res = field.run_batch(jobs, dnsmasq.ip, work).results
             elif cond.startswith("answer-"):

@@ -120,9 +120,21 @@ def start_dnsmasq(ip: str, work: Path) -> Resolver:
            f"--addn-hosts={hosts}", f"--listen-address={ip}", "--bind-dynamic", "--port=53",
            "--local-ttl=300", "--user=root", "--group=root", "--pid-file=",
            f"--local=/{ZONE}/", "--log-facility=-", *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_port(ip, proc=p)
-    return Resolver("dnsmasq", ip, [p])
+    # dnsmasq answers TCP only on interface addresses: this one is added to lo for the test's life
+    res = _on_lo(Resolver("dnsmasq", ip))
+    res.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        _wait_port(ip, proc=res.procs[0])
+    except BaseException:
+        res.stop()
+        raise
+    return res
+
+
+def _on_lo(res: Resolver) -> Resolver:
+    subprocess.run(["ip", "addr", "add", f"{res.ip}/32", "dev", "lo"], check=True, capture_output=True)
+    res.lo_addr = res.ip
+    return res
 
 
 def start_unbound(ip: str, auth_ip: str, work: Path) -> Resolver:
@@ -187,8 +199,7 @@ controls {{ }};
 zone "{ZONE}" {{ type primary; file "{work}/zone"; }};
 """)
     # named listens only on interface addresses: this one is added to lo for the test's life
-    subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"], check=True, capture_output=True)
-    res = Resolver("bind9", ip, lo_addr=ip)
+    res = _on_lo(Resolver("bind9", ip))
     res.procs.append(subprocess.Popen(["named", "-g", "-c", str(conf)], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT))
     try:
