@@ -74,3 +74,35 @@ def test_run_works_on_a_host_resolving_through_nscd(tmp_path, dnsmasq):
                    and r["verdict"] == "allowed" for r in recs), json.dumps(recs)
     finally:
         lst.close()
+
+
+RESOLVED_SCRIPT = r"""
+set -e
+mount -t tmpfs tmpfs /run/systemd
+mkdir -p /run/systemd/resolve
+"$PY" -c "$FAKE" &
+trap 'kill $! 2>/dev/null' EXIT
+for i in $(seq 100); do [ -S /run/systemd/resolve/io.systemd.Resolve ] && break; sleep 0.05; done
+"$PY" -m ocihook.cli doctor | grep 'name service' || true
+"$PY" -c "$PROBE" outside
+"$PY" -m ocihook.cli run --policy "$POLICY" -- "$PY" -c "$PROBE" inside
+"""
+# a stand-in for systemd-resolved's varlink socket: accepts, says nothing
+FAKE = ("import socket,time\ns=socket.socket(socket.AF_UNIX)\ns.bind('/run/systemd/resolve/io.systemd.Resolve')\n"
+        "s.listen(8)\nwhile True: s.accept()\n")
+PROBE = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+         "try: s.connect('/run/systemd/resolve/io.systemd.Resolve'); print(sys.argv[1], 'connected')\n"
+         "except OSError as e: print(sys.argv[1], type(e).__name__)\n")
+
+
+def test_run_hides_the_systemd_resolved_socket(tmp_path, dnsmasq):
+    """nss-resolve talks varlink to systemd-resolved: inside `run` the socket refuses, so glibc's
+    `resolve [!UNAVAIL=return]` falls through to dns. (A stand-in socket at the real path, in a
+    private mount namespace: this host has no systemd.)"""
+    (tmp_path / "p.yaml").write_text(field.policy_text(dnsmasq.ip))
+    env = dict(field._env(tmp_path), PY=sys.executable, POLICY=str(tmp_path / "p.yaml"), FAKE=FAKE, PROBE=PROBE)
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", RESOLVED_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=field.REPO)
+    assert "outside connected" in res.stdout, res.stdout + res.stderr
+    assert "inside ConnectionRefusedError" in res.stdout, res.stdout + res.stderr
+    assert "systemd-resolved at /run/systemd/resolve/io.systemd.Resolve" in res.stdout, res.stdout
