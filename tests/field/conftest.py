@@ -28,3 +28,12 @@ def _field_prereqs():
     for tool in ("dnsmasq", "unbound", "named", "dig", "curl", "wget", "git", "busybox", "unshare", "nscd"):
         require(shutil.which(tool) is not None or Path("/usr/sbin", tool).exists(),
                 f"{tool} not installed (packaging/setup-host.sh installs it)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    import field
+    for path, rows in field.TIMES:
+        slow = sorted((r for r in rows if r["wall"] >= 1.0), key=lambda r: -r["wall"])
+        terminalreporter.write_line(f"field: {len(rows)} client runs timed, {len(slow)} took >= 1 s; all in {path}")
+        for r in slow[:12]:
+            terminalreporter.write_line(f"  {r['wall']:6.2f} s{' (killed)' if r['killed'] else ''}  {r['test']}")

@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 MIRROR = f"mirror.{ZONE}"
+TIMES: list[tuple[Path, list[dict]]] = []   # (file, rows) of each module's client wall times
 POLICY = f"""version: 1
 name: field
 default: deny

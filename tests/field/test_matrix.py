@@ -11,6 +11,7 @@ lands, those tests XPASS, which fails the run until the mark is removed.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -133,6 +134,13 @@ class Field:
         return self.batches[key]
 
     def close(self):
+        """Record every client's wall time (conftest prints the slow ones and where the rest is)."""
+        rows = [{"test": tag, "wall": r["wall"], "rc": r["rc"], "killed": r["timeout"],
+                 "reached": self.listener.reached(tag)}
+                for b in self.batches.values() for tag, r in b.results.items()]
+        path = Path(os.environ.get("SAFEDEPLOY_FIELD_TIMES") or self.work / "times.json")
+        path.write_text(json.dumps(rows, indent=1))
+        field.TIMES.append((path, rows))
         self.listener.close()
         for r in self.resolvers.values():
             r.stop()
@@ -259,3 +267,20 @@ def test_ttl_client_first_connect_is_allowed(fld):
     argv = [a.format(port=fld.listener.port) for a in TTL_CLIENT]
     res, _ = _one(fld, "bind9", "plain", argv, timeout=8, name="ttl-first")
     assert res["out"].split()[:1] == ["ok"], res
+
+
+@pytest.mark.parametrize("leg", ["run", "podman"])
+def test_report_names_the_denied_names(request, fld, leg):
+    """The batch's report: the denied lookup by name and reason, the CNAME alias's connect
+    refused by the rule of the name it leads to, the mirror's connect allowed by name."""
+    if leg == "podman":
+        request.getfixturevalue("podman_leg")
+    recs = fld.batch(leg, "dnsmasq", "plain").records
+    blocked = {(r["kind"], r.get("domain"), r["rule"]) for r in recs if r["verdict"] == "blocked"}
+    assert ("dns", f"auth.{Z}", f"auth.{Z}") in blocked, blocked
+    assert ("dns", f"other.{Z}", "default") in blocked, blocked
+    assert ("connect", f"alias.{Z}", f"auth.{Z}") in blocked, blocked
+    reasons = {r["reason"] for r in recs if r.get("domain") == f"auth.{Z}" and r["verdict"] == "blocked"}
+    assert reasons == {"circular: the auth service"}
+    assert any(r["kind"] == "connect" and r.get("domain") == f"mirror.{Z}" and r["verdict"] == "allowed"
+               and r["dst_port"] == fld.listener.port for r in recs), recs
