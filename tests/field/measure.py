@@ -4,6 +4,7 @@ status and last message line for
 - ``today-lookup`` / ``today-connect``: a denied lookup / connect under ``safedeploy run``
   with the kernel programs as they are;
 - ``dns-<ERRNO>``: every DNS send fails with ERRNO (seccomp injection, errinject.py);
+- ``vc-<ERRNO>``: the same over DNS-over-TCP (``options use-vc``; glibc clients only);
 - ``connect-<ERRNO>``: the TCP connect to the (IP literal) destination fails with ERRNO;
 - ``answer-REFUSED`` / ``answer-NXDOMAIN``: the resolver answers so.
 
@@ -24,6 +25,7 @@ import resolvers  # noqa: E402
 ERRNOS = ("EPERM", "EACCES", "ECONNREFUSED")
 CONDITIONS = ["today-lookup", "today-connect", *(f"dns-{e}" for e in ERRNOS), *(f"connect-{e}" for e in ERRNOS),
               "answer-REFUSED", "answer-NXDOMAIN"]
+NOT_GLIBC = {"busybox-wget", "busybox-nslookup", "dig", "host", "nslookup"}   # their own DNS code
 INJECT = ["/usr/bin/python3", str(field.HERE / "errinject.py")]
 
 
@@ -48,9 +50,11 @@ def _jobs(cond: str, port: int, cap: float, only: list[str] | None = None) -> li
         connect = cond.startswith(("connect-", "today-connect"))
         if connect and kind != "http":
             continue
+        if cond.startswith("vc-") and c in NOT_GLIBC:
+            continue
         host = "127.0.0.2" if connect else ("auth.field.test" if cond.startswith("today") else "mirror.field.test")
         argv = clients.argv(c, host, port, f"{c}-{cond}")
-        if cond.startswith(("dns-", "connect-")):
+        if cond.startswith(("dns-", "connect-", "vc-")):
             mode, err = cond.split("-")
             argv = [*INJECT, mode, err, "--", *argv]
         jobs.append(field.Job(f"{c}|{cond}", argv, timeout=cap))
@@ -78,7 +82,7 @@ def main() -> None:
                 extra.append(srv)
                 res = field.run_unpoliced_batch(jobs, ip, work)
             else:
-                res = field.run_unpoliced_batch(jobs, dnsmasq.ip, work)
+                res = field.run_unpoliced_batch(jobs, dnsmasq.ip, work, "use-vc" if cond.startswith("vc-") else "plain")
             for job in jobs:
                 r = res[job.id]
                 text = (r["err"].strip() or r["out"].strip()).splitlines()
