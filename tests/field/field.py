@@ -124,6 +124,7 @@ class Batch:
     results: dict[str, dict]
     records: list[dict]
     stderr: str
+    report_paths: tuple = ()
 
 
 def _env(dirs: Path) -> dict:
@@ -192,6 +193,9 @@ def run_podman_batch(jobs: list[Job], resolver_ip: str, work: Path, hook, image:
         raise AssertionError(f"the container did not run (exit {res.returncode}): {res.stderr[-1500:]}")
     import rtutil
     cid = cidfile.read_text().strip()
-    reports = rtutil.wait_poststop(hook.log_dir, hook.state_dir, pattern=cid)
+    # the hook's poststop drains in the background, at low priority: give a busy host time
+    reports = rtutil.wait_poststop(hook.log_dir, hook.state_dir, pattern=cid, timeout=90)
+    if not reports:
+        raise AssertionError(f"no report for container {cid} in {hook.log_dir} after 90 s")
     recs = [r for p in reports for r in report.load(p)]
-    return Batch(json.loads((work / "out.json").read_text()), recs, res.stderr)
+    return Batch(json.loads((work / "out.json").read_text()), recs, res.stderr, tuple(reports))
