@@ -90,6 +90,12 @@ class Resolver:
     procs: list = field(default_factory=list)
     authority: Server | None = None
     lo_addr: str | None = None
+    log: Path | None = None
+
+    def queried(self) -> list[str]:
+        """The names dnsmasq was asked for (its --log-queries lines), in order."""
+        text = self.log.read_text() if self.log and self.log.exists() else ""
+        return [line.split("] ", 1)[1].split(" from ")[0] for line in text.splitlines() if " query[" in line]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -119,9 +125,9 @@ def start_dnsmasq(ip: str, work: Path) -> Resolver:
     cmd = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
            f"--addn-hosts={hosts}", f"--listen-address={ip}", "--bind-dynamic", "--port=53",
            "--local-ttl=300", "--user=root", "--group=root", "--pid-file=",
-           f"--local=/{ZONE}/", "--log-facility=-", *args]
+           f"--local=/{ZONE}/", f"--log-facility={work / 'dnsmasq.log'}", "--log-queries", *args]
     # dnsmasq answers TCP only on interface addresses: this one is added to lo for the test's life
-    res = _on_lo(Resolver("dnsmasq", ip))
+    res = _on_lo(Resolver("dnsmasq", ip, log=work / "dnsmasq.log"))
     res.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
         _wait_port(ip, proc=res.procs[0])

@@ -69,6 +69,10 @@ LEGS = {
     ("run", "dnsmasq", "edns0"): ["getent", "python", "curl"],
     ("run", "dnsmasq", "search-ndots5"): ["getent", "python", "curl"],
     ("podman", "dnsmasq", "plain"): ["getent", "python", "curl", "wget", "busybox-wget", "dig", "requests", "git"],
+    ("podman", "unbound", "plain"): ["getent", "curl"],
+    ("podman", "bind9", "plain"): ["getent", "curl"],
+    ("podman", "dnsmasq", "use-vc"): ["getent", "python"],
+    ("podman", "dnsmasq", "search-ndots5"): ["getent"],
 }
 
 
