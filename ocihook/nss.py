@@ -50,4 +50,6 @@ def hide_sockets(paths: list[str]) -> None:
         raise OSError(ctypes.get_errno(), "mount --make-rslave /")
     for path in paths:
         if libc.mount(b"/dev/null", path.encode(), None, _MS_BIND, None) != 0:
-            raise OSError(ctypes.get_errno(), f"bind /dev/null over {path}")
+            err = ctypes.get_errno()
+            if err != 2:  # ENOENT: the daemon went away meanwhile, nothing to hide
+                raise OSError(err, f"bind /dev/null over {path}")

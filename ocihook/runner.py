@@ -48,8 +48,9 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
             proc = subprocess.Popen(cmd, preexec_fn=child_setup)
         except OSError as e:
             raise RunError(f"cannot run {cmd[0]}: {e.strerror}") from None
-        except subprocess.SubprocessError as e:
-            raise RunError(f"cannot run {cmd[0]}: {e}") from None
+        except subprocess.SubprocessError:
+            raise RunError(f"cannot run {cmd[0]}: joining its cgroup or hiding the name-service sockets "
+                           f"({', '.join(hide) or 'none'}) failed") from None
         returncode = _wait_forwarding_signals(proc)
     finally:
         drained = session.Drained()
