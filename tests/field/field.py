@@ -82,17 +82,20 @@ class Listener:
 
     def __init__(self):
         self.seen: list[tuple[str, str]] = []
-        for _ in range(20):
+        for _ in range(20):   # a port free on all five addresses
+            servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Handler)]
+            self.port = servers[0].server_address[1]
             try:
-                first = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-                self.port = first.server_address[1]
-                self.servers = [first] + [(_V6Server if ":" in a else ThreadingHTTPServer)((a, self.port), _Handler)
-                                          for a in self.ADDRS[1:]]
-                break
+                for a in self.ADDRS[1:]:
+                    servers.append((_V6Server if ":" in a else ThreadingHTTPServer)((a, self.port), _Handler))
             except OSError:
-                for s in locals().get("servers", []):
-                    s.server_close()
-                first.server_close()
+                for srv in servers:
+                    srv.server_close()
+                continue
+            self.servers = servers
+            break
+        else:
+            raise RuntimeError("no port free on 127.0.0.1-4 and ::1")
         for s in self.servers:
             s.seen = self.seen
             s.daemon_threads = True

@@ -65,7 +65,7 @@ def test_run_works_on_a_host_resolving_through_nscd(tmp_path, dnsmasq):
         assert "127.0.0.1" in out.split("--- run")[0], res.stdout + res.stderr     # nscd answered getent
         assert "nscd" in out and "/run/nscd/socket" in out, out                     # doctor says what it found
         assert "connected b'HTTP/1.0 200'" in out, out + res.stderr                 # the allowed name connects
-        assert field.Listener.reached(lst, "nscd") == ["127.0.0.1"]
+        assert lst.reached("nscd") == ["127.0.0.1"]
         from ocihook import report
         recs = report.load(tmp_path / "r.jsonl")
         # the kernel saw the lookup itself (not nscd's) and learned the name for the connect
