@@ -215,21 +215,13 @@ def run_cmd(
 # -- report -------------------------------------------------------------------------
 @app.command("report")
 def report_cmd(
-    target: str = typer.Argument(..., help="A container/run id (looked up in $SAFEDEPLOY_LOG_DIR) or a report file."),
+    target: str = typer.Argument(..., help="A report file, a container/run id or id prefix, or a podman container name."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Show a report: who tried to reach what, and what was blocked."""
     from . import report, settings
-    path = Path(target)
-    if not path.exists():
-        path = Path(settings.log_dir()) / f"{target}.jsonl"
-    if not path.exists():  # a unique prefix of a container id, as `podman ps` shows it
-        found = sorted(Path(settings.log_dir()).glob(f"{target}*.jsonl")) if target and "/" not in target else []
-        if len(found) > 1:
-            _err(f"{target!r} matches {len(found)} reports: " + ", ".join(f.stem[:16] for f in found[:5]))
-            raise typer.Exit(1)
-        path = found[0] if found else path
     with _errors():
+        path = report.find(target, settings.log_dir())
         records = report.load(path)
         summary = report.load_summary(path)
     if fmt == "json":

@@ -101,6 +101,17 @@ def _programs() -> Check:
     return ("programs", False, f"not pinned yet at {pins} (first use compiles them)", False)
 
 
+def _name_service() -> Check:
+    from . import nss  # noqa: PLC0415
+    live = nss.live_sockets()
+    if not live:
+        return ("name service", True, "no nscd or systemd-resolved socket: glibc resolves over DNS, "
+                "which the kernel sees", False)
+    found = ", ".join(f"{daemon} at {path}" for daemon, path in live)
+    return ("name service", True, f"{found}: `safedeploy run` hides them in its own mount namespace so "
+            "lookups go out as DNS the kernel judges (containers have their own /run)", False)
+
+
 def run_checks(hooks_dir: Path | None = None) -> list[Check]:
     return [_root(), _capabilities(), _kernel(), _cgroup2(), _bpffs(), _bcc(), _headers(), _programs(),
-            _tool("runc", False), _tool("podman", False), _hooks_d(hooks_dir)]
+            _tool("runc", False), _tool("podman", False), _hooks_d(hooks_dir), _name_service()]

@@ -109,6 +109,51 @@ def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str 
     return path
 
 
+def find(target: str, log_dir: str) -> Path:
+    """The report a user means: a file, a container/run id, a unique id prefix (as `podman ps`
+    shows it), or a podman container name (the newest container of that name with a report,
+    found through podman, also after `run --rm` removed it)."""
+    path = Path(target)
+    if path.exists():
+        return path
+    logs = Path(log_dir)
+    path = logs / f"{target}.jsonl"
+    if path.exists() or not target or "/" in target:
+        return path
+    found = sorted(logs.glob(f"{target}*.jsonl"))
+    if len(found) > 1:
+        raise ReportError(f"{target!r} matches {len(found)} reports: " + ", ".join(f.stem[:16] for f in found[:5]))
+    if found:
+        return found[0]
+    for cid in reversed(podman_ids(target)):
+        if (logs / f"{cid}.jsonl").exists():
+            return logs / f"{cid}.jsonl"
+    raise ReportError(f"{target}: no report (not a file, a container or run id, an id prefix, "
+                      f"or the name of a podman container with a report in {logs})")
+
+
+def podman_ids(name: str) -> list[str]:
+    """Ids of the podman containers that had this name, oldest first: podman's event log keeps
+    them after the container is gone. [] without podman."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    if not shutil.which("podman"):
+        return []
+    ids: list[str] = []
+    for cmd in (["podman", "events", "--stream=false", "--filter", f"container={name}", "--filter", "event=create",
+                 "--format", "{{.ID}} {{.Name}}"],
+                ["podman", "container", "inspect", "--format", "{{.Id}} {{.Name}}", name]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == name and parts[0] not in ids:
+                ids.append(parts[0])
+    return ids
+
+
 def load(path: Path) -> list[dict]:
     """The records of a report (without its summary line)."""
     return [r for r in _lines(path) if not r.get("summary")]

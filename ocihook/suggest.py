@@ -7,7 +7,7 @@ import ipaddress
 import json
 from pathlib import Path
 
-from .policy import Dest, Policy, decide, decide_query, load_policy_text, to_mapped
+from .policy import Dest, Policy, decide, decide_query, load_policy_text, normalize_name, to_mapped
 
 
 def _needed(records: list[dict], base: Policy | None) -> list[dict]:
@@ -20,6 +20,23 @@ def _needed(records: list[dict], base: Policy | None) -> list[dict]:
 
 def _dest_of(rec: dict) -> Dest:
     return Dest(ip=to_mapped(rec["dst_ip"]), port=rec["dst_port"], proto=rec["proto"], name=rec.get("domain"))
+
+
+def _rule_name(name: str | None) -> str | None:
+    """The name as a policy can say it, or None (the kernel reports what was asked, which
+    may be no valid rule name: an address, a '*' label, a space...)."""
+    if not name or name.replace(".", "").isdigit():
+        return None
+    try:
+        return normalize_name(name)
+    except ValueError:
+        return None
+
+
+def _probe(rec: dict) -> bool:
+    """A connect to port 0: getaddrinfo()'s address-selection probe (RFC 6724) on a UDP socket
+    that sends nothing, or a TCP connect that cannot reach anyone. No rule can name port 0."""
+    return rec["kind"] != "dns" and rec["dst_port"] == 0
 
 
 def suggest(records: list[dict], base: Policy | None = None, name: str = "suggested") -> tuple[dict, list[str]]:
@@ -36,6 +53,8 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     problems = []
     needed = []
     for rec in _needed(records, base):
+        if rec["kind"] != "socket" and _probe(rec):
+            continue
         if rec["kind"] == "socket":
             problems.append(f"raw sockets were used (pid {rec['pid']} {rec['comm']}): add `raw_sockets: allow` "
                             "only if the deploy really needs them")
@@ -50,11 +69,15 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
             if rec["dst_ip"] not in resolvers:
                 resolvers.append(rec["dst_ip"])
             continue
+        name = _rule_name(rec.get("domain"))
+        if rec.get("domain") and not name:
+            problems.append(f"{rec['domain']!r} is not a name a policy can hold: "
+                            + ("its lookup is not allowed" if rec["kind"] == "dns" else f"allowing {rec['dst_ip']} instead"))
         if rec["kind"] == "dns":
-            if rec.get("domain"):
-                names.add(rec["domain"])
+            if name:
+                names.add(name)
             continue
-        target = ("domain", rec["domain"]) if rec.get("domain") else ("cidr", _host_cidr(rec["dst_ip"]))
+        target = ("domain", name) if name else ("cidr", _host_cidr(rec["dst_ip"]))
         ports.setdefault((*target, rec["proto"]), set()).add(rec["dst_port"])
     covered = {t for (kind, t, _proto) in ports if kind == "domain"}
     for (kind, target, proto), ps in sorted(ports.items()):
@@ -65,6 +88,10 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
         doc.setdefault("dns", {})["resolvers"] = resolvers
     policy = load_policy_text(json.dumps(doc), "suggested")
     for rec in needed if base else records:
+        if (rec["kind"] != "dns" and _probe(rec)) or (rec.get("domain") and not _rule_name(rec["domain"])):
+            continue
+        if rec["kind"] == "socket":
+            continue
         if rec["kind"] == "dns" and rec.get("domain"):
             dec = decide_query(policy, rec["domain"])
         else:

@@ -71,3 +71,21 @@ def test_podman_without_annotation_is_untouched(hook, podman_image):
     assert res.returncode == 0, res.stderr
     assert "Connection refused" in res.stderr
     assert not list(hook.log_dir.glob("*.jsonl")) and not list(hook.state_dir.glob("*.json"))
+
+
+def test_report_by_podman_container_name(hook, podman_image):
+    """`safedeploy report NAME` finds the report of a --rm container by its podman name."""
+    import subprocess
+    import sys
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    name = _name()
+    res = _run(hook, podman_image, name, annotation="rollout")
+    assert res.returncode == 0, res.stderr
+    _report(hook, name, podman_image)
+    out = subprocess.run([sys.executable, "-m", "ocihook.cli", "report", name], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "BLOCKED (1 attempts)" in out.stdout and "127.0.0.2:80/tcp" in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "ocihook.cli", "report", name + "-nope"], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1 and "no report" in missing.stderr and "Traceback" not in missing.stderr
