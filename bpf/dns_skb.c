@@ -1,8 +1,10 @@
 /* safedeploy: DNS-aware cgroup_skb programs.
  *
- * egress: a DNS query (UDP/53 or the first segment of TCP/53, IPv4 and IPv6) is parsed in
- * the kernel; a query for a denied name is dropped, so the sender gets EPERM at once
- * instead of waiting for a timeout.
+ * egress: every packet leaving a policed cgroup is judged by its real IP destination and
+ * protocol (a fast path for packets going where their socket was judged to go); anything
+ * sent to port 53 (UDP, UDP-Lite, TCP data; behind IPv4 options or IPv6 extension headers
+ * too) is parsed as a DNS query, and a query for a denied name is dropped, so the sender
+ * gets EPERM at once instead of waiting for a timeout.
  * ingress: the answer to a query is parsed (A/AAAA records of the answer section, behind
  * any CNAMEs, owner names compressed or not) and each address is learned for its TTL
  * together with the queried name, so connect() can judge the address by that name.
@@ -271,34 +273,6 @@ static __always_inline void sd_remember_name(__u64 cgid, struct sd_scratch *s, _
     qnames.update(&qk, &s->q);
 }
 
-/* A packet of a raw socket: it bypassed connect/sendmsg, so drop it unless the policy
- * allows raw sockets (sd_sock_create refuses most of them at creation already). */
-static __always_inline int sd_raw_egress(struct __sk_buff *skb)
-{
-    __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
-    if (!pol || pol->allow_raw)
-        return 1;
-    struct sd_dest d = {};
-    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
-        __u8 hdr[20];
-        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
-            return 0;
-        d.addr[2] = bpf_htonl(0xffff);
-        __builtin_memcpy(&d.addr[3], &hdr[16], 4);
-        d.proto = hdr[9];
-        d.family = 4;
-    } else {
-        __u8 hdr[40];
-        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
-            return 0;
-        __builtin_memcpy(d.addr, &hdr[24], 16);
-        d.proto = hdr[6];
-        d.family = 6;
-    }
-    return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
-}
-
 /* What both DNS programs need first: the DNS message, the policy of the socket's cgroup,
  * this program's scratch slot and the 12-byte DNS header. NULL: not ours to look at. */
 struct sd_dns_ctx {
@@ -322,57 +296,282 @@ static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, in
     return scratch.lookup(&slot);
 }
 
-int sd_dns_egress(struct __sk_buff *skb)
-{
-    struct bpf_sock *sk = skb->sk;
-    if (sk) {
-        sk = bpf_sk_fullsock(sk);
-        if (sk && sk->type == SD_SOCK_RAW)
-            return sd_raw_egress(skb);
-    }
-    struct sd_dns_ctx c = {};
-    struct sd_scratch *s = sd_dns_begin(skb, 1, SD_SCRATCH_EGRESS, &c);
-    if (!s)
-        return 1;
-    struct sd_cgroup *pol = c.pol;
-    __u64 cgid = c.cgid;
-    __u32 off = c.off;
-    __u8 *hdr = c.hdr;
-    if (hdr[2] & 0x80)
-        return 1; /* QR: a response going out (a DNS server in the container) */
-    __u8 opcode = (hdr[2] >> 3) & 0x0f;
-    __u16 qdcount = (hdr[4] << 8) | hdr[5];
+/* What egress needs of a packet: its real destination and protocol, its ports, and
+ * whether it carries a source route. */
+struct sd_pkt {
+    struct sd_dest d;   /* the IP destination; proto = the L4 protocol; port = destination port */
+    __u32 l4;           /* offset of the L4 header */
+    __u16 sport;
+    __u8 has_ports;     /* TCP/UDP/UDP-Lite whose header is in this packet (not a later fragment) */
+    __u8 srcroute;      /* an IPv6 routing header or an IPv4 LSRR/SSRR option */
+    __u8 options;       /* IPv4 options or IPv6 extension headers */
+    /* a packet to a DNS port with DNS data: the query's verdict (sd_dns_query) */
+    __u8 dns;
+    __u8 dns_verdict;
+    __u16 dns_rule;
+    __u16 txid;
+    __u32 dns_name_id;
+};
 
+/* in map memory, not on the stack: the verifier then sees the parse results as unknown
+ * values and verifies the rest of the program once, not once per parsing path */
+BPF_PERCPU_ARRAY(pktscratch, struct sd_pkt, 1);
+
+#define SD_MAX_EXTHDRS 8
+#define SD_NH_HOP 0
+#define SD_NH_ROUTING 43
+#define SD_NH_FRAGMENT 44
+#define SD_NH_AH 51
+#define SD_NH_DSTOPTS 60
+
+static __always_inline int sd_is_exthdr(__u8 nh)
+{
+    return nh == SD_NH_HOP || nh == SD_NH_ROUTING || nh == SD_NH_FRAGMENT || nh == SD_NH_AH || nh == SD_NH_DSTOPTS;
+}
+
+/* Parse the IP header (IPv4 options, IPv6 extension headers walked to the L4 header).
+ * 0: the packet cannot be parsed (truncated, or more than SD_MAX_EXTHDRS headers). */
+static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
+{
+    __u32 l4;
+    __u8 proto;
+    int later = 0; /* a fragment other than the first: no L4 header */
+    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+        __u8 hdr[20];
+        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
+            return 0;
+        l4 = (hdr[0] & 0x0f) * 4;
+        if (l4 < 20)
+            return 0;
+        later = (hdr[6] & 0x1f) || hdr[7];
+        proto = hdr[9];
+        p->d.addr[2] = bpf_htonl(0xffff);
+        __builtin_memcpy(&p->d.addr[3], &hdr[16], 4);
+        p->d.family = 4;
+        if (l4 > 20) {
+            __u8 opt[64] = {};
+            __u32 olen = l4 - 20;
+            if (olen > 40)
+                return 0;
+            olen -= 1;
+            asm volatile("%0 &= 0x3f" : "+r"(olen));
+            olen += 1;
+            if (bpf_skb_load_bytes(skb, 20, opt, olen) < 0)
+                return 0;
+            p->options = 1;
+            p->srcroute = sd_v4_srcroute(opt, olen);
+        }
+    } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
+        __u8 hdr[40];
+        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
+            return 0;
+        proto = hdr[6];
+        __builtin_memcpy(p->d.addr, &hdr[24], 16);
+        p->d.family = sd_is_v4mapped(p->d.addr) ? 4 : 6;
+        l4 = 40;
+        for (int i = 0; i < SD_MAX_EXTHDRS; i++) {
+            if (!sd_is_exthdr(proto))
+                break;
+            __u8 e[4];
+            if (bpf_skb_load_bytes(skb, l4, e, sizeof(e)) < 0)
+                return 0;
+            p->options = 1;
+            if (proto == SD_NH_FRAGMENT) {
+                later = (((__u16)e[2] << 8) | e[3]) & 0xfff8;
+                proto = e[0];
+                l4 += 8;
+                if (later)
+                    break;
+                continue;
+            }
+            if (proto == SD_NH_ROUTING)
+                p->srcroute = 1; /* any routing type: segment routing (4), type 2, ... */
+            l4 += proto == SD_NH_AH ? ((__u32)e[1] + 2) * 4 : ((__u32)e[1] + 1) * 8;
+            proto = e[0];
+        }
+        if (!later && sd_is_exthdr(proto))
+            return 0; /* more extension headers than we walk */
+    } else {
+        return 0;
+    }
+    p->d.proto = proto;
+    p->l4 = l4;
+    if (!later && (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == SD_IPPROTO_UDPLITE)) {
+        __u8 ports[4];
+        if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
+            return 0;
+        p->sport = ((__u16)ports[0] << 8) | ports[1];
+        p->d.port = ((__u16)ports[2] << 8) | ports[3];
+        p->has_ports = 1;
+    }
+    return 1;
+}
+
+/* The fast path: a plain packet (no IPv4 options, no IPv6 extension headers, headers in
+ * the linear data) going exactly where its socket was judged to go, not to or from port 53.
+ * Direct packet reads and one socket-storage lookup. */
+static __always_inline int sd_fast_pass(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+    struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
+    if (!st)
+        return 0;
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    __u8 *h = data;
+    __u8 *ports;
+    __u32 a[4];
+    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+        if ((void *)(h + 24) > end)
+            return 0;
+        if (h[0] != 0x45 || (h[6] & 0x1f) || h[7] || h[9] != st->proto)
+            return 0;
+        a[0] = 0;
+        a[1] = 0;
+        a[2] = bpf_htonl(0xffff);
+        __builtin_memcpy(&a[3], h + 16, 4);
+        ports = h + 20;
+    } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
+        if ((void *)(h + 44) > end)
+            return 0;
+        if (h[6] != st->proto)
+            return 0;
+        __builtin_memcpy(a, h + 24, 16);
+        ports = h + 40;
+    } else {
+        return 0;
+    }
+    if (a[0] != st->addr[0] || a[1] != st->addr[1] || a[2] != st->addr[2] || a[3] != st->addr[3])
+        return 0;
+    __u16 sport = ((__u16)ports[0] << 8) | ports[1];
+    __u16 dport = ((__u16)ports[2] << 8) | ports[3];
+    return dport == st->port && dport != SD_DNS_PORT && sport != SD_DNS_PORT;
+}
+
+/* Was this exact destination judged for the socket (at connect/sendmsg, accept, or by an
+ * earlier packet)? */
+static __always_inline int sd_judged_match(struct bpf_sock *sk, struct sd_pkt *p)
+{
+    if (!p->has_ports)
+        return 0;
+    struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
+    if (!st)
+        return 0;
+    return st->proto == p->d.proto && st->port == p->d.port && st->addr[0] == p->d.addr[0] &&
+           st->addr[1] == p->d.addr[1] && st->addr[2] == p->d.addr[2] && st->addr[3] == p->d.addr[3];
+}
+
+/* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel
+ * cannot parse (QR set, another opcode, not exactly one question, a bad name, truncated)
+ * is denied when the policy denies any name or defaults to deny. Returns 0 when the
+ * packet carries no DNS data (a bare TCP segment): nothing to judge. */
+static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p, __u64 cgid, struct sd_cgroup *pol)
+{
+    __u32 slot = SD_SCRATCH_EGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!s)
+        return 0;
+    __u32 off = p->l4 + 8;
+    if (p->d.proto == IPPROTO_TCP) {
+        __u8 doff = 0;
+        bpf_skb_load_bytes(skb, p->l4 + 12, &doff, 1);
+        __u32 payload = p->l4 + (doff >> 4) * 4;
+        if (payload >= skb->len)
+            return 0; /* no data (SYN, ACK, FIN): nothing is asked */
+        off = payload + 2; /* skip the 2-byte length prefix */
+    }
+    __u8 hdr[12] = {};
     __u32 wire_len = 0;
     __u64 full = 0;
-    if (opcode == 0 && qdcount == 1)
-        wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
-
-    __u8 verdict;
-    __u16 rule;
-    __u32 name_id = 0;
+    if (off + 12 <= skb->len && bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) == 0) {
+        __u8 opcode = (hdr[2] >> 3) & 0x0f;
+        __u16 qdcount = (hdr[4] << 8) | hdr[5];
+        if (!(hdr[2] & 0x80) && opcode == 0 && qdcount == 1)
+            wire_len = sd_parse_qname(skb, off + 12, cgid, s, &full);
+    }
+    p->txid = ((__u16)hdr[0] << 8) | hdr[1];
     if (!wire_len) {
         /* unparseable: never a silent allow when the policy denies any name */
         sd_stat(SD_STAT_DNS_MALFORMED);
-        verdict = (pol->dflt == SD_DENY || pol->name_denies) ? SD_DENY : SD_ALLOW;
-        rule = SD_RULE_MALFORMED;
+        p->dns_verdict = (pol->dflt == SD_DENY || pol->name_denies) ? SD_DENY : SD_ALLOW;
+        p->dns_rule = SD_RULE_MALFORMED;
     } else {
-        verdict = s->found ? s->qv_verdict : pol->dflt;
-        rule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-        name_id = (__u32)full;
-        sd_remember_name(cgid, s, name_id); /* the report shows the name */
+        p->dns_verdict = s->found ? s->qv_verdict : pol->dflt;
+        p->dns_rule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
+        p->dns_name_id = (__u32)full;
+        sd_remember_name(cgid, s, (__u32)full); /* the report shows the name */
     }
-    if ((bpf_get_current_pid_tgid() >> 32) == 0) /* a TCP retransmission from kernel context */
-        return verdict == SD_ALLOW || pol->mode == SD_MODE_AUDIT;
-    int ret = sd_verdict_return(cgid, pol, &c.d, verdict, rule, SD_KIND_DNS, name_id);
-    if (ret && name_id) {
-        struct sd_pending_key pk = {};
-        pk.cgid = cgid;
-        __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
-        pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
-        pending.update(&pk, &name_id);
+    return 1;
+}
+
+/* The full judgement of a packet that did not take the fast path: one decision, one record. */
+static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
+    if (!pol)
+        return 1;
+    __u32 zero = 0;
+    struct sd_pkt *pp = pktscratch.lookup(&zero);
+    if (!pp)
+        return 0;
+    __builtin_memset(pp, 0, sizeof(*pp));
+    int parsed = sd_parse_pkt(skb, pp);
+    if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT) /* first: the heaviest part, verified once */
+        pp->dns = sd_dns_query(skb, pp, cgid, pol);
+    struct sd_pkt p = *pp;
+    int raw = sk->type == SD_SOCK_RAW;
+    int judged = 0;
+    __u8 verdict = SD_DENY;
+    __u16 rule = SD_RULE_DEFAULT;
+    __u32 name_id = 0;
+    __u8 kind = SD_KIND_PACKET;
+    int dns = 0;
+    if (!parsed) {
+        rule = SD_RULE_MALFORMED;
+    } else if (p.srcroute && !pol->allow_srcroute) {
+        rule = SD_RULE_SRCROUTE;
+    } else if (raw && !pol->allow_raw) {
+        rule = SD_RULE_RAW;
+        kind = SD_KIND_SOCKET;
+    } else if (p.has_ports && p.sport == SD_DNS_PORT && !pol->serve_dns) {
+        rule = SD_RULE_SERVE_DNS; /* an answer made in here must not teach anyone */
+    } else {
+        judged = !raw && sd_judged_match(sk, &p);
+        verdict = SD_ALLOW;
+        if (!judged)
+            verdict = sd_decide_as(cgid, pol, &p.d, sd_judged_proto(pol, p.d.proto), &rule, &name_id);
+        if (verdict == SD_ALLOW && p.dns) {
+            dns = 1;
+            kind = SD_KIND_DNS;
+            verdict = p.dns_verdict;
+            rule = p.dns_rule;
+            name_id = p.dns_name_id;
+        }
+        if (judged && !dns)
+            return 1;
     }
+    int ret = sd_verdict_return(cgid, pol, &p.d, verdict, rule, kind, name_id);
+    if (ret && dns && name_id)
+        sd_pending_put(cgid, p.d.addr, p.txid, name_id);
+    if (ret && !judged && !raw && p.has_ports && !p.options)
+        sd_judged_put(sk, &p.d, p.d.proto, SD_SK_JUDGED);
     return ret;
+}
+
+/* Every packet that leaves a policed cgroup. */
+int sd_egress(struct __sk_buff *skb)
+{
+    struct bpf_sock *sk = skb->sk;
+    if (!sk)
+        return 1;
+    sk = bpf_sk_fullsock(sk);
+    if (!sk)
+        return 1; /* timewait sockets: ACKs and RSTs of a closed connection */
+    if (sk->state == BPF_TCP_LISTEN)
+        return 1; /* a listener (the kernel runs SYN-ACKs of its request sockets as the listener's) */
+    if (sk->type != SD_SOCK_RAW && sd_fast_pass(skb, sk))
+        return 1;
+    return sd_egress_judge(skb, sk);
 }
 
 static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
@@ -416,14 +615,8 @@ int sd_dns_ingress(struct __sk_buff *skb)
     if (!wire_len || !s->q.nhash)
         return 1; /* not judged by name: its addresses are not learned */
     __u32 name_id = (__u32)full;
-    struct sd_pending_key pk = {};
-    pk.cgid = cgid;
-    __builtin_memcpy(pk.addr, c.d.addr, sizeof(pk.addr));
-    pk.txid = ((__u16)hdr[0] << 8) | hdr[1];
-    __u32 *asked = pending.lookup(&pk);
-    if (!asked || *asked != name_id)
+    if (!sd_pending_take(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
         return 1; /* no such question went to that resolver from here: nothing to learn */
-    pending.delete(&pk);
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
     __u8 qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;

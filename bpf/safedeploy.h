@@ -23,6 +23,9 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
 #define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
 #define SD_RULE_RAW 0xfffc       /* raw_sockets: deny */
+#define SD_RULE_SRCROUTE 0xfffb  /* source_routes: deny (IPv6 routing header, IPv4 LSRR/SSRR) */
+#define SD_RULE_PROTOCOL 0xfffa  /* an IP protocol the policy does not name in protocols */
+#define SD_RULE_SERVE_DNS 0xfff9 /* serve_dns: deny (bind to / send from port 53) */
 
 #define SD_ALLOW 0
 #define SD_DENY 1
@@ -38,14 +41,22 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_KIND_SENDMSG 2
 #define SD_KIND_DNS 3
 #define SD_KIND_SOCKET 4    /* a raw socket: its creation or its packets */
+#define SD_KIND_PACKET 5    /* a packet judged at egress by its real destination */
+#define SD_KIND_BIND 6      /* bind(2) to port 53 */
+#define SD_KIND_SOCKOPT 7   /* setsockopt(2) of a source route */
 #define SD_SOCK_RAW 3
+
+#define SD_PROTO_OTHER 255  /* rule entries for IP protocols other than TCP and UDP */
+#define SD_IPPROTO_UDPLITE 136
+#define SD_IPPROTO_MPTCP 262
 
 #define SD_STAT_EVENTS_DROPPED 0
 #define SD_STAT_DECISIONS 1
 #define SD_STAT_DENIED 2
 #define SD_STAT_DNS_MALFORMED 3
 #define SD_STAT_LIVE_UNREAD 4   /* live events not taken because nobody runs `watch` */
-#define SD_NSTATS 5
+#define SD_STAT_ANSWERS_CUT 5   /* DNS answers with more address records than SD_MAX_ANSWERS */
+#define SD_NSTATS 6
 
 /* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
 struct sd_cgroup {
@@ -54,7 +65,10 @@ struct sd_cgroup {
     __u8 has_resolvers; /* 1: port-53 traffic only to the resolvers map */
     __u8 name_denies;   /* 1: the policy denies some name (unparseable queries are dropped) */
     __u8 allow_raw;     /* 1: raw IP sockets are allowed (they bypass connect/sendmsg rules) */
-    __u8 pad[3];
+    __u8 allow_srcroute; /* 1: source-routed packets (IPv6 routing headers, IPv4 LSRR/SSRR) may leave */
+    __u8 serve_dns;     /* 1: the cgroup may bind port 53 and send from it */
+    __u8 pad;
+    __u8 protos[32];    /* bitmap of the IP protocols (other than TCP/UDP) the policy names */
 };
 
 /* cidrs: LPM trie. The fixed part (proto, pad, port, cgid: 96 bits) always matches in
@@ -221,7 +235,15 @@ BPF_TABLE("lru_hash", struct sd_addr_key, struct sd_learned, learned, 65536);
 #define SD_SCRATCH_EGRESS 0
 #define SD_SCRATCH_INGRESS 1
 BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 2);
-BPF_TABLE("lru_hash", struct sd_pending_key, __u32, pending, 16384);
+/* A pending query: never overwritten by another question with the same id (inserted
+ * with BPF_NOEXIST) until it is answered or expires. */
+struct sd_pending {
+    __u64 expires_ns;   /* CLOCK_BOOTTIME */
+    __u32 name_id;      /* the question */
+    __u32 pad;
+};
+#define SD_PENDING_S 30     /* a query unanswered this long no longer blocks its id */
+BPF_TABLE("lru_hash", struct sd_pending_key, struct sd_pending, pending, 16384);
 
 /* procs: who made a recorded call, captured in the kernel when its first event is
  * recorded (so a report names processes that exited long before poststop): the command
@@ -238,14 +260,82 @@ struct sd_ancestor {
     __u32 pid;
     char comm[16];
 };
+#define SD_EXE 256
+#define SD_EXE_PART 128     /* longest path component kept; the path stops before SD_EXE - SD_EXE_PART */
+#define SD_EXE_DEPTH 32     /* path components and mount crossings walked */
 struct sd_proc {
     __u32 len;          /* bytes of cmdline (NUL-separated argv) */
     __u32 chain_len;
     struct sd_ancestor chain[SD_CHAIN]; /* parent first */
     char cmdline[SD_CMDLINE];
+    __u32 exe_len;      /* bytes of exe */
+    __u32 exe_flags;    /* SD_EXE_* */
+    char exe[SD_EXE];   /* the executable's path (task->mm->exe_file), components last first, NUL-separated */
 };
+#define SD_EXE_COMPLETE 1   /* the walk reached the root of the task's mount tree */
 BPF_TABLE("lru_hash", struct sd_proc_key, struct sd_proc, procs, 16384);
 BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
+
+/* The executable's path, walked up from mm->exe_file: dentry names through d_parent, and
+ * across mounts through struct mount (mnt_parent, mnt_mountpoint), up to the root of the
+ * task's mount tree (a container's own root: the path is the one the container sees).
+ * Components are written last first; userspace reverses them. */
+#if defined(SD_OFF_MM_EXE_FILE) && defined(SD_OFF_FILE_F_PATH) && defined(SD_OFF_PATH_MNT) && \
+    defined(SD_OFF_PATH_DENTRY) && defined(SD_OFF_DENTRY_D_PARENT) && defined(SD_OFF_DENTRY_D_NAME) && \
+    defined(SD_OFF_QSTR_NAME) && defined(SD_OFF_MOUNT_MNT) && defined(SD_OFF_MOUNT_MNT_PARENT) && \
+    defined(SD_OFF_MOUNT_MNT_MOUNTPOINT) && defined(SD_OFF_VFSMOUNT_MNT_ROOT)
+static __always_inline void sd_capture_exe(__u64 mm, struct sd_proc *p)
+{
+    __u64 file = 0, vfsmnt = 0, dentry = 0;
+    p->exe_len = 0;
+    p->exe_flags = 0;
+    if (!mm)
+        return;
+    bpf_probe_read_kernel(&file, sizeof(file), (void *)(mm + SD_OFF_MM_EXE_FILE));
+    if (!file)
+        return;
+    bpf_probe_read_kernel(&vfsmnt, sizeof(vfsmnt), (void *)(file + SD_OFF_FILE_F_PATH + SD_OFF_PATH_MNT));
+    bpf_probe_read_kernel(&dentry, sizeof(dentry), (void *)(file + SD_OFF_FILE_F_PATH + SD_OFF_PATH_DENTRY));
+    __u64 mnt = vfsmnt - SD_OFF_MOUNT_MNT;
+    volatile __u32 *vpos = &p->exe_len; /* in map memory: the verifier sees an unknown length at each step */
+    for (int i = 0; i < SD_EXE_DEPTH; i++) {
+        __u64 root = 0, up = 0, name = 0;
+        bpf_probe_read_kernel(&root, sizeof(root), (void *)(vfsmnt + SD_OFF_VFSMOUNT_MNT_ROOT));
+        if (dentry == root) { /* the top of this mount: continue where it is mounted */
+            __u64 parent = 0;
+            bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(mnt + SD_OFF_MOUNT_MNT_PARENT));
+            if (!parent || parent == mnt) {
+                p->exe_flags = SD_EXE_COMPLETE;
+                break;
+            }
+            bpf_probe_read_kernel(&dentry, sizeof(dentry), (void *)(mnt + SD_OFF_MOUNT_MNT_MOUNTPOINT));
+            mnt = parent;
+            vfsmnt = parent + SD_OFF_MOUNT_MNT;
+            continue;
+        }
+        bpf_probe_read_kernel(&up, sizeof(up), (void *)(dentry + SD_OFF_DENTRY_D_PARENT));
+        if (!up || up == dentry) {
+            p->exe_flags = SD_EXE_COMPLETE;
+            break;
+        }
+        __u32 pos = *vpos;
+        if (pos >= SD_EXE - SD_EXE_PART)
+            break;
+        bpf_probe_read_kernel(&name, sizeof(name), (void *)(dentry + SD_OFF_DENTRY_D_NAME + SD_OFF_QSTR_NAME));
+        int n = bpf_probe_read_kernel_str(&p->exe[pos & (SD_EXE - SD_EXE_PART - 1)], SD_EXE_PART, (void *)name);
+        if (n <= 0)
+            break;
+        *vpos = pos + n;
+        dentry = up;
+    }
+}
+#else
+static __always_inline void sd_capture_exe(__u64 mm, struct sd_proc *p)
+{
+    p->exe_len = 0;
+    p->exe_flags = 0;
+}
+#endif
 
 #if defined(SD_OFF_TASK_MM) && defined(SD_OFF_MM_ARG_START) && defined(SD_OFF_MM_ARG_END) && \
     defined(SD_OFF_TASK_REAL_PARENT) && defined(SD_OFF_TASK_TGID) && defined(SD_OFF_TASK_COMM)
@@ -276,6 +366,7 @@ static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid)
                 p->len = len;
         }
     }
+    sd_capture_exe(mm, p);
     p->chain_len = 0;
     __u64 cur = task;
     for (int i = 0; i < SD_CHAIN; i++) {
@@ -470,12 +561,28 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
     return pol->dflt;
 }
 
+/* Does the task running on this CPU belong to the policed cgroup? Not always: packets
+ * sent in softirq context (TCP retransmissions, timers, ACKs) run on whatever task the
+ * CPU interrupted. Only a task inside the cgroup is named in a record. */
+static __always_inline int sd_current_in(__u64 cgid)
+{
+    _Pragma("unroll") for (int lvl = 0; lvl < SD_MAX_DEPTH; lvl++) {
+        __u64 id = sd_current_ancestor_cgroup_id(lvl);
+        if (!id)
+            break;
+        if (id == cgid)
+            return 1;
+    }
+    return 0;
+}
+
 static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule, __u8 ev, __u8 kind, __u32 name_id)
 {
     struct sd_event_key k = {};
     k.cgid = cgid;
     __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
-    k.pid = bpf_get_current_pid_tgid() >> 32;
+    int mine = sd_current_in(cgid);
+    k.pid = mine ? bpf_get_current_pid_tgid() >> 32 : 0;
     k.port = d->port;
     k.rule = rule;
     k.verdict = ev;
@@ -488,7 +595,8 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
         struct sd_live live_ev = {};
         live_ev.k = k;
         live_ev.ts_ns = now;
-        bpf_get_current_comm(&live_ev.comm, sizeof(live_ev.comm));
+        if (mine)
+            bpf_get_current_comm(&live_ev.comm, sizeof(live_ev.comm));
         if (live.ringbuf_output(&live_ev, sizeof(live_ev), 0) != 0)
             sd_stat(SD_STAT_LIVE_UNREAD);
     }
@@ -502,9 +610,13 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
     nv.count = 1;
     nv.first_ns = now;
     nv.last_ns = now;
-    nv.uid = (__u32)bpf_get_current_uid_gid();
-    bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
-    sd_capture_proc(cgid, k.pid);
+    if (mine) {
+        nv.uid = (__u32)bpf_get_current_uid_gid();
+        bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
+        sd_capture_proc(cgid, k.pid);
+    } else {
+        nv.uid = 0xffffffff; /* no process: a packet the kernel sent on the cgroup's behalf */
+    }
     if (events.insert(&k, &nv) != 0) {
         v = events.lookup(&k); /* lost a race with another CPU */
         if (v) {
@@ -546,6 +658,157 @@ static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct 
     __u32 name_id = 0;
     __u8 verdict = sd_decide(cgid, pol, d, &rule, &name_id);
     return sd_verdict_return(cgid, pol, d, verdict, rule, kind, name_id);
+}
+
+/* Remember a query let through (resolver, id) -> question. Returns 1 when it is pending
+ * now (new, or the same question again, e.g. a retransmission), 0 when another question
+ * with that id is pending: the first one keeps its entry, this one will teach nothing. */
+static __always_inline int sd_pending_put(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+{
+    struct sd_pending_key pk = {};
+    pk.cgid = cgid;
+    __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
+    pk.txid = txid;
+    __u64 now = bpf_ktime_get_boot_ns();
+    struct sd_pending v = {};
+    v.expires_ns = now + SD_PENDING_S * 1000000000ULL;
+    v.name_id = name_id;
+    if (pending.insert(&pk, &v) == 0)
+        return 1;
+    struct sd_pending *old = pending.lookup(&pk);
+    if (!old)
+        return pending.insert(&pk, &v) == 0;
+    if (old->name_id == name_id)
+        return 1;
+    if (old->expires_ns < now) { /* an unanswered query long gone */
+        pending.delete(&pk);
+        return pending.insert(&pk, &v) == 0;
+    }
+    return 0;
+}
+
+/* Take the pending query an answer from resolver with txid answers, if it asked name_id. */
+static __always_inline int sd_pending_take(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+{
+    struct sd_pending_key pk = {};
+    pk.cgid = cgid;
+    __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
+    pk.txid = txid;
+    struct sd_pending *asked = pending.lookup(&pk);
+    if (!asked || asked->name_id != name_id)
+        return 0;
+    pending.delete(&pk);
+    return 1;
+}
+
+/* sk_judged: per socket, the destination its last connect/sendmsg was judged for, or the
+ * peer of an accepted connection (sd_sockops). At egress, a packet going exactly there
+ * (same address, protocol and port, no IP options, no IPv6 extension headers) leaves after
+ * this one lookup; any other packet is judged in full by its real destination. */
+struct sd_sk {
+    __u32 addr[4];
+    __u16 port;         /* host order */
+    __u8 proto;         /* the packet's IP protocol (UDP-Lite stays 136) */
+    __u8 flags;         /* SD_SK_* */
+};
+#define SD_SK_JUDGED 1      /* set by connect/sendmsg, or by a full judgement at egress */
+#define SD_SK_ACCEPTED 2    /* an accepted connection: its peer */
+BPF_SK_STORAGE(sk_judged, struct sd_sk);
+
+static __always_inline void sd_judged_put(struct bpf_sock *sk, struct sd_dest *d, __u8 proto, __u8 flags)
+{
+    struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!st)
+        return;
+    __builtin_memcpy(st->addr, d->addr, sizeof(st->addr));
+    st->port = d->port;
+    st->proto = proto;
+    st->flags = flags;
+}
+
+/* A 32-bit field of a struct bpf_sock at its own offset (clang would otherwise compute
+ * a pointer into the socket, which the verifier refuses). */
+#define SD_SK_U32(sk, field)                                                                  \
+    ({                                                                                        \
+        __u32 v_;                                                                             \
+        asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(v_) : "r"(sk), "i"(__builtin_offsetof(struct bpf_sock, field))); \
+        v_;                                                                                   \
+    })
+
+/* Does the policy name this IP protocol in `protocols:`? */
+static __always_inline int sd_proto_named(struct sd_cgroup *pol, __u32 proto)
+{
+    if (proto > 255)
+        return 0;
+    return (pol->protos[(proto >> 3) & 31] >> (proto & 7)) & 1;
+}
+
+/* The protocol rules are looked up with: UDP-Lite is judged as UDP, MPTCP as TCP, and a
+ * protocol the policy names by the rules without ports or protocol (SD_PROTO_OTHER).
+ * 0: a protocol the policy does not name. */
+static __always_inline __u8 sd_judged_proto(struct sd_cgroup *pol, __u32 proto)
+{
+    if (proto == IPPROTO_TCP || proto == SD_IPPROTO_MPTCP)
+        return IPPROTO_TCP;
+    if (proto == IPPROTO_UDP || proto == SD_IPPROTO_UDPLITE)
+        return IPPROTO_UDP;
+    return sd_proto_named(pol, proto) ? SD_PROTO_OTHER : 0;
+}
+
+/* sd_decide for a destination whose protocol is judged as another one (d->proto is what
+ * the record shows, jproto what the rules are looked up with; 0: not named, denied). */
+static __always_inline __u8 sd_decide_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
+                                         __u16 *rule, __u32 *name_id)
+{
+    if (!jproto) {
+        *rule = SD_RULE_PROTOCOL;
+        return SD_DENY;
+    }
+    struct sd_dest j = *d;
+    j.proto = jproto;
+    if (jproto == SD_PROTO_OTHER)
+        j.port = 0;
+    return sd_decide(cgid, pol, &j, rule, name_id);
+}
+
+static __always_inline int sd_enforce_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
+                                         __u8 kind)
+{
+    __u16 rule = SD_RULE_DEFAULT;
+    __u32 name_id = 0;
+    __u8 verdict = sd_decide_as(cgid, pol, d, jproto, &rule, &name_id);
+    return sd_verdict_return(cgid, pol, d, verdict, rule, kind, name_id);
+}
+
+/* IPv4 options: is there a loose or strict source route (LSRR 0x83, SSRR 0x89)? Options
+ * that cannot be walked count as one. opt holds len (<= 40) bytes. */
+static __always_inline int sd_v4_srcroute(const __u8 *opt, __u32 len)
+{
+    __u32 i = 0;
+    for (int n = 0; n < 40; n++) {
+        if (i >= len || i >= 40)
+            break;
+        __u32 at = i;
+        asm volatile("%0 &= 0x3f" : "+r"(at));
+        __u8 t = opt[at];
+        if (t == 0)
+            break;
+        if (t == 1) {
+            i++;
+            continue;
+        }
+        if (t == 0x83 || t == 0x89)
+            return 1;
+        if (i + 1 >= len)
+            return 1;
+        at = i + 1;
+        asm volatile("%0 &= 0x3f" : "+r"(at));
+        __u8 l = opt[at];
+        if (l < 2)
+            return 1;
+        i += l;
+    }
+    return 0;
 }
 
 #endif /* SAFEDEPLOY_H */

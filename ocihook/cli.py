@@ -80,7 +80,7 @@ def policy_validate(files: List[Path] = typer.Argument(..., help="Policy files (
 def policy_explain(
     file: Path = typer.Argument(..., help="Policy file."),
     dest: str = typer.Argument(..., help="name[:port], ip[:port] or [v6]:port, e.g. api.github.com:443"),
-    proto: str = typer.Option("tcp", "--proto", help="tcp or udp."),
+    proto: str = typer.Option("tcp", "--proto", help="tcp, udp, or another IP protocol (icmp, sctp, ...)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print the verdict for one destination and the rule that decided it.
@@ -91,9 +91,9 @@ def policy_explain(
     Examples: safedeploy policy explain deploy.yaml api.github.com:443
               safedeploy policy explain deploy.yaml api.github.com
     """
-    from .policy import decide, decide_query, display_ip, load_policy_file, parse_dest
-    if proto not in ("tcp", "udp"):
-        _err(f"--proto must be tcp or udp, not {proto!r}")
+    from .policy import IP_PROTOCOLS, decide, decide_query, display_ip, load_policy_file, parse_dest, protocol_name
+    if proto not in ("tcp", "udp", "udplite", "mptcp") and proto not in IP_PROTOCOLS:
+        _err(f"--proto must be tcp, udp or an IP protocol name ({', '.join(sorted(IP_PROTOCOLS))}), not {proto!r}")
         raise typer.Exit(2)
     with _errors():
         pol = load_policy_file(file)
@@ -106,7 +106,9 @@ def policy_explain(
         dec = decide_query(pol, d.name) if lookup else decide(pol, d)
     out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
            "proto": d.proto, "kind": "dns" if lookup else "connect", "verdict": dec.verdict,
-           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode}
+           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode,
+           "protocols": [protocol_name(p) for p in pol.protocols], "raw_sockets": pol.raw_sockets,
+           "source_routes": pol.source_routes, "serve_dns": pol.serve_dns}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -114,6 +116,9 @@ def policy_explain(
     what = f"DNS lookup of {d.name}" if lookup else f"{dest} [{d.proto}]"
     typer.echo(f"{dec.verdict.upper()} {what} — rule: {dec.rule_text}{why}; "
                f"in {pol.mode} mode this is {dec.effective}")
+    named = ", ".join(str(protocol_name(p)) for p in pol.protocols) or "none"
+    typer.echo(f"policy: other IP protocols allowed: {named}; raw_sockets: {pol.raw_sockets}; "
+               f"source_routes: {pol.source_routes}; serve_dns: {pol.serve_dns}")
 
 
 @policy_app.command("suggest")

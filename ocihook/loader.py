@@ -17,7 +17,9 @@ from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
 PROG_CGROUP_SOCK = 9
+PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SOCKOPT = 25
 
 # (function in bpf/*.c, program type, attach type)
 PROGRAMS: tuple[tuple[str, int, int], ...] = (
@@ -25,9 +27,13 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_connect6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
     ("sd_sendmsg4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_SENDMSG),
     ("sd_sendmsg6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG),
-    ("sd_dns_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    ("sd_bind4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_BIND),
+    ("sd_bind6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_BIND),
+    ("sd_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
     ("sd_dns_ingress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
     ("sd_sock_create", PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE),
+    ("sd_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
+    ("sd_setsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_SETSOCKOPT),
 )
 SOURCES = ("sock_addr.c", "dns_skb.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
@@ -94,6 +100,14 @@ def ensure_bpffs() -> str:
 BTF_OFFSETS = {("task_struct", "mm"): "SD_OFF_TASK_MM", ("task_struct", "real_parent"): "SD_OFF_TASK_REAL_PARENT",
                ("task_struct", "tgid"): "SD_OFF_TASK_TGID", ("task_struct", "comm"): "SD_OFF_TASK_COMM",
                ("mm_struct", "arg_start"): "SD_OFF_MM_ARG_START", ("mm_struct", "arg_end"): "SD_OFF_MM_ARG_END"}
+# the executable's path (mm->exe_file walked up through dentries and mounts); optional on its own
+BTF_EXE_OFFSETS = {("mm_struct", "exe_file"): "SD_OFF_MM_EXE_FILE", ("file", "f_path"): "SD_OFF_FILE_F_PATH",
+                   ("path", "mnt"): "SD_OFF_PATH_MNT", ("path", "dentry"): "SD_OFF_PATH_DENTRY",
+                   ("dentry", "d_parent"): "SD_OFF_DENTRY_D_PARENT", ("dentry", "d_name"): "SD_OFF_DENTRY_D_NAME",
+                   ("qstr", "name"): "SD_OFF_QSTR_NAME", ("mount", "mnt"): "SD_OFF_MOUNT_MNT",
+                   ("mount", "mnt_parent"): "SD_OFF_MOUNT_MNT_PARENT",
+                   ("mount", "mnt_mountpoint"): "SD_OFF_MOUNT_MNT_MOUNTPOINT",
+                   ("vfsmount", "mnt_root"): "SD_OFF_VFSMOUNT_MNT_ROOT"}
 
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
@@ -109,7 +123,7 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     except (OSError, subprocess.SubprocessError, ValueError, KeyError):
         return {}
     wanted: dict[str, dict[str, str]] = {}
-    for (struct, member), macro in BTF_OFFSETS.items():
+    for (struct, member), macro in (*BTF_OFFSETS.items(), *BTF_EXE_OFFSETS.items()):
         wanted.setdefault(struct, {})[member] = macro
     found: dict[str, int] = {}
 
@@ -126,7 +140,11 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     for t in types.values():
         if t.get("kind") == "STRUCT" and t.get("name") in wanted:
             walk(t, 0, wanted[t["name"]])
-    return found if len(found) == len(BTF_OFFSETS) else {}
+    out: dict[str, int] = {}
+    for group in (BTF_OFFSETS, BTF_EXE_OFFSETS):  # each group is used whole or not at all
+        if all(macro in found for macro in group.values()):
+            out.update({macro: found[macro] for macro in group.values()})
+    return out
 
 
 def _compile_and_pin(target: str, log=None) -> None:

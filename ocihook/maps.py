@@ -37,16 +37,20 @@ def _read_constants(header: str) -> dict[str, int]:
 
 C = _read_constants(HEADER)
 IPPROTO = {"tcp": 6, "udp": 17}
-PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip"}  # raw sockets: any protocol
+PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip",  # raw sockets: any protocol
+              136: "udplite", 132: "sctp", 33: "dccp", 47: "gre", 50: "esp", 51: "ah", 2: "igmp", 4: "ipip",
+              41: "ipv6", 103: "pim", 115: "l2tp"}
 KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
-             C["SD_KIND_SOCKET"]: "socket"}
+             C["SD_KIND_SOCKET"]: "socket", C["SD_KIND_PACKET"]: "packet", C["SD_KIND_BIND"]: "bind",
+             C["SD_KIND_SOCKOPT"]: "sockopt"}
 VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
                 C["SD_EV_WOULD_BLOCK"]: "would-block"}
 
 
 class SdCgroup(ctypes.Structure):
     _fields_ = [("mode", ctypes.c_uint8), ("dflt", ctypes.c_uint8), ("has_resolvers", ctypes.c_uint8),
-                ("name_denies", ctypes.c_uint8), ("allow_raw", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+                ("name_denies", ctypes.c_uint8), ("allow_raw", ctypes.c_uint8), ("allow_srcroute", ctypes.c_uint8),
+                ("serve_dns", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("protos", ctypes.c_uint8 * 32)]
 
 
 class CidrKey(ctypes.Structure):
@@ -106,6 +110,10 @@ class PendingKey(ctypes.Structure):
                 ("pad", ctypes.c_uint16), ("pad2", ctypes.c_uint32)]
 
 
+class Pending(ctypes.Structure):
+    _fields_ = [("expires_ns", ctypes.c_uint64), ("name_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class ProcKey(ctypes.Structure):
     _fields_ = [("cgid", ctypes.c_uint64), ("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
@@ -116,7 +124,18 @@ class Ancestor(ctypes.Structure):
 
 class Proc(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint32), ("chain_len", ctypes.c_uint32),
-                ("chain", Ancestor * C["SD_CHAIN"]), ("cmdline", ctypes.c_uint8 * C["SD_CMDLINE"])]
+                ("chain", Ancestor * C["SD_CHAIN"]), ("cmdline", ctypes.c_uint8 * C["SD_CMDLINE"]),
+                ("exe_len", ctypes.c_uint32), ("exe_flags", ctypes.c_uint32), ("exe", ctypes.c_uint8 * C["SD_EXE"])]
+
+
+def exe_path(proc: Proc) -> str | None:
+    """The executable's path from a capture (the kernel writes its components last first)."""
+    n = min(proc.exe_len, C["SD_EXE"])
+    if not n:
+        return None
+    parts = [p.decode(errors="replace") for p in bytes(proc.exe[:n]).split(b"\0") if p]
+    path = "/" + "/".join(reversed(parts))
+    return path if proc.exe_flags & C["SD_EXE_COMPLETE"] else ".../" + path.lstrip("/")
 
 
 U8 = ctypes.c_uint8
@@ -134,7 +153,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "learned": (AddrKey, Learned),
     "procs": (ProcKey, Proc),
     "drops": (U64, U64),
-    "pending": (PendingKey, ctypes.c_uint32),
+    "pending": (PendingKey, Pending),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # the maps that hold per-cgroup state (cleared when a cgroup is released)
@@ -161,6 +180,9 @@ def compile_policy(policy: "Policy") -> dict:
         "resolvers": [a.packed.hex() for a in policy.resolvers or ()],
         "name_denies": any(r.kind == "name" and r.verdict == "deny" for r in policy.rules),
         "allow_raw": policy.raw_sockets == "allow",
+        "allow_srcroute": policy.source_routes == "allow",
+        "serve_dns": policy.serve_dns == "allow",
+        "protocols": list(policy.protocols),
     }
 
 
@@ -192,16 +214,23 @@ def name_entries(policy: "Policy", cgid: int) -> list[tuple[NameKey, NameVal]]:
                 put((h, kind, IPPROTO[proto], port), verdict, rule.index)
         if rule.verdict == "allow" or (rule.ports is None and rule.proto is None):
             put((h, kind, 0, 0), verdict, rule.index)
+        if policy.protocols and rule.ports is None and rule.proto is None:  # other IP protocols
+            put((h, kind, C["SD_PROTO_OTHER"], 0), verdict, rule.index)
     return [(NameKey(cgid=cgid, hash=h, kind=kind, proto=proto, port=port), NameVal(rule=index, verdict=verdict))
             for (h, kind, proto, port), (verdict, index) in merged.items()]
 
 
 def cgroup_entry(compiled: dict) -> SdCgroup:
-    return SdCgroup(mode=C["SD_MODE_AUDIT"] if compiled["mode"] == "audit" else C["SD_MODE_ENFORCE"],
-                    dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
-                    has_resolvers=1 if compiled["has_resolvers"] else 0,
-                    name_denies=1 if compiled.get("name_denies") else 0,
-                    allow_raw=1 if compiled.get("allow_raw") else 0)
+    entry = SdCgroup(mode=C["SD_MODE_AUDIT"] if compiled["mode"] == "audit" else C["SD_MODE_ENFORCE"],
+                     dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
+                     has_resolvers=1 if compiled["has_resolvers"] else 0,
+                     name_denies=1 if compiled.get("name_denies") else 0,
+                     allow_raw=1 if compiled.get("allow_raw") else 0,
+                     allow_srcroute=1 if compiled.get("allow_srcroute") else 0,
+                     serve_dns=1 if compiled.get("serve_dns") else 0)
+    for proto in compiled.get("protocols", ()):
+        entry.protos[proto >> 3] |= 1 << (proto & 7)
+    return entry
 
 
 def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
@@ -212,10 +241,12 @@ def cidr_entries(policy: "Policy", cgid: int) -> list[tuple[CidrKey, CidrVal]]:
         if rule.kind != "cidr":
             continue
         verdict = C["SD_DENY"] if rule.verdict == "deny" else C["SD_ALLOW"]
-        protos = [rule.proto] if rule.proto else ["tcp", "udp"]
+        protos = [IPPROTO[rule.proto]] if rule.proto else [IPPROTO["tcp"], IPPROTO["udp"]]
+        if policy.protocols and rule.proto is None and rule.ports is None:
+            protos.append(C["SD_PROTO_OTHER"])  # other IP protocols meet the port-less rules
         for proto in protos:
             for port in rule.ports or (0,):
-                slot = (IPPROTO[proto], port, rule.network.network_address.packed, rule.network.prefixlen)
+                slot = (proto, port, rule.network.network_address.packed, rule.network.prefixlen)
                 old = merged.get(slot)
                 if old is None or (verdict, -rule.index) > (old[0], -old[1]):
                     merged[slot] = (verdict, rule.index)
@@ -380,7 +411,7 @@ class PinnedMaps:
                 args = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
                 chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
                          for i in range(min(val.chain_len, C["SD_CHAIN"]))]
-                out[pid] = {"cmdline": " ".join(args) or None, "parents": chain}
+                out[pid] = {"cmdline": " ".join(args) or None, "parents": chain, "exe": exe_path(val)}
         return out
 
     def event_counts(self) -> dict[int, dict[str, int]]:
