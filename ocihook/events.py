@@ -1,6 +1,7 @@
 """Turn raw kernel events (maps.EventKey/EventVal) into report records (DESIGN.md §5)."""
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
 from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, addr_of
@@ -11,7 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .session import Drained
 
 FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
-          "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen", "parents")
+          "pid", "comm", "exe", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen", "parents")
 
 
 def boot_ns_to_rfc3339(ns: int) -> str:
@@ -21,8 +22,20 @@ def boot_ns_to_rfc3339(ns: int) -> str:
     return datetime.fromtimestamp(wall / 1e9, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def proc_exe(pid: int, proc: str = "/proc") -> str | None:
+    """The executable of a live process, or None."""
+    if pid <= 0:
+        return None
+    try:
+        return os.readlink(f"{proc}/{pid}/exe")
+    except OSError:
+        return None
+
+
 def proc_cmdline(pid: int, proc: str = "/proc") -> str | None:
     """The command line of a live process, or None."""
+    if pid <= 0:
+        return None
     try:
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
             raw = f.read()
@@ -40,6 +53,12 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
         return "dns.resolvers", None
     if index == C["SD_RULE_RAW"]:
         return "raw_sockets", "raw sockets bypass connect rules (policy raw_sockets: deny)"
+    if index == C["SD_RULE_SRCROUTE"]:
+        return "source_routes", "a source route (IPv6 routing header, IPv4 LSRR/SSRR) (policy source_routes: deny)"
+    if index == C["SD_RULE_PROTOCOL"]:
+        return "protocols", "an IP protocol the policy does not name in protocols"
+    if index == C["SD_RULE_SERVE_DNS"]:
+        return "serve_dns", "answering DNS from inside the policed cgroup (policy serve_dns: deny)"
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
     if 0 <= index < len(compiled.get("rules", ())):
@@ -74,6 +93,7 @@ def to_records(drained: "Drained", compiled: dict, container: str,
             reason = "dns.resolvers: not a listed resolver"  # as decide() and explain say
         proc = drained.procs.get(key.pid, {})
         cmd = proc.get("cmdline") or proc_cmdline(key.pid)
+        exe = proc.get("exe") or (proc_exe(key.pid) if not proc else None)
         out.append({
             "container": container,
             "policy": compiled["name"],
@@ -86,6 +106,7 @@ def to_records(drained: "Drained", compiled: dict, container: str,
             "domain": drained.names.get(key.name_id) if key.name_id else None,
             "pid": key.pid,
             "comm": val.comm.decode(errors="replace"),
+            "exe": exe,
             "cmdline": cmd,
             "uid": val.uid,
             "rule": rule,

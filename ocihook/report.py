@@ -34,6 +34,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         cur["first_seen"] = min(cur["first_seen"], rec["first_seen"])
         cur["last_seen"] = max(cur["last_seen"], rec["last_seen"])
         cur["cmdline"] = cur.get("cmdline") or rec.get("cmdline")
+        cur["exe"] = cur.get("exe") or rec.get("exe")
     return sorted(merged.values(), key=lambda r: (_VERDICT_ORDER.get(r["verdict"], 9), r.get("domain") or "",
                                                   r["dst_ip"], r["dst_port"], r["pid"]))
 
@@ -117,16 +118,20 @@ def format_table(records: list[dict], summary: dict | None = None) -> str:
         if not group:
             continue
         lines.append(f"{verdict.upper()} ({sum(r['count'] for r in group)} attempts)")
-        rows = [(_dest(r), f"{r['pid']} {r['comm']}", str(r["count"]), r["rule"] + (f" — {r['reason']}" if r.get("reason") else ""),
-                 r.get("cmdline") or "") for r in group]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        head = ("DESTINATION", "PROCESS", "COUNT", "RULE")
+        rows = [(_dest(r), _process(r), str(r["count"]), r["rule"] + (f" — {r['reason']}" if r.get("reason") else ""),
+                 r.get("exe") or "-", r.get("cmdline") or "") for r in group]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        head = ("DESTINATION", "PROCESS", "COUNT", "RULE", "EXE")
         widths = [max(w, len(h)) for w, h in zip(widths, head)]
         lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  COMMAND")
         for row in rows:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5])
         lines.append("")
     return "\n".join(lines)
+
+
+def _process(r: dict) -> str:
+    return f"{r['pid']} {r['comm']}" if r.get("pid") else "(kernel, no process)"
 
 
 def _violation(r: dict) -> str:
