@@ -21,6 +21,9 @@
 
 #define SD_SKB_ANCESTOR(level) bpf_skb_ancestor_cgroup_id(skb, level)
 
+/* The answer parser is split in tail calls (SD_TAIL_*), each verified on its own. */
+BPF_PROG_ARRAY(sd_tails, SD_NTAILS);
+
 /* The cheap test every packet takes: could it be DNS (port 53 in the right direction)?
  * Direct packet reads, no helper calls; 1 also when the headers are not in the linear
  * part (then sd_dns_locate decides). */
@@ -622,15 +625,40 @@ int sd_dns_ingress(struct __sk_buff *skb)
     __u8 qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
     __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
     sd_remember_name(cgid, s, name_id);
-    __u32 question = off + 12;
-
     s->aoff = off + 12 + wire_len + 4;
     s->naddr = 0;
     s->owner = 0;
     s->mixed = 0;
-    for (int a = 0; a < SD_MAX_ANSWERS; a++) {
-        if (a >= ancount)
+    s->cut = 0;
+    s->a_left = ancount;
+    s->calls = 0;
+    s->dns_off = off;
+    s->question = off + 12;
+    s->cgid = cgid;
+    s->name_id = name_id;
+    s->qverdict = qverdict;
+    s->qrule = qrule;
+    s->family = c.d.family;
+    s->proto = c.d.proto;
+    __builtin_memcpy(s->resolver, c.d.addr, sizeof(s->resolver));
+    sd_tails.call(skb, SD_TAIL_ANSWERS);
+    return 1; /* the walker is missing: nothing is learned */
+}
+
+/* Walk up to SD_RECORDS_PER_CALL answer records (the state is in the scratch slot), then
+ * go on in a tail call of this program, or finish in sd_dns_learn. */
+int sd_dns_answers(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!s)
+        return 1;
+    __u32 question = s->question;
+    for (int a = 0; a < SD_RECORDS_PER_CALL; a++) {
+        __u32 left = s->a_left;
+        if (left == 0)
             break;
+        s->a_left = left - 1;
         s->skipped = 0;
         __u32 owner = s->aoff;
         for (int l = 0; l < SD_MAX_LABELS_SKIP; l++) { /* the owner name */
@@ -662,13 +690,17 @@ int sd_dns_ingress(struct __sk_buff *skb)
         aoff += 10;
         __u32 n = s->naddr;
         int got = 0;
-        if (n < SD_MAX_ANSWERS && type == 1 && rdlen == 4) {
-            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[0] = 0;
-            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[1] = 0;
-            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[2] = bpf_htonl(0xffff);
-            got = bpf_skb_load_bytes(skb, aoff, &s->addrs[n & (SD_MAX_ANSWERS - 1)].a[3], 4) == 0;
-        } else if (n < SD_MAX_ANSWERS && type == 28 && rdlen == 16) {
-            got = bpf_skb_load_bytes(skb, aoff, s->addrs[n & (SD_MAX_ANSWERS - 1)].a, 16) == 0;
+        if ((type == 1 && rdlen == 4) || (type == 28 && rdlen == 16)) {
+            if (n >= SD_MAX_ANSWERS) {
+                s->cut = 1;
+            } else if (type == 1) {
+                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[0] = 0;
+                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[1] = 0;
+                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[2] = bpf_htonl(0xffff);
+                got = bpf_skb_load_bytes(skb, aoff, &s->addrs[n & (SD_MAX_ANSWERS - 1)].a[3], 4) == 0;
+            } else {
+                got = bpf_skb_load_bytes(skb, aoff, s->addrs[n & (SD_MAX_ANSWERS - 1)].a, 16) == 0;
+            }
         }
         if (got) {
             s->addrs[n & (SD_MAX_ANSWERS - 1)].ttl = ttl;
@@ -688,14 +720,45 @@ int sd_dns_ingress(struct __sk_buff *skb)
         }
         s->aoff = aoff + rdlen;
     }
+    if (s->a_left) {
+        __u32 calls = s->calls;
+        if (calls < SD_MAX_CALLS) {
+            s->calls = calls + 1;
+            sd_tails.call(skb, SD_TAIL_ANSWERS);
+            return 1; /* out of tail calls (cannot happen: 30 < 33) */
+        }
+        s->cut = 1; /* more records than the walk covers */
+    }
+    sd_tails.call(skb, SD_TAIL_LEARN);
+    return 1;
+}
+
+/* The end of an answer: check the CNAME chain's end, learn every address, report a cut. */
+int sd_dns_learn(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!s)
+        return 1;
+    __u64 cgid = s->cgid;
+    __u32 name_id = s->name_id;
+    if (s->cut) {
+        sd_stat(SD_STAT_ANSWERS_CUT);
+        struct sd_dest d = {};
+        __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
+        d.port = SD_DNS_PORT;
+        d.proto = s->proto;
+        d.family = s->family;
+        sd_record(cgid, &d, SD_RULE_ANSWER_CUT, SD_EV_ALLOWED, SD_KIND_DNS, name_id);
+    }
     if (s->mixed)
         return 1; /* addresses of several other owners: learn none of them */
     /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
-    __u8 verdict = qverdict;
-    __u16 rule = qrule;
+    __u8 verdict = s->qverdict;
+    __u16 rule = s->qrule;
     __u32 chain_end = s->owner;
     if (chain_end) {
-        if (!sd_parse_name_at(skb, off, chain_end, cgid, s)) {
+        if (!sd_parse_name_at(skb, s->dns_off, chain_end, cgid, s)) {
             verdict = SD_DENY; /* an owner we cannot read is not trusted */
             rule = SD_RULE_MALFORMED;
         } else if (s->found && s->qv_verdict == SD_DENY) {

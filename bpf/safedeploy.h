@@ -26,6 +26,7 @@ static __u64 (*sd_current_ancestor_cgroup_id)(int level) =
 #define SD_RULE_SRCROUTE 0xfffb  /* source_routes: deny (IPv6 routing header, IPv4 LSRR/SSRR) */
 #define SD_RULE_PROTOCOL 0xfffa  /* an IP protocol the policy does not name in protocols */
 #define SD_RULE_SERVE_DNS 0xfff9 /* serve_dns: deny (bind to / send from port 53) */
+#define SD_RULE_ANSWER_CUT 0xfff8 /* a DNS answer with more addresses than the kernel learns */
 
 #define SD_ALLOW 0
 #define SD_DENY 1
@@ -170,7 +171,16 @@ struct sd_learned {
 #define SD_TTL_MIN_S 2
 #define SD_TTL_MAX_S 86400
 
-#define SD_MAX_ANSWERS 16   /* answer records examined per DNS response */
+/* Addresses learned per DNS answer. A UDP answer of at most 4096 bytes (the EDNS size
+ * resolvers use) holds at most (4096 - 12 - 5 - 2) / 16 = 254 A records (2-byte compressed
+ * owner, 10-byte record header, 4 bytes of address); an answer with more address records
+ * (only possible over TCP) is cut, counted (SD_STAT_ANSWERS_CUT) and reported. */
+#define SD_MAX_ANSWERS 256
+#define SD_RECORDS_PER_CALL 16  /* answer records walked per program run (bpf/dns_skb.c) */
+#define SD_MAX_CALLS 30         /* tail calls of the record walker: 16 * 31 = 496 records at most */
+#define SD_TAIL_ANSWERS 0       /* sd_tails: the record walker (sd_dns_answers) */
+#define SD_TAIL_LEARN 1         /* sd_tails: the end of an answer (sd_dns_learn) */
+#define SD_NTAILS 2
 struct sd_answer {
     __u32 a[4];
     __u32 ttl;
@@ -211,6 +221,20 @@ struct sd_scratch {
     volatile __u16 qv_rule;
     volatile __u8 qv_verdict;
     __u8 pad;
+    /* the walk over an answer's records, carried from one tail call to the next */
+    volatile __u64 cgid;
+    volatile __u32 a_left;      /* records not walked yet */
+    volatile __u32 calls;
+    volatile __u32 dns_off;
+    volatile __u32 question;
+    volatile __u32 name_id;
+    volatile __u32 cut;         /* more address records than SD_MAX_ANSWERS, or records than walked */
+    volatile __u16 qrule;
+    volatile __u8 qverdict;
+    volatile __u8 family;
+    volatile __u8 proto;
+    __u8 pad2[3];
+    __u32 resolver[4];
 };
 
 /* live: blocked and would-block decisions as they happen, for `safedeploy watch` */

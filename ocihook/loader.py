@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
-from .maps import BPF_DIR, HEADER, MAPS, RINGBUFS
+from .maps import BPF_DIR, C, HEADER, MAPS, PROG_ARRAYS, RINGBUFS
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -34,6 +34,11 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_sock_create", PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE),
     ("sd_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     ("sd_setsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_SETSOCKOPT),
+)
+# programs reached only by tail calls from the ingress program: (function, index in sd_tails)
+TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
+    ("sd_dns_answers", C["SD_TAIL_ANSWERS"]),
+    ("sd_dns_learn", C["SD_TAIL_LEARN"]),
 )
 SOURCES = ("sock_addr.c", "dns_skb.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
@@ -64,7 +69,7 @@ def pin_dir(version: str | None = None) -> str:
 
 
 def _pin_names() -> list[str]:
-    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in (*MAPS, *RINGBUFS)]
+    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in (*MAPS, *RINGBUFS, *PROG_ARRAYS)]
 
 
 def is_pinned(path) -> bool:
@@ -176,7 +181,14 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 bpfsys.obj_pin(fn.fd, os.path.join(tmp, f"prog_{name}"))
-            for name in (*MAPS, *RINGBUFS):
+            tails = b.get_table("sd_tails")
+            for name, index in TAIL_PROGRAMS:
+                try:
+                    fn = b.load_func(name, PROG_CGROUP_SKB, attach_type=bpfsys.CGROUP_INET_INGRESS)
+                except Exception as e:
+                    raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
+                tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
+            for name in (*MAPS, *RINGBUFS, *PROG_ARRAYS):
                 bpfsys.obj_pin(b[name.encode()].map_fd, os.path.join(tmp, f"map_{name}"))
             try:
                 os.rename(tmp, target)

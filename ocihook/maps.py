@@ -156,6 +156,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "pending": (PendingKey, Pending),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
+PROG_ARRAYS = ("sd_tails",)  # pinned so the kernel keeps their entries (tail-called programs)
 # the maps that hold per-cgroup state (cleared when a cgroup is released)
 POLICY_MAPS = ("cidrs", "resolvers", "names", "qnames", "learned", "procs", "pending")  # keys have a cgid
 DYNAMIC_MAPS = ("qnames", "learned", "procs", "pending")  # written by the programs, not from the policy

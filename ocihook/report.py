@@ -49,6 +49,8 @@ def summarize(records: list[dict], dropped: int = 0, container: str | None = Non
            "policy": policy or first.get("policy"), "destinations": len(recs), "events_dropped": dropped}
     for verdict in ("blocked", "would-block", "allowed"):
         out[verdict.replace("-", "_")] = sum(r["count"] for r in recs if r["verdict"] == verdict)
+    # DNS answers whose addresses the kernel could not all learn (docs/policy.md)
+    out["answers_cut"] = sum(r["count"] for r in recs if r.get("rule") == "answer-cut")
     return out
 
 
@@ -108,6 +110,9 @@ def _dest(rec: dict) -> str:
 def format_table(records: list[dict], summary: dict | None = None) -> str:
     """Grouped by verdict; one line per destination and process."""
     lines = []
+    if summary and summary.get("answers_cut"):
+        lines += [f"WARNING: {summary['answers_cut']} DNS answers had more addresses than the kernel learns "
+                  "(see the answer-cut rows); connects to the others may be refused", ""]
     if summary and summary.get("events_dropped"):
         lines += [f"WARNING: {summary['events_dropped']} events were dropped (the kernel's events map was full); "
                   "enforcement was not affected", ""]
