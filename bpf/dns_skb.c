@@ -410,24 +410,52 @@ static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
     return 1;
 }
 
-/* The fast path: a plain packet (no IPv4 options, no IPv6 extension headers, headers in
- * the linear data) going exactly where its socket was judged to go, not to or from port 53.
- * Direct packet reads and one socket-storage lookup. */
-static __always_inline int sd_fast_pass(struct __sk_buff *skb, struct bpf_sock *sk)
+/* Is addr:port/proto the socket's own peer? A connected socket's peer is what its connect
+ * was judged for (connect4/6 judge the address the kernel really uses), and an accepted
+ * connection's peer is the one that connected to it. Only TCP and UDP, whose connect runs
+ * the connect programs (UDP-Lite's does not: its packets are judged at egress). */
+static __always_inline int sd_peer_match(struct bpf_sock *sk, __u32 *a, __u8 proto, __u16 port)
 {
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        return 0;
+    if (sk->protocol != proto || bpf_ntohs(sk->dst_port) != port || port == 0)
+        return 0;
+    if (sk->family == SD_AF_INET6)
+        return a[0] == SD_SK_U32(sk, dst_ip6[0]) && a[1] == SD_SK_U32(sk, dst_ip6[1]) &&
+               a[2] == SD_SK_U32(sk, dst_ip6[2]) && a[3] == SD_SK_U32(sk, dst_ip6[3]);
+    return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff) && a[3] == sk->dst_ip4;
+}
+
+/* Was this exact destination judged for the socket: its peer, or the destination of its
+ * last unconnected sendmsg (sk_judged)? */
+static __always_inline int sd_dest_judged(struct bpf_sock *sk, __u32 *a, __u8 proto, __u16 port)
+{
+    if (sd_peer_match(sk, a, proto, port))
+        return 1;
     struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
     if (!st)
         return 0;
+    return st->proto == proto && st->port == port && st->addr[0] == a[0] && st->addr[1] == a[1] &&
+           st->addr[2] == a[2] && st->addr[3] == a[3];
+}
+
+/* The fast path: a plain packet (no IPv4 options, no IPv6 extension headers, headers in
+ * the linear data) going exactly where its socket was judged to go, not to or from port 53.
+ * Direct packet reads, the socket's own fields, at most one socket-storage lookup. */
+static __always_inline int sd_fast_pass(struct __sk_buff *skb, struct bpf_sock *sk)
+{
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     __u8 *h = data;
     __u8 *ports;
+    __u8 proto;
     __u32 a[4];
     if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
         if ((void *)(h + 24) > end)
             return 0;
-        if (h[0] != 0x45 || (h[6] & 0x1f) || h[7] || h[9] != st->proto)
+        if (h[0] != 0x45 || (h[6] & 0x1f) || h[7])
             return 0;
+        proto = h[9];
         a[0] = 0;
         a[1] = 0;
         a[2] = bpf_htonl(0xffff);
@@ -436,31 +464,25 @@ static __always_inline int sd_fast_pass(struct __sk_buff *skb, struct bpf_sock *
     } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
         if ((void *)(h + 44) > end)
             return 0;
-        if (h[6] != st->proto)
-            return 0;
+        proto = h[6];
         __builtin_memcpy(a, h + 24, 16);
         ports = h + 40;
     } else {
         return 0;
     }
-    if (a[0] != st->addr[0] || a[1] != st->addr[1] || a[2] != st->addr[2] || a[3] != st->addr[3])
-        return 0;
     __u16 sport = ((__u16)ports[0] << 8) | ports[1];
     __u16 dport = ((__u16)ports[2] << 8) | ports[3];
-    return dport == st->port && dport != SD_DNS_PORT && sport != SD_DNS_PORT;
+    if (dport == SD_DNS_PORT || sport == SD_DNS_PORT)
+        return 0;
+    return sd_dest_judged(sk, a, proto, dport);
 }
 
-/* Was this exact destination judged for the socket (at connect/sendmsg, accept, or by an
- * earlier packet)? */
+/* sd_dest_judged for a parsed packet (its ports are known). */
 static __always_inline int sd_judged_match(struct bpf_sock *sk, struct sd_pkt *p)
 {
     if (!p->has_ports)
         return 0;
-    struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
-    if (!st)
-        return 0;
-    return st->proto == p->d.proto && st->port == p->d.port && st->addr[0] == p->d.addr[0] &&
-           st->addr[1] == p->d.addr[1] && st->addr[2] == p->d.addr[2] && st->addr[3] == p->d.addr[3];
+    return sd_dest_judged(sk, p->d.addr, p->d.proto, p->d.port);
 }
 
 /* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel

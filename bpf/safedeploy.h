@@ -725,18 +725,21 @@ static __always_inline int sd_pending_take(__u64 cgid, __u32 *resolver, __u16 tx
     return 1;
 }
 
-/* sk_judged: per socket, the destination its last connect/sendmsg was judged for, or the
- * peer of an accepted connection (sd_sockops). At egress, a packet going exactly there
- * (same address, protocol and port, no IP options, no IPv6 extension headers) leaves after
- * this one lookup; any other packet is judged in full by its real destination. */
+#define SD_AF_INET6 10
+
+/* sk_judged: per UDP socket, the destination its last unconnected sendmsg was judged for
+ * (a connected socket's peer is its judged destination: egress compares with the socket's
+ * own fields). At egress, a packet going exactly there (same address, protocol and port, no
+ * IP options, no IPv6 extension headers) leaves at once; any other packet is judged in full
+ * by its real destination. Created only for unconnected sends: creating socket storage
+ * costs ~1 us, more than the rest of a connect's programs together. */
 struct sd_sk {
     __u32 addr[4];
     __u16 port;         /* host order */
     __u8 proto;         /* the packet's IP protocol (UDP-Lite stays 136) */
     __u8 flags;         /* SD_SK_* */
 };
-#define SD_SK_JUDGED 1      /* set by connect/sendmsg, or by a full judgement at egress */
-#define SD_SK_ACCEPTED 2    /* an accepted connection: its peer */
+#define SD_SK_JUDGED 1      /* set by sendmsg, or by a full judgement at egress */
 BPF_SK_STORAGE(sk_judged, struct sd_sk);
 
 static __always_inline void sd_judged_put(struct bpf_sock *sk, struct sd_dest *d, __u8 proto, __u8 flags)

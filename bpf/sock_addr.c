@@ -1,11 +1,9 @@
 /* safedeploy: cgroup socket programs — connect(2) for TCP/UDP and unconnected UDP
  * sendmsg(2), IPv4 and IPv6 (sock_addr), bind(2) to port 53 (sock_addr), socket(2) for raw
  * sockets and protocols the policy does not name (sock_create), source routes set with
- * setsockopt(2) (sockopt), and accepted connections (sock_ops).
+ * setsockopt(2) (sockopt).
  * Returning 0 makes the syscall fail with EPERM at once. */
 #include "safedeploy.h"
-
-#define SD_AF_INET6 10
 
 static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_dest *d, __u8 kind)
 {
@@ -17,7 +15,9 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
     d->proto = proto == SD_IPPROTO_MPTCP ? IPPROTO_TCP : proto;
     d->port = bpf_ntohs((__u16)ctx->user_port);
     int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), kind);
-    if (ret && (d->proto == IPPROTO_TCP || d->proto == IPPROTO_UDP || d->proto == SD_IPPROTO_UDPLITE)) {
+    /* an unconnected send: remember where it was judged to go, for the egress fast path (a
+     * connected socket's peer is its judged destination already) */
+    if (ret && kind == SD_KIND_SENDMSG && (d->proto == IPPROTO_UDP || d->proto == SD_IPPROTO_UDPLITE)) {
         struct bpf_sock *sk = ctx->sk;
         if (sk)
             sd_judged_put(sk, d, d->proto, SD_SK_JUDGED);
@@ -146,31 +146,6 @@ int sd_bind6(struct bpf_sock_addr *ctx)
     d.addr[3] = ctx->user_ip6[3];
     d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
     return sd_bind(ctx, &d);
-}
-
-/* An accepted connection (passive open): its packets go to the peer that connected, so
- * that peer is the socket's judged destination. Runs in softirq: no policy lookup (the
- * program is attached to policed cgroups only). */
-int sd_sockops(struct bpf_sock_ops *ctx)
-{
-    if (ctx->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-        return 1;
-    struct bpf_sock *sk = ctx->sk;
-    if (!sk)
-        return 1;
-    struct sd_dest d = {};
-    if (sk->family == SD_AF_INET6) {
-        d.addr[0] = SD_SK_U32(sk, dst_ip6[0]);
-        d.addr[1] = SD_SK_U32(sk, dst_ip6[1]);
-        d.addr[2] = SD_SK_U32(sk, dst_ip6[2]);
-        d.addr[3] = SD_SK_U32(sk, dst_ip6[3]);
-    } else {
-        d.addr[2] = bpf_htonl(0xffff);
-        d.addr[3] = sk->dst_ip4;
-    }
-    d.port = bpf_ntohs(sk->dst_port);
-    sd_judged_put(sk, &d, IPPROTO_TCP, SD_SK_ACCEPTED);
-    return 1;
 }
 
 #define SD_SOL_IP 0

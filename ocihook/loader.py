@@ -17,7 +17,6 @@ from .maps import BPF_DIR, C, HEADER, MAPS, PROG_ARRAYS, RINGBUFS
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
 PROG_CGROUP_SOCK = 9
-PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
 
@@ -32,7 +31,6 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
     ("sd_dns_ingress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
     ("sd_sock_create", PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE),
-    ("sd_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
     ("sd_setsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_SETSOCKOPT),
 )
 # programs reached only by tail calls from the ingress program: (function, index in sd_tails)

@@ -33,49 +33,40 @@ def test_report_names_the_command_line_and_parent_of_an_exited_process(tmp_path)
     assert comms == ["deploy.sh", "sh"], rec["parents"]     # python <- deploy.sh <- sh -c; then safedeploy
 
 
-def test_packets_the_kernel_sends_in_softirq_name_no_process(pins, listener):
-    """An ACK the kernel sends while this (unpoliced) test process runs on the CPU — it is
-    delivering data to the policed socket over loopback — must not be blamed on it (nor on
-    anyone else): it is recorded with pid 0 and no process (issue 10, class 5b)."""
+def test_packets_the_kernel_sends_in_softirq_name_no_process(policed):
+    """A DNS query over TCP for a denied name is dropped; the kernel retransmits it from a
+    timer (softirq) while other, unpoliced processes keep the CPUs busy. Those retransmissions
+    must not be blamed on them: they are recorded with pid 0 and no process (issue 10,
+    class 5b)."""
     import os
-    import secrets
-    import socket
+    import signal
     import time
-    from ocihook import cgroup, events, session
-    from ocihook.maps import compile_policy
-    from ocihook.policy import load_policy_text
-    lst = listener("127.0.0.1")
-    path = cgroup.create(f"softirq-{secrets.token_hex(3)}")
-    compiled = compile_policy(load_policy_text("version: 1\nname: softirq\ndefault: allow\n", "t"))
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            cgroup.move_self(path)
-            s = socket.create_connection(("127.0.0.1", lst.port), timeout=2)  # before the policy: no judged destination
-            os.write(ready_w, b"1")
-            os.read(go_r, 1)                                                # asleep while the data arrives
-            s.close()
-        finally:
-            os._exit(0)
+    from dnsutil import Server, Zone, query
+    srv = Server(Zone({"evil.denied": [("A", "127.0.0.180", 60)]}), "127.0.0.165")
+    spinners = []
     try:
-        os.read(ready_r, 1)
-        conn, _ = lst.sock.accept()
-        att = session.apply(path, compiled)
-        conn.sendall(b"x" * 4000)          # the policed socket ACKs this in softirq, on this task's CPU time
-        time.sleep(0.5)
-        os.write(go_w, b"1")
-        os.waitpid(pid, 0)
-        conn.close()
+        p = policed("version: 1\nname: softirq\ndefault: allow\ndeny: [evil.denied]\n")
+        for _ in range(os.cpu_count() or 2):
+            pid = os.fork()
+            if pid == 0:
+                while True:
+                    pass
+            spinners.append(pid)
+        got = p.run(query, "evil.denied", "127.0.0.165", "A", True, 3.0)
+        recs = p.close()
     finally:
-        cgroup.remove(path)
-    recs = events.to_records(session.release(att, compiled), compiled, "t")
-    packets = [r for r in recs if r["kind"] == "packet"]
-    assert packets, recs
-    assert os.getpid() not in {r["pid"] for r in recs}
-    ack = [r for r in packets if r["pid"] == 0]
-    assert ack and ack[0]["comm"] == "" and ack[0]["cmdline"] is None and ack[0]["exe"] is None
+        for pid in spinners:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        srv.stop()
+    assert got[0] != "ok"
+    dns = [r for r in recs if r["kind"] == "dns" and r["verdict"] == "blocked"]
+    pids = {r["pid"] for r in recs}
+    assert not pids & set(spinners) and os.getpid() not in pids, recs
+    by_kernel = [r for r in dns if r["pid"] == 0]
+    assert by_kernel, dns                                     # the retransmissions
+    assert by_kernel[0]["comm"] == "" and by_kernel[0]["exe"] is None and by_kernel[0]["cmdline"] is None
+    assert [r for r in dns if r["pid"] not in (0,)]           # the first send, by the process itself
 
 
 def test_exe_names_the_real_executable_whatever_argv_and_comm_claim(policed):

@@ -173,8 +173,8 @@ def test_tcp_through_a_source_route_never_reaches_the_denied_hop(policed, listen
 
 
 def test_accepted_connections_keep_working_under_default_deny(policed):
-    """A policed server: connections from outside are accepted and answered (sock_ops marks
-    them), though the policy allows no destination at all."""
+    """A policed server: connections from outside are accepted and answered (their packets
+    go to the peer that connected), though the policy allows no destination at all."""
     p = policed("version: 1\nname: server\ndefault: deny\n")
     r, w = os.pipe()
 
@@ -205,13 +205,12 @@ def test_accepted_connections_keep_working_under_default_deny(policed):
     assert not _blocked(p.close())
 
 
-def test_connection_made_before_the_policy_is_judged_at_egress(pins, listener):
-    """No connect hook ever saw it: its next packet is judged by its real destination."""
+def test_unconnected_udp_made_before_the_policy_is_judged(pins):
+    """No hook saw this socket being made; its sends to another destination are judged."""
     import secrets
     from ocihook import cgroup, events, session
     from ocihook.maps import compile_policy
     from ocihook.policy import load_policy_text
-    lst = listener("127.0.0.2")
     path = cgroup.create(f"pretest-{secrets.token_hex(3)}")
     compiled = compile_policy(load_policy_text(V4, "t"))
     ready_r, ready_w = os.pipe()
@@ -221,10 +220,13 @@ def test_connection_made_before_the_policy_is_judged_at_egress(pins, listener):
     if pid == 0:
         try:
             cgroup.move_self(path)
-            s = socket.create_connection(("127.0.0.2", lst.port), timeout=2)
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.sendto(b"before", ("127.0.0.3", 9))
             os.write(ready_w, b"1")
             os.read(go_r, 1)
-            os.write(out_w, err(lambda: s.send(b"after the policy") and "sent").encode())
+            out = [err(lambda: s.sendto(b"after", ("127.0.0.3", 9)) and "sent"),
+                   err(lambda: s.sendto(b"after", ("127.0.0.2", 9)) and "sent")]
+            os.write(out_w, ",".join(out).encode())
         finally:
             os._exit(0)
     try:
@@ -236,10 +238,8 @@ def test_connection_made_before_the_policy_is_judged_at_egress(pins, listener):
     finally:
         cgroup.remove(path)
     recs = events.to_records(session.release(att, compiled), compiled, "t")
-    # TCP queues the data and retransmits it; the packet never leaves
-    assert result in ("sent", "EPERM")
-    rec = _blocked(recs, kind="packet", dst_ip="127.0.0.2", dst_port=lst.port)
-    assert rec and rec[0]["rule"] == "127.0.0.2/32"
+    assert result == "sent,EPERM"
+    assert _blocked(recs, dst_ip="127.0.0.2", rule="127.0.0.2/32")
 
 
 def test_allowed_connection_outlives_the_ttl_of_its_answer(policed, listener):
