@@ -352,17 +352,19 @@ static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
         __builtin_memcpy(&p->d.addr[3], &hdr[16], 4);
         p->d.family = 4;
         if (l4 > 20) {
-            __u8 opt[64] = {};
+            __u32 slot = SD_OPTS_EGRESS;
+            struct sd_opts *o = optscratch.lookup(&slot);
             __u32 olen = l4 - 20;
-            if (olen > 40)
+            if (!o || olen > 40)
                 return 0;
             olen -= 1;
             asm volatile("%0 &= 0x3f" : "+r"(olen));
             olen += 1;
-            if (bpf_skb_load_bytes(skb, 20, opt, olen) < 0)
+            if (bpf_skb_load_bytes(skb, 20, o->b, olen) < 0)
                 return 0;
+            o->len = olen;
             p->options = 1;
-            p->srcroute = sd_v4_srcroute(opt, olen);
+            p->srcroute = sd_v4_srcroute(o);
         }
     } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
         __u8 hdr[40];

@@ -807,33 +807,41 @@ static __always_inline int sd_enforce_as(__u64 cgid, struct sd_cgroup *pol, stru
     return sd_verdict_return(cgid, pol, d, verdict, rule, kind, name_id);
 }
 
+/* IPv4 options being walked, in per-CPU map memory: the verifier then sees an unknown
+ * position at each step and checks the walk once, not once per path through it. */
+struct sd_opts {
+    __u8 b[64];
+    volatile __u32 i;
+    volatile __u32 len;
+};
+#define SD_OPTS_SOCKOPT 0   /* one slot per program kind: egress may interrupt setsockopt */
+#define SD_OPTS_EGRESS 1
+BPF_PERCPU_ARRAY(optscratch, struct sd_opts, 2);
+
 /* IPv4 options: is there a loose or strict source route (LSRR 0x83, SSRR 0x89)? Options
- * that cannot be walked count as one. opt holds len (<= 40) bytes. */
-static __always_inline int sd_v4_srcroute(const __u8 *opt, __u32 len)
+ * that cannot be walked count as one. o->b holds o->len (<= 40) bytes. */
+static __always_inline int sd_v4_srcroute(struct sd_opts *o)
 {
-    __u32 i = 0;
+    o->i = 0;
     for (int n = 0; n < 40; n++) {
-        if (i >= len || i >= 40)
+        __u32 i = o->i;
+        if (i >= o->len || i >= 40)
             break;
-        __u32 at = i;
-        asm volatile("%0 &= 0x3f" : "+r"(at));
-        __u8 t = opt[at];
+        __u8 t = o->b[i & 63];
         if (t == 0)
             break;
         if (t == 1) {
-            i++;
+            o->i = i + 1;
             continue;
         }
         if (t == 0x83 || t == 0x89)
             return 1;
-        if (i + 1 >= len)
+        if (i + 1 >= o->len)
             return 1;
-        at = i + 1;
-        asm volatile("%0 &= 0x3f" : "+r"(at));
-        __u8 l = opt[at];
+        __u8 l = o->b[(i + 1) & 63];
         if (l < 2)
             return 1;
-        i += l;
+        o->i = i + l;
     }
     return 0;
 }

@@ -166,20 +166,24 @@ int sd_setsockopt(struct bpf_sockopt *ctx)
     int name = ctx->optname;
     int bad = 0;
     if (level == SD_SOL_IP && name == SD_IP_OPTIONS) {
-        __u8 opt[64] = {};
+        __u32 slot = SD_OPTS_SOCKOPT;
+        struct sd_opts *o = optscratch.lookup(&slot);
+        if (!o)
+            return 0;
         __u8 *p = ctx->optval;
         __u8 *end = ctx->optval_end;
         __u32 len = 0;
         for (int i = 0; i < 40; i++) {
             if (p + i + 1 > end)
                 break;
-            opt[i] = p[i];
+            o->b[i] = p[i];
             len = i + 1;
         }
+        o->len = len;
         if (ctx->optlen > 0 && len == 0)
             bad = 1; /* options we cannot see */
         else
-            bad = sd_v4_srcroute(opt, len);
+            bad = sd_v4_srcroute(o);
     } else if (level == SD_SOL_IPV6 &&
                (name == SD_IPV6_RTHDR || name == SD_IPV6_2292RTHDR || name == SD_IPV6_2292PKTOPTIONS)) {
         bad = ctx->optlen > 0;
