@@ -742,6 +742,8 @@ def decide_query(policy: Policy, name: str) -> Decision:
 def decide(policy: Policy, dest: Dest) -> Decision:
     """The verdict for a destination; the rules are in the module docstring."""
     ip = None if dest.ip is None else to_mapped(dest.ip)
+    if dest.proto in ("udplite", "mptcp"):  # judged as udp / tcp
+        dest = Dest(ip=dest.ip, port=dest.port, proto=_JUDGED_AS[dest.proto], name=dest.name)
     if dest.proto not in _PROTOCOLS:  # another IP protocol: named in `protocols:`, or denied
         if IP_PROTOCOLS.get(dest.proto) not in policy.protocols:
             return _decision(policy, "deny", None, "protocols",

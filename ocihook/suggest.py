@@ -35,8 +35,13 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     base_denies = {r.text: r for r in base.rules if r.verdict == "deny"} if base else {}
     problems = []
     needed = []
+    protocols: list = list(doc.get("protocols", []))
     for rec in _needed(records, base):
-        if rec["kind"] == "socket":
+        if rec["rule"] == "answer-cut":
+            continue  # not a refusal: a note about a large DNS answer
+        if rec["rule"] in _KEY_PROBLEMS:
+            problems.append(_KEY_PROBLEMS[rec["rule"]].format(**rec))
+        elif rec["kind"] == "socket":
             problems.append(f"raw sockets were used (pid {rec['pid']} {rec['comm']}): add `raw_sockets: allow` "
                             "only if the deploy really needs them")
         elif rec["rule"] in base_denies:
@@ -55,7 +60,14 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
                 names.add(rec["domain"])
             continue
         target = ("domain", rec["domain"]) if rec.get("domain") else ("cidr", _host_cidr(rec["dst_ip"]))
-        ports.setdefault((*target, rec["proto"]), set()).add(rec["dst_port"])
+        proto = "udp" if rec["proto"] == "udplite" else rec["proto"]
+        if proto not in ("tcp", "udp"):  # a named protocol: port-less rules judge it
+            if proto not in protocols:
+                protocols.append(proto)
+            if target[1] not in [r if isinstance(r, str) else r.get(target[0]) for r in doc["allow"]]:
+                doc["allow"].append({target[0]: target[1]})
+            continue
+        ports.setdefault((*target, proto), set()).add(rec["dst_port"])
     covered = {t for (kind, t, _proto) in ports if kind == "domain"}
     for (kind, target, proto), ps in sorted(ports.items()):
         doc["allow"].append({kind: target, "ports": sorted(ps), "protocol": proto})
@@ -63,8 +75,12 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
         doc["allow"].append(n)
     if resolvers:
         doc.setdefault("dns", {})["resolvers"] = resolvers
+    if protocols:
+        doc["protocols"] = protocols
     policy = load_policy_text(json.dumps(doc), "suggested")
     for rec in needed if base else records:
+        if rec["rule"] in _KEY_PROBLEMS or rec["rule"] == "answer-cut" or rec["kind"] == "socket":
+            continue
         if rec["kind"] == "dns" and rec.get("domain"):
             dec = decide_query(policy, rec["domain"])
         else:
@@ -75,6 +91,16 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     return doc, problems
 
 
+# refusals by a policy key, not by a destination: a human decides (docs/policy.md)
+_KEY_PROBLEMS = {
+    "protocols": "IP protocol {proto} was used (pid {pid} {comm}): name it in `protocols:` only if the deploy "
+                 "really needs it",
+    "source_routes": "a source route was set or sent (pid {pid} {comm}, hop {dst_ip}): add `source_routes: allow` "
+                     "only if the deploy really needs it",
+    "serve_dns": "DNS was served from port 53 (pid {pid} {comm}): add `serve_dns: allow` only for a DNS server",
+}
+
+
 def _host_cidr(ip: str) -> str:
     addr = ipaddress.ip_address(ip)
     return f"{addr}/{addr.max_prefixlen}"
@@ -82,7 +108,8 @@ def _host_cidr(ip: str) -> str:
 
 def to_yaml(doc: dict) -> str:
     import yaml  # noqa: PLC0415
-    order = ["version", "name", "description", "mode", "default", "allow", "deny", "dns"]
+    order = ["version", "name", "description", "mode", "default", "allow", "deny", "dns", "protocols",
+             "raw_sockets", "source_routes", "serve_dns"]
     ordered = {k: doc[k] for k in order if k in doc and doc[k] != []}
     return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None, width=120)
 
