@@ -73,7 +73,7 @@ def policy_validate(files: List[Path] = typer.Argument(..., help="Policy files (
 def policy_explain(
     file: Path = typer.Argument(..., help="Policy file."),
     dest: str = typer.Argument(..., help="name[:port], ip[:port] or [v6]:port, e.g. api.github.com:443"),
-    proto: str = typer.Option("tcp", "--proto", help="tcp or udp."),
+    proto: str = typer.Option("tcp", "--proto", help="tcp, udp, or another IP protocol (icmp, sctp, ...)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print the verdict for one destination and the rule that decided it.
@@ -84,9 +84,9 @@ def policy_explain(
     Examples: safedeploy policy explain deploy.yaml api.github.com:443
               safedeploy policy explain deploy.yaml api.github.com
     """
-    from .policy import decide, decide_query, display_ip, load_policy_file, parse_dest
-    if proto not in ("tcp", "udp"):
-        _err(f"--proto must be tcp or udp, not {proto!r}")
+    from .policy import IP_PROTOCOLS, decide, decide_query, display_ip, load_policy_file, parse_dest, protocol_name
+    if proto not in ("tcp", "udp", "udplite", "mptcp") and proto not in IP_PROTOCOLS:
+        _err(f"--proto must be tcp, udp or an IP protocol name ({', '.join(sorted(IP_PROTOCOLS))}), not {proto!r}")
         raise typer.Exit(2)
     with _errors():
         pol = load_policy_file(file)
@@ -100,7 +100,9 @@ def policy_explain(
     out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
            "proto": d.proto, "kind": "dns" if lookup else "connect", "verdict": dec.verdict,
            "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode,
-           "capabilities": list(pol.capabilities), "privileged": pol.privileged}
+           "capabilities": list(pol.capabilities), "privileged": pol.privileged,
+           "protocols": [protocol_name(p) for p in pol.protocols], "raw_sockets": pol.raw_sockets,
+           "source_routes": pol.source_routes, "serve_dns": pol.serve_dns}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -109,6 +111,9 @@ def policy_explain(
     typer.echo(f"{dec.verdict.upper()} {what} — rule: {dec.rule_text}{why}; "
                f"in {pol.mode} mode this is {dec.effective}")
     typer.echo(f"privileges: {_privileges(pol)}")
+    named = ", ".join(str(protocol_name(p)) for p in pol.protocols) or "none"
+    typer.echo(f"policy: other IP protocols allowed: {named}; raw_sockets: {pol.raw_sockets}; "
+               f"source_routes: {pol.source_routes}; serve_dns: {pol.serve_dns}")
 
 
 def _privileges(pol) -> str:

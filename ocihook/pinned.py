@@ -31,6 +31,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "stats": (U32, U64),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
+PROG_ARRAYS = ("sd_tails",)  # pinned so the kernel keeps their entries (tail-called programs)
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
 # maps a cgroup id to the cgroup's own inner map, created with its policy from the template
@@ -55,7 +56,7 @@ TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
 
 def pin_names() -> list[str]:
     """Every map pin of a program version (map_<name>)."""
-    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS]
+    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *PROG_ARRAYS]
 
 
 def name_of_key(key) -> str:
@@ -65,6 +66,16 @@ def name_of_key(key) -> str:
     if raw.endswith(b"\0"):
         raw = raw[:-1]
     return raw[::-1].decode(errors="replace")
+
+
+def exe_path(proc: Proc) -> str | None:
+    """The executable's path from a capture (the kernel writes its components last first)."""
+    n = min(proc.exe_len, C["SD_EXE"])
+    if not n:
+        return None
+    parts = [p.decode(errors="replace") for p in bytes(proc.exe[:n]).split(b"\0") if p]
+    path = "/" + "/".join(reversed(parts))
+    return path if proc.exe_flags & C["SD_EXE_COMPLETE"] else ".../" + path.lstrip("/")
 
 
 class Drained:
@@ -298,7 +309,7 @@ class PinnedMaps:
                     argv = raw.rstrip(b"\0").split(b"\0") if raw else []
                     chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
                              for i in range(min(val.chain_len, C["SD_CHAIN"]))]
-                    out[(pid, pstart)] = {"raw": raw, "argv": argv,
+                    out[(pid, pstart)] = {"raw": raw, "argv": argv, "exe": exe_path(val),
                                           "cmdline": " ".join(a.decode(errors="replace") for a in argv) or None,
                                           "parents": chain}
         finally:

@@ -36,7 +36,7 @@ def _rule_name(name: str | None) -> str | None:
 def _probe(rec: dict) -> bool:
     """A connect to port 0: getaddrinfo()'s address-selection probe (RFC 6724) on a UDP socket
     that sends nothing, or a TCP connect that cannot reach anyone. No rule can name port 0."""
-    return rec["kind"] != "dns" and rec["dst_port"] == 0
+    return rec["kind"] != "dns" and rec["dst_port"] == 0 and rec["proto"] in ("tcp", "udp", "udplite")
 
 
 def suggest(records: list[dict], base: Policy | None = None, name: str = "suggested") -> tuple[dict, list[str]]:
@@ -52,10 +52,15 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     base_denies = {r.text: r for r in base.rules if r.verdict == "deny"} if base else {}
     problems = []
     needed = []
+    protocols: list = list(doc.get("protocols", []))
     for rec in _needed(records, base):
+        if rec["rule"] == "answer-cut":
+            continue  # not a refusal: a note about a large DNS answer
         if rec["kind"] != "socket" and _probe(rec):
             continue
-        if rec["kind"] == "socket":
+        if rec["rule"] in _KEY_PROBLEMS:
+            problems.append(_KEY_PROBLEMS[rec["rule"]].format(**rec))
+        elif rec["kind"] == "socket":
             problems.append(f"raw sockets were used (pid {rec['pid']} {rec['comm']}): add `raw_sockets: allow` "
                             "only if the deploy really needs them")
         elif rec["rule"] in base_denies:
@@ -78,7 +83,14 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
                 names.add(name)
             continue
         target = ("domain", name) if name else ("cidr", _host_cidr(rec["dst_ip"]))
-        ports.setdefault((*target, rec["proto"]), set()).add(rec["dst_port"])
+        proto = "udp" if rec["proto"] == "udplite" else rec["proto"]
+        if proto not in ("tcp", "udp"):  # a named protocol: port-less rules judge it
+            if proto not in protocols:
+                protocols.append(proto)
+            if target[1] not in [r if isinstance(r, str) else r.get(target[0]) for r in doc["allow"]]:
+                doc["allow"].append({target[0]: target[1]})
+            continue
+        ports.setdefault((*target, proto), set()).add(rec["dst_port"])
     covered = {t for (kind, t, _proto) in ports if kind == "domain"}
     for (kind, target, proto), ps in sorted(ports.items()):
         doc["allow"].append({kind: target, "ports": sorted(ps), "protocol": proto})
@@ -86,11 +98,13 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
         doc["allow"].append(n)
     if resolvers:
         doc.setdefault("dns", {})["resolvers"] = resolvers
+    if protocols:
+        doc["protocols"] = protocols
     policy = load_policy_text(json.dumps(doc), "suggested")
     for rec in needed if base else records:
         if (rec["kind"] != "dns" and _probe(rec)) or (rec.get("domain") and not _rule_name(rec["domain"])):
             continue
-        if rec["kind"] == "socket":
+        if rec["rule"] in _KEY_PROBLEMS or rec["rule"] == "answer-cut" or rec["kind"] == "socket":
             continue
         if rec["kind"] == "dns" and rec.get("domain"):
             dec = decide_query(policy, rec["domain"])
@@ -102,6 +116,16 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     return doc, problems
 
 
+# refusals by a policy key, not by a destination: a human decides (docs/policy.md)
+_KEY_PROBLEMS = {
+    "protocols": "IP protocol {proto} was used (pid {pid} {comm}): name it in `protocols:` only if the deploy "
+                 "really needs it",
+    "source_routes": "a source route was set or sent (pid {pid} {comm}, hop {dst_ip}): add `source_routes: allow` "
+                     "only if the deploy really needs it",
+    "serve_dns": "DNS was served from port 53 (pid {pid} {comm}): add `serve_dns: allow` only for a DNS server",
+}
+
+
 def _host_cidr(ip: str) -> str:
     addr = ipaddress.ip_address(ip)
     return f"{addr}/{addr.max_prefixlen}"
@@ -109,7 +133,8 @@ def _host_cidr(ip: str) -> str:
 
 def to_yaml(doc: dict) -> str:
     import yaml  # noqa: PLC0415
-    order = ["version", "name", "description", "mode", "default", "allow", "deny", "dns"]
+    order = ["version", "name", "description", "mode", "default", "allow", "deny", "dns", "protocols",
+             "raw_sockets", "source_routes", "serve_dns"]
     ordered = {k: doc[k] for k in order if k in doc and doc[k] != []}
     return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None, width=120)
 

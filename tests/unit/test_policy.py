@@ -571,7 +571,7 @@ def test_v4_mapped_dest_is_the_v4_dest():
 
 
 @pytest.mark.parametrize("text, proto", [
-    ("a.com", "sctp"), ("a.com:0", "tcp"), ("a.com:65536", "tcp"), ("a.com:80,443", "tcp"), ("10.0.0.0/8", "tcp"),
+    ("a.com", "quic"), ("a.com:0", "tcp"), ("a.com:65536", "tcp"), ("a.com:80,443", "tcp"), ("10.0.0.0/8", "tcp"),
     ("*.a.com", "tcp"), ("", "tcp"), ("1.2.3.256", "tcp"), ("[a.com]:80", "tcp"), ("a..com", "tcp"),
     ("2001:db8::1:443x", "tcp"), ("fe80::1%eth0", "tcp"), ("[::1]80", "tcp"),
 ])
