@@ -56,11 +56,12 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     for rec in _needed(records, base):
         if rec["rule"] == "answer-cut":
             continue  # not a refusal: a note about a large DNS answer
-        if rec["kind"] != "socket" and _probe(rec):
-            continue
         if rec["rule"] in _KEY_PROBLEMS:
             problems.append(_KEY_PROBLEMS[rec["rule"]].format(**rec))
-        elif rec["kind"] == "socket":
+            continue
+        if rec["kind"] != "socket" and _probe(rec):
+            continue
+        if rec["kind"] == "socket":
             problems.append(f"raw sockets were used (pid {rec['pid']} {rec['comm']}): add `raw_sockets: allow` "
                             "only if the deploy really needs them")
         elif rec["rule"] in base_denies:
