@@ -22,6 +22,7 @@ import ctypes
 import os
 
 from . import caps
+from .errors import SafedeployError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -32,7 +33,7 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAP_V3 = 0x20080522
 
 
-class ConfineError(Exception):
+class ConfineError(SafedeployError):
     """The child could not be confined; str() is one line."""
 
 
