@@ -7,6 +7,7 @@ and map under ``$SAFEDEPLOY_BPFFS/<source-hash>/``. Warm path: the pins exist, s
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 import time
@@ -285,7 +286,7 @@ class Programs:
                     bpfsys.prog_attach(self.fds[name], fd, atype)
                 except bpfsys.BpfError as e:
                     # the same program twice: EEXIST on older kernels, EINVAL on newer ones
-                    if e.errno in (17, 22) and bpfsys.prog_id(self.fds[name]) in bpfsys.prog_query(fd, atype):
+                    if e.errno in (errno.EEXIST, errno.EINVAL) and bpfsys.prog_id(self.fds[name]) in bpfsys.prog_query(fd, atype):
                         continue
                     raise LoaderError(f"cannot attach {name} to {cgroup_path}: {e.strerror}") from None
                 done.append((name, atype))

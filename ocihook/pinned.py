@@ -5,6 +5,7 @@ and dropped with it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from . import abi, bpfsys
@@ -162,11 +163,11 @@ class PinnedMaps:
         (and leaves nothing behind) when the cgroup already has a policy or the policy
         exceeds a cgroup's share."""
         if self.policy_of(cgid) is not None:
-            raise bpfsys.BpfError(17, f"cgroup {cgid} already has a safedeploy policy")
+            raise bpfsys.BpfError(errno.EEXIST, f"cgroup {cgid} already has a safedeploy policy")
         counts = rule_counts(compiled)
         for name, n in counts.items():
             if n > RULES_QUOTA:
-                raise PolicyTooBig(7, f"policy needs {n} {name} entries, more than a cgroup's share "
+                raise PolicyTooBig(errno.E2BIG, f"policy needs {n} {name} entries, more than a cgroup's share "
                                       f"({RULES_QUOTA}): use fewer ports per rule or wider CIDRs")
         fds: dict[str, int] = {}
         try:
@@ -180,7 +181,7 @@ class PinnedMaps:
             try:
                 bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled), bpfsys.BPF_NOEXIST)
             except bpfsys.BpfError as e:
-                if e.errno == 7:
+                if e.errno == errno.E2BIG:
                     raise bpfsys.BpfError(e.errno, "policy map cgroups is full: too many policed cgroups") from None
                 raise
         except Exception:
