@@ -328,12 +328,18 @@ static __always_inline int sd_peer_match(struct bpf_sock *sk, __u32 *a, __u8 pro
  * last unconnected sendmsg (sk_judged)? */
 static __always_inline int sd_dest_judged(struct bpf_sock *sk, __u32 *a, __u8 proto, __u16 port)
 {
+    struct sd_sk *st = 0;
+    if (proto == IPPROTO_UDP)
+        st = sk_judged.sk_storage_get(sk, 0, 0);
+    if (st && (st->flags & SD_SK_PEER_DENIED))
+        return 0; /* connected to a denied peer (sd_udp_connect): every packet is judged */
     if (sd_peer_match(sk, a, proto, port))
         return 1;
-    struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
+    if (proto != IPPROTO_UDP)
+        st = sk_judged.sk_storage_get(sk, 0, 0);
     if (!st)
         return 0;
-    return st->proto == proto && st->port == port && st->addr[0] == a[0] && st->addr[1] == a[1] &&
+    return (st->flags & SD_SK_JUDGED) && st->proto == proto && st->port == port && st->addr[0] == a[0] && st->addr[1] == a[1] &&
            st->addr[2] == a[2] && st->addr[3] == a[3];
 }
 

@@ -99,6 +99,7 @@ struct sd_sk {
     __u8 flags;         /* SD_SK_* */
 };
 #define SD_SK_JUDGED 1      /* set by sendmsg, or by a full judgement at egress */
+#define SD_SK_PEER_DENIED 2 /* a UDP socket connected to a peer its policy denies: judge every packet */
 BPF_SK_STORAGE(sk_judged, struct sd_sk);
 
 /* IPv4 options being walked, in per-CPU map memory: the verifier then sees an unknown

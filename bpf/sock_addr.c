@@ -5,6 +5,32 @@
  * Returning 0 makes the syscall fail with EPERM at once. */
 #include "safedeploy.h"
 
+/* connect(2) of a UDP socket sends nothing: getaddrinfo() connects a UDP socket to each
+ * candidate address to sort them (RFC 6724) and never sends. So it is not an attempt to
+ * reach anyone: an allowed one is recorded as usual; a denied one succeeds unrecorded, and
+ * the socket is marked so that egress judges its packets in full: the first datagram it
+ * really sends is refused (EPERM) and recorded there. */
+static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid, struct sd_cgroup *pol,
+                                          struct sd_dest *d, __u8 jproto)
+{
+    struct sd_why why = {};
+    why.rule = SD_RULE_DEFAULT;
+    __u8 verdict = sd_decide_as(cgid, pol, d, jproto, SD_SCRATCH_SOCK, &why);
+    struct bpf_sock *sk = ctx->sk;
+    if (verdict == SD_ALLOW) {
+        if (sk) {
+            struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
+            if (st)
+                st->flags &= ~SD_SK_PEER_DENIED; /* connected again, to an allowed peer */
+        }
+        return sd_verdict_return(cgid, pol, d, verdict, &why, SD_KIND_CONNECT);
+    }
+    if (!sk)
+        return sd_verdict_return(cgid, pol, d, verdict, &why, SD_KIND_CONNECT);
+    sd_judged_put(sk, d, d->proto, SD_SK_PEER_DENIED);
+    return 1;
+}
+
 static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_dest *d, __u8 kind)
 {
     __u64 cgid = 0;
@@ -14,6 +40,8 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
     __u32 proto = ctx->protocol;
     d->proto = proto == SD_IPPROTO_MPTCP ? IPPROTO_TCP : proto;
     d->port = bpf_ntohs((__u16)ctx->user_port);
+    if (kind == SD_KIND_CONNECT && d->proto == IPPROTO_UDP)
+        return sd_udp_connect(ctx, cgid, pol, d, sd_judged_proto(pol, proto));
     int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, kind);
     /* an unconnected send: remember where it was judged to go, for the egress fast path (a
      * connected socket's peer is its judged destination already) */

@@ -249,7 +249,7 @@ def test_allowed_connection_outlives_the_ttl_of_its_answer(policed, listener):
     srv = Server(Zone({"app.allowed": [("A", "127.0.0.61", 2)]}), address="127.0.0.153")
     try:
         p = policed("version: 1\nname: ttl\ndefault: deny\nallow: [app.allowed]\n"
-                    "dns: {resolvers: [127.0.0.153]}\n")
+                    "dns: {resolvers: [127.0.0.153], min_ttl: 0}\n")
 
         def connect_then_talk():
             import time
