@@ -12,6 +12,7 @@
  */
 #include "safedeploy.h"
 #include "dns.h"
+#include "dns_stream.h"
 
 #define SD_ETH_P_IP 0x0800
 #define SD_ETH_P_IPV6 0x86DD
@@ -210,6 +211,10 @@ static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, in
 {
     if (!sd_maybe_dns(skb, to_dns) || !sd_dns_locate(skb, to_dns, &c->d, &c->off))
         return 0;
+    /* stream path (dns_stream.c): TCP sockets in dns_socks have every message judged and
+     * every answer read whole there; a segment need not start at a message */
+    if (c->d.proto == IPPROTO_TCP && sd_stream_owns(skb))
+        return 0;
     c->pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &c->cgid);
     if (!c->pol)
         return 0;
@@ -264,15 +269,15 @@ int sd_dns_egress(struct __sk_buff *skb)
     return ret;
 }
 
-int sd_dns_ingress(struct __sk_buff *skb)
+/* Learn the addresses of the DNS answer at off (its header) from resolver: shared by the
+ * cgroup_skb ingress program (a UDP datagram, a TCP segment) and the sk_skb stream verdict
+ * (a whole TCP message, dns_stream.c). Returns 1. */
+static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u32 off, __u32 *resolver,
+                                         struct sd_scratch *s)
 {
-    struct sd_dns_ctx c = {};
-    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
-    if (!s)
+    __u8 hdr[12];
+    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
         return 1;
-    __u64 cgid = c.cgid;
-    __u32 off = c.off;
-    __u8 *hdr = c.hdr;
     if (!(hdr[2] & 0x80) || (hdr[3] & 0x0f))
         return 1; /* not a response, or an error response */
     if (((hdr[4] << 8) | hdr[5]) != 1)
@@ -283,7 +288,7 @@ int sd_dns_ingress(struct __sk_buff *skb)
     if (!wire_len)
         return 1; /* not judged by name: its addresses are not learned */
     __u32 name_id = sd_known_name_id(cgid, s);
-    if (!sd_pending_take(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
+    if (!sd_pending_take(cgid, resolver, ((__u16)hdr[0] << 8) | hdr[1], name_id))
         return 1; /* no such question went to that resolver from here: nothing to learn */
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
@@ -377,4 +382,13 @@ int sd_dns_ingress(struct __sk_buff *skb)
                  s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
     }
     return 1;
+}
+
+int sd_dns_ingress(struct __sk_buff *skb)
+{
+    struct sd_dns_ctx c = {};
+    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
+    if (!s)
+        return 1;
+    return sd_dns_answer(skb, c.cgid, c.off, c.d.addr, s);
 }

@@ -31,6 +31,10 @@ BPF_F_ALLOW_MULTI = 2
 CGROUP_INET_INGRESS = 0
 CGROUP_INET_EGRESS = 1
 CGROUP_INET_SOCK_CREATE = 2
+CGROUP_SOCK_OPS = 3
+SK_SKB_STREAM_PARSER = 4     # programs attached to a sockmap/sockhash, not to a cgroup
+SK_SKB_STREAM_VERDICT = 5
+SK_MSG_VERDICT = 7
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
@@ -143,6 +147,11 @@ def prog_attach(prog_fd: int, cgroup_fd: int, attach_type: int, flags: int = BPF
     _put(attr, 8, ctypes.c_uint32, attach_type)
     _put(attr, 12, ctypes.c_uint32, flags)
     _bpf(BPF_PROG_ATTACH, attr, f"attach program (type {attach_type})")
+
+
+def map_prog_attach(prog_fd: int, map_fd: int, attach_type: int) -> None:
+    """Attach an sk_msg/sk_skb program to a sockmap or sockhash (no flags there)."""
+    prog_attach(prog_fd, map_fd, attach_type, 0)
 
 
 def prog_detach(prog_fd: int, cgroup_fd: int, attach_type: int) -> bool:

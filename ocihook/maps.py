@@ -43,6 +43,9 @@ MAPS: dict[str, tuple[type, type]] = {
     "stats": (U32, U64),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
+# sockhashes, pinned like the maps: dns_socks holds the policed processes' TCP connections to
+# port 53 (bpf/dns_stream.h); its keys are socket cookies, its values the sockets
+SOCKMAPS = ("dns_socks",)
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
 # maps a cgroup id to the cgroup's own inner map, created with its policy from the template
@@ -67,7 +70,7 @@ TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
 
 def pin_names() -> list[str]:
     """Every map pin of a program version (map_<name>)."""
-    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS]
+    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *SOCKMAPS]
 
 
 def addr_of(raw):
