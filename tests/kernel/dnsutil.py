@@ -99,9 +99,10 @@ def send_raw(packet: bytes, server: str = "127.0.0.153") -> str:
     return "ok"
 
 
-def use_resolv_conf(nameserver: str) -> None:
+def use_resolv_conf(nameserver: str, options: str = "") -> None:
     """In this (forked) process only: a private mount namespace whose /etc/resolv.conf
-    points at the test server, so getaddrinfo() goes through it."""
+    points at the test server, so getaddrinfo() goes through it (`options`: more resolv.conf
+    options, e.g. use-vc)."""
     libc = ctypes.CDLL(None, use_errno=True)
     CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_BIND = 0x00020000, 0x4000, 0x40000, 0x1000
     if libc.unshare(CLONE_NEWNS) != 0:
@@ -110,14 +111,14 @@ def use_resolv_conf(nameserver: str) -> None:
         raise OSError(ctypes.get_errno(), "make / private")
     path = f"/tmp/sd-resolv-{os.getpid()}.conf"
     with open(path, "w") as f:
-        f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:1\n")
+        f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:1 {options}\n")
     if libc.mount(path.encode(), b"/etc/resolv.conf", None, MS_BIND, None) != 0:
         raise OSError(ctypes.get_errno(), "bind resolv.conf")
 
 
-def getaddrinfo_in(nameserver: str, name: str, port: int = 80):
+def getaddrinfo_in(nameserver: str, name: str, port: int = 80, options: str = ""):
     """('ok', [ips]) or ('error', message), and how long it took in ms."""
-    use_resolv_conf(nameserver)
+    use_resolv_conf(nameserver, options)
     t0 = time.monotonic()
     try:
         infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)

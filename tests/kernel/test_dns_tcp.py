@@ -1,0 +1,301 @@
+"""DNS over TCP judged as a stream (bpf/dns_stream.c): every message of every write is judged,
+every answer message learned, however the client writes; against real TCP resolvers (a
+pipelining test server, dnsmasq) and real clients (python sockets, glibc with use-vc)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from dnsutil import StreamServer, Zone, getaddrinfo_in, query, tcp_exchange
+from helpers import require
+from kutil import connect
+
+SERVER = "127.0.153.11"       # the pipelining test server
+DNSMASQ = "127.0.153.12"      # a real resolver
+SO_COOKIE = 57
+
+ZONE = {
+    "pkgs.internal": [("A", "127.0.153.72", 60), ("AAAA", "::1", 60)],
+    "v6only.internal": [("AAAA", "::1", 60)],
+    "auth.internal": [("A", "127.0.153.75", 60)],
+    "other.internal": [("A", "127.0.153.76", 60)],
+}
+
+POLICY = f"""
+version: 1
+name: dns-tcp
+default: deny
+allow:
+  - "pkgs.internal"
+  - "v6only.internal"
+  - "{SERVER}:53"
+  - "{DNSMASQ}:53"
+deny:
+  - {{domain: "auth.internal", reason: "circular"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = StreamServer(Zone(ZONE), SERVER)
+    yield srv
+    srv.stop()
+
+
+def _q(name: str, qtype: str = "A") -> bytes:
+    from dnslib import DNSRecord
+    return DNSRecord.question(name, qtype).pack()
+
+
+def _conns_since(srv: StreamServer, n: int) -> list[dict]:
+    time.sleep(0.1)   # let the server thread see the close
+    with srv.lock:
+        return srv.conns[n:]
+
+
+def _recs(p, **match):
+    return [r for r in p.close() if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_a_and_aaaa_in_one_write_are_both_judged_and_both_answers_learned(policed, server, listener):
+    v4, v6 = listener("127.0.153.72"), listener("::1")
+    p = policed(POLICY)
+    assert p.run(connect, "127.0.153.72", v4.port) == "EPERM"       # not resolved yet
+    assert p.run(connect, "::1", v6.port) == "EPERM"
+    res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("pkgs.internal", "AAAA")])
+    assert res["writes"] == ["ok"] and res["answers"] == [["127.0.153.72"], ["::1"]], res
+    assert p.run(connect, "127.0.153.72", v4.port) == "ok"           # the A answer was learned
+    assert p.run(connect, "::1", v6.port) == "ok"                    # and so was the AAAA one
+    recs = p.close()
+    dns = [r for r in recs if r["kind"] == "dns"]
+    assert sum(r["count"] for r in dns) == 2 and all(r["proto"] == "tcp" for r in dns)
+    assert {r["domain"] for r in recs if r["kind"] == "connect" and r["verdict"] == "allowed" and r["dst_port"] != 53} \
+        == {"pkgs.internal"}
+
+
+@pytest.mark.parametrize("first,second", [("pkgs.internal", "auth.internal"), ("auth.internal", "pkgs.internal")])
+def test_a_denied_query_in_a_write_never_reaches_the_resolver(policed, server, first, second):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    t0 = time.monotonic()
+    res = p.run(tcp_exchange, SERVER, [_q(first), _q(second)])
+    assert time.monotonic() - t0 < 2.5                               # 1 s of it is tcp_exchange's read timeout
+    allowed_len = 2 + len(_q("pkgs.internal"))
+    if first == "pkgs.internal":
+        assert res["writes"] == [f"partial:{allowed_len}"], res        # the write stops at the denied query
+        assert res["answers"] == [["127.0.153.72"]]
+    else:
+        assert res["writes"] == ["EACCES"] and res["error_ms"] < 1000, res
+        assert res["answers"] == []
+    conn, = _conns_since(server, seen)
+    assert "auth.internal" not in conn["messages"] and conn["closed"], conn   # and the connection was closed
+    rec = _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+    assert rec and rec[0]["proto"] == "tcp" and rec[0]["reason"] == "circular" and rec[0]["dst_port"] == 53
+
+
+SPLITS = {
+    "prefix 1+1": [1, 1],
+    "header split": [2, 5],
+    "name split": [2, 12, 3],
+    "byte by byte": [1] * 33,
+}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_queries_split_across_writes_are_judged_whole(policed, server, split):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    ok = p.run(tcp_exchange, SERVER, [_q("pkgs.internal")], SPLITS[split], 0.01)
+    assert all(w == "ok" for w in ok["writes"]) and ok["answers"] == [["127.0.153.72"]], ok
+    bad = p.run(tcp_exchange, SERVER, [_q("auth.internal")], SPLITS[split], 0.01)
+    # the bytes before the message is complete are held (their writes succeed); the write
+    # that completes it fails, and none of it was sent
+    assert bad["writes"][-1] == "EACCES" and set(bad["writes"][:-1]) <= {"ok"}, bad
+    assert bad["error_ms"] < 1000 and bad["answers"] == []
+    ok_conn, bad_conn = _conns_since(server, seen)
+    assert ok_conn["messages"] == ["pkgs.internal"]
+    assert bad_conn["bytes"] == 0 and bad_conn["closed"], bad_conn
+    assert _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+
+
+def test_several_queries_across_writes_and_a_split_second_message(policed, server, listener):
+    """Two allowed queries whose boundary falls inside a write, then the second's rest."""
+    v6 = listener("::1")
+    p = policed(POLICY)
+    first = 2 + len(_q("pkgs.internal"))
+    res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("v6only.internal", "AAAA")], [first + 3], 0.02)
+    assert res["writes"] == ["ok", "ok"] and res["answers"] == [["127.0.153.72"], ["::1"]], res
+    assert p.run(connect, "::1", v6.port) == "ok"
+
+
+def test_unparseable_message_over_tcp_gets_the_safe_verdict(policed, server):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    res = p.run(tcp_exchange, SERVER, [b"\x12\x34\x01\x00\x00\x01" + b"\xff" * 20])
+    assert res["writes"] == ["EACCES"], res
+    assert _conns_since(server, seen)[0]["bytes"] == 0
+    assert _recs(p, verdict="blocked", rule="malformed-query")
+
+
+def test_audit_mode_lets_denied_tcp_queries_through_and_reports_them(policed, server):
+    p = policed(POLICY, mode="audit")
+    res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("auth.internal")])
+    assert res["writes"] == ["ok"] and res["answers"] == [["127.0.153.72"], ["127.0.153.75"]], res
+    assert _recs(p, verdict="would-block", kind="dns", domain="auth.internal")
+
+
+def test_v4_mapped_resolver_on_a_dual_stack_socket(policed, server):
+    p = policed(POLICY)
+    res = p.run(tcp_exchange, f"::ffff:{SERVER}", [_q("pkgs.internal"), _q("auth.internal")])
+    assert res["writes"][0].startswith("partial:") and res["answers"] == [["127.0.153.72"]], res
+    rec = _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+    assert rec and rec[0]["dst_ip"] == SERVER
+
+
+def test_glibc_use_vc_learns_the_aaaa_answer_and_fails_a_denied_name_fast(policed, server, listener):
+    v6 = listener("::1")
+    p = policed(POLICY)
+    status, ips, ms = p.run(getaddrinfo_in, SERVER, "v6only.internal", 80, "use-vc")
+    assert status == "ok" and ips == ["::1"], (status, ips)
+    assert p.run(connect, "::1", v6.port) == "ok"                    # an AAAA-only allowed name connects
+    seen = len(server.conns)
+    status, msg, ms = p.run(getaddrinfo_in, SERVER, "auth.internal", 80, "use-vc")
+    assert status == "error" and ms < 1000, (status, msg, ms)
+    conn, = _conns_since(server, seen)
+    assert conn["messages"] == [] and conn["closed"], conn             # nothing reached it, nothing left open
+    status, ips, _ = p.run(getaddrinfo_in, SERVER, "pkgs.internal", 80, "use-vc")
+    assert status == "ok" and ips == ["127.0.153.72", "::1"]
+
+
+@pytest.fixture
+def dnsmasq():
+    require(shutil.which("dnsmasq") is not None, "dnsmasq not installed")
+    proc = subprocess.Popen(
+        ["dnsmasq", "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", f"--listen-address={DNSMASQ}",
+         "--bind-interfaces", "--port=53", "--pid-file=", "--user=root", "--group=root",
+         "--host-record=pkgs.internal,127.0.153.72,::1", "--host-record=v6only.internal,::1",
+         "--host-record=auth.internal,127.0.153.75"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(50):
+        if query("pkgs.internal", DNSMASQ, "A", True, 0.5)[0] == "ok":
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"dnsmasq did not start: {proc.stderr.read().decode()[-300:]}")
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _open_conns_to(addr: str) -> list[str]:
+    out = subprocess.run(["ss", "-tanH", "dst", addr, "or", "src", addr], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line and not line.startswith(("LISTEN", "TIME-WAIT"))]
+
+
+def test_dnsmasq_over_tcp_with_glibc_use_vc(policed, dnsmasq, listener):
+    v4, v6 = listener("127.0.153.72"), listener("::1")
+    p = policed(POLICY)
+    status, ips, ms = p.run(getaddrinfo_in, DNSMASQ, "pkgs.internal", 80, "use-vc")
+    assert status == "ok" and ips == ["127.0.153.72", "::1"], (status, ips)
+    assert p.run(connect, "127.0.153.72", v4.port) == "ok" and p.run(connect, "::1", v6.port) == "ok"
+    times = []
+    for _ in range(5):
+        status, msg, ms = p.run(getaddrinfo_in, DNSMASQ, "auth.internal", 80, "use-vc")
+        assert status == "error", (status, msg)
+        times.append(ms)
+    assert max(times) < 1000, times
+    # dnsmasq is left with no half-open connection and still answers everyone at once
+    deadline = time.monotonic() + 2
+    while _open_conns_to(DNSMASQ) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_conns_to(DNSMASQ) == []
+    t0 = time.monotonic()
+    assert query("pkgs.internal", DNSMASQ, "A", True, 1.0) == ("ok", ["127.0.153.72"])
+    assert time.monotonic() - t0 < 0.5
+    assert len(_recs(p, verdict="blocked", kind="dns", domain="auth.internal", proto="tcp")) >= 1
+
+
+def _cookie_in_dns_socks(host: str, port: int, pin_dir: str):
+    """Connect, then whether this socket's cookie is in the dns_socks sockhash, and how many
+    answer-parsing states exist, while it is open."""
+    from ocihook import bpfsys
+    from ocihook.maps import U64
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect((host, port))
+        cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "map_dns_socks"))
+        try:
+            return cookie in [k.value for k in bpfsys.map_keys(fd, U64)]
+        finally:
+            os.close(fd)
+
+
+def _streams(pin_dir: str) -> int:
+    from ocihook import bpfsys
+    from ocihook.maps import U64
+    fd = bpfsys.obj_get(os.path.join(pin_dir, "map_sd_streams"))
+    try:
+        return len(bpfsys.map_keys(fd, U64))
+    finally:
+        os.close(fd)
+
+
+def test_only_dns_connections_enter_the_sockhash_and_leave_it_on_close(policed, server, listener, pins):
+    lst = listener("127.0.153.20")
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '127.0.153.20/32'\n", 1))
+    assert p.run(_cookie_in_dns_socks, SERVER, 53, str(pins)) is True
+    assert p.run(_cookie_in_dns_socks, "127.0.153.20", lst.port, str(pins)) is False
+    # not policed: never in it either
+    assert _cookie_in_dns_socks(SERVER, 53, str(pins)) is False
+    # closed connections leave no parsing state behind
+    deadline = time.monotonic() + 2
+    while _streams(str(pins)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _streams(str(pins)) == 0
+
+
+def _throughput(host: str, port: int, seconds: float = 1.0) -> float:
+    """MB/s of one TCP connection sending 256 KiB writes for `seconds`."""
+    buf = b"\0" * (256 * 1024)
+    with socket.create_connection((host, port)) as s:
+        sent, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            s.sendall(buf)
+            sent += len(buf)
+        return sent / (time.monotonic() - t0) / 1e6
+
+
+def test_tcp_throughput_to_other_ports_is_unchanged(policed):
+    import threading
+    sink = socket.socket()
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sink.bind(("127.0.153.21", 0))
+    sink.listen(8)
+    port = sink.getsockname()[1]
+
+    def drain():
+        while True:
+            try:
+                c, _ = sink.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=c: [None for _ in iter(lambda: c.recv(1 << 20), b"")], daemon=True).start()
+    threading.Thread(target=drain, daemon=True).start()
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '127.0.153.21/32'\n", 1))
+    try:
+        free, inside = [], []
+        for _ in range(3):           # interleaved: the machine is shared
+            free.append(_throughput("127.0.153.21", port))
+            inside.append(p.run(_throughput, "127.0.153.21", port))
+    finally:
+        sink.close()
+    print(f"throughput MB/s unpoliced {sorted(free)} policed {sorted(inside)}")
+    assert max(inside) > 0.7 * max(free), (free, inside)
