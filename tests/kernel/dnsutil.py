@@ -148,6 +148,7 @@ class StreamServer:
         self.sock.listen(64)
         self.conns: list[dict] = []
         self.lock = threading.Lock()
+        self.cuts: list[int] = []   # answers written in pieces of these sizes (then the rest), 20 ms apart
         start_in_thread(self._accept)
 
     def _accept(self):
@@ -187,9 +188,16 @@ class StreamServer:
                     state["messages"].append(str(req.q.qname).rstrip("."))
                     ans = self.zone.resolve(req, None).pack()
                     out += struct.pack("!H", len(ans)) + ans
-                if out:
+                pieces, at = [], 0
+                for n in self.cuts if out else []:
+                    pieces.append(out[at:at + n])
+                    at += n
+                pieces.append(out[at:])
+                for i, piece in enumerate(p for p in pieces if p):
+                    if i:
+                        time.sleep(0.02)
                     try:
-                        c.sendall(out)
+                        c.sendall(piece)
                     except OSError:
                         return
 

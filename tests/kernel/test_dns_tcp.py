@@ -299,3 +299,46 @@ def test_tcp_throughput_to_other_ports_is_unchanged(policed):
         sink.close()
     print(f"throughput MB/s unpoliced {sorted(free)} policed {sorted(inside)}")
     assert max(inside) > 0.7 * max(free), (free, inside)
+
+
+def _answer_len(name: str, qtype: str) -> int:
+    from dnslib import DNSRecord
+    return 2 + len(Zone(ZONE).resolve(DNSRecord.parse(_q(name, qtype)), None).pack())
+
+
+ANSWER_CUTS = {
+    "first prefix split": lambda a: [1],
+    "second prefix split": lambda a: [a + 1],
+    "second header split": lambda a: [a + 6],
+    "first answer split": lambda a: [a - 10],
+    "three pieces": lambda a: [3, a, 4],
+    "byte by byte across the boundary": lambda a: [1] * 8 + [a - 11] + [1] * 6,
+}
+
+
+@pytest.mark.parametrize("cut", ANSWER_CUTS)
+def test_answers_cut_anywhere_across_segments_are_all_learned(policed, server, listener, cut):
+    """The resolver's A and AAAA answers arrive in pieces (separate segments, 20 ms apart),
+    message boundaries anywhere inside them: both are read whole and learned."""
+    v4, v6 = listener("127.0.153.72"), listener("::1")
+    p = policed(POLICY)
+    server.cuts = ANSWER_CUTS[cut](_answer_len("pkgs.internal", "A"))
+    try:
+        res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("pkgs.internal", "AAAA")])
+    finally:
+        server.cuts = []
+    assert res["answers"] == [["127.0.153.72"], ["::1"]], res       # the client reads the same stream
+    assert p.run(connect, "127.0.153.72", v4.port) == "ok"
+    assert p.run(connect, "::1", v6.port) == "ok"
+
+
+def test_many_pipelined_queries_on_one_connection(policed, server, listener):
+    """30 queries in one write, answered in one send: every one judged, every answer learned."""
+    v6 = listener("::1")
+    p = policed(POLICY)
+    names = [("pkgs.internal", "A"), ("v6only.internal", "AAAA"), ("pkgs.internal", "AAAA")] * 10
+    res = p.run(tcp_exchange, SERVER, [_q(n, t) for n, t in names])
+    assert res["writes"] == ["ok"] and len(res["answers"]) == 30, res
+    assert p.run(connect, "::1", v6.port) == "ok"
+    dns = [r for r in p.close() if r["kind"] == "dns"]
+    assert sum(r["count"] for r in dns) == 30 and {r["verdict"] for r in dns} == {"allowed"}
