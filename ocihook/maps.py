@@ -43,9 +43,10 @@ MAPS: dict[str, tuple[type, type]] = {
     "stats": (U32, U64),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
-# sockhashes, pinned like the maps: dns_socks holds the policed processes' TCP connections to
-# port 53 (bpf/dns_stream.h); its keys are socket cookies, its values the sockets
-SOCKMAPS = ("dns_socks",)
+# DNS over TCP (bpf/dns_stream.h), pinned like the maps: the dns_socks sockhash holds the
+# policed processes' TCP connections to port 53, sd_streams their answer-parsing state; both
+# keyed by socket cookie (SO_COOKIE), both emptied as the connections close
+STREAM_MAPS = ("dns_socks", "sd_streams")
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
 # maps a cgroup id to the cgroup's own inner map, created with its policy from the template
@@ -70,7 +71,7 @@ TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
 
 def pin_names() -> list[str]:
     """Every map pin of a program version (map_<name>)."""
-    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *SOCKMAPS]
+    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *STREAM_MAPS]
 
 
 def addr_of(raw):

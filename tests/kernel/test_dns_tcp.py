@@ -342,3 +342,37 @@ def test_many_pipelined_queries_on_one_connection(policed, server, listener):
     assert p.run(connect, "::1", v6.port) == "ok"
     dns = [r for r in p.close() if r["kind"] == "dns"]
     assert sum(r["count"] for r in dns) == 30 and {r["verdict"] for r in dns} == {"allowed"}
+
+
+def _v6_resolver_in_own_netns(listen_port: int):
+    """In a network namespace of this (policed) process: a TCP resolver on [::1]:53 and a
+    listener; A+AAAA and allowed+denied over IPv6, then connects to what was learned."""
+    import ctypes
+    import socket as so
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0:                               # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    srv = StreamServer(Zone(ZONE), "::1")
+    lst = so.socket(so.AF_INET6, so.SOCK_STREAM)
+    lst.bind(("::1", listen_port))
+    lst.listen(8)
+    try:
+        both = tcp_exchange("::1", [_q("v6only.internal", "AAAA"), _q("pkgs.internal", "AAAA")])
+        mixed = tcp_exchange("::1", [_q("pkgs.internal", "AAAA"), _q("auth.internal", "AAAA")])
+        time.sleep(0.1)
+        return both, mixed, connect("::1", listen_port), [c["messages"] for c in srv.conns]
+    finally:
+        srv.stop()
+        lst.close()
+
+
+def test_ipv6_resolver(policed):
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '[::1]:53'\n", 1))
+    both, mixed, conn, seen = p.run(_v6_resolver_in_own_netns, 8053)
+    assert both["writes"] == ["ok"] and both["answers"] == [["::1"], ["::1"]], both
+    assert conn == "ok"                                               # learned from the AAAA answers
+    assert mixed["writes"][0].startswith("partial:") and mixed["answers"] == [["::1"]], mixed
+    assert seen == [["v6only.internal", "pkgs.internal"], ["pkgs.internal"]]
+    rec = _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+    assert rec and rec[0]["dst_ip"] == "::1" and rec[0]["proto"] == "tcp"
