@@ -77,10 +77,11 @@ int sd_dns_sockops(struct bpf_sock_ops *skops)
         struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
         if (!ss)
             return 1;
+        /* not streamed yet: a write that began before this (TCP Fast Open, a send blocked
+         * on the handshake) still leaves through plain TCP, and the per-packet parser must
+         * judge it. sd_dns_msg marks the socket when it sees its first write. */
         __u64 ck = bpf_get_socket_cookie(skops);
-        long err = dns_socks.sock_hash_update(skops, &ck, BPF_NOEXIST);
-        if (err == 0)
-            ss->streamed = 1;
+        dns_socks.sock_hash_update(skops, &ck, BPF_NOEXIST);
         return 1;
     }
     if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == SD_TCP_CLOSE) {
@@ -123,6 +124,7 @@ int sd_dns_msg(struct sk_msg_md *msg)
     struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
     if (!ss)
         return SK_PASS;
+    ss->streamed = 1; /* from now on this program sees what is written: skip the per-packet parsers */
     __u64 cgid = ss->cgid;
     struct sd_cgroup *pol = sd_cgroup_of(cgid);
     if (!pol)

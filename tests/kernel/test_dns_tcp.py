@@ -373,3 +373,32 @@ def test_ipv6_resolver(policed):
     assert seen == [["v6only.internal", "pkgs.internal"], ["pkgs.internal"]]
     rec = _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
     assert rec and rec[0]["dst_ip"] == "::1" and rec[0]["proto"] == "tcp"
+
+
+def _fastopen_query(server: str, packet: bytes) -> str:
+    """sendto(MSG_FASTOPEN) on a fresh socket: the query is written before the connection is
+    established (no cookie yet: it leaves after the handshake, through the plain TCP path)."""
+    import errno as _errno
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.sendto(struct.pack("!H", len(packet)) + packet, socket.MSG_FASTOPEN, (server, 53))  # blocking
+            s.settimeout(1)
+            s.recv(4096)
+        except socket.timeout:
+            return "timeout"
+        except OSError as e:
+            return _errno.errorcode.get(e.errno, str(e.errno))
+    return "answered"
+
+
+def test_fastopen_query_written_before_the_handshake_is_still_judged(policed, server):
+    """Bytes written before the connection entered the sockhash never pass the sk_msg program:
+    the per-packet parser judges them (a denied query is dropped in flight)."""
+    p = policed(POLICY)
+    seen = len(server.conns)
+    assert p.run(_fastopen_query, SERVER, _q("pkgs.internal")) == "answered"
+    assert p.run(_fastopen_query, SERVER, _q("auth.internal")) != "answered"
+    conns = _conns_since(server, seen)
+    assert [c["messages"] for c in conns] == [["pkgs.internal"], []], conns
+    assert _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
