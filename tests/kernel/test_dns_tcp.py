@@ -402,3 +402,28 @@ def test_fastopen_query_written_before_the_handshake_is_still_judged(policed, se
     conns = _conns_since(server, seen)
     assert [c["messages"] for c in conns] == [["pkgs.internal"], []], conns
     assert _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+
+
+def _denied_then_allowed_on_one_connection(server: str) -> list[str]:
+    import errno as _errno
+    import struct
+    out = []
+    with socket.create_connection((server, 53), timeout=2) as s:
+        for name in ("auth.internal", "pkgs.internal"):
+            m = _q(name)
+            try:
+                s.send(struct.pack("!H", len(m)) + m)
+                out.append("ok")
+            except OSError as e:
+                out.append(_errno.errorcode.get(e.errno, str(e.errno)))
+    return out
+
+
+def test_after_a_denied_query_the_connection_refuses_every_write(policed, server):
+    """As documented: the kernel keeps the sk_msg drop verdict for the socket, so a client
+    must reconnect after a denied query (glibc does)."""
+    p = policed(POLICY)
+    seen = len(server.conns)
+    assert p.run(_denied_then_allowed_on_one_connection, SERVER) == ["EACCES", "EACCES"]
+    conn, = _conns_since(server, seen)
+    assert conn["bytes"] == 0 and conn["closed"]
