@@ -1,11 +1,11 @@
 """Benchmark: what it costs to put a cgroup under a policy.
 
 One run measures, all against a throwaway pin root ``/sys/fs/bpf/sdbench_<pid>`` and state
-dir (common.Sandbox; removed at the end, the real ``/sys/fs/bpf/safedeploy`` is never touched):
+dir (_sandbox.Sandbox; removed at the end, the real ``/sys/fs/bpf/safedeploy`` is never touched):
 
   cold     first compile + pin of the programs, in a fresh interpreter per sample (so the
            bcc import is counted), pins removed before every sample
-  policy   load_policy_text (parse + jsonschema + normalisation) and maps.compile_policy
+  policy   load_policy_text (parse + jsonschema + normalisation) and compiler.compile_policy
            (the kernel form the hook caches) for 1, 100 and 10 000 CIDR rules: the cold
            path of a new policy document, not the warm path
   warm     session.apply / session.release of the compiled dict in this process, pins
@@ -24,7 +24,7 @@ dir (common.Sandbox; removed at the end, the real ``/sys/fs/bpf/safedeploy`` is 
   baseline ``python -S -E -c pass`` (the launcher's flags) and ``python -E -c pass``
            (with site), same interpreter, interleaved with "fresh"
 
-Policies are common.policy_text: default allow, deny 127.0.0.2/32 and /24s in 10.0.0.0/8.
+Policies are _network.policy_text: default allow, deny 127.0.0.2/32 and /24s in 10.0.0.0/8.
 
 Usage: .venv/bin/python bench/apply.py     (root; cgroup v2, bpffs, bcc)
 Progress goes to stderr, the table to stdout, everything to bench/results/apply.json.
@@ -37,10 +37,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, MsTable, Sandbox, begin, policy_text, progress, remove_pin_root, rules,  # noqa: E402
-                    run_timed, temp_cgroup, timed, write_results)
+from _measure import MsTable, REPO, begin, progress, run_timed, timed, write_results  # noqa: E402
+from _sandbox import Sandbox, remove_pin_root, temp_cgroup  # noqa: E402
+from _network import policy_text, rules  # noqa: E402
 
-from ocihook import cgroup, hook, loader, maps, session  # noqa: E402
+from ocihook import cgroup, compiler, hook, loader, pinned, session  # noqa: E402
 from ocihook.policy import load_policy_text  # noqa: E402
 
 COLD_SAMPLES = 3
@@ -142,7 +143,7 @@ def bench_policies() -> tuple[dict, dict]:
         for _ in range(PARSE_SAMPLES):
             policy, t = timed(load_policy_text, policy_text(n), f"bench-{n}")
             times["parse"][str(n)].append(t)
-            compiled[n], t = timed(maps.compile_policy, policy)
+            compiled[n], t = timed(compiler.compile_policy, policy)
             times["compile"][str(n)].append(t)
     return compiled, times
 
@@ -161,7 +162,7 @@ def apply_release_once(name: str, compiled: dict, check: bool) -> tuple[int, int
         if check:
             if not isinstance(drained, session.Drained):
                 raise SystemExit(f"bench/apply.py: session.release returned {type(drained).__name__}")
-            with maps.PinnedMaps.open(att.pin_dir) as m:
+            with pinned.PinnedMaps.open(att.pin_dir) as m:
                 if m.entries_of(att.cgid):
                     raise SystemExit(f"bench/apply.py: release left map entries of {cg}")
         return t_apply, t_release

@@ -14,7 +14,7 @@ variants, all in cgroups ``<cgroup2>/safedeploy/sdbench-<pid>-*``:
               -j SDB<pid>_<n>``, a chain of the same CIDRs as ``-d <cidr> -j REJECT``
               rules. The jump is inserted only around that variant's turns.
 
-A round is one turn of every variant, in a shuffled order (common.run_rounds): ROUNDS
+A round is one turn of every variant, in a shuffled order (_workers.run_rounds): ROUNDS
 rounds in EPOCHS epochs, each with fresh client processes and WARMUP_ROUNDS uncounted
 rounds first (so no variant keeps one process's luck, e.g. its CPU placement). Ratios are
 per round (variant / unpoliced of the same round), summarised by their median and a
@@ -43,11 +43,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DENIED_HOST, HOST, Iptables, Variants, Worker, begin, bootstrap_ci, close_all,  # noqa: E402
-                    describe_netfilter, listener, median, netfilter_state, network_variants, paired, print_table,
-                    progress, rules, run_rounds, start_server, stop_server, with_stats, write_results)
+from _measure import begin, bootstrap_ci, median, paired, print_table, progress, write_results  # noqa: E402
+from _workers import Worker, close_all, listener, run_rounds, start_server, stop_server, with_stats  # noqa: E402
+from _network import (DENIED_HOST, HOST, Iptables, Variants, describe_netfilter, netfilter_state,  # noqa: E402
+                      network_variants, rules)
 
-from ocihook import maps  # noqa: E402
+from ocihook.events import C  # noqa: E402
 
 RULE_COUNTS = (1, 100, 10_000)
 ROUNDS = 100  # measured rounds; every variant takes one turn per round
@@ -135,7 +136,7 @@ def measure(variants: Variants, workers: dict[str, Worker], port: int) -> dict:
         workers.pop(name).close()
         events = variants.sandbox.release(variants[name]["path"])
         allowed = sum(val.count for key, val in events
-                      if key.kind == maps.C["SD_KIND_CONNECT"] and key.verdict == maps.C["SD_EV_ALLOWED"]
+                      if key.kind == C["SD_KIND_CONNECT"] and key.verdict == C["SD_EV_ALLOWED"]
                       and bytes(key.addr) == bytes(10) + b"\xff\xff" + socket.inet_aton(HOST))
         want = made[name] + 1  # + the check's allowed connect
         recorded[name] = allowed
@@ -148,8 +149,8 @@ def measure(variants: Variants, workers: dict[str, Worker], port: int) -> dict:
         stats_pass(name, name)
     for name in sd_names[1:]:
         release_and_count(name)
-    # the maps are shared: the 1-rule policy's lookups above walked a trie holding every
-    # policy's entries. Once more with the 1-rule policy alone in the maps.
+    # each cgroup has its own rule maps; once more with the 1-rule policy's cgroup the only
+    # policed one, as a baseline against the figures above.
     stats_pass(sd_names[0], f"{sd_names[0]} (alone in the maps)")
     release_and_count(sd_names[0])
     return {"rates": rates, "cpu_us": cpu_us, "counts": counts, "stats": stats, "recorded": recorded}

@@ -46,11 +46,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MsTable, begin, median, now_ns, print_table, progress, run_timed, write_results  # noqa: E402
+from _measure import MsTable, begin, median, now_ns, print_table, progress, run_timed, write_results  # noqa: E402
 
 from ocihook import cgroup, demo, install, loader, settings  # noqa: E402
 from ocihook.hook import ANNOTATION  # noqa: E402
-from ocihook.maps import PinnedMaps  # noqa: E402
+from ocihook.pinned import PinnedMaps  # noqa: E402
 
 HOOK_SAMPLES = 30  # warm prestart/poststop pairs, after one discarded warm-up
 COLD_SAMPLES = 5  # prestart with the policy cache deleted

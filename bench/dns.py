@@ -30,7 +30,7 @@ measuring, the programs' DNS events must add up to the queries made, and the ans
 address must be in the learned map for the policed cgroup. A last pass with BPF run-time
 statistics on gives runs and ns per query, per program.
 
-Everything BPF runs against a throwaway pin root and state dir (common.Sandbox), removed at
+Everything BPF runs against a throwaway pin root and state dir (_sandbox.Sandbox), removed at
 the end with the cgroups and processes.
 
 Usage: .venv/bin/python bench/dns.py     (root; cgroup v2, bpffs, bcc, dnslib)
@@ -39,6 +39,7 @@ Progress goes to stderr, the table to stdout, everything to bench/results/dns.js
 from __future__ import annotations
 
 import errno
+import os
 import json
 import socket
 import sys
@@ -46,14 +47,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Sandbox, Worker, begin, close_all, describe_netfilter, median,  # noqa: E402
-                    netfilter_state, paired, percentile, print_table, progress, run_in, run_rounds, start_server,
-                    stop_server, with_stats, write_results)
+from _measure import begin, median, paired, percentile, print_table, progress, write_results  # noqa: E402
+from _sandbox import Sandbox, run_in  # noqa: E402
+from _workers import Worker, close_all, run_rounds, start_server, stop_server, with_stats  # noqa: E402
+from _network import describe_netfilter, netfilter_state  # noqa: E402
 
 from dnslib import QTYPE, RR, A, DNSRecord  # noqa: E402
 from dnslib.server import BaseResolver, DNSLogger, DNSServer  # noqa: E402
 
-from ocihook import bpfsys, loader, maps  # noqa: E402
+from ocihook import bpfsys, loader  # noqa: E402
+from ocihook.abi import Addr, Learned  # noqa: E402
+from ocihook.events import C  # noqa: E402
+from ocihook.pinned import PinnedMaps  # noqa: E402
 
 NAME = "pkgs.bench.internal"
 ANSWER = "127.0.0.80"
@@ -149,12 +154,18 @@ def query_turns(server: str, n: int):
 
 def learned_entry(pins: Path, cgid: int) -> dict | None:
     """What the kernel learned for ANSWER in cgroup cgid: the name and seconds left."""
-    key = maps.AddrKey(cgid=cgid)
-    key.addr[:] = bytes(10) + b"\xff\xff" + socket.inet_aton(ANSWER)
-    val = maps.Learned()
-    with maps.PinnedMaps.open(pins) as m:
-        if not bpfsys.map_lookup(m.fds["learned"], key, val):
+    key = Addr()
+    key.addr[:] = list(memoryview(bytes(10) + b"\xff\xff" + socket.inet_aton(ANSWER)).cast("I"))
+    val = Learned()
+    with PinnedMaps.open(pins) as m:
+        fd = m.inner(cgid, "learned")
+        if fd is None:
             return None
+        try:
+            if not bpfsys.map_lookup(fd, key, val):
+                return None
+        finally:
+            os.close(fd)
         name = m.names_of(cgid, [val.name_id]).get(val.name_id)
     left = (val.expires_ns - time.clock_gettime_ns(time.CLOCK_BOOTTIME)) / 1e9
     return {"name": name, "ttl_left_s": round(left, 1), "verdict": int(val.verdict)}
@@ -221,7 +232,7 @@ def main() -> int:
         workers.clear()
         events = sandbox.release(policed)
         dns_allowed = sum(val.count for key, val in events
-                          if key.kind == maps.C["SD_KIND_DNS"] and key.verdict == maps.C["SD_EV_ALLOWED"])
+                          if key.kind == C["SD_KIND_DNS"] and key.verdict == C["SD_EV_ALLOWED"])
         if dns_allowed != made["safedeploy"] - 1:  # all but the denied check query
             raise SystemExit(f"bench/dns.py: {dns_allowed} allowed DNS events for "
                              f"{made['safedeploy'] - 1} allowed queries")

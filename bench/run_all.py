@@ -1,6 +1,6 @@
 """Run every benchmark script in bench/ in sequence; exit non-zero if one fails.
 
-A benchmark is any bench/*.py except this file, common.py and names starting with "_".
+A benchmark is any bench/*.py except this file and the shared helpers (names starting with "_").
 Usage: .venv/bin/python bench/run_all.py [name ...]     (e.g. `run_all.py apply`; `make bench`)
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"run_all.py", "common.py"}
+NOT_BENCHMARKS = {"run_all.py"}
 
 
 def benchmarks() -> list[Path]:

@@ -10,10 +10,10 @@ where safedeploy's DNS programs sit. The variants, all in cgroups
 ``<cgroup2>/safedeploy/sdbench-<pid>-*``:
 
   unpoliced   nothing attached (the baseline)
-  safedeploy  a policy of 1 and of 100 CIDR rules (common.policy_text: default allow, deny
+  safedeploy  a policy of 1 and of 100 CIDR rules (_network.policy_text: default allow, deny
               127.0.0.2/32 and /24s in 10.0.0.0/8); all programs attached
   iptables    the peer: an unpoliced cgroup, ``-m cgroup --path`` in OUTPUT jumping to a
-              chain of the same ``-d <cidr> -j REJECT`` rules (common.Iptables), the jump
+              chain of the same ``-d <cidr> -j REJECT`` rules (_network.Iptables), the jump
               inserted only around that variant's turns
 
 A round is one turn of every variant, in a shuffled order: ROUNDS rounds (ROUNDS x 64 MiB,
@@ -28,7 +28,7 @@ divides the total times instead. Before measuring, each variant proves what it i
 (127.0.0.2: EPERM / ECONNREFUSED / connects). A last pass with BPF run-time statistics on
 counts the program runs per GB and what they cost.
 
-Everything BPF runs against a throwaway pin root and state dir (common.Sandbox), removed at
+Everything BPF runs against a throwaway pin root and state dir (_sandbox.Sandbox), removed at
 the end with the cgroups, the processes and the iptables chains.
 
 Usage: .venv/bin/python bench/throughput.py     (root; cgroup v2, bpffs, bcc, iptables)
@@ -42,9 +42,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DENIED_HOST, HOST, Iptables, Variants, Worker, begin, close_all, describe_netfilter,  # noqa: E402
-                    listener, median, netfilter_state, network_variants, paired, print_table, progress, rules,
-                    run_rounds, start_server, stop_server, with_stats, write_results)
+from _measure import begin, median, paired, print_table, progress, write_results  # noqa: E402
+from _workers import Worker, close_all, listener, run_rounds, start_server, stop_server, with_stats  # noqa: E402
+from _network import (DENIED_HOST, HOST, Iptables, Variants, describe_netfilter, netfilter_state,  # noqa: E402
+                      network_variants, rules)
 
 RULE_COUNTS = (1, 100)
 ROUNDS = 300  # measured rounds: every variant sends one turn per round

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import begin, print_table, progress, write_results  # noqa: E402
+from _measure import begin, print_table, progress, write_results  # noqa: E402
 
 from ocihook import bpfsys, loader  # noqa: E402
 
@@ -54,22 +54,16 @@ def bpftool_show(args: list[str]) -> dict:
 
 def verified_insns(pin: Path, shown: dict) -> int:
     """bpf_prog_info.verified_insns of a pinned program (bpftool 7.1 does not print it).
-    The offsets of the fields bpftool does print are checked against its figures."""
+    The fields bpftool does print are checked against its figures."""
     fd = bpfsys.obj_get(str(pin))
     try:
-        info = (ctypes.c_uint8 * 256)()
-        attr = bpfsys._attr()
-        bpfsys._put(attr, 0, ctypes.c_uint32, fd)
-        bpfsys._put(attr, 4, ctypes.c_uint32, ctypes.sizeof(info))
-        bpfsys._put(attr, 8, ctypes.c_uint64, ctypes.addressof(info))
-        bpfsys._bpf(bpfsys.BPF_OBJ_GET_INFO_BY_FD, attr, "program info")
+        info = bpfsys.obj_info(fd, bpfsys.ProgInfo(), "program info")
     finally:
         os.close(fd)
-    u32 = lambda off: ctypes.c_uint32.from_buffer(info, off).value  # noqa: E731
-    # struct bpf_prog_info: id @4, jited_prog_len @16, xlated_prog_len @20, verified_insns @216
-    if (u32(4), u32(16), u32(20)) != (shown["id"], shown["bytes_jited"], shown["bytes_xlated"]):
+    if (info.id, info.jited_prog_len, info.xlated_prog_len) != (shown["id"], shown["bytes_jited"],
+                                                                 shown["bytes_xlated"]):
         raise SystemExit(f"bench/verifier.py: bpf_prog_info layout mismatch for {pin}")
-    return u32(216)
+    return info.verified_insns
 
 
 def cflags() -> list[str]:

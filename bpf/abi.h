@@ -13,6 +13,7 @@
 #define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
 #define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
 #define SD_RULE_RAW 0xfffc       /* raw_sockets: deny */
+#define SD_RULE_UNLISTED 0xfffb  /* a lookup of a name no rule covers, let through (dns.unlisted: resolve) */
 
 #define SD_ALLOW 0
 #define SD_DENY 1
@@ -44,7 +45,10 @@ struct sd_cgroup {
     __u8 has_resolvers; /* 1: port-53 traffic only to the resolvers map */
     __u8 name_denies;   /* 1: the policy denies some name (unparseable queries are dropped) */
     __u8 allow_raw;     /* 1: raw IP sockets are allowed (they bypass connect/sendmsg rules) */
-    __u8 pad[3];
+    __u8 unlisted;      /* 1: lookups of names no rule covers pass under default deny (search lists);
+                         * their addresses are then judged by CIDR rules and the default */
+    __u8 pad[2];
+    __u32 min_ttl;      /* seconds a learned address stays valid at least (dns.min_ttl) */
 };
 
 /* cgstats: u64 cgroup id -> exact counters of one policed cgroup, written by the programs.
@@ -121,12 +125,14 @@ struct sd_qid_key {
 
 /* learned: address -> the name whose answer carried it, until the TTL ends */
 struct sd_learned {
-    __u64 expires_ns;   /* CLOCK_BOOTTIME */
+    __u64 expires_ns;   /* CLOCK_BOOTTIME; an expired entry is kept to name the domain in reports */
     __u32 name_id;
+    __u32 target_id;    /* the denied end of the CNAME chain that made a deny, or 0 */
     __u8 verdict;       /* deny when the queried name or a name in its CNAME chain is denied;
                          * a deny is never overwritten before it expires */
     __u8 pad;
     __u16 rule;         /* the rule behind a deny */
+    __u32 pad2;
 };
 #define SD_TTL_MIN_S 2
 #define SD_TTL_MAX_S 86400
@@ -159,7 +165,11 @@ struct sd_event_key {
     __u8 proto;
     __u8 family;        /* 4 | 6 */
     __u32 name_id;      /* 0, or an id of the qnames map */
+    __u32 target_id;    /* the denied CNAME target behind a deny (qnames id), or 0 */
+    __u8 flags;         /* SD_EVF_* */
+    __u8 pad[3];
 };
+#define SD_EVF_EXPIRED 1    /* the address was learned from name_id, but its TTL had passed */
 
 struct sd_event_val {
     __u64 count;

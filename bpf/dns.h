@@ -13,24 +13,56 @@
 static __always_inline void sd_judge_name(__u64 cgid, struct sd_scratch *s, __u32 len)
 {
     s->found = 0;
+    /* a service lookup _service._proto.NAME (RFC 2782) is judged as NAME: srv = where the
+     * two leading `_` labels end (after the dot that follows the second) */
+    s->dots = 0;
+    s->srv = 0;
+    if (s->text[0] == '_') {
+        for (int i = 1; i < 128; i++) {
+            if (i >= len)
+                break;
+            if (s->text[i & 0xff] != '.')
+                continue;
+            __u32 dots = s->dots + 1;
+            s->dots = dots;
+            if (dots == 1 && s->text[(i + 1) & 0xff] != '_')
+                break;
+            if (dots == 2) {
+                s->srv = i + 1;
+                break;
+            }
+        }
+    }
+    __u32 srv = s->srv;
     for (int j = 0; j < SD_NAME_KEY; j++) {
         __u8 c = 0;
         if (j < len)
             c = s->text[(len - 1 - j) & 0xff];
         s->key.name[j] = c;
     }
-    s->klen = len + 1;
-    s->key.prefixlen = SD_NAME_FIXED_BITS + (len + 1) * 8;
     s->key.proto = 0;
     s->key.pad = 0;
     s->key.port = 0;
     void *names = cg_names.lookup(&cgid);
+    __u32 vlen = len - srv; /* the name whose verdict this is */
+    __u32 vi = vlen;
+    asm volatile("%0 &= 0xff" : "+r"(vi)); /* clang drops a plain mask it thinks redundant */
+    __u8 saved = 0;
+    if (srv && vlen < SD_NAME_KEY) {
+        saved = s->key.name[vi];
+        s->key.name[vi] = 0;
+    }
+    s->key.prefixlen = SD_NAME_FIXED_BITS + (vlen + 1) * 8;
     struct sd_name_val *v = names ? bpf_map_lookup_elem(names, &s->key) : 0;
     if (v) {
         s->qv_rule = v->rule;
         s->qv_verdict = v->verdict;
         s->found = 1;
     }
+    if (srv && vlen < SD_NAME_KEY)
+        s->key.name[vi] = saved;
+    s->klen = len + 1;
+    s->key.prefixlen = SD_NAME_FIXED_BITS + (len + 1) * 8;
 }
 
 /* One byte of a name in wire format into the dotted text in s->text. Returns 1 when
@@ -149,10 +181,15 @@ static __always_inline int sd_pending_take(__u64 cgid, __u32 *resolver, __u16 tx
     return 1;
 }
 
-static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
+/* Learn that addr answered a query for name_id, for its TTL: at least the policy's
+ * dns.min_ttl (clients reuse addresses past the TTL), never less than SD_TTL_MIN_S nor more
+ * than SD_TTL_MAX_S. target_id: the denied CNAME target that makes verdict a deny. */
+static __always_inline void sd_learn_via(__u64 cgid, __u32 *addr, __u32 name_id, __u32 target_id, __u8 verdict,
+                                         __u16 rule, __u32 ttl)
 {
     void *learned = cg_learned.lookup(&cgid);
-    if (!learned)
+    struct sd_cgroup *pol = sd_cgroup_of(cgid);
+    if (!learned || !pol)
         return;
     struct sd_addr k = {};
     __builtin_memcpy(k.addr, addr, sizeof(k.addr));
@@ -160,6 +197,8 @@ static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u
     struct sd_learned *old = bpf_map_lookup_elem(learned, &k);
     if (old && old->verdict == SD_DENY && verdict == SD_ALLOW && old->expires_ns > now)
         return; /* an address of a denied name stays denied until its TTL ends */
+    if (ttl < pol->min_ttl)
+        ttl = pol->min_ttl;
     if (ttl < SD_TTL_MIN_S)
         ttl = SD_TTL_MIN_S;
     if (ttl > SD_TTL_MAX_S)
@@ -167,6 +206,7 @@ static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u
     struct sd_learned v = {};
     v.expires_ns = now + (__u64)ttl * 1000000000ULL;
     v.name_id = name_id;
+    v.target_id = target_id;
     v.verdict = verdict;
     v.rule = rule;
     if (bpf_map_update_elem(learned, &k, &v, BPF_ANY) == 0 && !old) {
@@ -174,6 +214,28 @@ static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u
         if (st)
             __sync_fetch_and_add(&st->learned_new, 1);
     }
+}
+
+static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
+{
+    sd_learn_via(cgid, addr, name_id, 0, verdict, rule, ttl);
+}
+
+/* The verdict of a query for the name just judged (s->found, s->qv_*). A name no rule
+ * covers passes under default deny when the policy resolves unlisted names (search-list
+ * candidates): its addresses are then judged by CIDR rules and the default at connect. */
+static __always_inline __u8 sd_query_verdict(struct sd_cgroup *pol, struct sd_scratch *s, __u16 *rule)
+{
+    if (s->found) {
+        *rule = s->qv_rule;
+        return s->qv_verdict;
+    }
+    if (pol->dflt == SD_DENY && pol->unlisted) {
+        *rule = SD_RULE_UNLISTED;
+        return SD_ALLOW;
+    }
+    *rule = SD_RULE_DEFAULT;
+    return pol->dflt;
 }
 
 #endif /* SD_DNS_H */

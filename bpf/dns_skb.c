@@ -193,7 +193,7 @@ static __always_inline int sd_raw_egress(struct __sk_buff *skb)
         d.proto = hdr[6];
         d.family = 6;
     }
-    return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
+    return sd_rule_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET);
 }
 
 /* What both DNS programs need first: the DNS message, the policy of the socket's cgroup,
@@ -257,13 +257,15 @@ int sd_dns_egress(struct __sk_buff *skb)
         verdict = (pol->dflt == SD_DENY || pol->name_denies) ? SD_DENY : SD_ALLOW;
         rule = SD_RULE_MALFORMED;
     } else {
-        verdict = s->found ? s->qv_verdict : pol->dflt;
-        rule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
+        verdict = sd_query_verdict(pol, s, &rule);
         name_id = sd_name_id(cgid, s); /* the report shows the name */
     }
     if ((bpf_get_current_pid_tgid() >> 32) == 0) /* a TCP retransmission from kernel context */
         return verdict == SD_ALLOW || pol->mode == SD_MODE_AUDIT;
-    int ret = sd_verdict_return(cgid, pol, &c.d, verdict, rule, SD_KIND_DNS, name_id);
+    struct sd_why why = {};
+    why.rule = rule;
+    why.name_id = name_id;
+    int ret = sd_verdict_return(cgid, pol, &c.d, verdict, &why, SD_KIND_DNS);
     if (ret && name_id)
         sd_pending_put(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
     return ret;
@@ -365,6 +367,7 @@ static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u3
     /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
     __u8 verdict = qverdict;
     __u16 rule = qrule;
+    __u32 target_id = 0;
     __u32 chain_end = s->owner;
     if (chain_end) {
         if (!sd_parse_name_at(skb, off, chain_end, cgid, s)) {
@@ -373,13 +376,14 @@ static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u3
         } else if (s->found && s->qv_verdict == SD_DENY) {
             verdict = SD_DENY;
             rule = s->qv_rule;
+            target_id = sd_name_id(cgid, s); /* the report names the denied target too */
         }
     }
     for (int i = 0; i < SD_MAX_ANSWERS; i++) {
         if (i >= s->naddr)
             break;
-        sd_learn(cgid, s->addrs[i & (SD_MAX_ANSWERS - 1)].a, name_id, verdict, rule,
-                 s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
+        sd_learn_via(cgid, s->addrs[i & (SD_MAX_ANSWERS - 1)].a, name_id, target_id, verdict, rule,
+                     s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
     }
     return 1;
 }

@@ -183,11 +183,13 @@ int sd_dns_msg(struct sk_msg_md *msg)
         verdict = (pol->dflt == SD_DENY || pol->name_denies) ? SD_DENY : SD_ALLOW;
         rule = SD_RULE_MALFORMED;
     } else {
-        verdict = s->found ? s->qv_verdict : pol->dflt;
-        rule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
+        verdict = sd_query_verdict(pol, s, &rule); /* as over UDP (dns_skb.c) */
         name_id = sd_name_id(cgid, s);
     }
-    if (!sd_verdict_return(cgid, pol, &d, verdict, rule, SD_KIND_DNS, name_id))
+    struct sd_why why = {};
+    why.rule = rule;
+    why.name_id = name_id;
+    if (!sd_verdict_return(cgid, pol, &d, verdict, &why, SD_KIND_DNS))
         return SK_DROP; /* apply_bytes 0: the rest of this write goes with it (EACCES) */
     if (name_id)
         sd_pending_put(cgid, d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);

@@ -52,6 +52,8 @@ struct sd_scratch {
     volatile __u32 done;
     volatile __u32 found;
     volatile __u32 klen;          /* bytes of key.name in use, the terminator included */
+    volatile __u32 dots;          /* sd_judge_name's search for a service prefix */
+    volatile __u32 srv;
     volatile __u32 aoff;
     volatile __u32 owner;         /* offset of the owner name of the answer's addresses, if not the question */
     volatile __u32 naddr;

@@ -79,6 +79,15 @@ struct sd_dest {
     __u8 family;
 };
 
+/* Why a verdict: the deciding rule and what the report says about the name behind it. */
+struct sd_why {
+    __u16 rule;         /* rule index, or SD_RULE_* */
+    __u8 flags;         /* SD_EVF_* */
+    __u8 pad;
+    __u32 name_id;      /* the name the address was learned from (qnames id), or 0 */
+    __u32 target_id;    /* the denied CNAME target behind a deny, or 0 */
+};
+
 /* Best of two name matches: the longer (more specific) name, then deny, then the lowest
  * rule index. */
 static __always_inline struct sd_name_val *sd_better_name(struct sd_name_val *a, struct sd_name_val *b)
@@ -118,15 +127,16 @@ static __always_inline int sd_name_verdict(__u64 cgid, struct sd_name_key *q, __
 }
 
 /* Verdict of the policy of cgid for dest (decide() in ocihook/policy.py is the
- * reference). *rule receives the deciding rule index, *name_id the learned name. */
+ * reference); *why receives the deciding rule and the learned name. slot: the caller's
+ * per-CPU scratch slot. */
 static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u32 slot,
-                                      __u16 *rule, __u32 *name_id)
+                                      struct sd_why *why)
 {
     struct sd_addr a = {};
     __builtin_memcpy(a.addr, d->addr, sizeof(a.addr));
     if (pol->has_resolvers && d->port == 53) {
         void *resolvers = cg_resolvers.lookup(&cgid);
-        *rule = SD_RULE_RESOLVERS;
+        why->rule = SD_RULE_RESOLVERS;
         return resolvers && bpf_map_lookup_elem(resolvers, &a) ? SD_ALLOW : SD_DENY;
     }
     struct sd_cidr_val *best = 0;
@@ -149,17 +159,17 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
     void *learned = cg_learned.lookup(&cgid);
     struct sd_learned *l = learned ? bpf_map_lookup_elem(learned, &a) : 0;
     if (l) {
+        why->name_id = l->name_id;
         if (l->expires_ns < bpf_ktime_get_boot_ns()) {
-            bpf_map_delete_elem(learned, &a);
+            why->flags |= SD_EVF_EXPIRED; /* named in the report, judged without it */
         } else if (l->verdict == SD_DENY) {
             /* learned from an answer that involved a denied name (e.g. through a CNAME) */
-            *name_id = l->name_id;
+            why->target_id = l->target_id;
             nv.rule = l->rule;
             nv.verdict = SD_DENY;
             have_name = 1;
         } else {
             __u32 id = l->name_id;
-            *name_id = id;
             void *qnames = cg_qnames.lookup(&cgid);
             struct sd_name_key *q = qnames ? bpf_map_lookup_elem(qnames, &id) : 0;
             if (q)
@@ -169,27 +179,27 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
     if (have_name && best) {
         /* both decide: if they agree the name rule decides, else the deny one */
         if (nv.verdict == best->verdict || nv.verdict == SD_DENY) {
-            *rule = nv.rule;
+            why->rule = nv.rule;
             return nv.verdict;
         }
-        *rule = best->rule;
+        why->rule = best->rule;
         return best->verdict;
     }
     if (have_name) {
-        *rule = nv.rule;
+        why->rule = nv.rule;
         return nv.verdict;
     }
     if (best) {
-        *rule = best->rule;
+        why->rule = best->rule;
         return best->verdict;
     }
-    *rule = SD_RULE_DEFAULT;
+    why->rule = SD_RULE_DEFAULT;
     return pol->dflt;
 }
 
 /* Count a decision exactly (cgstats) and keep its details (events or blocked map of the
  * cgroup) while its quota lasts. */
-static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule, __u8 ev, __u8 kind, __u32 name_id)
+static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
 {
     struct sd_cgstats *st = cgstats.lookup(&cgid);
     if (st) {
@@ -205,12 +215,14 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
     k.pid = bpf_get_current_pid_tgid() >> 32;
     k.pstart = sd_current_pstart();
     k.port = d->port;
-    k.rule = rule;
+    k.rule = why->rule;
     k.verdict = ev;
     k.kind = kind;
     k.proto = d->proto;
     k.family = d->family;
-    k.name_id = name_id;
+    k.name_id = why->name_id;
+    k.target_id = why->target_id;
+    k.flags = why->flags;
     __u64 now = bpf_ktime_get_boot_ns();
     void *m;
     if (ev != SD_EV_ALLOWED) {
@@ -259,30 +271,39 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, __u16 rule,
     }
 }
 
-/* Decide, record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */
+/* Record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */
 static __always_inline int sd_verdict_return(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
-                                             __u16 rule, __u8 kind, __u32 name_id)
+                                             struct sd_why *why, __u8 kind)
 {
     sd_stat(SD_STAT_DECISIONS);
     if (verdict == SD_ALLOW) {
-        sd_record(cgid, d, rule, SD_EV_ALLOWED, kind, name_id);
+        sd_record(cgid, d, why, SD_EV_ALLOWED, kind);
         return 1;
     }
     sd_stat(SD_STAT_DENIED);
     if (pol->mode == SD_MODE_AUDIT) {
-        sd_record(cgid, d, rule, SD_EV_WOULD_BLOCK, kind, name_id);
+        sd_record(cgid, d, why, SD_EV_WOULD_BLOCK, kind);
         return 1;
     }
-    sd_record(cgid, d, rule, SD_EV_BLOCKED, kind, name_id);
+    sd_record(cgid, d, why, SD_EV_BLOCKED, kind);
     return 0;
+}
+
+/* A verdict with only a rule behind it (no name). */
+static __always_inline int sd_rule_return(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
+                                          __u16 rule, __u8 kind)
+{
+    struct sd_why why = {};
+    why.rule = rule;
+    return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
 }
 
 static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u32 slot, __u8 kind)
 {
-    __u16 rule = SD_RULE_DEFAULT;
-    __u32 name_id = 0;
-    __u8 verdict = sd_decide(cgid, pol, d, slot, &rule, &name_id);
-    return sd_verdict_return(cgid, pol, d, verdict, rule, kind, name_id);
+    struct sd_why why = {};
+    why.rule = SD_RULE_DEFAULT;
+    __u8 verdict = sd_decide(cgid, pol, d, slot, &why);
+    return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
 }
 
 #endif /* SAFEDEPLOY_H */

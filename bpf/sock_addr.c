@@ -53,7 +53,7 @@ int sd_sock_create(struct bpf_sock *sk)
     if (d.family == 4)
         d.addr[2] = bpf_htonl(0xffff); /* 0.0.0.0: no destination yet */
     d.proto = sk->protocol;
-    return sd_verdict_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET, 0);
+    return sd_rule_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET);
 }
 
 int sd_connect4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_CONNECT); }

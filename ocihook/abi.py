@@ -7,6 +7,7 @@ SD_RULE_DEFAULT = 0xffff
 SD_RULE_RESOLVERS = 0xfffe
 SD_RULE_MALFORMED = 0xfffd
 SD_RULE_RAW = 0xfffc
+SD_RULE_UNLISTED = 0xfffb
 SD_ALLOW = 0
 SD_DENY = 1
 SD_MODE_ENFORCE = 0
@@ -32,6 +33,7 @@ SD_NAME_FIXED_BITS = 32
 SD_TTL_MIN_S = 2
 SD_TTL_MAX_S = 86400
 SD_MAX_ANSWERS = 16
+SD_EVF_EXPIRED = 1
 SD_CMDLINE = 256
 SD_CHAIN = 4
 
@@ -44,7 +46,9 @@ class Cgroup(ctypes.Structure):
         ("has_resolvers", ctypes.c_uint8),
         ("name_denies", ctypes.c_uint8),
         ("allow_raw", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("unlisted", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+        ("min_ttl", ctypes.c_uint32),
     ]
 
 
@@ -124,9 +128,11 @@ class Learned(ctypes.Structure):
     _fields_ = [
         ("expires_ns", ctypes.c_uint64),
         ("name_id", ctypes.c_uint32),
+        ("target_id", ctypes.c_uint32),
         ("verdict", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
         ("rule", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint32),
     ]
 
 
@@ -161,6 +167,9 @@ class EventKey(ctypes.Structure):
         ("proto", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
         ("name_id", ctypes.c_uint32),
+        ("target_id", ctypes.c_uint32),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 
@@ -215,7 +224,7 @@ class Proc(ctypes.Structure):
 
 # struct -> (size, {field: (offset, size)}) as C lays it out
 LAYOUT = {
-    "sd_cgroup": (8, {'mode': (0, 1), 'dflt': (1, 1), 'has_resolvers': (2, 1), 'name_denies': (3, 1), 'allow_raw': (4, 1), 'pad': (5, 3)}),
+    "sd_cgroup": (12, {'mode': (0, 1), 'dflt': (1, 1), 'has_resolvers': (2, 1), 'name_denies': (3, 1), 'allow_raw': (4, 1), 'unlisted': (5, 1), 'pad': (6, 2), 'min_ttl': (8, 4)}),
     "sd_cgstats": (80, {'allowed': (0, 8), 'blocked': (8, 8), 'would_block': (16, 8), 'events_dropped': (24, 8), 'blocked_dropped': (32, 8), 'learned_new': (40, 8), 'pending_new': (48, 8), 'names_new': (56, 8), 'procs_new': (64, 8), 'pending_busy': (72, 8)}),
     "sd_cidr_key": (24, {'prefixlen': (0, 4), 'proto': (4, 1), 'pad': (5, 1), 'port': (6, 2), 'addr': (8, 16)}),
     "sd_cidr_val": (4, {'rule': (0, 2), 'verdict': (2, 1), 'plen': (3, 1)}),
@@ -223,12 +232,12 @@ LAYOUT = {
     "sd_name_key": (260, {'prefixlen': (0, 4), 'proto': (4, 1), 'pad': (5, 1), 'port': (6, 2), 'name': (8, 252)}),
     "sd_name_val": (8, {'rule': (0, 2), 'verdict': (2, 1), 'pad': (3, 1), 'nlen': (4, 4)}),
     "sd_qid_key": (252, {'name': (0, 252)}),
-    "sd_learned": (16, {'expires_ns': (0, 8), 'name_id': (8, 4), 'verdict': (12, 1), 'pad': (13, 1), 'rule': (14, 2)}),
+    "sd_learned": (24, {'expires_ns': (0, 8), 'name_id': (8, 4), 'target_id': (12, 4), 'verdict': (16, 1), 'pad': (17, 1), 'rule': (18, 2), 'pad2': (20, 4)}),
     "sd_answer": (20, {'a': (0, 16), 'ttl': (16, 4)}),
     "sd_pending_key": (24, {'addr': (0, 16), 'txid': (16, 2), 'pad': (18, 2), 'name_id': (20, 4)}),
-    "sd_event_key": (40, {'pstart': (0, 8), 'addr': (8, 16), 'pid': (24, 4), 'port': (28, 2), 'rule': (30, 2), 'verdict': (32, 1), 'kind': (33, 1), 'proto': (34, 1), 'family': (35, 1), 'name_id': (36, 4)}),
+    "sd_event_key": (48, {'pstart': (0, 8), 'addr': (8, 16), 'pid': (24, 4), 'port': (28, 2), 'rule': (30, 2), 'verdict': (32, 1), 'kind': (33, 1), 'proto': (34, 1), 'family': (35, 1), 'name_id': (36, 4), 'target_id': (40, 4), 'flags': (44, 1), 'pad': (45, 3)}),
     "sd_event_val": (48, {'count': (0, 8), 'first_ns': (8, 8), 'last_ns': (16, 8), 'uid': (24, 4), 'pad': (28, 4), 'comm': (32, 16)}),
-    "sd_live": (72, {'cgid': (0, 8), 'k': (8, 40), 'ts_ns': (48, 8), 'comm': (56, 16)}),
+    "sd_live": (80, {'cgid': (0, 8), 'k': (8, 48), 'ts_ns': (56, 8), 'comm': (64, 16)}),
     "sd_proc_key": (16, {'pstart': (0, 8), 'tgid': (8, 4), 'pad': (12, 4)}),
     "sd_ancestor": (20, {'pid': (0, 4), 'comm': (4, 16)}),
     "sd_proc": (344, {'len': (0, 4), 'chain_len': (4, 4), 'chain': (8, 80), 'cmdline': (88, 256)}),

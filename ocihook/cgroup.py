@@ -10,10 +10,28 @@ import fcntl
 import os
 import time
 
+from .errors import SafedeployError
 
 
-class CgroupError(Exception):
+class CgroupError(SafedeployError):
     """A cgroup problem; str() is one line."""
+
+
+def _unmangle(field: str) -> str:
+    """A mountinfo field with the kernel's octal escapes (\\040 space, \\011 tab,
+    \\012 newline, \\134 backslash) decoded."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
 
 
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
@@ -22,8 +40,9 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
         with open(mountinfo) as f:
             for line in f:
                 pre, _, post = line.partition(" - ")
-                if post.split(" ", 1)[0] == "cgroup2":
-                    return pre.split(" ")[4].replace("\\040", " ")
+                fields = pre.split(" ")
+                if post.split(" ", 1)[0] == "cgroup2" and len(fields) > 4:
+                    return _unmangle(fields[4])
     except OSError as e:
         raise CgroupError(f"cannot read {mountinfo}: {e.strerror}") from None
     raise CgroupError("no cgroup v2 hierarchy is mounted (need cgroup2 in /proc/self/mountinfo)")

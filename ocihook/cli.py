@@ -28,21 +28,14 @@ def _err(msg: str) -> None:
 
 @contextlib.contextmanager
 def _errors():
-    """Known failures become one line on stderr and exit status 1, never a traceback."""
-    from .bpfsys import BpfError
-    from .cgroup import CgroupError
-    from .loader import LoaderError
-    from .policy import PolicyError
-    from .report import ReportError
-    from .runner import RunError
+    """Known failures (ocihook.errors.SafedeployError) become their lines on stderr and
+    exit status 1, never a traceback."""
+    from .errors import SafedeployError
     try:
         yield
-    except PolicyError as e:
-        for line in e.errors or [str(e)]:
+    except SafedeployError as e:
+        for line in e.lines():
             _err(line)
-        raise typer.Exit(1) from None
-    except (BpfError, CgroupError, LoaderError, ReportError, RunError) as e:
-        _err(str(e))
         raise typer.Exit(1) from None
     except PermissionError as e:
         _err(f"{e.filename or 'operation'}: permission denied (run as root)")
@@ -106,7 +99,8 @@ def policy_explain(
         dec = decide_query(pol, d.name) if lookup else decide(pol, d)
     out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
            "proto": d.proto, "kind": "dns" if lookup else "connect", "verdict": dec.verdict,
-           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode}
+           "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode,
+           "capabilities": list(pol.capabilities), "privileged": pol.privileged}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -114,6 +108,18 @@ def policy_explain(
     what = f"DNS lookup of {d.name}" if lookup else f"{dest} [{d.proto}]"
     typer.echo(f"{dec.verdict.upper()} {what} — rule: {dec.rule_text}{why}; "
                f"in {pol.mode} mode this is {dec.effective}")
+    typer.echo(f"privileges: {_privileges(pol)}")
+
+
+def _privileges(pol) -> str:
+    """What the policy lets a run keep and a container have, of what could take it out."""
+    if pol.privileged:
+        return ("privileged: true — every capability, --privileged, writable cgroupfs: "
+                "a process that wants out of the cgroup can leave (docs/security.md)")
+    if pol.capabilities:
+        return (f"capabilities: {', '.join(pol.capabilities)} kept by runs and allowed in containers; "
+                "every other way out of the cgroup is dropped or refused")
+    return "none: runs drop, and containers are refused, every capability that leads out of the cgroup"
 
 
 @policy_app.command("suggest")
@@ -161,6 +167,11 @@ def run_cmd(
                                                "(default $SAFEDEPLOY_LOG_DIR/<run-id>.jsonl)."),
     fail_on_violation: bool = typer.Option(False, "--fail-on-violation",
                                            help="Exit 3 when anything was blocked or would have been (CI gates)."),
+    keep_cap: List[str] = typer.Option([], "--keep-cap", metavar="CAP",
+                                       help="Keep a capability that run drops by default (repeatable): "
+                                            "SYS_ADMIN, NET_ADMIN, BPF, NET_RAW, SYS_MODULE, SYS_PTRACE, "
+                                            "DAC_READ_SEARCH, SYS_RAWIO, PERFMON. Each one is a way out: "
+                                            "see docs/security.md."),
 ) -> None:
     """Run CMD (and every process it starts) in its own cgroup under a policy.
 
@@ -168,20 +179,34 @@ def run_cmd(
 
     Exits with CMD's status (or 3 with --fail-on-violation when anything was blocked or
     would have been); blocked destinations are summarised on stderr.
+
+    CMD cannot leave the cgroup: it gets a cgroup namespace and a cgroup2 view rooted at
+    its own cgroup, and loses the capabilities that would let it out (--keep-cap opts back in).
     """
-    from . import loader, report, runner
+    from . import caps, loader, report, runner
     from .policy import load_policy_file
+    for c in keep_cap:
+        try:
+            caps.normalize(c)
+        except caps.CapError as e:
+            _err(f"--keep-cap: {e}")
+            raise typer.Exit(2) from None
+        if caps.normalize(c) not in caps.DANGEROUS:
+            _err(f"--keep-cap: {caps.normalize(c)} is never dropped (only {', '.join(caps.DANGEROUS)} are)")
+            raise typer.Exit(2)
     with _errors():
         pol = load_policy_file(policy)
         if audit:
             pol = dataclasses.replace(pol, mode="audit")
-        res = runner.run(cmd, pol, report_file, log=loader.stderr_log)
+        res = runner.run(cmd, pol, report_file, log=loader.stderr_log, keep=keep_cap)
     for line in report.summary(res.records):
         _err(line)
     if res.dropped:
         _err(f"{res.dropped} decisions were counted but not kept in detail: the run's events quota was full "
              "(enforcement unaffected)")
-    _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations)")
+    kept = ", ".join(res.kept) if res.kept else "none"
+    _err(f"report: {res.report_path} ({len(res.records)} destinations, {res.violations} violations; "
+         f"capabilities kept: {kept})")
     if fail_on_violation and res.violations:
         raise typer.Exit(runner.EXIT_VIOLATION)
     raise typer.Exit(res.returncode)
@@ -221,19 +246,20 @@ def report_cmd(
 
 @app.command("watch")
 def watch_cmd(
-    target: Optional[str] = typer.Argument(None, help="A container id (or prefix); default: every policed cgroup."),
+    target: Optional[str] = typer.Argument(None, help="A container or run id (or prefix), or a cgroup id; "
+                                           "default: every policed cgroup."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per event."),
+    wide: bool = typer.Option(False, "--wide", help="Whole lines: do not cut them to the terminal's width."),
 ) -> None:
     """Live: every blocked or would-block attempt as it happens — destination, DNS name,
-    process and command line. Ctrl-C stops."""
-    from .watch import WatchError, watch
-    try:
-        with _errors():
-            watch(target, duration, as_json, out=lambda line: typer.echo(line))
-    except WatchError as e:
-        _err(str(e))
-        raise typer.Exit(1) from None
+    container or run, deciding rule, process and command line. Ctrl-C stops."""
+    from .visible import visible
+    from .watch import watch
+    what = visible(target) if target else "every policed cgroup"
+    with _errors():
+        watch(target, duration, as_json, out=lambda line: typer.echo(line), wide=wide,
+              ready=lambda: _err(f"watching {what} (Ctrl-C stops)"))
 
 
 # -- status / doctor ----------------------------------------------------------------
@@ -241,8 +267,10 @@ def watch_cmd(
 def status_cmd() -> None:
     """Policed cgroups, program versions and map fill levels."""
     from . import loader
-    from .maps import PinnedMaps
+    from .pinned import PinnedMaps
     from .hook import state_records
+    from .visible import visible
+    from .watch import owner_text
     root = Path(loader.settings.bpffs_root())
     current = Path(loader.pin_dir())
     versions = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -266,8 +294,8 @@ def status_cmd() -> None:
                 for cgid, val in sorted(cgs.items()):
                     mode = "audit" if val.mode else "enforce"
                     rec = owners.get(cgid)
-                    who = f"container {rec['id'][:12]}" if rec else f"cgroup {cgid}"
-                    pol = rec.get("compiled", {}).get("name", "?") if rec else "?"
+                    who = owner_text(rec, cgid)
+                    pol = visible(rec.get("compiled", {}).get("name", "?")) if rec else "?"
                     c = counts.get(cgid, {})
                     typer.echo(f"  {who}: policy {pol} ({mode}), blocked {c.get('blocked', 0)}, "
                                f"would-block {c.get('would-block', 0)}, allowed {c.get('allowed', 0)}")
@@ -335,13 +363,9 @@ def demo_cmd(runtime: str = typer.Option("auto", "--runtime", help="podman, runc
     """The main job on a built-in example: a real busybox container under the policy `demo`
     reaches its package mirror, is refused the circular dependency (the auth service it
     should repair) at once, and the report is printed."""
-    from .demo import DemoError, run_demo
-    try:
-        with _errors():
-            rc = run_demo(runtime, log=typer.echo)
-    except DemoError as e:
-        _err(str(e))
-        raise typer.Exit(1) from None
+    from .demo import run_demo
+    with _errors():
+        rc = run_demo(runtime, log=typer.echo)
     raise typer.Exit(rc)
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from . import install, report, settings
+from .errors import SafedeployError
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "nc", "echo", "cat", "sleep", "touch", "ls", "true", "wget", "date")
@@ -51,7 +52,17 @@ echo "deploy: rollout done"
 """
 
 
-class DemoError(Exception):
+# podman's own default capabilities, spelled out: a containers.conf of our own replaces
+# the system's, and the compiled-in defaults of some builds add CAP_NET_RAW, which the
+# hook refuses (AF_PACKET bypasses the programs; docs/security.md)
+CONTAINERS_CONF = """[containers]
+default_ulimits = []
+default_capabilities = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETFCAP",
+                        "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"]
+"""
+
+
+class DemoError(SafedeployError):
     """The demo cannot run here; str() is one line."""
 
 
@@ -150,7 +161,7 @@ def run_demo(runtime: str = "auto", log=print) -> int:
         t0 = time.monotonic()
         if runtime == "podman":
             conf = work / "containers.conf"
-            conf.write_text("[containers]\ndefault_ulimits = []\n")
+            conf.write_text(CONTAINERS_CONF)
             env = dict(os.environ, CONTAINERS_CONF=str(conf))
             import_image(rootfs, IMAGE, env)
             cidfile = work / "cid"

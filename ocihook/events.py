@@ -1,18 +1,41 @@
-"""Turn raw kernel events (maps.EventKey/EventVal) into report records (DESIGN.md §5)."""
+"""Turn raw kernel events (abi.EventKey/EventVal) into report records (docs/report.md)."""
 from __future__ import annotations
 
+import base64
 import os
 import time
 from datetime import datetime, timezone
-from .maps import C, KIND_NAME, PROTO_NAME, VERDICT_NAME, addr_of
-from .policy import display_ip
+
+from . import abi
+from .addr import addr_of, display_ip
+
+C = {k: v for k, v in vars(abi).items() if k.startswith("SD_")}
+PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip"}  # raw sockets: any protocol
+KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
+             C["SD_KIND_SOCKET"]: "socket"}
+VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
+                C["SD_EV_WOULD_BLOCK"]: "would-block"}
+UNLISTED_REASON = "a name no rule covers: resolved (search lists), its addresses judged by CIDR rules and the default"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import Drained
+    from .pinned import Drained
 
 FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
-          "pid", "comm", "cmdline", "uid", "rule", "reason", "count", "first_seen", "last_seen", "parents")
+          "pid", "comm", "cmdline", "argv", "argv_b64", "argv_truncated", "uid", "rule", "reason", "count",
+          "first_seen", "last_seen", "parents", "target", "note")
+ARGV_FIELDS = ("cmdline", "argv", "argv_b64", "argv_truncated")
+
+
+def _note(key, target: str | None) -> str | None:
+    """What a reader needs beyond the rule to understand a row."""
+    if key.flags & C["SD_EVF_EXPIRED"]:
+        return "address learned from the domain, but its TTL (at least dns.min_ttl) had passed"
+    if target:
+        return f"the domain is a CNAME of {target}"
+    if key.rule == C["SD_RULE_UNLISTED"]:
+        return "a lookup of a name no rule covers (e.g. a search-list candidate)"
+    return None
 
 
 def boot_ns_to_rfc3339(ns: int) -> str:
@@ -32,10 +55,10 @@ def _start_ns(pid: int, proc: str) -> int | None:
         return None
 
 
-def proc_cmdline(pid: int, pstart: int = 0, proc: str = "/proc") -> str | None:
-    """The command line of a live process, or None. With pstart (the kernel's start time of
-    the process that made the call), only when the live process with that pid is that one:
-    a later process that reused the pid is never blamed."""
+def proc_cmdline_raw(pid: int, pstart: int = 0, proc: str = "/proc") -> bytes | None:
+    """The exact command line (NUL-separated) of a live process, or None. With pstart (the
+    kernel's start time of the process that made the call), only when the live process with
+    that pid is that one: a later process that reused the pid is never blamed."""
     if not pid:
         return None
     if pstart:
@@ -44,11 +67,40 @@ def proc_cmdline(pid: int, pstart: int = 0, proc: str = "/proc") -> str | None:
             return None
     try:
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
-            raw = f.read()
+            return f.read() or None
     except OSError:
         return None
-    args = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
-    return " ".join(args) if raw else None
+
+
+def proc_cmdline(pid: int, pstart: int = 0, proc: str = "/proc") -> str | None:
+    """The command line of a live process (arguments joined by spaces), or None."""
+    return argv_fields(proc_cmdline_raw(pid, pstart, proc))["cmdline"]
+
+
+def argv_fields(raw: bytes | None, captured: bool = False) -> dict:
+    """The report's command-line fields from a NUL-separated command line (as in
+    /proc/PID/cmdline; `captured`: as the kernel copied it, at most SD_CMDLINE bytes):
+    ``argv`` the arguments as text (a byte that is not UTF-8 becomes U+FFFD), ``argv_b64``
+    the exact bytes, the arguments joined by NUL, in base64 when ``argv`` is not exact
+    (else null), ``argv_truncated`` when the kernel's copy filled its SD_CMDLINE bytes (the
+    command line may go on; the last argument is where the copy stopped, all of the bytes
+    kept), and ``cmdline`` the arguments joined by spaces."""
+    if not raw:
+        return {"cmdline": None, "argv": None, "argv_b64": None, "argv_truncated": False}
+    cut = captured and len(raw) >= C["SD_CMDLINE"]
+    args = (raw[:-1] if raw.endswith(b"\0") and not cut else raw).split(b"\0")
+    text = [a.decode("utf-8", "replace") for a in args]
+    exact = all(t.encode() == a for t, a in zip(text, args))
+    return {"cmdline": " ".join(text), "argv": text,
+            "argv_b64": None if exact else base64.b64encode(b"\0".join(args)).decode(),
+            "argv_truncated": cut}
+
+
+def argv_bytes(rec: dict) -> list[bytes] | None:
+    """The exact arguments of a report (or watch --json) record, or None."""
+    if rec.get("argv_b64"):
+        return base64.b64decode(rec["argv_b64"]).split(b"\0")
+    return None if rec.get("argv") is None else [a.encode() for a in rec["argv"]]
 
 
 def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
@@ -59,6 +111,8 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
         return "dns.resolvers", None
     if index == C["SD_RULE_RAW"]:
         return "raw_sockets", "raw sockets bypass connect rules (policy raw_sockets: deny)"
+    if index == C["SD_RULE_UNLISTED"]:
+        return "dns.unlisted", UNLISTED_REASON
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
     if 0 <= index < len(compiled.get("rules", ())):
@@ -84,15 +138,20 @@ def _deploy_parents(chain: list[dict], stop_pids: frozenset[int]) -> list[str]:
 def to_records(drained: "Drained", compiled: dict, container: str,
                stop_pids: frozenset[int] = frozenset()) -> list[dict]:
     """One report record per kernel event; command lines come from what the kernel
-    captured (the process may be long gone), else from /proc while it lives. `parents`
-    lists the deploy's own ancestors, nearest first, up to the runtime (or stop_pids)."""
+    captured (exact bytes; the process may be long gone), else from /proc while the same
+    process lives. `parents` lists the deploy's own ancestors, nearest first, up to the
+    runtime (or stop_pids)."""
     out = []
     for key, val in drained.events:
         rule, reason = rule_of(compiled, key.rule)
         if rule == "dns.resolvers" and key.verdict != C["SD_EV_ALLOWED"]:
             reason = "dns.resolvers: not a listed resolver"  # as decide() and explain say
         proc = drained.procs.get((key.pid, key.pstart), {})
-        cmd = proc.get("cmdline") or proc_cmdline(key.pid, key.pstart)
+        if proc.get("raw"):
+            cmd = argv_fields(proc["raw"], captured=True)
+        else:
+            cmd = argv_fields(proc_cmdline_raw(key.pid, key.pstart))
+        target = drained.names.get(key.target_id) if key.target_id else None
         out.append({
             "container": container,
             "policy": compiled["name"],
@@ -105,7 +164,7 @@ def to_records(drained: "Drained", compiled: dict, container: str,
             "domain": drained.names.get(key.name_id) if key.name_id else None,
             "pid": key.pid,
             "comm": val.comm.decode(errors="replace"),
-            "cmdline": cmd,
+            **cmd,
             "uid": val.uid,
             "rule": rule,
             "reason": reason,
@@ -113,5 +172,7 @@ def to_records(drained: "Drained", compiled: dict, container: str,
             "first_seen": boot_ns_to_rfc3339(val.first_ns),
             "last_seen": boot_ns_to_rfc3339(val.last_ns),
             "parents": _deploy_parents(proc.get("parents", []), stop_pids),
+            "target": target,
+            "note": _note(key, target),
         })
     return out

@@ -1,4 +1,4 @@
-"""``safedeploy-hook [prestart|createRuntime|poststop]``: the OCI hook (DESIGN.md §3, §4).
+"""``safedeploy-hook [prestart|createRuntime|poststop]``: the OCI hook (docs/hook.md).
 
 Reads the OCI state JSON on stdin. prestart/createRuntime resolve the policy named by the
 annotation ``safedeploy.policy``, load it for the container's cgroup v2 and attach the
@@ -7,7 +7,7 @@ entry and the state file. Fails closed: any error is one ``safedeploy:`` line on
 and exit 1, so the runtime refuses to start the container, with nothing left attached.
 
 Hot path: no bcc, typer, jsonschema or even the policy module: a policy validated once is
-cached in kernel form (maps.compile_policy), keyed by the content hash of its document.
+cached in kernel form (compiler.compile_policy), keyed by the content hash of its document.
 """
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import os
 import sys
 import time
 
-from . import cgroup, enable_site_packages, read_text, settings, sha256_hex, write_atomic
+from . import cgroup, enable_site_packages, origin, read_text, settings, sha256_hex, write_atomic
+from .errors import SafedeployError
 from .jsonfast import JSONError, dumps, loads
 
 ANNOTATION = "safedeploy.policy"
 MODE_ANNOTATION = "safedeploy.mode"
 MAX_STATE_BYTES = 4 << 20
-CACHE_FORMAT = 3  # bump when compile_policy's output changes
+CACHE_FORMAT = 4  # bump when compile_policy's output (or what resolve_policy adds) changes
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
@@ -37,7 +38,7 @@ def _valid_policy_name(name: str) -> bool:
 STAGES = {"prestart": "start", "createRuntime": "start", "create": "start", "poststop": "stop"}
 
 
-class HookError(Exception):
+class HookError(SafedeployError):
     """A reason to refuse the container; str() is one line."""
 
 
@@ -104,10 +105,7 @@ def policy_source(value: str, policy_dir=None) -> tuple[str, bytes]:
         except (binascii.Error, ValueError):
             raise HookError(f"annotation {ANNOTATION}: invalid base64") from None
     if value.startswith("file:"):
-        path = value[5:]
-        if not os.path.isabs(path):
-            raise HookError(f"annotation {ANNOTATION}: file: needs an absolute path, got {value[5:]!r}")
-        return path, _read(path)
+        return FILE_SOURCE + value[5:], _read_listed(value[5:])
     if not _valid_policy_name(value):
         raise HookError(f"annotation {ANNOTATION}: {value[:60]!r} is not a policy name, file:, base64: or JSON")
     base = os.fspath(policy_dir or settings.policy_dir())
@@ -116,6 +114,28 @@ def policy_source(value: str, policy_dir=None) -> tuple[str, bytes]:
         if os.path.isfile(path):
             return path, _read(path)
     raise HookError(f"unknown policy {value!r}: no {value}.yaml, .yml or .json in {base}")
+
+
+FILE_SOURCE = "file:"  # a source label: its document's contents are never shown in errors
+
+
+def _read_listed(path: str) -> bytes:
+    """A `file:` policy: only a regular file below a directory SAFEDEPLOY_FILE_DIRS lists
+    (symlinks and '..' resolved first). Whoever starts the container sees the hook's
+    errors: they must learn nothing about files they could not read themselves."""
+    if not os.path.isabs(path):
+        raise HookError(f"annotation {ANNOTATION}: file: needs an absolute path, got {_show(path[:80])}")
+    dirs = settings.file_dirs()
+    if not dirs:
+        raise HookError(f"annotation {ANNOTATION}: file: policies are off (no directory is listed in "
+                        "SAFEDEPLOY_FILE_DIRS); use a policy name, base64: or inline JSON")
+    real = os.path.realpath(path)
+    if not any(real.startswith(os.path.realpath(d).rstrip("/") + "/") for d in dirs):
+        raise HookError(f"annotation {ANNOTATION}: file: {_show(path[:120])} is outside the directories "
+                        f"SAFEDEPLOY_FILE_DIRS lists ({':'.join(dirs)})")
+    if not os.path.isfile(real):
+        raise HookError(f"cannot read policy {_show(path[:120])}: not a regular file")
+    return _read(real)
 
 
 def _read(path: str) -> bytes:
@@ -134,7 +154,7 @@ def _unlink(path: str) -> None:
 
 
 def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict:
-    """The compiled policy (maps.compile_policy) an annotation names, mode override
+    """The compiled policy (compiler.compile_policy) an annotation names, mode override
     applied. Validation runs once per distinct document; then it comes from the cache."""
     source, raw = policy_source(value, policy_dir)
     if mode is not None and mode not in ("audit", "enforce"):
@@ -148,10 +168,20 @@ def resolve_policy(value: str, mode: str | None = None, policy_dir=None) -> dict
         pass
     if not isinstance(compiled, dict) or compiled.get("format") != CACHE_FORMAT:
         enable_site_packages()
-        from .maps import compile_policy  # noqa: PLC0415
+        from .compiler import compile_policy  # noqa: PLC0415
         from .policy import load_policy_text  # noqa: PLC0415
-        policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
-        compiled = dict(compile_policy(policy), format=CACHE_FORMAT, source=source, digest=policy.digest)
+        if source.startswith(FILE_SOURCE):
+            from .policy import PolicyError  # noqa: PLC0415
+            try:
+                policy = load_policy_text(raw, source[len(FILE_SOURCE):])
+            except PolicyError as e:  # its messages may quote the file: say where, never what
+                raise HookError(f"policy {_show(source[len(FILE_SOURCE):])} is not a valid safedeploy policy "
+                                f"({len(e.errors)} problem{'s' if len(e.errors) != 1 else ''}; contents not "
+                                f"shown: run 'safedeploy policy validate' on it)") from None
+        else:
+            policy = load_policy_text(raw, source)  # raises PolicyError (one line each)
+        compiled = dict(compile_policy(policy), format=CACHE_FORMAT, source=source, digest=policy.digest,
+                        capabilities=list(policy.capabilities), privileged=policy.privileged)
         try:
             write_atomic(cache, dumps(compiled))
         except OSError:
@@ -214,50 +244,139 @@ def container_cgroup(pid: int) -> str:
     return path
 
 
-def start(state: dict, ann: dict[str, str], log=None) -> dict:
-    """prestart/createRuntime: policy -> maps -> attach -> state file."""
-    from . import session  # noqa: PLC0415 — keeps `import ocihook.hook` light for no-annotation containers
+def start(state: dict, ann: dict[str, str], log=None, creator: dict | None = None) -> dict | None:
+    """prestart/createRuntime: policy -> checks -> maps -> attach -> state file. A
+    container created from a policed cgroup (creator) gets that cgroup's policy: by
+    inheritance when it was nested under it, else applied to its own cgroup."""
+    from . import privileges  # noqa: PLC0415
     cid = state["id"]
     pid = state.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         raise HookError(f"OCI state of {cid} has no container pid (status {state.get('status')!r})")
-    compiled = resolve_policy(ann[ANNOTATION], ann.get(MODE_ANNOTATION))
+    if creator is not None and creator.get("id") == cid:
+        raise HookError(f"container {cid} is already policed (state file {state_path(cid)} exists)")
+    if creator is not None:
+        theirs = creator["compiled"]
+        if ANNOTATION in ann:
+            mine = resolve_policy(ann[ANNOTATION], ann.get(MODE_ANNOTATION))
+            if mine.get("digest") != theirs.get("digest") or mine.get("mode") != theirs.get("mode"):
+                raise HookError(f"container {cid} is created from {creator['id']}, policed by policy "
+                                f"{theirs.get('name')!r}, but asks for policy {mine.get('name')!r}: refused; a "
+                                f"container started by a policed deploy runs under the deploy's policy "
+                                f"(drop the {ANNOTATION} annotation)")
+        compiled = theirs
+    else:
+        compiled = resolve_policy(ann[ANNOTATION], ann.get(MODE_ANNOTATION))
+    try:
+        allowed = privileges.judge(privileges.read_config(state.get("bundle")), compiled, cid)
+    except privileges.Refused as e:
+        raise HookError(str(e)) from None
+    if creator is not None and creator["nested"]:
+        return None  # inside the policed cgroup already: its programs and report cover it
     path = container_cgroup(pid)
     if read_state_file(cid) is not None:
         raise HookError(f"container {cid} is already policed (state file {state_path(cid)} exists)")
+    extra = dict(allowed, parent=creator["id"]) if creator is not None else allowed
     record = {"id": cid, "pid": pid, "compiled": compiled, "cgroup": str(path), "cgid": cgroup.cgroup_id(path),
-              "started": time.time(), "attachment": None}
-    write_state(cid, record)  # first: a crash from here on leaves something gc can clean
-    try:
-        att = session.apply(path, compiled, log)
-    except BaseException:
-        _unlink(state_path(cid))
-        raise
-    record["attachment"] = att.to_dict()
-    write_state(cid, record)
+              "started": time.time(), "attachment": None, "extra": extra}
+    return register_and_apply(record, log)
+
+
+def register_and_apply(record: dict, log=None) -> dict:
+    """State file first (a crash from here on leaves something gc can clean), then the
+    policy, under the lock gc takes before it looks for map entries nobody owns."""
+    from . import session  # noqa: PLC0415
+    cid = record["id"]
+    link = origin.cgid_index(record["cgid"])
+    with cgroup.locked(lock_path()):
+        write_state(cid, record)
+        try:
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            _unlink(link)
+            os.symlink(os.path.join("..", f"{cid}.json"), link)
+            att = session.apply(record["cgroup"], record["compiled"], log)
+        except BaseException:
+            _unlink(link)
+            _unlink(state_path(cid))
+            raise
+        record["attachment"] = att.to_dict()
+        write_state(cid, record)
     return record
+
+
+def lock_path() -> str:
+    """The lock start, `run` and gc share: held while a state file is written and its
+    policy applied, and while gc looks for map entries nobody owns."""
+    return os.path.join(settings.state_dir(), ".lock")
+
+
+def spool_path(cid: str) -> str:
+    return os.path.join(settings.state_dir(), "spool", f"{cid}.jsonl")
+
+
+def _read_spool(spool: str) -> dict | None:
+    try:
+        return loads(read_text(spool))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise HookError(f"spooled records {spool} are unreadable: {e}") from None
+
+
+def _flush(cid: str, data: dict) -> str:
+    from . import report  # noqa: PLC0415
+    out = data.get("out") or os.path.join(settings.log_dir(), f"{cid}.jsonl")
+    try:
+        report.write(data["records"], out, data["dropped"], cid, data["policy"], data.get("counters"),
+                     extra=data.get("extra"))
+    except OSError as e:
+        raise HookError(f"cannot write report {out}: {e.strerror or e}; {len(data['records'])} records are "
+                        f"kept in {spool_path(cid)} until 'safedeploy gc' can write it") from None
+    report.syslog_blocked(data["records"])
+    _unlink(spool_path(cid))
+    return str(out)
 
 
 def stop(state: dict) -> str | None:
     """poststop: drain events into the report, remove map entries and the state file.
-    A container that is already cleaned (or was never policed) is fine."""
-    from . import events, loader, report, session  # noqa: PLC0415
+    A container that is already cleaned (or was never policed) is fine. Holds a lock on
+    the state file itself (never replaced while it lives): a poststop and a gc of the same
+    container never both drain or both write its report."""
+    from . import events, loader, session  # noqa: PLC0415
+    import fcntl  # noqa: PLC0415
     cid = state["id"]
-    record = read_state_file(cid)
-    if record is None:
+    try:
+        fd = os.open(state_path(cid), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
-    compiled = record["compiled"]
-    if record.get("attachment"):
-        att = session.Attachment.from_dict(record["attachment"])
-    else:  # prestart died between the state file and the attachment: what it may have loaded
-        att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
-    drained = session.release(att, compiled)
-    records = events.to_records(drained, compiled, cid)
-    out = report.write(records, os.path.join(settings.log_dir(), f"{cid}.jsonl"), drained.dropped, cid,
-                       compiled["name"], drained.counters)
-    report.syslog_blocked(records)
-    _unlink(state_path(cid))
-    return out
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink == 0:
+            return None  # another stop finished it while we waited
+        record = read_state_file(cid)
+        if record is None:
+            return None
+        compiled = record["compiled"]
+        if not os.path.exists(spool_path(cid)):  # a spool means: released, report still to write
+            if record.get("attachment"):
+                att = session.Attachment.from_dict(record["attachment"])
+            else:  # prestart died between the state file and the attachment: what it may have loaded
+                att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
+            drained = session.release(att, compiled)
+            records = events.to_records(drained, compiled, cid, frozenset(record.get("stop_pids", ())))
+            # the kernel no longer has them: on disk before anything else (never by replacing
+            # the state file, whose inode carries the lock)
+            write_atomic(spool_path(cid), dumps({"records": records, "dropped": drained.dropped,
+                                                 "policy": compiled["name"], "out": record.get("report"),
+                                                 "extra": record.get("extra"), "counters": drained.counters}))
+        data = _read_spool(spool_path(cid))
+        out = _flush(cid, data) if data else None
+        if os.path.realpath(origin.cgid_index(record["cgid"])) == os.path.realpath(state_path(cid)):
+            _unlink(origin.cgid_index(record["cgid"]))
+        _unlink(state_path(cid))
+        return out
+    finally:
+        os.close(fd)
 
 
 def run(argv: list[str], stdin: bytes, log=None) -> int:
@@ -267,9 +386,13 @@ def run(argv: list[str], stdin: bytes, log=None) -> int:
         stop(state)
         return 0
     ann = annotations_of(state)
-    if ANNOTATION not in ann:
+    try:
+        found = origin.policed_origin(state)
+    except origin.OriginError as e:
+        raise HookError(str(e)) from None
+    if ANNOTATION not in ann and found is None:
         return 0  # not ours: touch nothing
-    start(state, ann, log)
+    start(state, ann, log, found)
     return 0
 
 
@@ -279,8 +402,16 @@ def _show(value) -> str:
     return text if text.isprintable() and " " not in text else repr(text)
 
 
+def _known(e: Exception) -> bool:
+    """An OS failure, or loader.LoaderError (only
+    raised once the loader is imported)."""
+    loader = sys.modules.get("ocihook.loader")
+    return isinstance(e, OSError) or (loader is not None and isinstance(e, loader.LoaderError))
+
+
 def _fail(msg: str) -> int:
-    msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)  # one line, whatever came in
+    from .visible import visible  # noqa: PLC0415
+    msg = visible(msg)  # one line, whatever came in
     if os.environ.get("SAFEDEPLOY_DETACHED"):  # a background poststop: nobody reads stderr
         try:
             os.makedirs(settings.log_dir(), exist_ok=True)
@@ -299,11 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stdin = sys.stdin.buffer.read(MAX_STATE_BYTES + 1)
         rc = run(argv, stdin, log=lambda m: sys.stderr.write(m + "\n"))
-    except HookError as e:
+    except SafedeployError as e:
         rc = _fail(str(e))
     except Exception as e:  # noqa: BLE001 — fail closed with one line, whatever it was
-        known = isinstance(e, OSError) or type(e).__name__ in ("LoaderError", "CgroupError", "PolicyError")
-        rc = _fail(str(e) if known else f"internal error: {e.__class__.__name__}: {e}")
+        rc = _fail(str(e) if _known(e) else f"internal error: {e.__class__.__name__}: {e}")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)  # skip interpreter teardown: the runtime is waiting for us

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import cgroup, loader, settings
-from .maps import BPF_DIR
+from .loader import BPF_DIR
 
 PACKAGING = Path(BPF_DIR).parent / "packaging" / "hooks.d"
 EXAMPLE_POLICY = Path(BPF_DIR).parent / "examples" / "policies" / "example.yaml"
@@ -26,7 +26,8 @@ def hook_env() -> list[str]:
             f"SAFEDEPLOY_POLICY_DIR={settings.policy_dir()}",
             f"SAFEDEPLOY_LOG_DIR={settings.log_dir()}",
             f"SAFEDEPLOY_STATE_DIR={settings.state_dir()}",
-            f"SAFEDEPLOY_BPFFS={settings.bpffs_root()}"]
+            f"SAFEDEPLOY_BPFFS={settings.bpffs_root()}",
+            f"SAFEDEPLOY_FILE_DIRS={':'.join(settings.file_dirs())}"]
 
 
 def render_hooks(hook_path: Path) -> dict[str, dict]:
@@ -117,45 +118,104 @@ def _live_cgroup_ids() -> set[int]:
     return ids
 
 
+def _alive(rec: dict) -> bool:
+    """Is the cgroup of a state record still there? Its recorded path first; when that
+    is gone (or recorded in another mount namespace), a fresh walk of every cgroup."""
+    with contextlib.suppress(OSError, KeyError, ValueError, TypeError):
+        if os.stat(rec["cgroup"]).st_ino == int(rec["cgid"]):
+            return True
+    return int(rec["cgid"]) in _live_cgroup_ids()
+
+
+def _abandoned_run(rec: dict) -> bool:
+    """A `safedeploy run` that was killed before its cleanup: its process is gone and
+    nothing runs in its cgroup any more (cgroup.events says unpopulated)."""
+    if rec.get("kind") != "run":
+        return False
+    try:
+        with open(f"/proc/{int(rec['pid'])}/cmdline", "rb") as f:
+            cmd = f.read()
+        if b"ocihook" in cmd or b"safedeploy" in cmd:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        with open(os.path.join(rec["cgroup"], "cgroup.events")) as f:
+            return "populated 0" in f.read()
+    except (OSError, KeyError, TypeError):
+        return False
+
+
 def gc(log=print, keep_current: bool = True) -> int:
-    """Release containers whose cgroup is gone (poststop never ran), drop map entries of
-    vanished cgroups, and remove program versions nobody uses. Returns objects removed."""
+    """Release runs and containers whose cgroup is gone (poststop never ran, or their
+    report could not be written then), drop map entries that no live cgroup and no state
+    file owns, and remove program versions nobody uses. Returns objects removed.
+
+    Safe beside starting and stopping containers: a cgroup that is alive or has a state
+    file is never touched; each stale one is judged right before it is released, and map
+    entries are judged under the lock prestart and `run` hold while they register."""
     from . import hook  # noqa: PLC0415
-    from .maps import PinnedMaps  # noqa: PLC0415
+    from .pinned import PinnedMaps  # noqa: PLC0415
     removed = 0
     cache = Path(settings.state_dir()) / "policy-cache"   # revalidated on next use: cheap to drop
     for entry in cache.glob("*.json") if cache.is_dir() else ():
         entry.unlink(missing_ok=True)
-    live = _live_cgroup_ids()
     sdir = Path(settings.state_dir())
     for path in sorted(sdir.glob("*.json")) if sdir.is_dir() else []:
         try:
             rec = json.loads(path.read_text())
-            cid, cgid = rec["id"], int(rec["cgid"])
+            cid = rec["id"]
+            int(rec["cgid"])
+        except FileNotFoundError:
+            continue  # its poststop finished meanwhile
         except (OSError, ValueError, KeyError, TypeError):
-            path.unlink(missing_ok=True)
+            log(f"gc: unreadable state file {path} left alone")
+            continue
+        if _alive(rec):
+            if not _abandoned_run(rec):
+                continue
+            for sub, _dirs, _files in os.walk(rec["cgroup"], topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(sub)  # only empty cgroups go: rmdir never kills (EBUSY when populated)
+            if _alive(rec):
+                continue
+        try:
+            report = hook.stop({"id": cid})
+        except hook.HookError as e:
+            log(f"gc: {cid}: {e}")
+            continue
+        if report:
+            log(f"gc: released {cid} (cgroup gone); report {report}")
             removed += 1
-            continue
-        if cgid in live:
-            continue
-        report = hook.stop({"id": cid})
-        log(f"gc: released {cid} (cgroup gone); report {report}")
-        removed += 1
+    links = sdir / "cgids"
+    for link in list(links.iterdir()) if links.is_dir() else []:
+        if not link.exists() and link.name.isdigit() and int(link.name) not in _live_cgroup_ids():
+            link.unlink(missing_ok=True)  # its state file is gone and so is its cgroup
+            removed += 1
     root = Path(settings.bpffs_root())
     current = Path(loader.pin_dir())
     for ver in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         busy = 0
         if loader.is_pinned(ver):
-            with PinnedMaps.open(ver) as maps:
+            with PinnedMaps.open(ver) as maps, cgroup.locked(hook.lock_path()):
+                owned = set(hook.state_records())   # read under the lock: nobody registers meanwhile
+                live = _live_cgroup_ids()
                 for cgid in maps.policed_cgroups():
-                    if cgid in live:
+                    if cgid in live or cgid in owned:
                         busy += 1
                         continue
                     removed += len(maps.drain_events(cgid)) + maps.unload_policy(cgid)
                     log(f"gc: dropped map entries of vanished cgroup {cgid} ({ver.name})")
         if busy or (ver == current and keep_current):
             continue
-        shutil.rmtree(ver, ignore_errors=True)
+        with cgroup.locked(root):  # the loader's lock: never a version being compiled and pinned
+            if not ver.exists():
+                continue
+            if loader.is_pinned(ver):
+                with PinnedMaps.open(ver) as maps:
+                    if maps.policed_cgroups():
+                        continue  # policed since we looked
+            shutil.rmtree(ver, ignore_errors=True)
         log(f"gc: removed unused program version {ver.name}")
         removed += 1
     return removed

@@ -55,9 +55,39 @@ def loads(text: str):
 
 
 def dumps(obj) -> str:
+    """Compact JSON (as json.dumps with separators=(",", ":")); NaN and infinities are
+    refused (they are not JSON)."""
     out: list[str] = []
     _dump(obj, out)
     return "".join(out)
+
+
+def _string(text: str) -> str:
+    if _json is not None:
+        return _json.encode_basestring_ascii(text)
+    import json  # noqa: PLC0415 — only where _json is missing
+    return json.dumps(text)
+
+
+def _float(value: float) -> str:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{value!r} is not JSON")
+    return float.__repr__(value)
+
+
+def _key(key) -> str:
+    """An object key as json.dumps turns it into a string."""
+    if isinstance(key, str):
+        return key
+    if key is True or key is False:
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return _float(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 def _dump(obj, out: list[str]) -> None:
@@ -68,15 +98,17 @@ def _dump(obj, out: list[str]) -> None:
     elif obj is False:
         out.append("false")
     elif isinstance(obj, str):
-        out.append(_json.encode_basestring_ascii(obj) if _json else repr(obj))
-    elif isinstance(obj, (int, float)):
-        out.append(repr(obj) if isinstance(obj, float) else str(int(obj)))
+        out.append(_string(obj))
+    elif isinstance(obj, int):
+        out.append(int.__repr__(obj))
+    elif isinstance(obj, float):
+        out.append(_float(obj))
     elif isinstance(obj, dict):
         out.append("{")
         for n, (k, v) in enumerate(obj.items()):
             if n:
                 out.append(",")
-            _dump(str(k), out)
+            out.append(_string(_key(k)))
             out.append(":")
             _dump(v, out)
         out.append("}")

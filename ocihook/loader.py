@@ -12,7 +12,11 @@ import sys
 import time
 
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
-from .maps import BPF_DIR, HEADER, pin_names
+from .errors import SafedeployError
+from .pinned import pin_names
+
+BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -46,7 +50,7 @@ CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
 BPFFS_MAGIC_TYPE = "bpf"
 
 
-class LoaderError(Exception):
+class LoaderError(SafedeployError):
     """Programs could not be compiled, pinned, opened or attached; str() is one line."""
 
 
@@ -105,15 +109,21 @@ def _bpffs_mounted(path) -> bool:
 
 
 def ensure_bpffs() -> str:
-    """Make sure $SAFEDEPLOY_BPFFS lives on a bpf filesystem (mount one if needed)."""
+    """Make sure $SAFEDEPLOY_BPFFS lives on a bpf filesystem. A bpffs is only ever mounted
+    at the system location, /sys/fs/bpf; any other path must already be on one (mounting
+    over an arbitrary parent would hide whatever lives there)."""
     root = settings.bpffs_root().rstrip("/")
-    mount_at = os.path.dirname(root)
-    if not _bpffs_mounted(mount_at):
-        os.makedirs(mount_at, exist_ok=True)
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"bpf", os.fsencode(mount_at), b"bpf", 0, b"mode=0700") != 0:
-            err = ctypes.get_errno()
-            raise LoaderError(f"cannot mount bpffs at {mount_at}: {os.strerror(err)}")
+    if not _bpffs_mounted(root):
+        system = "/sys/fs/bpf"
+        if os.path.dirname(os.path.realpath(root)) != system and os.path.realpath(root) != system:
+            raise LoaderError(f"SAFEDEPLOY_BPFFS={root} is not on a bpf filesystem; safedeploy mounts bpffs "
+                              f"only at {system} (mount one yourself: mount -t bpf bpf <dir>)")
+        if not _bpffs_mounted(system):
+            os.makedirs(system, exist_ok=True)
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.mount(b"bpf", system.encode(), b"bpf", 0, b"mode=0700") != 0:
+                err = ctypes.get_errno()
+                raise LoaderError(f"cannot mount bpffs at {system}: {os.strerror(err)}")
     os.makedirs(root, exist_ok=True)
     return root
 

@@ -2,7 +2,7 @@
 
 Loading
 -------
-``load_policy_file`` / ``load_policy_text`` accept JSON or YAML (version 1, DESIGN.md §2). Structure
+``load_policy_file`` / ``load_policy_text`` accept JSON or YAML (version 1, see docs/policy.md). Structure
 is checked by ``schemas/policy.schema.json``; the meaning of each value (policy name, domain names,
 CIDRs, ports, resolver addresses, at most ``MAX_RULES`` rules) is checked here. Every problem is
 reported as one line ``<source>: <json-path>: <message>`` (json-path like ``$.allow[2]``); a
@@ -10,7 +10,7 @@ reported as one line ``<source>: <json-path>: <message>`` (json-path like ``$.al
 keys, duplicate keys and JSON NaN/Infinity are refused before anything is built from them.
 ``jsonschema`` and ``yaml`` are imported only when a document is validated, so importing this module
 (for ``decide`` or ``display_ip``) stays cheap. The OCI hook caches policies in kernel form
-(``maps.compile_policy``) and does not import this module on its warm path.
+(``compiler.compile_policy``) and does not import this module on its warm path.
 
 Rules
 -----
@@ -60,6 +60,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from . import caps
+from .addr import display_ip  # noqa: F401 — the policy's own address form, used by its callers too
+from .events import UNLISTED_REASON
+from .errors import SafedeployError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 JsonPath = tuple[str | int, ...]
 
@@ -77,10 +82,14 @@ _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_LIKE = re.compile(r"[0-9.]+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _KIND_NAMES: dict[type, str] = {dict: "a mapping", list: "a list"}
-_TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer"}
+_TYPE_NAMES = {"string": "a string", "object": "a mapping", "array": "a list", "integer": "an integer",
+               "boolean": "true or false"}
 
 
-class PolicyError(Exception):
+DEFAULT_MIN_TTL = 3600  # seconds: how long clients really reuse an address they resolved
+
+
+class PolicyError(SafedeployError):
     """Invalid policy. ``errors`` holds every problem as ``<source>: <json-path>: <message>``."""
 
     def __init__(self, errors: Sequence[str]) -> None:
@@ -94,6 +103,9 @@ class PolicyError(Exception):
         if not more:
             return self.errors[0]
         return f"{self.errors[0]} (and {more} more error{'s' if more > 1 else ''})"
+
+    def lines(self) -> list[str]:
+        return list(self.errors)
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,10 @@ class Policy:
     source: str
     digest: str
     raw_sockets: str = "deny"
+    min_ttl: int = DEFAULT_MIN_TTL
+    unlisted: str = "resolve"
+    capabilities: tuple[str, ...] = ()
+    privileged: bool = False
 
     def to_json(self) -> str:
         """The canonical normalised document; ``digest`` is the sha256 of it."""
@@ -133,8 +149,19 @@ class Policy:
         }
         if self.raw_sockets != "deny":
             document["raw_sockets"] = self.raw_sockets
+        if self.capabilities:
+            document["capabilities"] = list(self.capabilities)
+        if self.privileged:
+            document["privileged"] = True
+        dns: dict[str, Any] = {}
         if self.resolvers is not None:
-            document["dns"] = {"resolvers": [display_ip(a) for a in self.resolvers]}
+            dns["resolvers"] = [display_ip(a) for a in self.resolvers]
+        if self.min_ttl != DEFAULT_MIN_TTL:
+            dns["min_ttl"] = self.min_ttl
+        if self.unlisted != "resolve":
+            dns["unlisted"] = self.unlisted
+        if dns:
+            document["dns"] = dns
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
@@ -411,7 +438,7 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
                     problems.add(path, str(error))
             index += 1
     resolvers: tuple[ipaddress.IPv6Address, ...] | None = None
-    if "dns" in document and problems.usable(("dns", "resolvers")):
+    if "dns" in document and "resolvers" in document["dns"] and problems.usable(("dns", "resolvers")):
         found: set[ipaddress.IPv6Address] = set()
         for position, text in enumerate(document["dns"]["resolvers"]):
             path = ("dns", "resolvers", position)
@@ -421,12 +448,30 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
                 except ValueError as error:
                     problems.add(path, f"{error} (a resolver is a plain IP address)")
         resolvers = tuple(sorted(found))
+    capabilities: list[str] = []
+    if problems.usable(("capabilities",)):
+        for position, text in enumerate(document.get("capabilities", [])):
+            if problems.clean(("capabilities", position)):
+                try:
+                    cap = caps.normalize(text)
+                except caps.CapError as error:
+                    problems.add(("capabilities", position), str(error))
+                    continue
+                if cap not in caps.DANGEROUS:
+                    problems.add(("capabilities", position), f"{cap} is never refused or dropped; list only "
+                                 f"{', '.join(c[4:] for c in caps.DANGEROUS)}")
+                elif cap not in capabilities:
+                    capabilities.append(cap)
     problems.raise_if_any(source)
     policy = Policy(
         name=name,
         mode=document.get("mode", "enforce"),
         default=document.get("default", "deny"),
         raw_sockets=document.get("raw_sockets", "deny"),
+        min_ttl=document.get("dns", {}).get("min_ttl", DEFAULT_MIN_TTL),
+        unlisted=document.get("dns", {}).get("unlisted", "resolve"),
+        capabilities=tuple(c for c in caps.DANGEROUS if c in capabilities),
+        privileged=document.get("privileged", False) is True,
         rules=tuple(rules),
         resolvers=resolvers,
         source=source,
@@ -633,11 +678,6 @@ def to_mapped(addr: str | IPAddress) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(int(addr))
 
 
-def display_ip(addr: ipaddress.IPv6Address) -> str:
-    v4 = addr.ipv4_mapped
-    return str(v4) if v4 is not None else addr.compressed
-
-
 def parse_dest(text: str, proto: str = "tcp") -> Dest:
     """``name``, ``name:port``, ``ip``, ``ip:port``, ``v6``, ``[v6]:port``; ValueError when invalid."""
     if proto not in _PROTOCOLS:
@@ -676,10 +716,15 @@ def decide_query(policy: Policy, name: str) -> Decision:
     deny or any name deny rule.
     """
     folded = normalize_name(name)
+    labels = folded.split(".")
+    if len(labels) > 2 and labels[0].startswith("_") and labels[1].startswith("_"):
+        folded = ".".join(labels[2:])   # _service._proto.NAME (RFC 2782) is a lookup of NAME
     applying = [r for r in policy.rules if r.kind == "name" and name_matches(r, folded)
                 and (r.verdict == "allow" or (r.ports is None and r.proto is None))]
     winner = max(applying, key=_name_rank, default=None)
     if winner is None:
+        if policy.default == "deny" and policy.unlisted == "resolve":
+            return _decision(policy, "allow", None, "dns.unlisted", UNLISTED_REASON)
         return _decision(policy, policy.default, None, "default", None)
     return _decision(policy, winner.verdict, winner, winner.text, winner.reason)
 

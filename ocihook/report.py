@@ -1,12 +1,17 @@
-"""Reports: JSON Lines on disk (DESIGN.md §5), a readable table, stderr summary, syslog."""
+"""Reports: JSON Lines on disk (docs/report.md), a readable table, stderr summary, syslog.
+
+The file keeps process-controlled text exactly (JSON-escaped; ``argv_b64`` for bytes that
+are not UTF-8); every line for people goes through :func:`visible.visible`."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-from . import write_atomic
-from .events import FIELDS
+from . import settings, write_atomic
+from .errors import SafedeployError
+from .events import ARGV_FIELDS, FIELDS, argv_bytes
+from .visible import argv_line, visible
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -16,7 +21,7 @@ _IDENTITY = ("container", "verdict", "kind", "proto", "family", "dst_ip", "dst_p
 _VERDICT_ORDER = {"blocked": 0, "would-block": 1, "allowed": 2}
 
 
-class ReportError(Exception):
+class ReportError(SafedeployError):
     """A report cannot be read; str() is one line."""
 
 
@@ -33,7 +38,8 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         cur["count"] += rec["count"]
         cur["first_seen"] = min(cur["first_seen"], rec["first_seen"])
         cur["last_seen"] = max(cur["last_seen"], rec["last_seen"])
-        cur["cmdline"] = cur.get("cmdline") or rec.get("cmdline")
+        if not cur.get("cmdline") and rec.get("cmdline"):  # the first known command line, all of it
+            cur.update({k: rec.get(k) for k in ARGV_FIELDS})
     return sorted(merged.values(), key=lambda r: (_VERDICT_ORDER.get(r["verdict"], 9), r.get("domain") or "",
                                                   r["dst_ip"], r["dst_port"], r["pid"]))
 
@@ -46,7 +52,7 @@ _QUOTAS = {"learned_new": ("learned", "learned addresses"), "pending_new": ("pen
 def quota_notes(counters: dict) -> dict[str, int]:
     """What ran out of a cgroup's quotas: {map: entries over its quota (the oldest were
     evicted)} plus the decisions whose details did not fit (blocked_dropped, events_dropped)."""
-    from .maps import INNER  # noqa: PLC0415
+    from .pinned import INNER  # noqa: PLC0415
     out = {}
     for counter, (name, _) in _QUOTAS.items():
         over = counters.get(counter, 0) - INNER[name][3]
@@ -59,7 +65,8 @@ def quota_notes(counters: dict) -> dict[str, int]:
 
 
 def summarize(records: list[dict], dropped: int = 0, container: str | None = None,
-              policy: str | None = None, counters: dict | None = None, base: dict | None = None) -> dict:
+              policy: str | None = None, counters: dict | None = None, base: dict | None = None,
+              extra: dict | None = None) -> dict:
     """The final line of a report: totals per verdict, and events the kernel could not
     keep in detail (never hidden). With the kernel's exact per-cgroup counters, the totals
     are those counts (plus base's, a summary this report extends), whether or not every
@@ -78,22 +85,26 @@ def summarize(records: list[dict], dropped: int = 0, container: str | None = Non
         quota[name] = quota.get(name, 0) + n
     if quota:
         out["quota"] = quota
+    out.update(extra or {})
     return out
 
 
 def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str | None = None,
-          policy: str | None = None, counters: dict | None = None) -> Path:
+          policy: str | None = None, counters: dict | None = None, extra: dict | None = None) -> Path:
     """Write (or extend: an existing report's lines are merged in) a JSON Lines report:
     one line per (process, destination, verdict), then a summary line."""
     records = list(records)
     path = Path(path)
     old = None
     if path.exists():
-        old = load_summary(path)
+        old = load_summary(path) or {}
         records = load(path) + records
-        dropped += (old or {}).get("events_dropped", 0)
+        dropped += old.get("events_dropped", 0)
+        kept = {k: v for k, v in old.items() if k not in summarize([]) and k != "quota"}
+        extra = {**kept, **(extra or {})}
     lines = [json.dumps({k: rec.get(k) for k in FIELDS}, separators=(",", ":")) for rec in aggregate(records)]
-    lines.append(json.dumps(summarize(records, dropped, container, policy, counters, old), separators=(",", ":")))
+    lines.append(json.dumps(summarize(records, dropped, container, policy, counters, old, extra),
+                            separators=(",", ":")))
     write_atomic(path, "\n".join(lines) + "\n")
     return path
 
@@ -128,11 +139,24 @@ def _lines(path: Path) -> list[dict]:
     return out
 
 
-def _dest(rec: dict) -> str:
-    ip = rec["dst_ip"]
+def dest_text(rec: dict) -> str:
+    """`name (ip:port/proto)` or `ip:port/proto`, made visible."""
+    ip = visible(rec["dst_ip"])
     host = f"[{ip}]" if ":" in ip else ip
-    where = f"{host}:{rec['dst_port']}/{rec['proto']}"
-    return f"{rec['domain']} ({where})" if rec.get("domain") else where
+    where = f"{host}:{visible(rec['dst_port'])}/{visible(rec['proto'])}"
+    return f"{visible(rec['domain'])} ({where})" if rec.get("domain") else where
+
+
+def command_text(rec: dict) -> str:
+    """The command line of a record for people: exact arguments when known, escaped."""
+    argv = argv_bytes(rec)
+    return argv_line(argv) if argv is not None else visible(rec.get("cmdline"))
+
+
+def rule_text(rec: dict) -> str:
+    """`rule — reason`, made visible."""
+    return visible(rec["rule"]) + (f" — {visible(rec['reason'])}" if rec.get("reason") else "") + \
+        (f" [{visible(rec['note'])}]" if rec.get("note") else "")
 
 
 def format_table(records: list[dict], summary: dict | None = None) -> str:
@@ -152,8 +176,8 @@ def format_table(records: list[dict], summary: dict | None = None) -> str:
         if not group:
             continue
         lines.append(f"{verdict.upper()} ({sum(r['count'] for r in group)} attempts)")
-        rows = [(_dest(r), f"{r['pid']} {r['comm']}", str(r["count"]), r["rule"] + (f" — {r['reason']}" if r.get("reason") else ""),
-                 r.get("cmdline") or "") for r in group]
+        rows = [(dest_text(r), f"{r['pid']} {visible(r['comm'])}", str(r["count"]), rule_text(r), command_text(r))
+                for r in group]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         head = ("DESTINATION", "PROCESS", "COUNT", "RULE")
         widths = [max(w, len(h)) for w, h in zip(widths, head)]
@@ -165,8 +189,9 @@ def format_table(records: list[dict], summary: dict | None = None) -> str:
 
 
 def _violation(r: dict) -> str:
-    why = f" ({r['reason']})" if r.get("reason") else ""
-    return f"{r['verdict']}: {_dest(r)} by pid {r['pid']} {r['comm']} x{r['count']} rule {r['rule']}{why}"
+    why = f" ({visible(r['reason'])})" if r.get("reason") else ""
+    return (f"{visible(r['verdict'])}: {dest_text(r)} by pid {r['pid']} {visible(r['comm'])} x{r['count']} "
+            f"rule {visible(r['rule'])}{why}")
 
 
 def _violations(records: list[dict]) -> list[dict]:
@@ -178,9 +203,11 @@ def summary(records: list[dict]) -> list[str]:
     return [f"safedeploy: {_violation(r)}" for r in _violations(records)]
 
 
-def syslog_blocked(records: list[dict], ident: str = "safedeploy", dev: str = "/dev/log") -> int:
-    """One syslog line per blocked destination (when /dev/log exists). Returns lines sent."""
-    lines = [f"container {r['container']}: {_violation(r)}" for r in _violations(records)]
+def syslog_blocked(records: list[dict], ident: str = "safedeploy", dev: str | None = None) -> int:
+    """One syslog line per blocked destination (when the syslog socket, /dev/log unless
+    $SAFEDEPLOY_SYSLOG says otherwise, exists). Returns lines sent."""
+    dev = dev or settings.syslog_socket()
+    lines = [f"container {visible(r['container'])}: {_violation(r)}" for r in _violations(records)]
     if not lines or not os.path.exists(dev):
         return 0
     import socket  # noqa: PLC0415 — only when there is something to log

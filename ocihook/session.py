@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 
 from . import cgroup, loader
-from .maps import C, EventKey, EventVal, PinnedMaps
+from .abi import SD_MAX_DEPTH
+from .pinned import Drained, PinnedMaps
 
 
 class Attachment:
@@ -26,11 +27,11 @@ class Attachment:
 
 
 def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
-    """Load a compiled policy (maps.compile_policy) for cgroup_path and attach the shared
+    """Load a compiled policy (compiler.compile_policy) for cgroup_path and attach the shared
     programs to it."""
     cgroup_path = os.fspath(cgroup_path)
     depth = len([p for p in os.path.relpath(cgroup_path, cgroup.cgroup2_mount()).split("/") if p not in ("", ".")])
-    if depth >= C["SD_MAX_DEPTH"]:
+    if depth >= SD_MAX_DEPTH:
         raise cgroup.CgroupError(f"cgroup {cgroup_path} is {depth} levels deep: the programs look "
                                  f"{C['SD_MAX_DEPTH'] - 1} levels down at most; refusing to leave it unpoliced")
     pins = loader.ensure_programs(log)
@@ -44,17 +45,6 @@ def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
             maps.unload_policy(cgid, compiled)
             raise
     return att
-
-
-class Drained:
-    """What a released cgroup left: aggregated events, the DNS names and the processes
-    (command line, ancestors) they refer to."""
-
-    def __init__(self, events: list[tuple[EventKey, EventVal]] | None = None, names: dict | None = None,
-                 procs: dict | None = None, dropped: int = 0, counters: dict | None = None):
-        self.events, self.names, self.procs = events or [], names or {}, procs or {}
-        self.dropped = dropped  # decisions whose details the cgroup's quota could not hold
-        self.counters = counters or {}  # exact per-cgroup counts (maps.Cgstats)
 
 
 def release(att: Attachment, compiled: dict | None = None) -> Drained:

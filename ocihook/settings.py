@@ -25,3 +25,14 @@ def state_dir() -> str:
 
 def bpffs_root() -> str:
     return _path("SAFEDEPLOY_BPFFS", "/sys/fs/bpf/safedeploy")
+
+
+def syslog_socket() -> str:
+    return _path("SAFEDEPLOY_SYSLOG", "/dev/log")
+
+
+def file_dirs() -> list[str]:
+    """The directories `file:` annotations may read (SAFEDEPLOY_FILE_DIRS, colon-separated
+    absolute paths). None listed: `file:` is refused (docs/hook.md)."""
+    raw = os.environ.get("SAFEDEPLOY_FILE_DIRS") or ""
+    return [d for d in raw.split(":") if d and os.path.isabs(d)]

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from ocihook import cgroup, events, session
-from ocihook.maps import compile_policy
+from ocihook.compiler import compile_policy
 from ocihook.policy import load_policy_text
 
 

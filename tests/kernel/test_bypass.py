@@ -96,7 +96,7 @@ def test_raw_socket_made_before_policing_is_dropped_at_egress(pins):
     import os
     import secrets
     from ocihook import cgroup, events, session
-    from ocihook.maps import compile_policy
+    from ocihook.compiler import compile_policy
     from ocihook.policy import load_policy_text
     path = cgroup.create(f"rawtest-{secrets.token_hex(3)}")
     compiled = compile_policy(load_policy_text(DENY, "t"))

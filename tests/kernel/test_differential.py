@@ -8,7 +8,7 @@ import random
 import pytest
 
 from kutil import connect
-from ocihook import loader, maps
+from ocihook import loader, pinned as maps
 from ocihook.policy import decide, parse_dest
 
 PORTS = [1000, 1001, 1002, 1003, 53]

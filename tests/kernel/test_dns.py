@@ -95,10 +95,10 @@ def test_wildcard_matches_whole_labels_only(policed, dns):
     p = policed(POLICY)
     assert p.run(query, "api.github.com", SERVER)[0] == "EPERM"
     assert p.run(query, "notgithub.com", SERVER) == ("ok", ["127.0.0.71"])
-    assert p.run(query, "github.com", SERVER)[0] == "EPERM"          # apex: default deny, not *.github.com
+    assert p.run(query, "github.com", SERVER)[0] == "ok"             # apex: not *.github.com, an unlisted name
     recs = p.close()
     apex = [r for r in recs if r["domain"] == "github.com"]
-    assert apex and apex[0]["rule"] == "default"
+    assert apex and (apex[0]["verdict"], apex[0]["rule"]) == ("allowed", "dns.unlisted")
 
 
 def test_tcp_dns_query_for_denied_name_fails_the_write(policed, dns):
@@ -121,13 +121,23 @@ def test_cname_chain_to_allowed_name(policed, dns, listener):
 
 def test_ttl_expiry_removes_reachability(policed, dns, listener):
     lst = listener("127.0.0.74")
-    p = policed(POLICY)
+    p = policed(POLICY + "dns: {min_ttl: 0}\n")          # the record's own TTL (floored at 2 s)
     assert p.run(query, "short.pkgs.internal", SERVER) == ("ok", ["127.0.0.74"])
     assert p.run(connect, "127.0.0.74", lst.port) == "ok"
     time.sleep(2.5)                                                  # TTL 1 s, floored at 2 s
     assert p.run(connect, "127.0.0.74", lst.port) == "EPERM"
     assert p.run(query, "short.pkgs.internal", SERVER)[0] == "ok"    # a fresh lookup
     assert p.run(connect, "127.0.0.74", lst.port) == "ok"
+    expired = [r for r in _recs(p, kind="connect", dst_ip="127.0.0.74") if r["verdict"] == "blocked"]
+    assert expired[0]["domain"] == "short.pkgs.internal" and "TTL" in expired[0]["note"]
+
+
+def test_learned_addresses_outlive_a_short_ttl_by_default(policed, dns, listener):
+    lst = listener("127.0.0.74")
+    p = policed(POLICY)                                                 # dns.min_ttl: 3600 by default
+    assert p.run(query, "short.pkgs.internal", SERVER) == ("ok", ["127.0.0.74"])
+    time.sleep(2.5)                                                     # the record's TTL is 1 s
+    assert p.run(connect, "127.0.0.74", lst.port) == "ok"               # clients reuse what they resolved
 
 
 def test_ipv6_aaaa_path(policed, dns, listener):

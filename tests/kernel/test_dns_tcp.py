@@ -224,7 +224,7 @@ def test_dnsmasq_over_tcp_with_glibc_use_vc(policed, dnsmasq, listener):
 
 def _keys(pin_dir: str, name: str) -> set[int]:
     from ocihook import bpfsys
-    from ocihook.maps import U64
+    from ocihook.pinned import U64
     fd = bpfsys.obj_get(os.path.join(pin_dir, f"map_{name}"))
     try:
         return {k.value for k in bpfsys.map_keys(fd, U64)}

@@ -146,7 +146,7 @@ def test_unpoliced_process_is_untouched(policed):
 
 def test_release_leaves_no_map_entries_and_detaches(policed, pins):
     from ocihook import loader
-    from ocihook.maps import PinnedMaps
+    from ocihook.pinned import PinnedMaps
     p = policed(DENY_AUTH)
     assert p.run(connect, "127.0.0.2", 1) == "EPERM"
     with loader.Programs(pins) as progs:

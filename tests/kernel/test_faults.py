@@ -9,17 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import require
+from helpers import plain_bundle, require
 from ocihook import cgroup, install, loader
 from ocihook import bpfsys
-from ocihook.maps import INNER, U64, PinnedMaps, SdCgroup
+from ocihook.pinned import INNER, U64, PinnedMaps, SdCgroup
 
 POLICY = '{"version": 1, "name": "faults", "default": "allow", "deny": ["127.0.0.2", "auth.internal"]}'
+BUNDLE = plain_bundle()
 HOOK = [sys.executable, "-m", "ocihook.hook", "prestart"]
 
 
 def _state(cid, pid):
-    return json.dumps({"id": cid, "pid": pid, "status": "creating",
+    return json.dumps({"id": cid, "pid": pid, "status": "creating", "bundle": BUNDLE,
                        "annotations": {"safedeploy.policy": POLICY}}).encode()
 
 
@@ -30,8 +31,9 @@ def _container():
     return path, sleeper
 
 
-def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins, tmp_path):
+def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins, tmp_path, monkeypatch):
     require(shutil.which("strace") is not None, "strace not installed (fault injection)")
+    monkeypatch.setenv("SAFEDEPLOY_SERIAL_BPF", "1")      # strace counts calls per thread: keep them on one
     path, sleeper = _container()
     try:                                                    # a clean run: fills the policy cache,
         trace = tmp_path / "trace"                          # and counts the bpf(2) calls

@@ -8,7 +8,10 @@ import sys
 
 from pathlib import Path
 
+from helpers import plain_bundle
 from ocihook import cgroup
+
+BUNDLE = plain_bundle()
 
 POLICY = '{"version": 1, "name": "k", "default": "allow", "deny": ["127.0.0.2"]}'
 
@@ -20,7 +23,7 @@ def _hook(state: dict, stage: str):
 
 def test_refuses_to_police_the_runtimes_own_cgroup(pins):
     """A container without a cgroup of its own must not get the host policed."""
-    st = {"id": "shared", "pid": os.getpid(), "status": "creating",
+    st = {"id": "shared", "pid": os.getpid(), "status": "creating", "bundle": BUNDLE,
           "annotations": {"safedeploy.policy": POLICY}}
     res = _hook(st, "prestart")
     assert res.returncode == 1
@@ -30,7 +33,7 @@ def test_refuses_to_police_the_runtimes_own_cgroup(pins):
 
 
 def test_missing_process_fails_closed(pins):
-    st = {"id": "gone", "pid": 2 ** 22 + 7, "status": "creating", "annotations": {"safedeploy.policy": POLICY}}
+    st = {"id": "gone", "pid": 2 ** 22 + 7, "status": "creating", "bundle": BUNDLE, "annotations": {"safedeploy.policy": POLICY}}
     res = _hook(st, "prestart")
     assert res.returncode == 1 and b"safedeploy: process 4194311 does not exist" in res.stderr
 
@@ -40,7 +43,7 @@ def test_prestart_then_poststop_on_a_real_cgroup(pins):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (path / "cgroup.procs").write_text(str(child.pid))
-        st = {"id": "real", "pid": child.pid, "status": "creating", "annotations": {"safedeploy.policy": POLICY}}
+        st = {"id": "real", "pid": child.pid, "status": "creating", "bundle": BUNDLE, "annotations": {"safedeploy.policy": POLICY}}
         res = _hook(st, "prestart")
         assert res.returncode == 0, res.stderr
         sdir = Path(os.environ["SAFEDEPLOY_STATE_DIR"])
@@ -64,7 +67,7 @@ def test_warm_prestart_imports_no_bcc_typer_jsonschema_or_policy_module(pins, tm
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (path / "cgroup.procs").write_text(str(child.pid))
-        st = {"id": "warm0", "pid": child.pid, "status": "creating", "annotations": {"safedeploy.policy": POLICY}}
+        st = {"id": "warm0", "pid": child.pid, "status": "creating", "bundle": BUNDLE, "annotations": {"safedeploy.policy": POLICY}}
         assert _hook(st, "prestart").returncode == 0          # validates and fills the cache
         assert _hook({"id": "warm0"}, "poststop").returncode == 0
         st["id"] = "warm1"
@@ -99,7 +102,7 @@ def test_launcher_recompiles_missing_programs_with_a_cached_policy(tmp_path, mon
     try:
         (path / "cgroup.procs").write_text(str(child.pid))
         for i in range(2):
-            st = {"id": f"relaunch{i}", "pid": child.pid, "status": "creating",
+            st = {"id": f"relaunch{i}", "pid": child.pid, "status": "creating", "bundle": BUNDLE,
                   "annotations": {"safedeploy.policy": POLICY}}
             res = subprocess.run([str(hook), "prestart"], input=json.dumps(st).encode(), capture_output=True,
                                  timeout=120)

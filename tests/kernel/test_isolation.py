@@ -14,7 +14,7 @@ import pytest
 from dnsutil import Server, Zone, query
 from kutil import connect
 from ocihook import report
-from ocihook.maps import INNER, RULES_QUOTA, PinnedMaps
+from ocihook.pinned import INNER, RULES_QUOTA, PinnedMaps
 
 ALLOWED_FLOOD = INNER["events"][3] + 1500        # distinct allowed destinations: past the events quota
 
@@ -82,15 +82,15 @@ def test_one_cgroup_cannot_evict_anothers_learned_addresses(policed, listener):
     zone = {"mirror.victim.test": [("A", "127.0.0.1", 600)]}
     for i in range(n_names):
         zone[f"n{i}.flood.test"] = [("A", f"127.{20 + i // 250}.{i % 250}.{j}", 600) for j in range(1, per + 1)]
-    srv = Server(Zone(zone), "127.0.0.157")
+    srv = Server(Zone(zone), "127.0.0.159")
     try:
         policy = ("version: 1\nname: {n}\ndefault: deny\nallow: ['mirror.victim.test', '*.flood.test']\n"
-                  "dns: {{resolvers: ['127.0.0.157']}}\n")
+                  "dns: {{resolvers: ['127.0.0.159']}}\n")
         victim = policed(policy.format(n="victim"))
         attacker = policed(policy.format(n="attacker"))
-        assert victim.run(query, "mirror.victim.test", "127.0.0.157") == ("ok", ["127.0.0.1"])
+        assert victim.run(query, "mirror.victim.test", "127.0.0.159") == ("ok", ["127.0.0.1"])
         names = [f"n{i}.flood.test" for i in range(n_names)]
-        assert attacker.run(_lookup_many, "127.0.0.157", names) == n_names
+        assert attacker.run(_lookup_many, "127.0.0.159", names) == n_names
         assert victim.run(connect, "127.0.0.1", lst.port) == "ok"          # still learned in its own map
         with PinnedMaps.open(victim.att.pin_dir) as m:
             assert m.counters(attacker.cgid)["learned_new"] > INNER["learned"][3]
@@ -146,9 +146,12 @@ def _spawn_with_pid(pid: int, cg: Path, tag: str) -> bool:
 
 def test_a_reused_pid_is_never_blamed_on_the_earlier_process(policed):
     p = policed("version: 1\nname: reuse\ndefault: allow\ndeny: ['127.0.0.2/32']\n")
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     for _ in range(50):
-        pid = int(Path("/proc/sys/kernel/ns_last_pid").read_text()) + 5000
-        if pid < 4_000_000 and _spawn_with_pid(pid, p.path, "first-process") and \
+        pid = int(Path("/proc/sys/kernel/ns_last_pid").read_text()) + 500
+        if pid >= pid_max - 10:
+            pid = 1000
+        if _spawn_with_pid(pid, p.path, "first-process") and \
                 _spawn_with_pid(pid, p.path, "second-process"):
             break
     else:

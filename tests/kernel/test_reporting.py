@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from dnsutil import Server, Zone
+from helpers import start_watch
 from kutil import connect
 from ocihook import report
 
@@ -18,10 +18,8 @@ CLI = [sys.executable, "-m", "ocihook.cli"]
 
 def test_watch_shows_a_blocked_event_as_it_happens(policed):
     p = policed("version: 1\nname: w\ndefault: allow\ndeny: [{cidr: 127.0.0.2/32, reason: circular}]\n")
-    w = subprocess.Popen([*CLI, "watch", str(p.cgid), "--duration", "6", "--json"], stdout=subprocess.PIPE,
-                         text=True)
+    w = start_watch(str(p.cgid), "--duration", "6", "--json")     # its ring buffer is open
     try:
-        time.sleep(2.0)                                   # watch is polling now
         assert p.run(connect, "127.0.0.2", 443) == "EPERM"
         assert p.run(connect, "127.0.0.3", 443) == "refused"   # allowed: not a watch event
         out, _ = w.communicate(timeout=30)
@@ -62,7 +60,9 @@ def test_audit_then_suggest_then_enforce_passes(tmp_path, listener, dns_server):
     res = subprocess.run([*CLI, "run", "--policy", str(strict), "--audit", "--report", str(audit_rep), "--",
                           sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "deploy ok" in res.stdout, res.stderr
-    assert {r["verdict"] for r in report.load(audit_rep)} == {"would-block"}
+    audit_recs = report.load(audit_rep)
+    assert {r["verdict"] for r in audit_recs} == {"would-block", "allowed"}
+    assert {r["rule"] for r in audit_recs if r["verdict"] == "allowed"} == {"dns.unlisted"}  # the lookup itself
     suggested = tmp_path / "suggested.yaml"
     sug = subprocess.run([*CLI, "policy", "suggest", str(audit_rep), "--base", str(strict), "-o", str(suggested)],
                          capture_output=True, text=True, timeout=60)

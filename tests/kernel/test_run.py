@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ocihook import cgroup, loader, report
-from ocihook.maps import PinnedMaps
+from ocihook.pinned import PinnedMaps
 
 POLICY = """
 version: 1
@@ -51,12 +51,13 @@ def test_run_blocks_reports_and_cleans_up(tmp_path, listener, pins):
     assert res.stdout.split() == ["ok", "EPERM", "EPERM"]
     assert "blocked: 127.0.0.2:443/tcp" in res.stderr and "circular: auth service" in res.stderr
     recs = report.load(rep)
-    assert report.load_summary(rep) == {**report.summarize(recs), "container": recs[0]["container"]}
+    assert report.load_summary(rep) == {**report.summarize(recs), "container": recs[0]["container"],
+                                        "capabilities_kept": []}
     blocked = {(r["dst_ip"], r["dst_port"]): r for r in recs if r["verdict"] == "blocked"}
     assert set(blocked) == {("127.0.0.2", 443), ("127.0.0.9", 80)}
     assert blocked[("127.0.0.9", 80)]["rule"] == "default"
     assert blocked[("127.0.0.2", 443)]["reason"] == "circular: auth service"
-    assert all(r["policy"] == "run-test" and r["comm"].startswith("python") for r in recs)
+    assert all(r["policy"] == "run-test" and r["comm"].startswith("python") for r in recs), recs
     # nothing of the run remains: cgroup, map entries (policy and events), attachments
     assert runs() == before
     from ocihook.install import _live_cgroup_ids

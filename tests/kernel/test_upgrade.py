@@ -11,7 +11,8 @@ from pathlib import Path
 
 from kutil import connect, run_in
 from ocihook import cgroup, loader, session
-from ocihook.maps import PinnedMaps, compile_policy
+from ocihook.compiler import compile_policy
+from ocihook.pinned import PinnedMaps
 from ocihook.policy import load_policy_text
 
 POLICY = "version: 1\nname: upg\ndefault: allow\ndeny: ['127.0.0.2']\n"

@@ -5,7 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from ocihook.demo import import_image, make_bundle, make_rootfs  # noqa: F401 — re-exported for tests
+from ocihook.demo import CONTAINERS_CONF, import_image, make_bundle, make_rootfs  # noqa: F401 — re-exported
 
 IMAGE = "localhost/safedeploy-test-busybox:latest"
 
@@ -36,5 +36,5 @@ def wait_poststop(log_dir: Path, state_dir: Path, pattern: str = "*", timeout: f
 
 
 def containers_conf(path: Path) -> Path:
-    path.write_text("[containers]\ndefault_ulimits = []\n")
+    path.write_text(CONTAINERS_CONF)
     return path

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ocihook import cgroup, report
 from ocihook import bpfsys
-from ocihook.maps import INNER, U64, PinnedMaps
+from ocihook.pinned import INNER, U64, PinnedMaps
 from rtutil import make_bundle, runc_run, wait_poststop
 
 POLICY = """
@@ -178,16 +178,13 @@ def test_500_lifecycles_leave_zero_leaks(tmp_path, rootfs, hook):
 
 
 def test_watch_shows_a_blocked_event_while_the_container_runs(tmp_path, rootfs, hook):
-    import sys
-    import time
+    from helpers import start_watch
     (hook.policy_dir / "rollout.yaml").write_text(POLICY)
     cid = _cid()
-    bundle = make_bundle(tmp_path / "b", rootfs, "sleep 2; echo x | nc 127.0.0.2 80; sleep 1",
+    bundle = make_bundle(tmp_path / "b", rootfs, "echo x | nc 127.0.0.2 80; sleep 1",  # lives on while watch reads
                          annotations={"safedeploy.policy": "rollout"}, hook_path=hook.path, hook_env=hook.env)
-    watch = subprocess.Popen([sys.executable, "-m", "ocihook.cli", "watch", "--duration", "8", "--json"],
-                             stdout=subprocess.PIPE, text=True)
+    watch = start_watch("--duration", "8", "--json")        # returns once its ring buffer is open
     try:
-        time.sleep(1)
         res = runc_run(bundle, cid)
         out, _ = watch.communicate(timeout=30)
     finally:

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocihook import hook
-from ocihook.maps import C, NameKey, name_key_bytes, name_of_key
+from ocihook.compiler import name_key_bytes
+from ocihook.pinned import C, NameKey, name_of_key
 from ocihook.policy import PolicyError, load_policy_text, normalize_name
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -50,7 +50,8 @@ def test_stage_from_argv_or_status():
         hook.stage_of(["poststart"], {})
 
 
-def test_policy_references(tmp_path):
+def test_policy_references(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEDEPLOY_FILE_DIRS", str(tmp_path))
     (tmp_path / "web.yaml").write_text(GOOD)
     (tmp_path / "db.json").write_text(GOOD)
     assert hook.policy_source("web", tmp_path) == (str(tmp_path / "web.yaml"), GOOD.encode())
@@ -66,9 +67,35 @@ def test_policy_references(tmp_path):
     ("a/b", "not a policy name"), ("file:relative.yaml", "absolute path"), ("base64:%%%", "invalid base64"),
     ("file:/nonexistent/p.yaml", "cannot read policy"),
 ])
-def test_bad_policy_references(tmp_path, value, needle):
+def test_bad_policy_references(tmp_path, monkeypatch, value, needle):
+    monkeypatch.setenv("SAFEDEPLOY_FILE_DIRS", "/nonexistent")
     with pytest.raises(HookError, match=needle):
         hook.policy_source(value, tmp_path)
+
+
+def test_file_policies_only_from_listed_directories_and_never_quoted(tmp_path, monkeypatch):
+    allowed = tmp_path / "policies"
+    allowed.mkdir()
+    (allowed / "ok.yaml").write_text(GOOD)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:hunter2:19000:0:99999:7:::\n")
+    monkeypatch.delenv("SAFEDEPLOY_FILE_DIRS", raising=False)
+    with pytest.raises(HookError, match="file: policies are off"):
+        hook.policy_source(f"file:{allowed / 'ok.yaml'}", tmp_path)
+    monkeypatch.setenv("SAFEDEPLOY_FILE_DIRS", f"{allowed}:/nonexistent")
+    assert hook.policy_source(f"file:{allowed / 'ok.yaml'}", tmp_path)[1] == GOOD.encode()
+    for path in (secret, "/etc/shadow", f"{allowed}/../secret.txt", f"{allowed}x/ok.yaml"):
+        with pytest.raises(HookError, match="is outside the directories SAFEDEPLOY_FILE_DIRS lists") as e:
+            hook.policy_source(f"file:{path}", tmp_path)
+        assert "hunter2" not in str(e.value)
+    (allowed / "link.yaml").symlink_to(secret)                   # a symlink out of the directory
+    with pytest.raises(HookError, match="outside the directories"):
+        hook.policy_source(f"file:{allowed / 'link.yaml'}", tmp_path)
+    (allowed / "bad.yaml").write_text("password: hunter2\nversion: 1\nname: [hunter2]\n")
+    with pytest.raises(HookError) as e:                          # invalid: where, never what
+        hook.resolve_policy(f"file:{allowed / 'bad.yaml'}", None, tmp_path)
+    assert "hunter2" not in str(e.value) and "is not a valid safedeploy policy" in str(e.value)
+    assert str(allowed / "bad.yaml") in str(e.value) and "contents not shown" in str(e.value)
 
 
 def test_resolve_policy_validates_once_then_uses_cache(tmp_path):

@@ -318,7 +318,8 @@ DOC = "version: 1\nname: t\n"
         (DOC + "allow: ['\u212aey.com']\n", "$.allow[0]", "only ASCII"),
         # dns
         (DOC + "dns: [1.2.3.4]\n", "$.dns", "must be a mapping"),
-        (DOC + "dns: {}\n", "$.dns", "missing required key 'resolvers'"),
+        (DOC + "dns: {min_ttl: -1}\n", "$.dns.min_ttl", "-1"),
+        (DOC + "dns: {unlisted: maybe}\n", "$.dns.unlisted", "maybe"),
         (DOC + "dns: {resolvers: 127.0.0.53}\n", "$.dns.resolvers", "must be a list"),
         (DOC + "dns: {resolvers: ['127.0.0.53', '1.2.3.4:53']}\n", "$.dns.resolvers[1]", "plain IP address"),
         (DOC + "dns: {resolvers: ['[::1]:53']}\n", "$.dns.resolvers[0]", "invalid IP address"),
@@ -417,7 +418,7 @@ def test_all_errors_are_reported_in_path_order():
 
 @pytest.mark.parametrize("text, expected", [
     ("name: t\ncolour: red\nallow: ['10.0.0.1/8']\n", ["$", "$", "$.allow[0]"]),
-    ("version: 1\nallow: ['*']\ndns: {timeout: 5}\n", ["$", "$.allow[0]", "$.dns", "$.dns"]),
+    ("version: 1\nallow: ['*']\ndns: {timeout: 5}\n", ["$", "$.allow[0]", "$.dns"]),
     ("version: 1\nname: 'bad name'\nallow: [{domain: a.com, colour: red}, 'b..c']\n",
      ["$.allow[0]", "$.allow[1]", "$.name"]),
 ])
@@ -847,7 +848,7 @@ model_dests = st.builds(
 
 
 def brute_force(rules: list[ModelRule], resolvers: list[int] | None, default: str, dest: ModelDest):
-    """(verdict, index of the deciding rule or a label) straight from the DESIGN text."""
+    """(verdict, index of the deciding rule or a label) straight from the rules as docs/policy.md states them."""
     if resolvers is not None and dest.port == 53 and dest.ip is not None:
         return ("allow" if dest.ip in resolvers else "deny"), "dns.resolvers"
     names, cidrs = [], []
@@ -918,3 +919,32 @@ def test_decide_equals_brute_force(allow, deny, resolvers, default, mode, dests,
             assert decision.rule is None and decision.rule_text == decided_by
         blocked = "would-block" if mode == "audit" else "blocked"
         assert decision.effective == ("allowed" if decision.verdict == "allow" else blocked)
+
+
+def test_capabilities_and_privileged_keys():
+    from ocihook.policy import PolicyError, load_policy_text
+    base = "version: 1\nname: caps\n"
+    pol = load_policy_text(base + "capabilities: [net_raw, CAP_SYS_PTRACE, NET_RAW]\nprivileged: false\n")
+    assert pol.capabilities == ("CAP_NET_RAW", "CAP_SYS_PTRACE") and pol.privileged is False
+    assert load_policy_text(base).capabilities == () and load_policy_text(base).privileged is False
+    assert load_policy_text(base + "privileged: true\n").privileged is True
+    assert load_policy_text(base).digest != load_policy_text(base + "capabilities: [NET_RAW]\n").digest
+    for bad, needle in (("capabilities: [FLY]", "$.capabilities[0]: unknown capability 'FLY'"),
+                        ("capabilities: [CHOWN]", "$.capabilities[0]: CAP_CHOWN is never refused or dropped"),
+                        ("capabilities: NET_RAW", "$.capabilities"), ("privileged: 1", "$.privileged")):
+        with pytest.raises(PolicyError) as e:
+            load_policy_text(base + bad + "\n", "p.yaml")
+        assert needle in str(e.value), str(e.value)
+
+
+def test_explain_shows_privileges(tmp_path):
+    import json
+    import subprocess
+    import sys
+    p = tmp_path / "p.yaml"
+    p.write_text("version: 1\nname: caps\ndefault: allow\ncapabilities: [NET_RAW]\n")
+    cli = [sys.executable, "-m", "ocihook.cli", "policy", "explain", str(p), "example.org:443"]
+    res = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert "privileges: capabilities: CAP_NET_RAW kept by runs and allowed in containers" in res.stdout
+    out = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60).stdout)
+    assert out["capabilities"] == ["CAP_NET_RAW"] and out["privileged"] is False

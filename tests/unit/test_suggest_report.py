@@ -59,7 +59,7 @@ def test_report_aggregates_and_summarises():
     s = report.summarize(recs, dropped=7)
     assert (s["blocked"], s["allowed"], s["would_block"], s["events_dropped"]) == (5, 1, 0, 7)
     table = report.format_table(recs, s)
-    assert table.startswith("WARNING: 7 events were dropped") and "BLOCKED (5 attempts)" in table
+    assert table.startswith("WARNING: 7 decisions were counted but not kept in detail") and "BLOCKED (5 attempts)" in table
 
 
 def test_report_file_roundtrip_merges_and_keeps_one_summary(tmp_path):

@@ -1,36 +1,24 @@
-"""Userspace side of bpf/safedeploy.h: the map layouts, and policy <-> map entries.
-
-The structs and constants come from ocihook/abi.py, generated from bpf/abi.h; a kernel
-test compares them with what bcc compiled. Nothing here imports bcc.
+"""The pinned maps of one program version: policy headers and counters shared by every
+policed cgroup, and each cgroup's own maps (map-in-map) — created with its policy, drained
+and dropped with it.
 """
 from __future__ import annotations
 
 import ctypes
 import os
-TYPE_CHECKING = False  # typing is not imported on the hook's hot path
 
 from . import abi, bpfsys
+from .abi import Cgstats, EventKey, EventVal, NameKey, Proc, ProcKey
+from .compiler import cgroup_entry, compiled_entries, rule_counts
 
+TYPE_CHECKING = False  # typing is not imported on the hook's hot path
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable
 
-    from .policy import Policy
-
-BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
-HEADER = os.path.join(BPF_DIR, "safedeploy.h")
-
 C = {k: v for k, v in vars(abi).items() if k.startswith("SD_")}
-IPPROTO = {"tcp": 6, "udp": 17}
-PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip"}  # raw sockets: any protocol
-KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
-             C["SD_KIND_SOCKET"]: "socket"}
-VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
-                C["SD_EV_WOULD_BLOCK"]: "would-block"}
-
-SdCgroup, Cgstats, CidrKey, CidrVal, AddrKey = abi.Cgroup, abi.Cgstats, abi.CidrKey, abi.CidrVal, abi.Addr
-NameKey, NameVal, QidKey, Learned, PendingKey = abi.NameKey, abi.NameVal, abi.QidKey, abi.Learned, abi.PendingKey
-EventKey, EventVal, LiveEvent, ProcKey, Proc = abi.EventKey, abi.EventVal, abi.Live, abi.ProcKey, abi.Proc
+SdCgroup, CidrKey, CidrVal, AddrKey = abi.Cgroup, abi.CidrKey, abi.CidrVal, abi.Addr
+NameVal, QidKey, Learned, PendingKey = abi.NameVal, abi.QidKey, abi.Learned, abi.PendingKey
+LiveEvent = abi.Live
 
 U8 = ctypes.c_uint8
 U32 = ctypes.c_uint32
@@ -74,63 +62,6 @@ def pin_names() -> list[str]:
     return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *STREAM_MAPS]
 
 
-def addr_of(raw):
-    """An IPv6Address (v4 as ::ffff:a.b.c.d) from a map's 16 address bytes."""
-    import ipaddress  # noqa: PLC0415 — not needed to load a policy
-    return ipaddress.IPv6Address(bytes(raw))
-
-
-def compile_policy(policy: "Policy") -> dict:
-    """A policy in kernel form, JSON-serialisable: what the hook caches and what state
-    files keep, so the warm path needs neither the policy module nor a re-parse."""
-    return {
-        "name": policy.name, "mode": policy.mode, "default": policy.default,
-        "has_resolvers": policy.resolvers is not None,
-        "rules": [[r.text, r.reason] for r in policy.rules],
-        "cidrs": [[bytes(k).hex(), bytes(v).hex()] for k, v in cidr_entries(policy)],
-        "names": [[bytes(k).hex(), bytes(v).hex()] for k, v in name_entries(policy)],
-        "resolvers": [a.packed.hex() for a in policy.resolvers or ()],
-        "name_denies": any(r.kind == "name" and r.verdict == "deny" for r in policy.rules),
-        "allow_raw": policy.raw_sockets == "allow",
-    }
-
-
-def name_key_bytes(name: str, wildcard: bool) -> bytes:
-    """The names-trie key of a rule's name, as the kernel builds it from a query: the
-    lower-case name reversed, then a 0 byte (exact) or a dot (``*.name``: names below it)."""
-    raw = name.lower().rstrip(".").encode()[::-1] + (b"." if wildcard else b"\0")
-    if len(raw) > C["SD_NAME_KEY"]:
-        raise ValueError(f"name {name} is longer than {C['SD_NAME_MAX']} characters")
-    return raw
-
-
-def name_entries(policy: "Policy") -> list[tuple[NameKey, NameVal]]:
-    """Name rules by (proto, port, name). proto 0 holds the DNS query verdict
-    (decide_query): allow rules (any ports) and port-less deny rules."""
-    merged: dict[tuple, tuple[int, int]] = {}
-
-    def put(slot, verdict, index):
-        old = merged.get(slot)
-        if old is None or (verdict, -index) > (old[0], -old[1]):
-            merged[slot] = (verdict, index)
-    for rule in policy.rules:
-        if rule.kind != "name":
-            continue
-        verdict = C["SD_DENY"] if rule.verdict == "deny" else C["SD_ALLOW"]
-        key = name_key_bytes(rule.name, rule.wildcard)
-        for proto in [rule.proto] if rule.proto else ["tcp", "udp"]:
-            for port in rule.ports or (0,):
-                put((IPPROTO[proto], port, key), verdict, rule.index)
-        if rule.verdict == "allow" or (rule.ports is None and rule.proto is None):
-            put((0, 0, key), verdict, rule.index)
-    out = []
-    for (proto, port, key), (verdict, index) in merged.items():
-        k = NameKey(prefixlen=C["SD_NAME_FIXED_BITS"] + 8 * len(key), proto=proto, port=port)
-        ctypes.memmove(k.name, key, len(key))
-        out.append((k, NameVal(rule=index, verdict=verdict, nlen=len(key))))
-    return out
-
-
 def name_of_key(key) -> str:
     """The dotted name a names-trie key (or qnames value) holds."""
     n = max(0, min((key.prefixlen - C["SD_NAME_FIXED_BITS"]) // 8, C["SD_NAME_KEY"]))
@@ -140,58 +71,22 @@ def name_of_key(key) -> str:
     return raw[::-1].decode(errors="replace")
 
 
-def cgroup_entry(compiled: dict) -> SdCgroup:
-    return SdCgroup(mode=C["SD_MODE_AUDIT"] if compiled["mode"] == "audit" else C["SD_MODE_ENFORCE"],
-                    dflt=C["SD_DENY"] if compiled["default"] == "deny" else C["SD_ALLOW"],
-                    has_resolvers=1 if compiled["has_resolvers"] else 0,
-                    name_denies=1 if compiled.get("name_denies") else 0,
-                    allow_raw=1 if compiled.get("allow_raw") else 0)
+class Drained:
+    """What a released cgroup left: aggregated events, the DNS names and the processes
+    (command line, ancestors) they refer to, and the exact per-cgroup counters."""
 
-
-def cidr_entries(policy: "Policy") -> list[tuple[CidrKey, CidrVal]]:
-    """LPM entries for the CIDR rules. Rules that land on the same key are merged as
-    decide() breaks ties: deny beats allow, then the lowest index."""
-    merged: dict[tuple, tuple[int, int]] = {}
-    for rule in policy.rules:
-        if rule.kind != "cidr":
-            continue
-        verdict = C["SD_DENY"] if rule.verdict == "deny" else C["SD_ALLOW"]
-        protos = [rule.proto] if rule.proto else ["tcp", "udp"]
-        for proto in protos:
-            for port in rule.ports or (0,):
-                slot = (IPPROTO[proto], port, rule.network.network_address.packed, rule.network.prefixlen)
-                old = merged.get(slot)
-                if old is None or (verdict, -rule.index) > (old[0], -old[1]):
-                    merged[slot] = (verdict, rule.index)
-    out = []
-    for (proto, port, addr, plen), (verdict, index) in merged.items():
-        key = CidrKey(prefixlen=C["SD_CIDR_FIXED_BITS"] + plen, proto=proto, port=port)
-        ctypes.memmove(key.addr, addr, 16)
-        out.append((key, CidrVal(rule=index, verdict=verdict, plen=plen)))
-    return out
-
-
-def _compiled_entries(compiled: dict):
-    """(inner map name, key, value) of every rule entry of a compiled policy."""
-    for k, v in compiled["cidrs"]:
-        yield "cidrs", CidrKey.from_buffer_copy(bytes.fromhex(k)), CidrVal.from_buffer_copy(bytes.fromhex(v))
-    for k, v in compiled.get("names", ()):
-        yield "names", NameKey.from_buffer_copy(bytes.fromhex(k)), NameVal.from_buffer_copy(bytes.fromhex(v))
-    for a in compiled["resolvers"]:
-        key = AddrKey()
-        ctypes.memmove(key.addr, bytes.fromhex(a), 16)
-        yield "resolvers", key, U8(1)
-
-
-def rule_counts(compiled: dict) -> dict[str, int]:
-    """Entries each rule map of a compiled policy needs."""
-    return {"cidrs": len(compiled["cidrs"]), "names": len(compiled.get("names", ())),
-            "resolvers": len(compiled["resolvers"])}
+    def __init__(self, events: list[tuple[EventKey, EventVal]] | None = None, names: dict | None = None,
+                 procs: dict | None = None, dropped: int = 0, counters: dict | None = None):
+        self.events, self.names, self.procs = events or [], names or {}, procs or {}
+        self.dropped = dropped  # decisions whose details the cgroup's quota could not hold
+        self.counters = counters or {}  # exact per-cgroup counts (abi.Cgstats)
 
 
 def _parallel(calls: list[tuple]) -> list:
     """Run bpf(2) calls on threads. Each update or delete of a map-in-map waits for an RCU
     grace period (~15 ms here): in parallel they share one. Raises the first error."""
+    if os.environ.get("SAFEDEPLOY_SERIAL_BPF"):  # one thread: what fault injection by call number needs
+        return [fn(*args) for fn, *args in calls]
     import threading  # noqa: PLC0415 — only where maps are created or released
     results: list = [None] * len(calls)
     errors: list[BaseException] = []
@@ -270,7 +165,7 @@ class PinnedMaps:
         try:
             for name, (_, _, _, quota) in INNER.items():
                 fds[name] = self._create_inner(name, counts[name] if quota is None else quota)
-            for name, key, val in _compiled_entries(compiled):
+            for name, key, val in compiled_entries(compiled):
                 bpfsys.map_update(fds[name], key, val)
             bpfsys.map_update(self.fds["cgstats"], U64(cgid), Cgstats())
             _parallel([(bpfsys.map_update, self.fds[f"cg_{name}"], U64(cgid), ctypes.c_uint32(fd), bpfsys.BPF_NOEXIST)
@@ -367,10 +262,9 @@ class PinnedMaps:
 
     def drain(self, cgid: int):
         """Events of cgid with the names and processes they refer to (session.Drained)."""
-        from .session import Drained  # noqa: PLC0415
         counters = self.counters(cgid)
         raw = self.drain_events(cgid)
-        return Drained(raw, self.names_of(cgid, (k.name_id for k, _ in raw)),
+        return Drained(raw, self.names_of(cgid, {i for k, _ in raw for i in (k.name_id, k.target_id)}),
                        self.procs_of(cgid, ((k.pid, k.pstart) for k, _ in raw)),
                        counters.get("events_dropped", 0) + counters.get("blocked_dropped", 0), counters)
 
@@ -406,7 +300,7 @@ class PinnedMaps:
                     argv = raw.rstrip(b"\0").split(b"\0") if raw else []
                     chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
                              for i in range(min(val.chain_len, C["SD_CHAIN"]))]
-                    out[(pid, pstart)] = {"argv": argv,
+                    out[(pid, pstart)] = {"raw": raw, "argv": argv,
                                           "cmdline": " ".join(a.decode(errors="replace") for a in argv) or None,
                                           "parents": chain}
         finally:
