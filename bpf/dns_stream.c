@@ -1,17 +1,17 @@
 /* safedeploy: DNS over TCP judged as a stream of length-prefixed messages (RFC 1035 4.2.2).
  *
- * sd_dns_sockops (cgroup sock_ops, attached per policed cgroup like the other programs):
+ * sd_stream_sockops (cgroup sock_ops, attached per policed cgroup like the other programs):
  *   at connect() to port 53 by a policed process, remember the cgroup in the socket's
  *   storage and open its answer-parsing state; once established, put the socket into
  *   the dns_socks sockhash. Nothing else: other TCP sockets never enter the sockhash.
- * sd_dns_msg (sk_msg verdict on dns_socks): runs on what the process writes, before it
+ * sd_stream_msg (sk_msg verdict on dns_socks): runs on what the process writes, before it
  *   reaches TCP. It sees one whole message at a time: while the 2-byte length or the
  *   message is incomplete the bytes are corked (held, the write succeeds) until later
  *   writes complete it; a judged message is let through alone (apply_bytes) and the
  *   program runs again on what follows. A denied query fails the write with EACCES and
  *   nothing of it reaches the resolver (and, by the kernel's sk_msg semantics, every later
  *   write on that connection fails too: the client closes it).
- * sd_dns_parse / sd_dns_answers (sk_skb stream parser and verdict on dns_socks): the
+ * sd_stream_parse / sd_stream_answers (sk_skb stream parser and verdict on dns_socks): the
  *   kernel's strparser hands every answer message whole to the verdict, which learns its
  *   addresses like the packet ingress program (sd_dns_answer, dns_skb.c). Answers always
  *   pass.
@@ -47,7 +47,7 @@
         (d)->port = SD_DNS_PORT;                                    \
     } while (0)
 
-int sd_dns_sockops(struct bpf_sock_ops *skops)
+int sd_stream_sockops(struct bpf_sock_ops *skops)
 {
     __u32 op = skops->op;
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
@@ -79,7 +79,7 @@ int sd_dns_sockops(struct bpf_sock_ops *skops)
             return 1;
         /* not streamed yet: a write that began before this (TCP Fast Open, a send blocked
          * on the handshake) still leaves through plain TCP, and the per-packet parser must
-         * judge it. sd_dns_msg marks the socket when it sees its first write. */
+         * judge it. sd_stream_msg marks the socket when it sees its first write. */
         __u64 ck = bpf_get_socket_cookie(skops);
         dns_socks.sock_hash_update(skops, &ck, BPF_NOEXIST);
         return 1;
@@ -116,7 +116,7 @@ static __always_inline __u32 sd_msg_qname(struct sk_msg_md *msg, __u64 cgid, __u
     return sd_name_end(cgid, s) ? s->pos : 0;
 }
 
-int sd_dns_msg(struct sk_msg_md *msg)
+int sd_stream_msg(struct sk_msg_md *msg)
 {
     struct bpf_sock *sk = msg->sk;
     if (!sk)
@@ -201,7 +201,7 @@ int sd_dns_msg(struct sk_msg_md *msg)
  * program the skb the message starts in (or, while the length is incomplete, that skb with
  * the next ones appended) but not the message's offset inside it: sd_streams tracks it —
  * the bytes after the last whole message (tail) are where the next one starts. */
-int sd_dns_parse(struct __sk_buff *skb)
+int sd_stream_parse(struct __sk_buff *skb)
 {
     __u64 ck = bpf_get_socket_cookie(skb);
     struct sd_stream *st = sd_streams.lookup(&ck);
@@ -230,7 +230,7 @@ int sd_dns_parse(struct __sk_buff *skb)
     return mlen;
 }
 
-int sd_dns_answers(struct __sk_buff *skb)
+int sd_stream_answers(struct __sk_buff *skb)
 {
     __u64 ck = bpf_get_socket_cookie(skb);
     struct sd_stream *st = sd_streams.lookup(&ck);

@@ -13,7 +13,7 @@
 
 struct sd_sock {
     __u64 cgid;         /* the policed cgroup of the process that connected */
-    __u32 streamed;     /* 1: writes go through sd_dns_msg (in dns_socks, and it saw one) */
+    __u32 streamed;     /* 1: writes go through sd_stream_msg (in dns_socks, and it saw one) */
     __u32 pad;
 };
 BPF_SK_STORAGE(sd_socks, struct sd_sock);

@@ -35,15 +35,15 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_dns_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
     ("sd_dns_ingress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
     ("sd_sock_create", PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE),
-    ("sd_dns_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
+    ("sd_stream_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
 )
 # (function, program type, attach type, sockhash): attached once to a pinned sockhash when
 # the programs are compiled, not per cgroup. The cgroup sock_ops program above puts the
 # sockets they judge into that sockhash (bpf/dns_stream.c: DNS over TCP as a stream).
 MAP_PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
-    ("sd_dns_msg", PROG_SK_MSG, bpfsys.SK_MSG_VERDICT, "dns_socks"),
-    ("sd_dns_parse", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_PARSER, "dns_socks"),
-    ("sd_dns_answers", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_VERDICT, "dns_socks"),
+    ("sd_stream_msg", PROG_SK_MSG, bpfsys.SK_MSG_VERDICT, "dns_socks"),
+    ("sd_stream_parse", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_PARSER, "dns_socks"),
+    ("sd_stream_answers", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_VERDICT, "dns_socks"),
 )
 SOURCES = ("sock_addr.c", "dns_skb.c", "dns_stream.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
