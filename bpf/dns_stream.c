@@ -81,6 +81,8 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
          * on the handshake) still leaves through plain TCP, and the per-packet parser must
          * judge it. sd_stream_msg marks the socket when it sees its first write. */
         __u64 ck = bpf_get_socket_cookie(skops);
+        if (!sd_streams.lookup(&ck))
+            return 1; /* no answer-parsing state (sd_streams full): left to the packet parsers */
         dns_socks.sock_hash_update(skops, &ck, BPF_NOEXIST);
         return 1;
     }
@@ -206,27 +208,25 @@ int sd_stream_parse(struct __sk_buff *skb)
     __u64 ck = bpf_get_socket_cookie(skb);
     struct sd_stream *st = sd_streams.lookup(&ck);
     __u32 len = skb->len;
+    if (!st)
+        return len; /* cannot happen (sockops checks): hand the bytes on as they came */
     __u32 off = 0;
-    if (st) {
-        if (st->hold)
-            off = st->off;
-        else if (st->tail && st->tail <= len)
-            off = len - st->tail;
-        st->tail = 0;
-        st->off = off;
-        st->hold = 0;
-    }
+    if (st->hold)
+        off = st->off;
+    else if (st->tail && st->tail <= len)
+        off = len - st->tail;
+    st->tail = 0;
+    st->off = off;
+    st->hold = 0;
     if (off + 2 > len) {
-        if (st)
-            st->hold = 1;
+        st->hold = 1;
         return 0; /* more bytes needed */
     }
     __u8 h[2];
     if (bpf_skb_load_bytes(skb, off, h, 2) < 0)
         return -1;
     __u32 mlen = 2 + (((__u32)h[0] << 8) | h[1]);
-    if (st)
-        st->mlen = mlen;
+    st->mlen = mlen;
     return mlen;
 }
 
