@@ -427,3 +427,51 @@ def test_after_a_denied_query_the_connection_refuses_every_write(policed, server
     assert p.run(_denied_then_allowed_on_one_connection, SERVER) == ["EACCES", "EACCES"]
     conn, = _conns_since(server, seen)
     assert conn["bytes"] == 0 and conn["closed"]
+
+
+def _sendfile_queries(server: str, names: list[str], first_by_send: bool) -> dict:
+    """Queries written with sendfile(2) (splice into the socket), optionally after one sent
+    with send(): whether each call failed, and what came back."""
+    import errno as _errno
+    import struct
+    import tempfile
+    out: dict = {"calls": [], "answers": 0}
+    with socket.create_connection((server, 53), timeout=2) as s, tempfile.TemporaryFile() as f:
+        for i, name in enumerate(names):
+            m = _q(name)
+            data = struct.pack("!H", len(m)) + m
+            try:
+                if i == 0 and first_by_send:
+                    s.send(data)
+                else:
+                    f.seek(0)
+                    f.truncate()
+                    f.write(data)
+                    f.flush()
+                    os.sendfile(s.fileno(), f.fileno(), 0, len(data))
+                out["calls"].append("ok")
+            except OSError as e:
+                out["calls"].append(_errno.errorcode.get(e.errno, str(e.errno)))
+        s.settimeout(1)
+        buf = b""
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+        except socket.timeout:
+            pass
+        out["answers"] = buf.count(b"\x81\x80")
+    return out
+
+
+@pytest.mark.parametrize("first_by_send", [False, True])
+def test_queries_written_with_sendfile_are_judged(policed, server, first_by_send):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    res = p.run(_sendfile_queries, SERVER, ["pkgs.internal", "auth.internal"], first_by_send)
+    conn, = _conns_since(server, seen)
+    assert "auth.internal" not in conn["messages"], (res, conn)
+    assert conn["messages"] == ["pkgs.internal"], (res, conn)
+    assert res["calls"][0] == "ok" and res["calls"][1] != "ok", res
