@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 SD     := $(VENV)/bin/safedeploy
 PYTEST ?= $(PY) -m pytest
 
-.PHONY: setup host venv test test-unit demo bench clean
+.PHONY: setup host venv test test-unit test-installed demo bench dist deb clean
 
 setup: host venv
 
@@ -25,11 +25,21 @@ test: setup      ## every test, real kernel and runtimes included
 test-unit: venv
 	$(PYTEST) tests/unit
 
+test-installed: setup dist   ## the suite against the installed wheel (no checkout on sys.path)
+	bash packaging/test-installed.sh
+
 demo: setup      ## a deploy script under a real policy, report printed
 	$(SD) demo
 
 bench: setup
 	$(PY) bench/run_all.py
 
+dist: venv       ## the wheel (kernel sources, schema, hooks.d templates, example policies inside)
+	rm -f dist/safedeploy-*.whl
+	$(PY) -m pip wheel -q --no-deps -w dist .
+
+deb: dist        ## dist/safedeploy_<version>_all.deb, built with dpkg-deb (docs/install.md)
+	$(PY) packaging/deb/build.py --wheel dist/safedeploy-*.whl --out dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

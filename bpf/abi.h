@@ -13,7 +13,11 @@
 #define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
 #define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
 #define SD_RULE_RAW 0xfffc       /* raw_sockets: deny */
-#define SD_RULE_UNLISTED 0xfffb  /* a lookup of a name no rule covers, let through (dns.unlisted: resolve) */
+#define SD_RULE_SRCROUTE 0xfffb  /* source_routes: deny (IPv6 routing header, IPv4 LSRR/SSRR) */
+#define SD_RULE_PROTOCOL 0xfffa  /* an IP protocol the policy does not name in protocols */
+#define SD_RULE_SERVE_DNS 0xfff9 /* serve_dns: deny (bind to / send from port 53) */
+#define SD_RULE_ANSWER_CUT 0xfff8 /* a DNS answer with more addresses than the kernel learns */
+#define SD_RULE_UNLISTED 0xfff7  /* a lookup of a name no rule covers, let through (dns.unlisted: resolve) */
 
 #define SD_ALLOW 0
 #define SD_DENY 1
@@ -28,7 +32,14 @@
 #define SD_KIND_CONNECT 1
 #define SD_KIND_SENDMSG 2
 #define SD_KIND_DNS 3
-#define SD_KIND_SOCKET 4    /* a raw socket: its creation or its packets */
+#define SD_KIND_SOCKET 4    /* a raw socket, or a protocol not named: its creation or its packets */
+#define SD_KIND_PACKET 5    /* a packet judged at egress by its real destination */
+#define SD_KIND_BIND 6      /* bind(2) to port 53 */
+#define SD_KIND_SOCKOPT 7   /* setsockopt(2) of a source route */
+
+#define SD_PROTO_OTHER 255  /* rule entries for IP protocols other than TCP and UDP */
+#define SD_IPPROTO_UDPLITE 136
+#define SD_IPPROTO_MPTCP 262
 
 /* global per-CPU counters (stats map) */
 #define SD_STAT_EVENTS_DROPPED 0
@@ -36,7 +47,8 @@
 #define SD_STAT_DENIED 2
 #define SD_STAT_DNS_MALFORMED 3
 #define SD_STAT_LIVE_UNREAD 4   /* live events not taken because nobody runs `watch` */
-#define SD_NSTATS 5
+#define SD_STAT_ANSWERS_CUT 5   /* DNS answers with more address records than SD_MAX_ANSWERS */
+#define SD_NSTATS 6
 
 /* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
 struct sd_cgroup {
@@ -47,8 +59,10 @@ struct sd_cgroup {
     __u8 allow_raw;     /* 1: raw IP sockets are allowed (they bypass connect/sendmsg rules) */
     __u8 unlisted;      /* 1: lookups of names no rule covers pass under default deny (search lists);
                          * their addresses are then judged by CIDR rules and the default */
-    __u8 pad[2];
+    __u8 allow_srcroute; /* 1: source-routed packets (IPv6 routing headers, IPv4 LSRR/SSRR) may leave */
+    __u8 serve_dns;     /* 1: the cgroup may bind port 53 and send from it */
     __u32 min_ttl;      /* seconds a learned address stays valid at least (dns.min_ttl) */
+    __u8 protos[32];    /* bitmap of the IP protocols (other than TCP/UDP) the policy names */
 };
 
 /* cgstats: u64 cgroup id -> exact counters of one policed cgroup, written by the programs.
@@ -137,7 +151,16 @@ struct sd_learned {
 #define SD_TTL_MIN_S 2
 #define SD_TTL_MAX_S 86400
 
-#define SD_MAX_ANSWERS 16   /* answer records examined per DNS response */
+/* Addresses learned per DNS answer. A UDP answer of at most 4096 bytes (the EDNS size
+ * resolvers use) holds at most (4096 - 12 - 5 - 2) / 16 = 254 A records (2-byte compressed
+ * owner, 10-byte record header, 4 bytes of address); an answer with more address records
+ * (only possible over TCP) is cut, counted (SD_STAT_ANSWERS_CUT) and reported. */
+#define SD_MAX_ANSWERS 256
+#define SD_RECORDS_PER_CALL 16  /* answer records walked per program run (bpf/dns_skb.c) */
+#define SD_MAX_CALLS 30         /* tail calls of the record walker: 16 * 31 = 496 records at most */
+#define SD_TAIL_ANSWERS 0       /* sd_tails: the record walker (sd_dns_answers) */
+#define SD_TAIL_LEARN 1         /* sd_tails: the end of an answer (sd_dns_learn) */
+#define SD_NTAILS 2
 struct sd_answer {
     __u32 a[4];
     __u32 ttl;
@@ -202,11 +225,18 @@ struct sd_ancestor {
     __u32 pid;
     char comm[16];
 };
+#define SD_EXE 256
+#define SD_EXE_PART 128     /* longest path component kept; the path stops before SD_EXE - SD_EXE_PART */
+#define SD_EXE_DEPTH 32     /* path components and mount crossings walked */
+#define SD_EXE_COMPLETE 1   /* the walk reached the root of the task's mount tree */
 struct sd_proc {
     __u32 len;          /* bytes of cmdline (NUL-separated argv) */
     __u32 chain_len;
     struct sd_ancestor chain[SD_CHAIN]; /* parent first */
     __u8 cmdline[SD_CMDLINE];  /* bytes, not a string: NUL-separated */
+    __u32 exe_len;      /* bytes of exe */
+    __u32 exe_flags;    /* SD_EXE_* */
+    __u8 exe[SD_EXE];   /* the executable's path (task->mm->exe_file), components last first, NUL-separated */
 };
 
 #endif /* SD_ABI_H */

@@ -1,8 +1,10 @@
 /* safedeploy: DNS-aware cgroup_skb programs.
  *
- * egress: a DNS query (UDP/53 or the first segment of TCP/53, IPv4 and IPv6) is parsed in
- * the kernel; a query for a denied name is dropped, so the sender gets EPERM at once
- * instead of waiting for a timeout.
+ * egress: every packet leaving a policed cgroup is judged by its real IP destination and
+ * protocol (a fast path for packets going where their socket was judged to go); anything
+ * sent to port 53 (UDP, UDP-Lite, TCP data; behind IPv4 options or IPv6 extension headers
+ * too) is parsed as a DNS query, and a query for a denied name is dropped, so the sender
+ * gets EPERM at once instead of waiting for a timeout.
  * ingress: the answer to a query is parsed (A/AAAA records of the answer section, behind
  * any CNAMEs, owner names compressed or not) and each address is learned for its TTL
  * together with the queried name, so connect() can judge the address by that name.
@@ -19,6 +21,9 @@
 #define SD_MAX_LABELS_SKIP 32
 
 #define SD_SKB_ANCESTOR(level) bpf_skb_ancestor_cgroup_id(skb, level)
+
+/* The answer parser is split in tail calls (SD_TAIL_*), each verified on its own. */
+BPF_PROG_ARRAY(sd_tails, SD_NTAILS);
 
 /* The cheap test every packet takes: could it be DNS (port 53 in the right direction)?
  * Direct packet reads, no helper calls; 1 also when the headers are not in the linear
@@ -168,34 +173,6 @@ static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off
     return sd_name_end(cgid, s);
 }
 
-/* A packet of a raw socket: it bypassed connect/sendmsg, so drop it unless the policy
- * allows raw sockets (sd_sock_create refuses most of them at creation already). */
-static __always_inline int sd_raw_egress(struct __sk_buff *skb)
-{
-    __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
-    if (!pol || pol->allow_raw)
-        return 1;
-    struct sd_dest d = {};
-    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
-        __u8 hdr[20];
-        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
-            return 0;
-        d.addr[2] = bpf_htonl(0xffff);
-        __builtin_memcpy(&d.addr[3], &hdr[16], 4);
-        d.proto = hdr[9];
-        d.family = 4;
-    } else {
-        __u8 hdr[40];
-        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
-            return 0;
-        __builtin_memcpy(d.addr, &hdr[24], 16);
-        d.proto = hdr[6];
-        d.family = 6;
-    }
-    return sd_rule_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET);
-}
-
 /* What both DNS programs need first: the DNS message, the policy of the socket's cgroup,
  * this program's scratch slot and the 12-byte DNS header. NULL: not ours to look at. */
 struct sd_dns_ctx {
@@ -211,8 +188,8 @@ static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, in
 {
     if (!sd_maybe_dns(skb, to_dns) || !sd_dns_locate(skb, to_dns, &c->d, &c->off))
         return 0;
-    /* stream path (dns_stream.c): TCP sockets in dns_socks have every message judged and
-     * every answer read whole there; a segment need not start at a message */
+    /* stream path (dns_stream.c): TCP sockets in dns_socks have every answer read whole
+     * there; a segment need not start at a message */
     if (c->d.proto == IPPROTO_TCP && sd_stream_owns(skb))
         return 0;
     c->pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &c->cgid);
@@ -223,63 +200,320 @@ static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, in
     return scratch.lookup(&slot);
 }
 
-int sd_dns_egress(struct __sk_buff *skb)
+/* What egress needs of a packet: its real destination and protocol, its ports, and
+ * whether it carries a source route. */
+struct sd_pkt {
+    struct sd_dest d;   /* the IP destination; proto = the L4 protocol; port = destination port */
+    __u32 l4;           /* offset of the L4 header */
+    __u16 sport;
+    __u8 has_ports;     /* TCP/UDP/UDP-Lite whose header is in this packet (not a later fragment) */
+    __u8 srcroute;      /* an IPv6 routing header or an IPv4 LSRR/SSRR option */
+    __u8 options;       /* IPv4 options or IPv6 extension headers */
+    /* a packet to a DNS port with DNS data: the query's verdict (sd_dns_query) */
+    __u8 dns;
+    __u8 dns_verdict;
+    __u16 dns_rule;
+    __u16 txid;
+    __u32 dns_name_id;
+};
+
+/* in map memory, not on the stack: the verifier then sees the parse results as unknown
+ * values and verifies the rest of the program once, not once per parsing path */
+BPF_PERCPU_ARRAY(pktscratch, struct sd_pkt, 1);
+
+#define SD_MAX_EXTHDRS 8
+#define SD_NH_HOP 0
+#define SD_NH_ROUTING 43
+#define SD_NH_FRAGMENT 44
+#define SD_NH_AH 51
+#define SD_NH_DSTOPTS 60
+
+static __always_inline int sd_is_exthdr(__u8 nh)
 {
-    struct bpf_sock *sk = skb->sk;
-    if (sk) {
-        sk = bpf_sk_fullsock(sk);
-        if (sk && sk->type == SD_SOCK_RAW)
-            return sd_raw_egress(skb);
+    return nh == SD_NH_HOP || nh == SD_NH_ROUTING || nh == SD_NH_FRAGMENT || nh == SD_NH_AH || nh == SD_NH_DSTOPTS;
+}
+
+/* Parse the IP header (IPv4 options, IPv6 extension headers walked to the L4 header).
+ * 0: the packet cannot be parsed (truncated, or more than SD_MAX_EXTHDRS headers). */
+static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
+{
+    __u32 l4;
+    __u8 proto;
+    int later = 0; /* a fragment other than the first: no L4 header */
+    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+        __u8 hdr[20];
+        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
+            return 0;
+        l4 = (hdr[0] & 0x0f) * 4;
+        if (l4 < 20)
+            return 0;
+        later = (hdr[6] & 0x1f) || hdr[7];
+        proto = hdr[9];
+        p->d.addr[2] = bpf_htonl(0xffff);
+        __builtin_memcpy(&p->d.addr[3], &hdr[16], 4);
+        p->d.family = 4;
+        if (l4 > 20) {
+            __u32 slot = SD_OPTS_EGRESS;
+            struct sd_opts *o = optscratch.lookup(&slot);
+            __u32 olen = l4 - 20;
+            if (!o || olen > 40)
+                return 0;
+            olen -= 1;
+            asm volatile("%0 &= 0x3f" : "+r"(olen));
+            olen += 1;
+            if (bpf_skb_load_bytes(skb, 20, o->b, olen) < 0)
+                return 0;
+            o->len = olen;
+            p->options = 1;
+            p->srcroute = sd_v4_srcroute(o);
+        }
+    } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
+        __u8 hdr[40];
+        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
+            return 0;
+        proto = hdr[6];
+        __builtin_memcpy(p->d.addr, &hdr[24], 16);
+        p->d.family = sd_is_v4mapped(p->d.addr) ? 4 : 6;
+        l4 = 40;
+        for (int i = 0; i < SD_MAX_EXTHDRS; i++) {
+            if (!sd_is_exthdr(proto))
+                break;
+            __u8 e[4];
+            if (bpf_skb_load_bytes(skb, l4, e, sizeof(e)) < 0)
+                return 0;
+            p->options = 1;
+            if (proto == SD_NH_FRAGMENT) {
+                later = (((__u16)e[2] << 8) | e[3]) & 0xfff8;
+                proto = e[0];
+                l4 += 8;
+                if (later)
+                    break;
+                continue;
+            }
+            if (proto == SD_NH_ROUTING)
+                p->srcroute = 1; /* any routing type: segment routing (4), type 2, ... */
+            l4 += proto == SD_NH_AH ? ((__u32)e[1] + 2) * 4 : ((__u32)e[1] + 1) * 8;
+            proto = e[0];
+        }
+        if (!later && sd_is_exthdr(proto))
+            return 0; /* more extension headers than we walk */
+    } else {
+        return 0;
     }
-    struct sd_dns_ctx c = {};
-    struct sd_scratch *s = sd_dns_begin(skb, 1, SD_SCRATCH_EGRESS, &c);
-    if (!s)
+    p->d.proto = proto;
+    p->l4 = l4;
+    if (!later && (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == SD_IPPROTO_UDPLITE)) {
+        __u8 ports[4];
+        if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
+            return 0;
+        p->sport = ((__u16)ports[0] << 8) | ports[1];
+        p->d.port = ((__u16)ports[2] << 8) | ports[3];
+        p->has_ports = 1;
+    }
+    return 1;
+}
+
+/* Is addr:port/proto the socket's own peer? A connected socket's peer is what its connect
+ * was judged for (connect4/6 judge the address the kernel really uses), and an accepted
+ * connection's peer is the one that connected to it. Only TCP and UDP, whose connect runs
+ * the connect programs (UDP-Lite's does not: its packets are judged at egress). */
+static __always_inline int sd_peer_match(struct bpf_sock *sk, __u32 *a, __u8 proto, __u16 port)
+{
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        return 0;
+    if (sk->protocol != proto || bpf_ntohs(sk->dst_port) != port || port == 0)
+        return 0;
+    if (sk->family == SD_AF_INET6)
+        return a[0] == SD_SK_U32(sk, dst_ip6[0]) && a[1] == SD_SK_U32(sk, dst_ip6[1]) &&
+               a[2] == SD_SK_U32(sk, dst_ip6[2]) && a[3] == SD_SK_U32(sk, dst_ip6[3]);
+    return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff) && a[3] == sk->dst_ip4;
+}
+
+/* Was this exact destination judged for the socket: its peer, or the destination of its
+ * last unconnected sendmsg (sk_judged)? */
+static __always_inline int sd_dest_judged(struct bpf_sock *sk, __u32 *a, __u8 proto, __u16 port)
+{
+    if (sd_peer_match(sk, a, proto, port))
         return 1;
-    struct sd_cgroup *pol = c.pol;
-    __u64 cgid = c.cgid;
-    __u32 off = c.off;
-    __u8 *hdr = c.hdr;
-    if (hdr[2] & 0x80)
-        return 1; /* QR: a response going out (a DNS server in the container) */
-    __u8 opcode = (hdr[2] >> 3) & 0x0f;
-    __u16 qdcount = (hdr[4] << 8) | hdr[5];
+    struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
+    if (!st)
+        return 0;
+    return st->proto == proto && st->port == port && st->addr[0] == a[0] && st->addr[1] == a[1] &&
+           st->addr[2] == a[2] && st->addr[3] == a[3];
+}
 
+/* The fast path: a plain packet (no IPv4 options, no IPv6 extension headers, headers in
+ * the linear data) going exactly where its socket was judged to go, not to or from port 53.
+ * Direct packet reads, the socket's own fields, at most one socket-storage lookup. */
+static __always_inline int sd_fast_pass(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    __u8 *h = data;
+    __u8 *ports;
+    __u8 proto;
+    __u32 a[4];
+    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+        if ((void *)(h + 24) > end)
+            return 0;
+        if (h[0] != 0x45 || (h[6] & 0x1f) || h[7])
+            return 0;
+        proto = h[9];
+        a[0] = 0;
+        a[1] = 0;
+        a[2] = bpf_htonl(0xffff);
+        __builtin_memcpy(&a[3], h + 16, 4);
+        ports = h + 20;
+    } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
+        if ((void *)(h + 44) > end)
+            return 0;
+        proto = h[6];
+        __builtin_memcpy(a, h + 24, 16);
+        ports = h + 40;
+    } else {
+        return 0;
+    }
+    __u16 sport = ((__u16)ports[0] << 8) | ports[1];
+    __u16 dport = ((__u16)ports[2] << 8) | ports[3];
+    if (dport == SD_DNS_PORT || sport == SD_DNS_PORT)
+        return 0;
+    return sd_dest_judged(sk, a, proto, dport);
+}
+
+/* sd_dest_judged for a parsed packet (its ports are known). */
+static __always_inline int sd_judged_match(struct bpf_sock *sk, struct sd_pkt *p)
+{
+    if (!p->has_ports)
+        return 0;
+    return sd_dest_judged(sk, p->d.addr, p->d.proto, p->d.port);
+}
+
+/* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel
+ * cannot parse (QR set, another opcode, not exactly one question, a bad name, truncated)
+ * is denied when the policy denies any name or defaults to deny. Returns 0 when the
+ * packet carries no DNS data (a bare TCP segment): nothing to judge. */
+static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p, __u64 cgid, struct sd_cgroup *pol)
+{
+    __u32 slot = SD_SCRATCH_EGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!s)
+        return 0;
+    __u32 off = p->l4 + 8;
+    if (p->d.proto == IPPROTO_TCP) {
+        __u8 doff = 0;
+        bpf_skb_load_bytes(skb, p->l4 + 12, &doff, 1);
+        __u32 payload = p->l4 + (doff >> 4) * 4;
+        if (payload >= skb->len)
+            return 0; /* no data (SYN, ACK, FIN): nothing is asked */
+        off = payload + 2; /* skip the 2-byte length prefix */
+    }
+    __u8 hdr[12] = {};
     __u32 wire_len = 0;
-    if (opcode == 0 && qdcount == 1)
-        wire_len = sd_parse_qname(skb, off + 12, cgid, s);
-
-    __u8 verdict;
-    __u16 rule;
-    __u32 name_id = 0;
+    if (off + 12 <= skb->len && bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) == 0) {
+        __u8 opcode = (hdr[2] >> 3) & 0x0f;
+        __u16 qdcount = (hdr[4] << 8) | hdr[5];
+        if (!(hdr[2] & 0x80) && opcode == 0 && qdcount == 1)
+            wire_len = sd_parse_qname(skb, off + 12, cgid, s);
+    }
+    p->txid = ((__u16)hdr[0] << 8) | hdr[1];
     if (!wire_len) {
         /* unparseable: never a silent allow when the policy denies any name */
         sd_stat(SD_STAT_DNS_MALFORMED);
-        verdict = (pol->dflt == SD_DENY || pol->name_denies) ? SD_DENY : SD_ALLOW;
-        rule = SD_RULE_MALFORMED;
+        p->dns_verdict = (pol->dflt == SD_DENY || pol->name_denies) ? SD_DENY : SD_ALLOW;
+        p->dns_rule = SD_RULE_MALFORMED;
     } else {
-        verdict = sd_query_verdict(pol, s, &rule);
-        name_id = sd_name_id(cgid, s); /* the report shows the name */
+        __u16 rule = SD_RULE_DEFAULT;
+        p->dns_verdict = sd_query_verdict(pol, s, &rule);
+        p->dns_rule = rule;
+        p->dns_name_id = sd_name_id(cgid, s); /* the report shows the name */
     }
-    if ((bpf_get_current_pid_tgid() >> 32) == 0) /* a TCP retransmission from kernel context */
-        return verdict == SD_ALLOW || pol->mode == SD_MODE_AUDIT;
+    return 1;
+}
+
+/* The full judgement of a packet that did not take the fast path: one decision, one record. */
+static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
+    if (!pol)
+        return 1;
+    __u32 zero = 0;
+    struct sd_pkt *pp = pktscratch.lookup(&zero);
+    if (!pp)
+        return 0;
+    __builtin_memset(pp, 0, sizeof(*pp));
+    int parsed = sd_parse_pkt(skb, pp);
+    /* a streamed TCP connection's queries were judged whole as they were written (stream
+     * path, dns_stream.c): its segments need not start at a message */
+    if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !(pp->d.proto == IPPROTO_TCP && sd_stream_owns(skb)))
+        pp->dns = sd_dns_query(skb, pp, cgid, pol); /* first: the heaviest part, verified once */
+    struct sd_pkt p = *pp;
+    int raw = sk->type == SD_SOCK_RAW;
+    int judged = 0;
+    __u8 verdict = SD_DENY;
     struct sd_why why = {};
-    why.rule = rule;
-    why.name_id = name_id;
-    int ret = sd_verdict_return(cgid, pol, &c.d, verdict, &why, SD_KIND_DNS);
-    if (ret && name_id)
-        sd_pending_put(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
+    why.rule = SD_RULE_DEFAULT;
+    __u8 kind = SD_KIND_PACKET;
+    int dns = 0;
+    if (!parsed) {
+        why.rule = SD_RULE_MALFORMED;
+    } else if (p.srcroute && !pol->allow_srcroute) {
+        why.rule = SD_RULE_SRCROUTE;
+    } else if (raw && !pol->allow_raw) {
+        why.rule = SD_RULE_RAW;
+        kind = SD_KIND_SOCKET;
+    } else if (p.has_ports && p.sport == SD_DNS_PORT && !pol->serve_dns) {
+        why.rule = SD_RULE_SERVE_DNS; /* an answer made in here must not teach anyone */
+    } else {
+        judged = !raw && sd_judged_match(sk, &p);
+        verdict = SD_ALLOW;
+        if (!judged)
+            verdict = sd_decide_as(cgid, pol, &p.d, sd_judged_proto(pol, p.d.proto), SD_SCRATCH_EGRESS, &why);
+        if (verdict == SD_ALLOW && p.dns) {
+            dns = 1;
+            kind = SD_KIND_DNS;
+            verdict = p.dns_verdict;
+            why.rule = p.dns_rule;
+            why.name_id = p.dns_name_id;
+            why.target_id = 0;
+            why.flags = 0;
+        }
+        if (judged && !dns)
+            return 1;
+    }
+    int ret = sd_verdict_return(cgid, pol, &p.d, verdict, &why, kind);
+    if (ret && dns && why.name_id)
+        sd_pending_put(cgid, p.d.addr, p.txid, why.name_id);
+    if (ret && !judged && !raw && p.has_ports && !p.options)
+        sd_judged_put(sk, &p.d, p.d.proto, SD_SK_JUDGED);
     return ret;
 }
 
-/* Learn the addresses of the DNS answer at off (its header) from resolver: shared by the
- * cgroup_skb ingress program (a UDP datagram, a TCP segment) and the sk_skb stream verdict
- * (a whole TCP message, dns_stream.c). Returns 1. */
-static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u32 off, __u32 *resolver,
-                                         struct sd_scratch *s)
+/* Every packet that leaves a policed cgroup. */
+int sd_egress(struct __sk_buff *skb)
 {
-    __u8 hdr[12];
-    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
+    struct bpf_sock *sk = skb->sk;
+    if (!sk)
         return 1;
+    sk = bpf_sk_fullsock(sk);
+    if (!sk)
+        return 1; /* timewait sockets: ACKs and RSTs of a closed connection */
+    if (sk->state == BPF_TCP_LISTEN)
+        return 1; /* a listener (the kernel runs SYN-ACKs of its request sockets as the listener's) */
+    if (sk->type != SD_SOCK_RAW && sd_fast_pass(skb, sk))
+        return 1;
+    return sd_egress_judge(skb, sk);
+}
+
+int sd_dns_ingress(struct __sk_buff *skb)
+{
+    struct sd_dns_ctx c = {};
+    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
+    if (!s)
+        return 1;
+    __u64 cgid = c.cgid;
+    __u32 off = c.off;
+    __u8 *hdr = c.hdr;
     if (!(hdr[2] & 0x80) || (hdr[3] & 0x0f))
         return 1; /* not a response, or an error response */
     if (((hdr[4] << 8) | hdr[5]) != 1)
@@ -290,21 +524,46 @@ static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u3
     if (!wire_len)
         return 1; /* not judged by name: its addresses are not learned */
     __u32 name_id = sd_known_name_id(cgid, s);
-    if (!sd_pending_take(cgid, resolver, ((__u16)hdr[0] << 8) | hdr[1], name_id))
+    if (!sd_pending_take(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
         return 1; /* no such question went to that resolver from here: nothing to learn */
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
     __u8 qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
     __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-    __u32 question = off + 12;
-
     s->aoff = off + 12 + wire_len + 4;
     s->naddr = 0;
     s->owner = 0;
     s->mixed = 0;
-    for (int a = 0; a < SD_MAX_ANSWERS; a++) {
-        if (a >= ancount)
+    s->cut = 0;
+    s->a_left = ancount;
+    s->calls = 0;
+    s->dns_off = off;
+    s->question = off + 12;
+    s->cgid = cgid;
+    s->name_id = name_id;
+    s->qverdict = qverdict;
+    s->qrule = qrule;
+    s->family = c.d.family;
+    s->proto = c.d.proto;
+    __builtin_memcpy(s->resolver, c.d.addr, sizeof(s->resolver));
+    sd_tails.call(skb, SD_TAIL_ANSWERS);
+    return 1; /* the walker is missing: nothing is learned */
+}
+
+/* Walk up to SD_RECORDS_PER_CALL answer records (the state is in the scratch slot), then
+ * go on in a tail call of this program, or finish in sd_dns_learn. */
+int sd_dns_answers(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!s)
+        return 1;
+    __u32 question = s->question;
+    for (int a = 0; a < SD_RECORDS_PER_CALL; a++) {
+        __u32 left = s->a_left;
+        if (left == 0)
             break;
+        s->a_left = left - 1;
         s->skipped = 0;
         __u32 owner = s->aoff;
         for (int l = 0; l < SD_MAX_LABELS_SKIP; l++) { /* the owner name */
@@ -336,13 +595,17 @@ static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u3
         aoff += 10;
         __u32 n = s->naddr;
         int got = 0;
-        if (n < SD_MAX_ANSWERS && type == 1 && rdlen == 4) {
-            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[0] = 0;
-            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[1] = 0;
-            s->addrs[n & (SD_MAX_ANSWERS - 1)].a[2] = bpf_htonl(0xffff);
-            got = bpf_skb_load_bytes(skb, aoff, &s->addrs[n & (SD_MAX_ANSWERS - 1)].a[3], 4) == 0;
-        } else if (n < SD_MAX_ANSWERS && type == 28 && rdlen == 16) {
-            got = bpf_skb_load_bytes(skb, aoff, s->addrs[n & (SD_MAX_ANSWERS - 1)].a, 16) == 0;
+        if ((type == 1 && rdlen == 4) || (type == 28 && rdlen == 16)) {
+            if (n >= SD_MAX_ANSWERS) {
+                s->cut = 1;
+            } else if (type == 1) {
+                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[0] = 0;
+                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[1] = 0;
+                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[2] = bpf_htonl(0xffff);
+                got = bpf_skb_load_bytes(skb, aoff, &s->addrs[n & (SD_MAX_ANSWERS - 1)].a[3], 4) == 0;
+            } else {
+                got = bpf_skb_load_bytes(skb, aoff, s->addrs[n & (SD_MAX_ANSWERS - 1)].a, 16) == 0;
+            }
         }
         if (got) {
             s->addrs[n & (SD_MAX_ANSWERS - 1)].ttl = ttl;
@@ -362,15 +625,49 @@ static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u3
         }
         s->aoff = aoff + rdlen;
     }
+    if (s->a_left) {
+        __u32 calls = s->calls;
+        if (calls < SD_MAX_CALLS) {
+            s->calls = calls + 1;
+            sd_tails.call(skb, SD_TAIL_ANSWERS);
+            return 1; /* out of tail calls (cannot happen: 30 < 33) */
+        }
+        s->cut = 1; /* more records than the walk covers */
+    }
+    sd_tails.call(skb, SD_TAIL_LEARN);
+    return 1;
+}
+
+/* The end of an answer: check the CNAME chain's end, learn every address, report a cut. */
+int sd_dns_learn(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!s)
+        return 1;
+    __u64 cgid = s->cgid;
+    __u32 name_id = s->name_id;
+    if (s->cut) {
+        sd_stat(SD_STAT_ANSWERS_CUT);
+        struct sd_dest d = {};
+        __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
+        d.port = SD_DNS_PORT;
+        d.proto = s->proto;
+        d.family = s->family;
+        struct sd_why why = {};
+        why.rule = SD_RULE_ANSWER_CUT;
+        why.name_id = name_id;
+        sd_record(cgid, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
+    }
     if (s->mixed)
         return 1; /* addresses of several other owners: learn none of them */
     /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
-    __u8 verdict = qverdict;
-    __u16 rule = qrule;
+    __u8 verdict = s->qverdict;
+    __u16 rule = s->qrule;
     __u32 target_id = 0;
     __u32 chain_end = s->owner;
     if (chain_end) {
-        if (!sd_parse_name_at(skb, off, chain_end, cgid, s)) {
+        if (!sd_parse_name_at(skb, s->dns_off, chain_end, cgid, s)) {
             verdict = SD_DENY; /* an owner we cannot read is not trusted */
             rule = SD_RULE_MALFORMED;
         } else if (s->found && s->qv_verdict == SD_DENY) {
@@ -386,13 +683,4 @@ static __always_inline int sd_dns_answer(struct __sk_buff *skb, __u64 cgid, __u3
                      s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
     }
     return 1;
-}
-
-int sd_dns_ingress(struct __sk_buff *skb)
-{
-    struct sd_dns_ctx c = {};
-    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
-    if (!s)
-        return 1;
-    return sd_dns_answer(skb, c.cgid, c.off, c.d.addr, s);
 }

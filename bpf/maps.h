@@ -63,6 +63,20 @@ struct sd_scratch {
     volatile __u16 qv_rule;
     volatile __u8 qv_verdict;
     __u8 pad[3];
+    /* the walk over an answer's records, carried from one tail call to the next */
+    volatile __u64 cgid;
+    volatile __u32 a_left;      /* records not walked yet */
+    volatile __u32 calls;
+    volatile __u32 dns_off;
+    volatile __u32 question;
+    volatile __u32 name_id;
+    volatile __u32 cut;         /* more address records than SD_MAX_ANSWERS, or records than walked */
+    volatile __u16 qrule;
+    volatile __u8 qverdict;
+    volatile __u8 family;
+    volatile __u8 proto;
+    __u8 pad2[3];
+    __u32 resolver[4];
 };
 /* one slot per program kind: an ingress program may interrupt an egress one on a CPU,
  * and either may interrupt a connect */
@@ -71,5 +85,31 @@ struct sd_scratch {
 #define SD_SCRATCH_SOCK 2
 BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 3);
 BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
+
+/* sk_judged: per UDP socket, the destination its last unconnected sendmsg was judged for
+ * (a connected socket's peer is its judged destination: egress compares with the socket's
+ * own fields). At egress, a packet going exactly there (same address, protocol and port, no
+ * IP options, no IPv6 extension headers) leaves at once; any other packet is judged in full
+ * by its real destination. Created only for unconnected sends: creating socket storage
+ * costs ~1 us, more than the rest of a connect's programs together. */
+struct sd_sk {
+    __u32 addr[4];
+    __u16 port;         /* host order */
+    __u8 proto;         /* the packet's IP protocol (UDP-Lite stays 136) */
+    __u8 flags;         /* SD_SK_* */
+};
+#define SD_SK_JUDGED 1      /* set by sendmsg, or by a full judgement at egress */
+BPF_SK_STORAGE(sk_judged, struct sd_sk);
+
+/* IPv4 options being walked, in per-CPU map memory: the verifier then sees an unknown
+ * position at each step and checks the walk once, not once per path through it. */
+struct sd_opts {
+    __u8 b[64];
+    volatile __u32 i;
+    volatile __u32 len;
+};
+#define SD_OPTS_SOCKOPT 0   /* one slot per program kind: egress may interrupt setsockopt */
+#define SD_OPTS_EGRESS 1
+BPF_PERCPU_ARRAY(optscratch, struct sd_opts, 2);
 
 #endif /* SD_MAPS_H */

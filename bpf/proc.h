@@ -21,6 +21,67 @@ static __always_inline __u64 sd_current_pstart(void)
 static __always_inline __u64 sd_current_pstart(void) { return 0; }
 #endif
 
+/* The executable's path, walked up from mm->exe_file: dentry names through d_parent, and
+ * across mounts through struct mount (mnt_parent, mnt_mountpoint), up to the root of the
+ * task's mount tree (a container's own root: the path is the one the container sees).
+ * Components are written last first; userspace reverses them. */
+#if defined(SD_OFF_MM_EXE_FILE) && defined(SD_OFF_FILE_F_PATH) && defined(SD_OFF_PATH_MNT) && \
+    defined(SD_OFF_PATH_DENTRY) && defined(SD_OFF_DENTRY_D_PARENT) && defined(SD_OFF_DENTRY_D_NAME) && \
+    defined(SD_OFF_QSTR_NAME) && defined(SD_OFF_MOUNT_MNT) && defined(SD_OFF_MOUNT_MNT_PARENT) && \
+    defined(SD_OFF_MOUNT_MNT_MOUNTPOINT) && defined(SD_OFF_VFSMOUNT_MNT_ROOT)
+static __always_inline void sd_capture_exe(__u64 mm, struct sd_proc *p)
+{
+    __u64 file = 0, vfsmnt = 0, dentry = 0;
+    p->exe_len = 0;
+    p->exe_flags = 0;
+    if (!mm)
+        return;
+    bpf_probe_read_kernel(&file, sizeof(file), (void *)(mm + SD_OFF_MM_EXE_FILE));
+    if (!file)
+        return;
+    bpf_probe_read_kernel(&vfsmnt, sizeof(vfsmnt), (void *)(file + SD_OFF_FILE_F_PATH + SD_OFF_PATH_MNT));
+    bpf_probe_read_kernel(&dentry, sizeof(dentry), (void *)(file + SD_OFF_FILE_F_PATH + SD_OFF_PATH_DENTRY));
+    __u64 mnt = vfsmnt - SD_OFF_MOUNT_MNT;
+    volatile __u32 *vpos = &p->exe_len; /* in map memory: the verifier sees an unknown length at each step */
+    for (int i = 0; i < SD_EXE_DEPTH; i++) {
+        __u64 root = 0, up = 0, name = 0;
+        bpf_probe_read_kernel(&root, sizeof(root), (void *)(vfsmnt + SD_OFF_VFSMOUNT_MNT_ROOT));
+        if (dentry == root) { /* the top of this mount: continue where it is mounted */
+            __u64 parent = 0;
+            bpf_probe_read_kernel(&parent, sizeof(parent), (void *)(mnt + SD_OFF_MOUNT_MNT_PARENT));
+            if (!parent || parent == mnt) {
+                p->exe_flags = SD_EXE_COMPLETE;
+                break;
+            }
+            bpf_probe_read_kernel(&dentry, sizeof(dentry), (void *)(mnt + SD_OFF_MOUNT_MNT_MOUNTPOINT));
+            mnt = parent;
+            vfsmnt = parent + SD_OFF_MOUNT_MNT;
+            continue;
+        }
+        bpf_probe_read_kernel(&up, sizeof(up), (void *)(dentry + SD_OFF_DENTRY_D_PARENT));
+        if (!up || up == dentry) {
+            p->exe_flags = SD_EXE_COMPLETE;
+            break;
+        }
+        __u32 pos = *vpos;
+        if (pos >= SD_EXE - SD_EXE_PART)
+            break;
+        bpf_probe_read_kernel(&name, sizeof(name), (void *)(dentry + SD_OFF_DENTRY_D_NAME + SD_OFF_QSTR_NAME));
+        int n = bpf_probe_read_kernel_str(&p->exe[pos & (SD_EXE - SD_EXE_PART - 1)], SD_EXE_PART, (void *)name);
+        if (n <= 0)
+            break;
+        *vpos = pos + n;
+        dentry = up;
+    }
+}
+#else
+static __always_inline void sd_capture_exe(__u64 mm, struct sd_proc *p)
+{
+    p->exe_len = 0;
+    p->exe_flags = 0;
+}
+#endif
+
 #if defined(SD_OFF_TASK_MM) && defined(SD_OFF_MM_ARG_START) && defined(SD_OFF_MM_ARG_END) && \
     defined(SD_OFF_TASK_REAL_PARENT) && defined(SD_OFF_TASK_TGID) && defined(SD_OFF_TASK_COMM)
 static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid, __u64 pstart)
@@ -53,6 +114,7 @@ static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid, __u64 pstart
                 p->len = len;
         }
     }
+    sd_capture_exe(mm, p);
     p->chain_len = 0;
     __u64 cur = task;
     for (int i = 0; i < SD_CHAIN; i++) {

@@ -197,6 +197,21 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
     return pol->dflt;
 }
 
+/* Does the task running on this CPU belong to the policed cgroup? Not always: packets
+ * sent in softirq context (TCP retransmissions, timers, ACKs) run on whatever task the
+ * CPU interrupted. Only a task inside the cgroup is named in a record. */
+static __always_inline int sd_current_in(__u64 cgid)
+{
+    _Pragma("unroll") for (int lvl = 0; lvl < SD_MAX_DEPTH; lvl++) {
+        __u64 id = sd_current_ancestor_cgroup_id(lvl);
+        if (!id)
+            break;
+        if (id == cgid)
+            return 1;
+    }
+    return 0;
+}
+
 /* Count a decision exactly (cgstats) and keep its details (events or blocked map of the
  * cgroup) while its quota lasts. */
 static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
@@ -212,8 +227,11 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_w
     }
     struct sd_event_key k = {};
     __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
-    k.pid = bpf_get_current_pid_tgid() >> 32;
-    k.pstart = sd_current_pstart();
+    int mine = sd_current_in(cgid);
+    if (mine) {
+        k.pid = bpf_get_current_pid_tgid() >> 32;
+        k.pstart = sd_current_pstart();
+    }
     k.port = d->port;
     k.rule = why->rule;
     k.verdict = ev;
@@ -231,7 +249,8 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_w
             live_ev->cgid = cgid;
             __builtin_memcpy(&live_ev->k, &k, sizeof(k));
             live_ev->ts_ns = now;
-            bpf_get_current_comm(&live_ev->comm, sizeof(live_ev->comm));
+            if (mine)
+                bpf_get_current_comm(&live_ev->comm, sizeof(live_ev->comm));
             live.ringbuf_submit(live_ev, 0);
         } else {
             sd_stat(SD_STAT_LIVE_UNREAD);
@@ -252,9 +271,13 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_w
     nv.count = 1;
     nv.first_ns = now;
     nv.last_ns = now;
-    nv.uid = (__u32)bpf_get_current_uid_gid();
-    bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
-    sd_capture_proc(cgid, k.pid, k.pstart);
+    if (mine) {
+        nv.uid = (__u32)bpf_get_current_uid_gid();
+        bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
+        sd_capture_proc(cgid, k.pid, k.pstart);
+    } else {
+        nv.uid = 0xffffffff; /* no process: a packet the kernel sent on the cgroup's behalf */
+    }
     if (bpf_map_update_elem(m, &k, &nv, BPF_NOEXIST) != 0) {
         v = bpf_map_lookup_elem(m, &k); /* lost a race with another CPU */
         if (v) {
@@ -304,6 +327,101 @@ static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct 
     why.rule = SD_RULE_DEFAULT;
     __u8 verdict = sd_decide(cgid, pol, d, slot, &why);
     return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
+}
+
+#define SD_AF_INET6 10
+
+static __always_inline void sd_judged_put(struct bpf_sock *sk, struct sd_dest *d, __u8 proto, __u8 flags)
+{
+    struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!st)
+        return;
+    __builtin_memcpy(st->addr, d->addr, sizeof(st->addr));
+    st->port = d->port;
+    st->proto = proto;
+    st->flags = flags;
+}
+
+/* A 32-bit field of a struct bpf_sock at its own offset (clang would otherwise compute
+ * a pointer into the socket, which the verifier refuses). */
+#define SD_SK_U32(sk, field)                                                                  \
+    ({                                                                                        \
+        __u32 v_;                                                                             \
+        asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(v_) : "r"(sk), "i"(__builtin_offsetof(struct bpf_sock, field))); \
+        v_;                                                                                   \
+    })
+
+/* Does the policy name this IP protocol in `protocols:`? */
+static __always_inline int sd_proto_named(struct sd_cgroup *pol, __u32 proto)
+{
+    if (proto > 255)
+        return 0;
+    return (pol->protos[(proto >> 3) & 31] >> (proto & 7)) & 1;
+}
+
+/* The protocol rules are looked up with: UDP-Lite is judged as UDP, MPTCP as TCP, and a
+ * protocol the policy names by the rules without ports or protocol (SD_PROTO_OTHER).
+ * 0: a protocol the policy does not name. */
+static __always_inline __u8 sd_judged_proto(struct sd_cgroup *pol, __u32 proto)
+{
+    if (proto == IPPROTO_TCP || proto == SD_IPPROTO_MPTCP)
+        return IPPROTO_TCP;
+    if (proto == IPPROTO_UDP || proto == SD_IPPROTO_UDPLITE)
+        return IPPROTO_UDP;
+    return sd_proto_named(pol, proto) ? SD_PROTO_OTHER : 0;
+}
+
+/* sd_decide for a destination whose protocol is judged as another one (d->proto is what
+ * the record shows, jproto what the rules are looked up with; 0: not named, denied). */
+static __always_inline __u8 sd_decide_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
+                                         __u32 slot, struct sd_why *why)
+{
+    if (!jproto) {
+        why->rule = SD_RULE_PROTOCOL;
+        return SD_DENY;
+    }
+    struct sd_dest j = *d;
+    j.proto = jproto;
+    if (jproto == SD_PROTO_OTHER)
+        j.port = 0;
+    return sd_decide(cgid, pol, &j, slot, why);
+}
+
+static __always_inline int sd_enforce_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
+                                         __u32 slot, __u8 kind)
+{
+    struct sd_why why = {};
+    why.rule = SD_RULE_DEFAULT;
+    __u8 verdict = sd_decide_as(cgid, pol, d, jproto, slot, &why);
+    return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
+}
+
+/* IPv4 options: is there a loose or strict source route (LSRR 0x83, SSRR 0x89)? Options
+ * that cannot be walked count as one. o->b holds o->len (<= 40) bytes. */
+static __always_inline int sd_v4_srcroute(struct sd_opts *o)
+{
+    o->i = 0;
+    for (int n = 0; n < 40; n++) {
+        __u32 i = o->i;
+        if (i >= o->len || i >= 40)
+            break;
+        __u8 t = o->b[i & 63];
+        if (t == 0)
+            break;
+        if (t == 1) {
+            o->i = i + 1;
+            continue;
+        }
+        if (t == 0x83 || t == 0x89)
+            return 1;
+        if (i + 1 >= o->len)
+            return 1;
+        __u8 l = o->b[(i + 1) & 63];
+        if (l < 2)
+            return 1;
+        o->i = i + l;
+    }
+    return 0;
 }
 
 #endif /* SAFEDEPLOY_H */

@@ -1,5 +1,7 @@
 /* safedeploy: cgroup socket programs — connect(2) for TCP/UDP and unconnected UDP
- * sendmsg(2), IPv4 and IPv6 (sock_addr), and socket(2) for raw sockets (sock_create).
+ * sendmsg(2), IPv4 and IPv6 (sock_addr), bind(2) to port 53 (sock_addr), socket(2) for raw
+ * sockets and protocols the policy does not name (sock_create), source routes set with
+ * setsockopt(2) (sockopt).
  * Returning 0 makes the syscall fail with EPERM at once. */
 #include "safedeploy.h"
 
@@ -10,11 +12,35 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
     if (!pol)
         return 1;
     __u32 proto = ctx->protocol;
-    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-        return 1; /* other protocols are out of scope of connect/sendmsg rules */
-    d->proto = proto;
+    d->proto = proto == SD_IPPROTO_MPTCP ? IPPROTO_TCP : proto;
     d->port = bpf_ntohs((__u16)ctx->user_port);
-    return sd_enforce(cgid, pol, d, SD_SCRATCH_SOCK, kind);
+    int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, kind);
+    /* an unconnected send: remember where it was judged to go, for the egress fast path (a
+     * connected socket's peer is its judged destination already) */
+    if (ret && kind == SD_KIND_SENDMSG && (d->proto == IPPROTO_UDP || d->proto == SD_IPPROTO_UDPLITE)) {
+        struct bpf_sock *sk = ctx->sk;
+        if (sk)
+            sd_judged_put(sk, d, d->proto, SD_SK_JUDGED);
+    }
+    return ret;
+}
+
+/* The address the kernel really uses for an unspecified IPv4 destination (0.0.0.0): the
+ * socket's bound source address, else 127.0.0.1 (ip_route_output_key_hash_rcu). */
+static __always_inline __u32 sd_any4(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    __u32 src = 0;
+    if (sk) {
+        if (sk->family == SD_AF_INET6) {
+            if (SD_SK_U32(sk, src_ip6[0]) == 0 && SD_SK_U32(sk, src_ip6[1]) == 0 &&
+                SD_SK_U32(sk, src_ip6[2]) == bpf_htonl(0xffff))
+                src = SD_SK_U32(sk, src_ip6[3]);
+        } else {
+            src = sk->src_ip4;
+        }
+    }
+    return src ? src : bpf_htonl(0x7f000001);
 }
 
 static __always_inline int sd_v4(struct bpf_sock_addr *ctx, __u8 kind)
@@ -22,6 +48,8 @@ static __always_inline int sd_v4(struct bpf_sock_addr *ctx, __u8 kind)
     struct sd_dest d = {};
     d.addr[2] = bpf_htonl(0xffff);
     d.addr[3] = ctx->user_ip4;
+    if (d.addr[3] == 0)
+        d.addr[3] = sd_any4(ctx);
     d.family = 4;
     return sd_sock_addr(ctx, &d, kind);
 }
@@ -35,28 +63,145 @@ static __always_inline int sd_v6(struct bpf_sock_addr *ctx, __u8 kind)
     d.addr[3] = ctx->user_ip6[3];
     /* ::ffff:a.b.c.d is judged as the IPv4 address it is */
     d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
+    if (d.family == 4 && d.addr[3] == 0) {
+        d.addr[3] = sd_any4(ctx); /* ::ffff:0.0.0.0 */
+    } else if (d.family == 6 && !(d.addr[0] | d.addr[1] | d.addr[2] | d.addr[3])) {
+        /* :: is ::1 (tcp_v6_connect, __ip6_datagram_connect, udpv6_sendmsg), or
+         * 127.0.0.1 for a socket bound to a v4-mapped address */
+        struct bpf_sock *sk = ctx->sk;
+        if (sk && SD_SK_U32(sk, src_ip6[0]) == 0 && SD_SK_U32(sk, src_ip6[1]) == 0 &&
+            SD_SK_U32(sk, src_ip6[2]) == bpf_htonl(0xffff)) {
+            d.addr[2] = bpf_htonl(0xffff);
+            d.addr[3] = bpf_htonl(0x7f000001);
+            d.family = 4;
+        } else {
+            d.addr[3] = bpf_htonl(1);
+        }
+    }
     return sd_sock_addr(ctx, &d, kind);
 }
 
-/* Raw IP sockets write their own headers past every connect/sendmsg rule: refused at
- * creation unless the policy allows them (the egress program drops their packets too). */
+/* Sockets that bypass connect/sendmsg rules or that the rules do not cover: raw IP sockets
+ * (unless raw_sockets: allow) and IP protocols other than TCP, UDP, UDP-Lite and MPTCP
+ * (ICMP ping sockets, SCTP, DCCP...) unless the policy names them in `protocols:`.
+ * The egress program judges their packets too (e.g. a socket made before the policy). */
 int sd_sock_create(struct bpf_sock *sk)
 {
-    if (sk->type != SD_SOCK_RAW)
+    __u32 proto = sk->protocol;
+    int raw = sk->type == SD_SOCK_RAW;
+    if (!raw && (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == SD_IPPROTO_UDPLITE ||
+                 proto == SD_IPPROTO_MPTCP))
         return 1;
     __u64 cgid = 0;
     struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
-    if (!pol || pol->allow_raw)
+    if (!pol)
+        return 1;
+    if (raw ? pol->allow_raw : sd_proto_named(pol, proto))
         return 1;
     struct sd_dest d = {};
-    d.family = sk->family == 10 /* AF_INET6 */ ? 6 : 4;
+    d.family = sk->family == SD_AF_INET6 ? 6 : 4;
     if (d.family == 4)
         d.addr[2] = bpf_htonl(0xffff); /* 0.0.0.0: no destination yet */
-    d.proto = sk->protocol;
-    return sd_rule_return(cgid, pol, &d, SD_DENY, SD_RULE_RAW, SD_KIND_SOCKET);
+    d.proto = proto;
+    return sd_rule_return(cgid, pol, &d, SD_DENY, raw ? SD_RULE_RAW : SD_RULE_PROTOCOL, SD_KIND_SOCKET);
 }
 
 int sd_connect4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_CONNECT); }
 int sd_connect6(struct bpf_sock_addr *ctx) { return sd_v6(ctx, SD_KIND_CONNECT); }
 int sd_sendmsg4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_SENDMSG); }
 int sd_sendmsg6(struct bpf_sock_addr *ctx) { return sd_v6(ctx, SD_KIND_SENDMSG); }
+
+/* bind(2) to port 53: a policed process must not answer DNS queries (its own or anyone's)
+ * unless the policy says serve_dns: allow. Answers it could send would otherwise teach the
+ * kernel any address for an allowed name. */
+static __always_inline int sd_bind(struct bpf_sock_addr *ctx, struct sd_dest *d)
+{
+    if (ctx->user_port != bpf_htons(53))
+        return 1;
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    if (!pol || pol->serve_dns)
+        return 1;
+    __u32 proto = ctx->protocol;
+    d->proto = proto == SD_IPPROTO_MPTCP ? IPPROTO_TCP : proto;
+    d->port = 53;
+    return sd_rule_return(cgid, pol, d, SD_DENY, SD_RULE_SERVE_DNS, SD_KIND_BIND);
+}
+
+int sd_bind4(struct bpf_sock_addr *ctx)
+{
+    struct sd_dest d = {};
+    d.addr[2] = bpf_htonl(0xffff);
+    d.addr[3] = ctx->user_ip4;
+    d.family = 4;
+    return sd_bind(ctx, &d);
+}
+
+int sd_bind6(struct bpf_sock_addr *ctx)
+{
+    struct sd_dest d = {};
+    d.addr[0] = ctx->user_ip6[0];
+    d.addr[1] = ctx->user_ip6[1];
+    d.addr[2] = ctx->user_ip6[2];
+    d.addr[3] = ctx->user_ip6[3];
+    d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
+    return sd_bind(ctx, &d);
+}
+
+#define SD_SOL_IP 0
+#define SD_SOL_IPV6 41
+#define SD_IP_OPTIONS 4
+#define SD_IPV6_2292PKTOPTIONS 6
+#define SD_IPV6_2292RTHDR 24
+#define SD_IPV6_RTHDR 57
+
+/* setsockopt(2) of a source route: IP_OPTIONS with LSRR/SSRR, IPV6_RTHDR (any routing
+ * type, segment routing included), IPV6_2292RTHDR and IPV6_2292PKTOPTIONS (which can carry
+ * one). Refused with EPERM unless the policy says source_routes: allow. Per-message
+ * ancillary data (IP_RETOPTS, IPV6_RTHDR cmsgs) is not seen here: egress drops those
+ * packets. */
+int sd_setsockopt(struct bpf_sockopt *ctx)
+{
+    int level = ctx->level;
+    int name = ctx->optname;
+    int bad = 0;
+    if (level == SD_SOL_IP && name == SD_IP_OPTIONS) {
+        __u32 slot = SD_OPTS_SOCKOPT;
+        struct sd_opts *o = optscratch.lookup(&slot);
+        if (!o)
+            return 0;
+        __u8 *p = ctx->optval;
+        __u8 *end = ctx->optval_end;
+        __u32 len = 0;
+        for (int i = 0; i < 40; i++) {
+            if (p + i + 1 > end)
+                break;
+            o->b[i] = p[i];
+            len = i + 1;
+        }
+        o->len = len;
+        if (ctx->optlen > 0 && len == 0)
+            bad = 1; /* options we cannot see */
+        else
+            bad = sd_v4_srcroute(o);
+    } else if (level == SD_SOL_IPV6 &&
+               (name == SD_IPV6_RTHDR || name == SD_IPV6_2292RTHDR || name == SD_IPV6_2292PKTOPTIONS)) {
+        bad = ctx->optlen > 0;
+    }
+    if (!bad)
+        return 1;
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    if (!pol || pol->allow_srcroute)
+        return 1;
+    struct sd_dest d = {};
+    struct bpf_sock *sk = ctx->sk;
+    d.family = 4;
+    if (sk) {
+        d.family = sk->family == SD_AF_INET6 ? 6 : 4;
+        d.proto = sk->protocol;
+    }
+    if (d.family == 4)
+        d.addr[2] = bpf_htonl(0xffff);
+    return sd_rule_return(cgid, pol, &d, SD_DENY, SD_RULE_SRCROUTE, SD_KIND_SOCKOPT);
+}

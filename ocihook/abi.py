@@ -7,7 +7,11 @@ SD_RULE_DEFAULT = 0xffff
 SD_RULE_RESOLVERS = 0xfffe
 SD_RULE_MALFORMED = 0xfffd
 SD_RULE_RAW = 0xfffc
-SD_RULE_UNLISTED = 0xfffb
+SD_RULE_SRCROUTE = 0xfffb
+SD_RULE_PROTOCOL = 0xfffa
+SD_RULE_SERVE_DNS = 0xfff9
+SD_RULE_ANSWER_CUT = 0xfff8
+SD_RULE_UNLISTED = 0xfff7
 SD_ALLOW = 0
 SD_DENY = 1
 SD_MODE_ENFORCE = 0
@@ -19,12 +23,19 @@ SD_KIND_CONNECT = 1
 SD_KIND_SENDMSG = 2
 SD_KIND_DNS = 3
 SD_KIND_SOCKET = 4
+SD_KIND_PACKET = 5
+SD_KIND_BIND = 6
+SD_KIND_SOCKOPT = 7
+SD_PROTO_OTHER = 255
+SD_IPPROTO_UDPLITE = 136
+SD_IPPROTO_MPTCP = 262
 SD_STAT_EVENTS_DROPPED = 0
 SD_STAT_DECISIONS = 1
 SD_STAT_DENIED = 2
 SD_STAT_DNS_MALFORMED = 3
 SD_STAT_LIVE_UNREAD = 4
-SD_NSTATS = 5
+SD_STAT_ANSWERS_CUT = 5
+SD_NSTATS = 6
 SD_CIDR_FIXED_BITS = 32
 SD_NAME_KEY = 252
 SD_NAME_MAX = 251
@@ -32,10 +43,19 @@ SD_NAME_BUF = 256
 SD_NAME_FIXED_BITS = 32
 SD_TTL_MIN_S = 2
 SD_TTL_MAX_S = 86400
-SD_MAX_ANSWERS = 16
+SD_MAX_ANSWERS = 256
+SD_RECORDS_PER_CALL = 16
+SD_MAX_CALLS = 30
+SD_TAIL_ANSWERS = 0
+SD_TAIL_LEARN = 1
+SD_NTAILS = 2
 SD_EVF_EXPIRED = 1
 SD_CMDLINE = 256
 SD_CHAIN = 4
+SD_EXE = 256
+SD_EXE_PART = 128
+SD_EXE_DEPTH = 32
+SD_EXE_COMPLETE = 1
 
 
 class Cgroup(ctypes.Structure):
@@ -47,8 +67,10 @@ class Cgroup(ctypes.Structure):
         ("name_denies", ctypes.c_uint8),
         ("allow_raw", ctypes.c_uint8),
         ("unlisted", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 2),
+        ("allow_srcroute", ctypes.c_uint8),
+        ("serve_dns", ctypes.c_uint8),
         ("min_ttl", ctypes.c_uint32),
+        ("protos", ctypes.c_uint8 * 32),
     ]
 
 
@@ -219,12 +241,15 @@ class Proc(ctypes.Structure):
         ("chain_len", ctypes.c_uint32),
         ("chain", Ancestor * 4),
         ("cmdline", ctypes.c_uint8 * 256),
+        ("exe_len", ctypes.c_uint32),
+        ("exe_flags", ctypes.c_uint32),
+        ("exe", ctypes.c_uint8 * 256),
     ]
 
 
 # struct -> (size, {field: (offset, size)}) as C lays it out
 LAYOUT = {
-    "sd_cgroup": (12, {'mode': (0, 1), 'dflt': (1, 1), 'has_resolvers': (2, 1), 'name_denies': (3, 1), 'allow_raw': (4, 1), 'unlisted': (5, 1), 'pad': (6, 2), 'min_ttl': (8, 4)}),
+    "sd_cgroup": (44, {'mode': (0, 1), 'dflt': (1, 1), 'has_resolvers': (2, 1), 'name_denies': (3, 1), 'allow_raw': (4, 1), 'unlisted': (5, 1), 'allow_srcroute': (6, 1), 'serve_dns': (7, 1), 'min_ttl': (8, 4), 'protos': (12, 32)}),
     "sd_cgstats": (80, {'allowed': (0, 8), 'blocked': (8, 8), 'would_block': (16, 8), 'events_dropped': (24, 8), 'blocked_dropped': (32, 8), 'learned_new': (40, 8), 'pending_new': (48, 8), 'names_new': (56, 8), 'procs_new': (64, 8), 'pending_busy': (72, 8)}),
     "sd_cidr_key": (24, {'prefixlen': (0, 4), 'proto': (4, 1), 'pad': (5, 1), 'port': (6, 2), 'addr': (8, 16)}),
     "sd_cidr_val": (4, {'rule': (0, 2), 'verdict': (2, 1), 'plen': (3, 1)}),
@@ -240,7 +265,7 @@ LAYOUT = {
     "sd_live": (80, {'cgid': (0, 8), 'k': (8, 48), 'ts_ns': (56, 8), 'comm': (64, 16)}),
     "sd_proc_key": (16, {'pstart': (0, 8), 'tgid': (8, 4), 'pad': (12, 4)}),
     "sd_ancestor": (20, {'pid': (0, 4), 'comm': (4, 16)}),
-    "sd_proc": (344, {'len': (0, 4), 'chain_len': (4, 4), 'chain': (8, 80), 'cmdline': (88, 256)}),
+    "sd_proc": (608, {'len': (0, 4), 'chain_len': (4, 4), 'chain': (8, 80), 'cmdline': (88, 256), 'exe_len': (344, 4), 'exe_flags': (348, 4), 'exe': (352, 256)}),
 }
 
 STRUCTS = {

@@ -13,6 +13,8 @@ import os
 import re
 import sys
 
+from .errors import SafedeployError
+
 _SCALARS = {"__u8": ("ctypes.c_uint8", 1), "__u16": ("ctypes.c_uint16", 2), "__u32": ("ctypes.c_uint32", 4),
             "__u64": ("ctypes.c_uint64", 8), "char": ("ctypes.c_char", 1)}
 _DEFINE = re.compile(r"^#define\s+(SD_[A-Z0-9_]+)\s+(0x[0-9a-fA-F]+|\d+)\b")
@@ -20,7 +22,7 @@ _STRUCT = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
 _FIELD = re.compile(r"^(?:volatile\s+)?(struct\s+\w+|\w+)\s+(\w+)(?:\[(\w+)\])?$")
 
 
-class AbiError(ValueError):
+class AbiError(SafedeployError, ValueError):
     """abi.h holds something the generator does not understand."""
 
 
@@ -110,8 +112,8 @@ def generate(text: str) -> str:
 
 
 def paths() -> tuple[str, str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(os.path.dirname(here), "bpf", "abi.h"), os.path.join(here, "abi.py")
+    from . import resources  # noqa: PLC0415
+    return os.path.join(resources.path("bpf"), "abi.h"), os.path.join(resources.PKG_DIR, "abi.py")
 
 
 def main(argv: list[str] | None = None) -> int:

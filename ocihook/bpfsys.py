@@ -43,10 +43,13 @@ CGROUP_SOCK_OPS = 3
 SK_SKB_STREAM_PARSER = 4     # programs attached to a sockmap/sockhash, not to a cgroup
 SK_SKB_STREAM_VERDICT = 5
 SK_MSG_VERDICT = 7
+CGROUP_INET4_BIND = 8
+CGROUP_INET6_BIND = 9
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
 CGROUP_UDP6_SENDMSG = 15
+CGROUP_SETSOCKOPT = 22
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long

@@ -4,6 +4,8 @@ or around the programs (docs/security.md, "Leaving the cgroup").
 Light on purpose: the hook's warm path imports it (no re, no json)."""
 from __future__ import annotations
 
+from .errors import SafedeployError
+
 # include/uapi/linux/capability.h
 NUMBERS = {
     "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_FSETID": 4,
@@ -33,7 +35,7 @@ DANGEROUS = {
 }
 
 
-class CapError(ValueError):
+class CapError(SafedeployError, ValueError):
     """An unknown capability name; str() is one line."""
 
 

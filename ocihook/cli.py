@@ -73,7 +73,7 @@ def policy_validate(files: List[Path] = typer.Argument(..., help="Policy files (
 def policy_explain(
     file: Path = typer.Argument(..., help="Policy file."),
     dest: str = typer.Argument(..., help="name[:port], ip[:port] or [v6]:port, e.g. api.github.com:443"),
-    proto: str = typer.Option("tcp", "--proto", help="tcp or udp."),
+    proto: str = typer.Option("tcp", "--proto", help="tcp, udp, or another IP protocol (icmp, sctp, ...)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print the verdict for one destination and the rule that decided it.
@@ -84,9 +84,9 @@ def policy_explain(
     Examples: safedeploy policy explain deploy.yaml api.github.com:443
               safedeploy policy explain deploy.yaml api.github.com
     """
-    from .policy import decide, decide_query, display_ip, load_policy_file, parse_dest
-    if proto not in ("tcp", "udp"):
-        _err(f"--proto must be tcp or udp, not {proto!r}")
+    from .policy import IP_PROTOCOLS, decide, decide_query, display_ip, load_policy_file, parse_dest, protocol_name
+    if proto not in ("tcp", "udp", "udplite", "mptcp") and proto not in IP_PROTOCOLS:
+        _err(f"--proto must be tcp, udp or an IP protocol name ({', '.join(sorted(IP_PROTOCOLS))}), not {proto!r}")
         raise typer.Exit(2)
     with _errors():
         pol = load_policy_file(file)
@@ -100,7 +100,9 @@ def policy_explain(
     out = {"dest": dest, "name": d.name, "ip": display_ip(d.ip) if d.ip else None, "port": d.port,
            "proto": d.proto, "kind": "dns" if lookup else "connect", "verdict": dec.verdict,
            "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode,
-           "capabilities": list(pol.capabilities), "privileged": pol.privileged}
+           "capabilities": list(pol.capabilities), "privileged": pol.privileged,
+           "protocols": [protocol_name(p) for p in pol.protocols], "raw_sockets": pol.raw_sockets,
+           "source_routes": pol.source_routes, "serve_dns": pol.serve_dns}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -109,6 +111,9 @@ def policy_explain(
     typer.echo(f"{dec.verdict.upper()} {what} — rule: {dec.rule_text}{why}; "
                f"in {pol.mode} mode this is {dec.effective}")
     typer.echo(f"privileges: {_privileges(pol)}")
+    named = ", ".join(str(protocol_name(p)) for p in pol.protocols) or "none"
+    typer.echo(f"policy: other IP protocols allowed: {named}; raw_sockets: {pol.raw_sockets}; "
+               f"source_routes: {pol.source_routes}; serve_dns: {pol.serve_dns}")
 
 
 def _privileges(pol) -> str:
@@ -215,21 +220,13 @@ def run_cmd(
 # -- report -------------------------------------------------------------------------
 @app.command("report")
 def report_cmd(
-    target: str = typer.Argument(..., help="A container/run id (looked up in $SAFEDEPLOY_LOG_DIR) or a report file."),
+    target: str = typer.Argument(..., help="A report file, a container/run id or id prefix, or a podman container name."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Show a report: who tried to reach what, and what was blocked."""
     from . import report, settings
-    path = Path(target)
-    if not path.exists():
-        path = Path(settings.log_dir()) / f"{target}.jsonl"
-    if not path.exists():  # a unique prefix of a container id, as `podman ps` shows it
-        found = sorted(Path(settings.log_dir()).glob(f"{target}*.jsonl")) if target and "/" not in target else []
-        if len(found) > 1:
-            _err(f"{target!r} matches {len(found)} reports: " + ", ".join(f.stem[:16] for f in found[:5]))
-            raise typer.Exit(1)
-        path = found[0] if found else path
     with _errors():
+        path = report.find(target, settings.log_dir())
         records = report.load(path)
         summary = report.load_summary(path)
     if fmt == "json":
@@ -307,11 +304,14 @@ def status_cmd() -> None:
 
 
 @app.command("doctor")
-def doctor_cmd() -> None:
-    """Check kernel, cgroup v2, bpffs, privileges, bcc, headers and runtimes."""
+def doctor_cmd(hooks_dir: Optional[Path] = typer.Option(None, "--hooks-dir", show_default=False,
+                                                         help="The hooks.d to check (default: "
+                                                              "/usr/share/containers/oci/hooks.d).")) -> None:
+    """Check kernel, cgroup v2, bpffs, privileges, bcc, headers, runtimes, and that the hooks.d
+    entries run the hook (entry -> launcher -> python -> package)."""
     from .doctor import run_checks
     ok = True
-    for name, good, detail, required in run_checks():
+    for name, good, detail, required in run_checks(hooks_dir):
         mark = "ok  " if good else ("FAIL" if required else "warn")
         typer.echo(f"{mark} {name}: {detail}")
         ok &= good or not required
@@ -322,8 +322,10 @@ def doctor_cmd() -> None:
 def install_cmd(
     hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir",
                                    help="Where podman reads oci-hooks(5) files (stock podman: only this one)."),
-    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path",
-                                   help="Where to put the hook launcher the hooks.d files point to."),
+    hook_path: Optional[Path] = typer.Option(None, "--hook-path", show_default=False,
+                                             help="Where to put the hook launcher the hooks.d files point to "
+                                                  "(default: /usr/local/libexec/safedeploy/safedeploy-hook; "
+                                                  "/usr/libexec/... for the .deb)."),
     preload: bool = typer.Option(True, "--preload/--no-preload", help="Compile and pin the programs now."),
 ) -> None:
     """Install the OCI hook (hooks.d files + launcher), /etc/safedeploy/policies with an
@@ -331,31 +333,45 @@ def install_cmd(
 
     Then: podman run --annotation safedeploy.policy=example ...
     """
-    from .install import install
+    from .install import DEFAULT_HOOK_PATH, install
     with _errors():
-        install(hooks_dir, hook_path, preload, log=typer.echo)
+        install(hooks_dir, hook_path or DEFAULT_HOOK_PATH, preload, log=typer.echo)
 
 
 @app.command("uninstall")
 def uninstall_cmd(
     hooks_dir: Path = typer.Option(Path("/usr/share/containers/oci/hooks.d"), "--hooks-dir"),
-    hook_path: Path = typer.Option(Path("/usr/local/libexec/safedeploy/safedeploy-hook"), "--hook-path"),
+    hook_path: Optional[Path] = typer.Option(None, "--hook-path", show_default=False),
 ) -> None:
     """Remove the hook and hooks.d files; clean state; unpin programs no container uses.
     Policies and reports are kept."""
-    from .install import uninstall
+    from .install import DEFAULT_HOOK_PATH, uninstall
     with _errors():
-        uninstall(hooks_dir, hook_path, log=typer.echo)
+        uninstall(hooks_dir, hook_path or DEFAULT_HOOK_PATH, log=typer.echo)
 
 
 @app.command("gc")
-def gc_cmd() -> None:
+def gc_cmd(all_versions: bool = typer.Option(False, "--all", help="Also unpin the current programs if no "
+                                             "container uses them (package removal).")) -> None:
     """Clean up after containers whose poststop never ran (a killed runtime): write their
     reports, drop their map entries and state, remove unused old program versions."""
-    from .install import gc
+    from .install import gc, retire
     with _errors():
+        if all_versions:
+            retire(log=typer.echo)
+            return
         n = gc(log=typer.echo)
     typer.echo(f"gc: {n} objects removed")
+
+
+@app.command("preload")
+def preload_cmd() -> None:
+    """Mount bpffs and compile/pin the programs now, so the next container start is warm
+    (run at boot by safedeploy.service, and by `install`)."""
+    from . import loader
+    with _errors():
+        loader.ensure_bpffs()
+        typer.echo(f"programs: {loader.ensure_programs(log=typer.echo)}")
 
 
 @app.command("demo")

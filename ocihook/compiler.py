@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 
+from .abi import SD_PROTO_OTHER
 from .abi import SD_ALLOW, SD_CIDR_FIXED_BITS, SD_DENY, SD_MODE_AUDIT, SD_MODE_ENFORCE, SD_NAME_FIXED_BITS, \
     SD_NAME_KEY, SD_NAME_MAX
 from .abi import Addr as AddrKey
@@ -35,6 +36,9 @@ def compile_policy(policy: "Policy") -> dict:
         "allow_raw": policy.raw_sockets == "allow",
         "min_ttl": policy.min_ttl,
         "unlisted": policy.unlisted == "resolve",
+        "allow_srcroute": policy.source_routes == "allow",
+        "serve_dns": policy.serve_dns == "allow",
+        "protocols": list(policy.protocols),
     }
 
 
@@ -66,6 +70,8 @@ def name_entries(policy: "Policy") -> list[tuple[NameKey, NameVal]]:
                 put((IPPROTO[proto], port, key), verdict, rule.index)
         if rule.verdict == "allow" or (rule.ports is None and rule.proto is None):
             put((0, 0, key), verdict, rule.index)
+        if policy.protocols and rule.ports is None and rule.proto is None:  # other IP protocols
+            put((SD_PROTO_OTHER, 0, key), verdict, rule.index)
     out = []
     for (proto, port, key), (verdict, index) in merged.items():
         k = NameKey(prefixlen=SD_NAME_FIXED_BITS + 8 * len(key), proto=proto, port=port)
@@ -75,12 +81,17 @@ def name_entries(policy: "Policy") -> list[tuple[NameKey, NameVal]]:
 
 
 def cgroup_entry(compiled: dict) -> SdCgroup:
-    return SdCgroup(mode=SD_MODE_AUDIT if compiled["mode"] == "audit" else SD_MODE_ENFORCE,
+    entry = SdCgroup(mode=SD_MODE_AUDIT if compiled["mode"] == "audit" else SD_MODE_ENFORCE,
                     dflt=SD_DENY if compiled["default"] == "deny" else SD_ALLOW,
                     has_resolvers=1 if compiled["has_resolvers"] else 0,
                     name_denies=1 if compiled.get("name_denies") else 0,
                     allow_raw=1 if compiled.get("allow_raw") else 0,
-                    unlisted=1 if compiled.get("unlisted") else 0, min_ttl=compiled.get("min_ttl", 0))
+                    unlisted=1 if compiled.get("unlisted") else 0, min_ttl=compiled.get("min_ttl", 0),
+                    allow_srcroute=1 if compiled.get("allow_srcroute") else 0,
+                    serve_dns=1 if compiled.get("serve_dns") else 0)
+    for proto in compiled.get("protocols", ()):
+        entry.protos[proto >> 3] |= 1 << (proto & 7)
+    return entry
 
 
 def cidr_entries(policy: "Policy") -> list[tuple[CidrKey, CidrVal]]:
@@ -91,10 +102,12 @@ def cidr_entries(policy: "Policy") -> list[tuple[CidrKey, CidrVal]]:
         if rule.kind != "cidr":
             continue
         verdict = SD_DENY if rule.verdict == "deny" else SD_ALLOW
-        protos = [rule.proto] if rule.proto else ["tcp", "udp"]
+        protos = [IPPROTO[rule.proto]] if rule.proto else [IPPROTO["tcp"], IPPROTO["udp"]]
+        if policy.protocols and rule.proto is None and rule.ports is None:
+            protos.append(SD_PROTO_OTHER)  # other IP protocols meet the port-less rules
         for proto in protos:
             for port in rule.ports or (0,):
-                slot = (IPPROTO[proto], port, rule.network.network_address.packed, rule.network.prefixlen)
+                slot = (proto, port, rule.network.network_address.packed, rule.network.prefixlen)
                 old = merged.get(slot)
                 if old is None or (verdict, -rule.index) > (old[0], -old[1]):
                     merged[slot] = (verdict, rule.index)

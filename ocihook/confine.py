@@ -22,6 +22,7 @@ import ctypes
 import os
 
 from . import caps
+from .errors import SafedeployError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -32,7 +33,7 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAP_V3 = 0x20080522
 
 
-class ConfineError(Exception):
+class ConfineError(SafedeployError):
     """The child could not be confined; str() is one line."""
 
 
@@ -120,13 +121,16 @@ def drop_capabilities(names) -> None:
     _check(c.capset(ctypes.byref(hdr), data), "capset")
 
 
-def confine(cgroup_path: str, drop: list[str]) -> None:
-    """All of it, in the child between fork and exec. Any failure is written to stderr as
+def confine(cgroup_path: str, drop: list[str], hide: list[str] = ()) -> None:
+    """All of it, in the child between fork and exec (hide: paths to cover with /dev/null). Any failure is written to stderr as
     one safedeploy: line and raised (the command then never runs)."""
     try:
         with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
             f.write("0")
         private_cgroup_view(hide_bpffs="CAP_BPF" in drop and "CAP_SYS_ADMIN" in drop)
+        if hide:  # name-service daemons' sockets (ocihook/nss.py): lookups go out as DNS instead
+            from . import nss  # noqa: PLC0415
+            nss.hide_sockets(list(hide))
         drop_capabilities(drop)
     except Exception as e:  # noqa: BLE001 — whatever it was, the command must not run
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or e.__class__.__name__

@@ -1,12 +1,15 @@
 """``safedeploy demo``: the main job on a built-in example, for real.
 
 A busybox container (rootfs built from Debian's busybox-static, no registry needed) runs a
-"deploy script" under the policy ``demo``, started through the installed OCI hook: it fetches
-its artefact from the package mirror it is allowed to use (127.0.0.1) and then asks the auth
-service for a token — the service this very deploy is meant to repair (127.0.0.2, which
-accepts and then hangs, as a broken service does). The policy refuses that circular
-dependency at once with EPERM instead of letting the rollback hang, and the report says who
-tried what and which rule refused it.
+"deploy script" under the policy ``demo``, started through the installed OCI hook. It finds
+everything by name, through a DNS server the demo starts on loopback (dnslib), as a real
+deploy does: it fetches its artefact from the package mirror it is allowed to use
+(``mirror.demo.test``, 127.0.0.1) and then asks the auth service for a token — the service
+this very deploy is meant to repair (``auth.demo.test``, 127.0.0.2, which accepts and then
+hangs, as a broken service does). The policy refuses that circular dependency at once: the
+lookup of the denied name fails, and so does the connect through a CDN alias whose CNAME
+leads to it (``token.cdn.demo.test``). The report says who tried which name and which rule
+refused it.
 """
 from __future__ import annotations
 
@@ -35,17 +38,28 @@ name: demo
 mode: enforce
 default: deny
 allow:
-  - {cidr: 127.0.0.1/32, ports: [MIRROR], reason: "package mirror"}
+  - {domain: mirror.demo.test, ports: [MIRROR], reason: "package mirror"}
+  - {domain: "*.cdn.demo.test", reason: "the CDN"}
 deny:
-  - {cidr: 127.0.0.2/32, reason: "circular: the auth service is what this deploy repairs"}
+  - {domain: auth.demo.test, reason: "circular: the auth service is what this deploy repairs"}
+dns:
+  resolvers: [DNS]
 """
 
+# the demo's zone: (type, value); token.cdn.demo.test is a CDN alias of the auth service
+ZONE = {"mirror.demo.test": [("A", "127.0.0.1", 300)],
+        "auth.demo.test": [("A", "127.0.0.2", 300)],
+        "token.cdn.demo.test": [("CNAME", "auth.demo.test", 300)]}
+
 SCRIPT = """\
-echo "deploy: fetching artefact from the mirror"
-echo GET | nc 127.0.0.1 MIRROR
-echo "deploy: asking the auth service for a token"
-if echo GET | nc -w 5 127.0.0.2 8443; then echo "deploy: got a token"; \
-else echo "deploy: auth unreachable, using break-glass credentials"; fi
+echo "deploy: fetching artefact from mirror.demo.test"
+echo GET | nc mirror.demo.test MIRROR
+echo "deploy: asking auth.demo.test for a token"
+if echo GET | nc -w 5 auth.demo.test 8443; then echo "deploy: got a token"; \
+else echo "deploy: auth unreachable"; fi
+echo "deploy: asking its CDN alias token.cdn.demo.test instead"
+if echo GET | nc -w 5 token.cdn.demo.test 8443; then echo "deploy: got a token"; \
+else echo "deploy: still unreachable, using break-glass credentials"; fi
 echo "deploy: phoning home to telemetry"
 echo GET | nc -w 5 127.0.0.3 8443 || true
 echo "deploy: rollout done"
@@ -93,7 +107,7 @@ def import_image(rootfs: Path, image: str, env: dict | None = None) -> None:
 
 def make_bundle(bundle: Path, rootfs: Path, script: str, *, annotations: dict | None = None,
                 hook_path: Path | None = None, hook_env: list[str] | None = None,
-                stages=("prestart", "poststop")) -> Path:
+                stages=("prestart", "poststop"), resolv_conf: Path | None = None) -> Path:
     """A runc bundle that shares the host network (so loopback services are reachable),
     with the hook in config.json the way oci-hooks would inject it."""
     bundle.mkdir(parents=True, exist_ok=True)
@@ -106,6 +120,9 @@ def make_bundle(bundle: Path, rootfs: Path, script: str, *, annotations: dict | 
     cfg["process"]["args"] = ["sh", "-c", script]
     cfg["root"]["readonly"] = False
     cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
+    if resolv_conf:
+        cfg["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv_conf),
+                              "options": ["bind", "ro"]})
     if annotations:
         cfg["annotations"] = annotations
     if hook_path:
@@ -138,6 +155,44 @@ def _service(host: str, port: int, answer: bytes | None) -> socket.socket:
     return s
 
 
+def _dns_server(log) -> tuple[object, str]:
+    """A dnslib server for ZONE on port 53 of a free loopback address."""
+    from dnslib import CNAME, QTYPE, RR, A  # noqa: PLC0415
+    from dnslib.server import BaseResolver, DNSLogger, DNSServer  # noqa: PLC0415
+
+    class Resolver(BaseResolver):
+        def resolve(self, request, handler):
+            reply = request.reply()
+            name = str(request.q.qname).rstrip(".").lower()
+            for _ in range(4):
+                cname = None
+                for typ, value, ttl in ZONE.get(name, []):
+                    if typ == "CNAME":
+                        reply.add_answer(RR(name, QTYPE.CNAME, rdata=CNAME(value), ttl=ttl))
+                        cname = value
+                    elif request.q.qtype == QTYPE.A:
+                        reply.add_answer(RR(name, QTYPE.A, rdata=A(value), ttl=ttl))
+                if not cname:
+                    break
+                name = cname
+            if not reply.rr and name not in ZONE:
+                reply.header.rcode = 3  # NXDOMAIN
+            return reply
+
+    quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
+    for last in range(53, 80):
+        ip = f"127.0.53.{last}"
+        try:
+            servers = [DNSServer(Resolver(), address=ip, port=53, tcp=tcp, logger=quiet) for tcp in (False, True)]
+        except OSError:
+            continue
+        for srv in servers:
+            srv.start_thread()
+        log(f"== DNS for *.demo.test on {ip}:53 (dnslib) ==")
+        return servers, ip
+    raise DemoError("no free loopback address for the demo's DNS server (127.0.53.53-79)")
+
+
 def run_demo(runtime: str = "auto", log=print) -> int:
     if runtime == "auto":
         runtime = "podman" if shutil.which("podman") else "runc"
@@ -146,11 +201,15 @@ def run_demo(runtime: str = "auto", log=print) -> int:
     work = Path(tempfile.mkdtemp(prefix="safedeploy-demo-"))
     mirror = _service("127.0.0.1", 0, b"artefact v42 (sha256 ok)\n")
     auth = _service("127.0.0.2", 8443, None)
+    dns: list = []
     try:
+        dns, dns_ip = _dns_server(log)
+        resolv = work / "resolv.conf"
+        resolv.write_text(f"nameserver {dns_ip}\noptions timeout:2 attempts:1\n")
         port = mirror.getsockname()[1]
         pdir = Path(settings.policy_dir())
         pdir.mkdir(parents=True, exist_ok=True)
-        policy_text = POLICY.replace("MIRROR", str(port))
+        policy_text = POLICY.replace("MIRROR", str(port)).replace("DNS", dns_ip)
         (pdir / "demo.yaml").write_text(policy_text)
         log(f"== policy {pdir / 'demo.yaml'} ==\n{policy_text}")
         hooks_dir, hook_path = work / "hooks.d", work / "safedeploy-hook"
@@ -167,13 +226,14 @@ def run_demo(runtime: str = "auto", log=print) -> int:
             cidfile = work / "cid"
             cmd = ["podman", "--runtime", "runc", "--hooks-dir", str(hooks_dir), "run", "--rm", "--name", cid,
                    "--cidfile", str(cidfile), "--network", "host", "--annotation", "safedeploy.policy=demo",
+                   "-v", f"{resolv}:/etc/resolv.conf:ro",
                    IMAGE, "sh", "-c", script]
             log("== " + " ".join(cmd[:-3]) + " sh -c <deploy script> ==")
             res = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=120)
             cid = cidfile.read_text().strip() if cidfile.exists() else cid
         else:
             bundle = make_bundle(work / "bundle", rootfs, script, annotations={"safedeploy.policy": "demo"},
-                                 hook_path=hook_path, hook_env=install.hook_env())
+                                 hook_path=hook_path, hook_env=install.hook_env(), resolv_conf=resolv)
             log(f"== runc run --bundle {bundle} {cid} ==")
             res = subprocess.run(["runc", "run", "--bundle", str(bundle), cid], text=True, capture_output=True,
                                  timeout=120)
@@ -189,11 +249,16 @@ def run_demo(runtime: str = "auto", log=print) -> int:
         records = report.load(path)
         log(f"\n== safedeploy report {cid} ==   ({path})")
         log(report.format_table(records))
-        blocked = {r["dst_ip"] for r in records if r["verdict"] == "blocked"}
-        ok = blocked == {"127.0.0.2", "127.0.0.3"} and "break-glass" in res.stdout
-        log("demo: " + ("the circular dependency failed fast and was reported" if ok else "UNEXPECTED result"))
+        blocked = {r.get("domain") or r["dst_ip"] for r in records if r["verdict"] == "blocked"}
+        reached = {r.get("domain") for r in records if r["verdict"] == "allowed" and r["kind"] != "dns"}
+        ok = (blocked == {"auth.demo.test", "token.cdn.demo.test", "127.0.0.3"} and "mirror.demo.test" in reached
+              and "break-glass" in res.stdout and "artefact v42" in res.stdout)
+        log("demo: " + ("the circular dependency (auth.demo.test, and its CDN alias) failed fast and was reported"
+                        if ok else "UNEXPECTED result"))
         return 0 if ok else 1
     finally:
         mirror.close()
         auth.close()
+        for srv in dns:
+            srv.stop()
         shutil.rmtree(work, ignore_errors=True)

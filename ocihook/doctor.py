@@ -26,8 +26,8 @@ def _headers() -> Check:
     build = kdir / "build"
     if (build / "include").is_dir():
         return ("kernel headers", True, f"{build} -> {build.resolve()}", True)
-    return ("kernel headers", False, f"{build} missing; run packaging/setup-host.sh "
-            "(links Debian's linux-headers for bcc)", True)
+    return ("kernel headers", False, f"{build} missing; apt install linux-headers-$(uname -r) "
+            "(a custom kernel: packaging/setup-host.sh links Debian's linux-headers for bcc)", True)
 
 
 def _cgroup2() -> Check:
@@ -64,13 +64,17 @@ def _capabilities() -> Check:
     return ("capabilities", True, ", ".join(need), True)
 
 
-def _hooks_d() -> Check:
-    from .install import DEFAULT_HOOKS_DIR, HOOK_FILES  # noqa: PLC0415
-    missing = [n for n in HOOK_FILES if not (DEFAULT_HOOKS_DIR / n).exists()]
+def _hooks_d(hooks_dir: Path | None = None) -> Check:
+    from .install import DEFAULT_HOOKS_DIR, HOOK_FILES, verify_chain  # noqa: PLC0415
+    hooks_dir = Path(hooks_dir or DEFAULT_HOOKS_DIR)
+    missing = [n for n in HOOK_FILES if not (hooks_dir / n).exists()]
     if missing:
-        return ("hooks.d", False, f"{', '.join(missing)} not in {DEFAULT_HOOKS_DIR}: run `safedeploy install` "
-                "(podman only reads this directory)", False)
-    return ("hooks.d", True, f"installed in {DEFAULT_HOOKS_DIR}", False)
+        return ("hooks.d", False, f"{', '.join(missing)} not in {hooks_dir}: run `safedeploy install` "
+                "(stock podman reads only /usr/share/containers/oci/hooks.d)", False)
+    problems = verify_chain(hooks_dir)
+    if problems:   # installed but broken: annotated containers are refused (or worse, unpoliced)
+        return ("hooks.d", False, "; ".join(problems), True)
+    return ("hooks.d", True, f"{hooks_dir}: entry -> launcher -> python -> ocihook.hook runs", False)
 
 
 def _kernel() -> Check:
@@ -97,6 +101,17 @@ def _programs() -> Check:
     return ("programs", False, f"not pinned yet at {pins} (first use compiles them)", False)
 
 
-def run_checks() -> list[Check]:
+def _name_service() -> Check:
+    from . import nss  # noqa: PLC0415
+    live = nss.live_sockets()
+    if not live:
+        return ("name service", True, "no nscd or systemd-resolved socket: glibc resolves over DNS, "
+                "which the kernel sees", False)
+    found = ", ".join(f"{daemon} at {path}" for daemon, path in live)
+    return ("name service", True, f"{found}: `safedeploy run` hides them in its own mount namespace so "
+            "lookups go out as DNS the kernel judges (containers have their own /run)", False)
+
+
+def run_checks(hooks_dir: Path | None = None) -> list[Check]:
     return [_root(), _capabilities(), _kernel(), _cgroup2(), _bpffs(), _bcc(), _headers(), _programs(),
-            _tool("runc", False), _tool("podman", False), _hooks_d()]
+            _tool("runc", False), _tool("podman", False), _hooks_d(hooks_dir), _name_service()]

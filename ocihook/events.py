@@ -10,9 +10,12 @@ from . import abi
 from .addr import addr_of, display_ip
 
 C = {k: v for k, v in vars(abi).items() if k.startswith("SD_")}
-PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip"}  # raw sockets: any protocol
+PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 255: "raw", 0: "ip",  # raw sockets: any protocol
+              136: "udplite", 132: "sctp", 33: "dccp", 47: "gre", 50: "esp", 51: "ah", 2: "igmp", 4: "ipip",
+              41: "ipv6", 103: "pim", 115: "l2tp"}
 KIND_NAME = {C["SD_KIND_CONNECT"]: "connect", C["SD_KIND_SENDMSG"]: "sendmsg", C["SD_KIND_DNS"]: "dns",
-             C["SD_KIND_SOCKET"]: "socket"}
+             C["SD_KIND_SOCKET"]: "socket", C["SD_KIND_PACKET"]: "packet", C["SD_KIND_BIND"]: "bind",
+             C["SD_KIND_SOCKOPT"]: "sockopt"}
 VERDICT_NAME = {C["SD_EV_ALLOWED"]: "allowed", C["SD_EV_BLOCKED"]: "blocked",
                 C["SD_EV_WOULD_BLOCK"]: "would-block"}
 UNLISTED_REASON = "a name no rule covers: resolved (search lists), its addresses judged by CIDR rules and the default"
@@ -22,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pinned import Drained
 
 FIELDS = ("container", "policy", "verdict", "kind", "proto", "family", "dst_ip", "dst_port", "domain",
-          "pid", "comm", "cmdline", "argv", "argv_b64", "argv_truncated", "uid", "rule", "reason", "count",
+          "pid", "comm", "exe", "cmdline", "argv", "argv_b64", "argv_truncated", "uid", "rule", "reason", "count",
           "first_seen", "last_seen", "parents", "target", "note")
 ARGV_FIELDS = ("cmdline", "argv", "argv_b64", "argv_truncated")
 
@@ -52,6 +55,16 @@ def _start_ns(pid: int, proc: str) -> int | None:
             fields = f.read().rsplit(b")", 1)[1].split()
         return int(fields[19]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_exe(pid: int, pstart: int = 0, proc: str = "/proc") -> str | None:
+    """The executable of a live process (the same one, when pstart is known), or None."""
+    if pid <= 0 or (pstart and ((s := _start_ns(pid, proc)) is None or abs(s - pstart) > 50_000_000)):
+        return None
+    try:
+        return os.readlink(f"{proc}/{pid}/exe")
+    except OSError:
         return None
 
 
@@ -113,6 +126,15 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
         return "raw_sockets", "raw sockets bypass connect rules (policy raw_sockets: deny)"
     if index == C["SD_RULE_UNLISTED"]:
         return "dns.unlisted", UNLISTED_REASON
+    if index == C["SD_RULE_SRCROUTE"]:
+        return "source_routes", "a source route (IPv6 routing header, IPv4 LSRR/SSRR) (policy source_routes: deny)"
+    if index == C["SD_RULE_PROTOCOL"]:
+        return "protocols", "an IP protocol the policy does not name in protocols"
+    if index == C["SD_RULE_SERVE_DNS"]:
+        return "serve_dns", "answering DNS from inside the policed cgroup (policy serve_dns: deny)"
+    if index == C["SD_RULE_ANSWER_CUT"]:
+        return "answer-cut", (f"a DNS answer with more than {C['SD_MAX_ANSWERS']} addresses: "
+                              "the addresses past the cut were not learned")
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
     if 0 <= index < len(compiled.get("rules", ())):
@@ -152,6 +174,7 @@ def to_records(drained: "Drained", compiled: dict, container: str,
         else:
             cmd = argv_fields(proc_cmdline_raw(key.pid, key.pstart))
         target = drained.names.get(key.target_id) if key.target_id else None
+        exe = proc.get("exe") or (proc_exe(key.pid, key.pstart) if not proc else None)
         out.append({
             "container": container,
             "policy": compiled["name"],
@@ -164,6 +187,7 @@ def to_records(drained: "Drained", compiled: dict, container: str,
             "domain": drained.names.get(key.name_id) if key.name_id else None,
             "pid": key.pid,
             "comm": val.comm.decode(errors="replace"),
+            "exe": exe,
             **cmd,
             "uid": val.uid,
             "rule": rule,

@@ -362,13 +362,15 @@ def stop(state: dict) -> str | None:
                 att = session.Attachment.from_dict(record["attachment"])
             else:  # prestart died between the state file and the attachment: what it may have loaded
                 att = session.Attachment(record["cgroup"], record["cgid"], loader.pin_dir())
-            drained = session.release(att, compiled)
-            records = events.to_records(drained, compiled, cid, frozenset(record.get("stop_pids", ())))
-            # the kernel no longer has them: on disk before anything else (never by replacing
-            # the state file, whose inode carries the lock)
-            write_atomic(spool_path(cid), dumps({"records": records, "dropped": drained.dropped,
-                                                 "policy": compiled["name"], "out": record.get("report"),
-                                                 "extra": record.get("extra"), "counters": drained.counters}))
+
+            def spool(drained) -> None:
+                # on disk before the kernel drops them (never by replacing the state file,
+                # whose inode carries the lock); a failure here leaves them in the kernel
+                records = events.to_records(drained, compiled, cid, frozenset(record.get("stop_pids", ())))
+                write_atomic(spool_path(cid), dumps({"records": records, "dropped": drained.dropped,
+                                                     "policy": compiled["name"], "out": record.get("report"),
+                                                     "extra": record.get("extra"), "counters": drained.counters}))
+            session.release(att, compiled, keep=spool)
         data = _read_spool(spool_path(cid))
         out = _flush(cid, data) if data else None
         if os.path.realpath(origin.cgid_index(record["cgid"])) == os.path.realpath(state_path(cid)):
@@ -403,10 +405,8 @@ def _show(value) -> str:
 
 
 def _known(e: Exception) -> bool:
-    """An OS failure, or loader.LoaderError (only
-    raised once the loader is imported)."""
-    loader = sys.modules.get("ocihook.loader")
-    return isinstance(e, OSError) or (loader is not None and isinstance(e, loader.LoaderError))
+    """A failure of the system (OSError) rather than a bug: its message is enough."""
+    return isinstance(e, OSError)
 
 
 def _fail(msg: str) -> int:

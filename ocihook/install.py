@@ -10,14 +10,29 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import cgroup, loader, settings
-from .loader import BPF_DIR
+from . import cgroup, loader, resources, settings
+from .errors import SafedeployError
 
-PACKAGING = Path(BPF_DIR).parent / "packaging" / "hooks.d"
-EXAMPLE_POLICY = Path(BPF_DIR).parent / "examples" / "policies" / "example.yaml"
+HOOKS_TEMPLATES = Path(resources.path("hooks_d"))
+EXAMPLE_POLICY = Path(resources.path("policies")) / "example.yaml"
 DEFAULT_HOOKS_DIR = Path("/usr/share/containers/oci/hooks.d")
-DEFAULT_HOOK_PATH = Path("/usr/local/libexec/safedeploy/safedeploy-hook")
 HOOK_FILES = ("safedeploy-prestart.json", "safedeploy-poststop.json")
+DEB_PYTHON_ROOT = "/usr/lib/python3/dist-packages"
+DEB_HOOK_PATH = Path("/usr/libexec/safedeploy/safedeploy-hook")
+# the .deb's own launcher; any other install (wheel, checkout) puts it under /usr/local
+DEFAULT_HOOK_PATH = (DEB_HOOK_PATH if resources.PKG_ROOT == DEB_PYTHON_ROOT
+                     else Path("/usr/local/libexec/safedeploy/safedeploy-hook"))
+
+# The hooks.d entry runs /bin/sh, which always exists: podman skips an entry whose `path` is
+# missing, and a container that needed the policy would run unpoliced. If the launcher ($0)
+# is gone the entry fails, and the runtime refuses the container with this line.
+GUARD_SHELL = "/bin/sh"
+GUARD = ('[ -x "$0" ] && exec "$0" "$@"; echo "safedeploy: hook launcher $0 is missing: refusing the '
+         'container (reinstall safedeploy, or remove its hooks.d files)" >&2; exit 1')
+
+
+class InstallError(SafedeployError):
+    """The installed hook would not run; str() is one line."""
 
 
 def hook_env() -> list[str]:
@@ -30,55 +45,124 @@ def hook_env() -> list[str]:
             f"SAFEDEPLOY_FILE_DIRS={':'.join(settings.file_dirs())}"]
 
 
+def hook_args(hook_path, stage: str) -> list[str]:
+    """argv of the hooks.d entry: the guard, then the launcher and the stage as $0 and $1."""
+    return ["sh", "-c", GUARD, str(hook_path), stage]
+
+
 def render_hooks(hook_path: Path) -> dict[str, dict]:
     """The packaged hooks.d files with the real hook path and this environment."""
     out = {}
     for name in HOOK_FILES:
-        doc = json.loads((PACKAGING / name).read_text())
-        doc["hook"]["path"] = str(hook_path)
+        doc = json.loads((HOOKS_TEMPLATES / name).read_text())
+        stage = doc["hook"]["args"][-1]
+        doc["hook"]["path"] = GUARD_SHELL
+        doc["hook"]["args"] = hook_args(hook_path, stage)
         doc["hook"]["env"] = hook_env()
         out[name] = doc
     return out
 
 
 LAUNCHER = """#!/bin/sh
-# safedeploy OCI hook launcher, written by `safedeploy install`.
+# safedeploy OCI hook launcher, written by `safedeploy install` (or shipped by the .deb).
 # Python without site-packages (the warm path needs only the standard library; the hook
 # turns site-packages on when it must validate a policy or compile programs).
+py={python}
+root={root}
+code={code}
+if [ ! -x "$py" ] || [ ! -f "$root/ocihook/hook.py" ]; then
+    echo "safedeploy: hook launcher $0: $py or $root/ocihook is missing: refusing the container (reinstall safedeploy)" >&2
+    exit 1
+fi
 if [ "$1" = poststop ]; then
     # Drain in the background, a moment later and at low priority: the runtime waits for
     # this process, not for the report, and its own teardown keeps the CPU meanwhile.
     # stdin (the OCI state) goes along through fd 3 (dash points a background job's stdin
     # at /dev/null otherwise); nothing keeps the runtime's stdout/stderr open.
     exec 3<&0
-    (sleep 0.3; SAFEDEPLOY_DETACHED=1 exec setsid nice -n 19 {python} -S -E -c {code} "$@") \
+    (sleep 0.3; SAFEDEPLOY_DETACHED=1 exec setsid nice -n 19 "$py" -S -E -c "$code" "$@") \\
         <&3 3<&- >/dev/null 2>&1 &
     exit 0
 fi
-exec {python} -S -E -c {code} "$@"
+exec "$py" -S -E -c "$code" "$@"
 """
 
+LAUNCHER_CODE = """import sys
+sys.path.insert(0, {root!r})
+try:
+    from ocihook.hook import main
+except Exception as e:
+    sys.exit("safedeploy: cannot import the hook from %s: %s: %s" % (sys.path[0], type(e).__name__, e))
+main()"""
 
-def write_hook_wrapper(hook_path: Path) -> None:
+
+def launcher_text(python: str = sys.executable, root: str = resources.PKG_ROOT) -> str:
+    """The launcher for this package (``root`` holds ``ocihook/``) run by ``python``."""
+    code = LAUNCHER_CODE.format(root=root)
+    return LAUNCHER.format(python=shlex.quote(python), root=shlex.quote(root), code=shlex.quote(code))
+
+
+def write_hook_wrapper(hook_path: Path, python: str = sys.executable, root: str = resources.PKG_ROOT) -> None:
     """The launcher the hooks.d files point at (see LAUNCHER)."""
     hook_path = Path(hook_path)
-    pkg_root = Path(__file__).resolve().parent.parent
-    code = f"import sys; sys.path.insert(0, {str(pkg_root)!r}); from ocihook.hook import main; main()"
     hook_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = hook_path.with_name(f".{hook_path.name}.tmp")
-    tmp.write_text(LAUNCHER.format(python=shlex.quote(sys.executable), code=shlex.quote(code)))
+    tmp.write_text(launcher_text(python, root))
     tmp.chmod(0o755)
     os.replace(tmp, hook_path)
+
+
+def write_hooks_d(hooks_dir: Path, hook_path: Path, log=print) -> None:
+    hooks_dir.mkdir(parents=True, exist_ok=True)
+    for name, doc in render_hooks(hook_path).items():
+        (hooks_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"hooks.d: {hooks_dir / name}")
+
+
+def verify_chain(hooks_dir: Path = DEFAULT_HOOKS_DIR) -> list[str]:
+    """Problems of the whole chain hooks.d entry -> guard -> launcher -> python -> package,
+    found by running the prestart entry as the runtime would, on a container without the
+    annotation (the hook must exit 0 at once and touch nothing). Empty: the chain works."""
+    import subprocess  # noqa: PLC0415
+    problems = []
+    for name in HOOK_FILES:
+        try:
+            hook = json.loads((hooks_dir / name).read_text())["hook"]
+            path, args = hook["path"], list(hook["args"])
+            env = dict(e.split("=", 1) for e in hook.get("env") or [])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{hooks_dir / name}: unreadable ({e.__class__.__name__}: {e})")
+            continue
+        if path != GUARD_SHELL or args[:3] != ["sh", "-c", GUARD] or len(args) != 5:
+            problems.append(f"{hooks_dir / name}: not the fail-closed entry (if {path} went missing, podman "
+                            "would skip it and run annotated containers unpoliced): rerun `safedeploy install`")
+            continue
+        if name != "safedeploy-prestart.json":   # poststop runs in the background: the launcher must be there
+            if not os.access(args[3], os.X_OK):
+                problems.append(f"{hooks_dir / name}: hook launcher {args[3]} is missing")
+            continue
+        try:
+            res = subprocess.run(args, executable=path, input=b'{"id": "safedeploy-doctor-probe"}',
+                                 capture_output=True, env=env, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            problems.append(f"{hooks_dir / name}: the hook did not run ({e})")
+            continue
+        if res.returncode != 0:
+            err = res.stderr.decode(errors="replace").strip().splitlines()
+            problems.append(f"{hooks_dir / name} -> {args[3]}: exit {res.returncode}: "
+                            f"{err[-1] if err else 'no message'}")
+    return problems
 
 
 def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, hook_path: Path = DEFAULT_HOOK_PATH,
             preload: bool = True, log=print) -> None:
     write_hook_wrapper(hook_path)
     log(f"hook: {hook_path}")
-    hooks_dir.mkdir(parents=True, exist_ok=True)
-    for name, doc in render_hooks(hook_path).items():
-        (hooks_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
-        log(f"hooks.d: {hooks_dir / name}")
+    write_hooks_d(hooks_dir, hook_path, log)
+    problems = verify_chain(hooks_dir)
+    if problems:
+        raise InstallError(f"the installed hook does not run: {problems[0]}")
+    log("hook chain: hooks.d -> launcher -> python -> ocihook.hook runs")
     pdir = Path(settings.policy_dir())
     pdir.mkdir(parents=True, exist_ok=True)
     example = pdir / "example.yaml"
@@ -100,6 +184,12 @@ def uninstall(hooks_dir: Path = DEFAULT_HOOKS_DIR, hook_path: Path = DEFAULT_HOO
     with contextlib.suppress(FileNotFoundError):
         hook_path.unlink()
         log(f"removed {hook_path}")
+    retire(log=log)
+
+
+def retire(log=print) -> None:
+    """gc, then unpin every program version no container uses, the current one included
+    (uninstall, package removal); the bpffs directory goes when nothing is left."""
     gc(log=log, keep_current=False)
     root = Path(settings.bpffs_root())
     left = [v for v in root.iterdir() if v.is_dir()] if root.is_dir() else []

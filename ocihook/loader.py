@@ -7,6 +7,7 @@ and map under ``$SAFEDEPLOY_BPFFS/<source-hash>/``. Warm path: the pins exist, s
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 import time
@@ -14,9 +15,8 @@ import time
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
 from .errors import SafedeployError
 from .pinned import pin_names
-
-BPF_DIR = os.environ.get("SAFEDEPLOY_BPF_SRC") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
+from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
+from .abi import SD_TAIL_ANSWERS, SD_TAIL_LEARN
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -25,6 +25,7 @@ PROG_CGROUP_SOCK_ADDR = 18
 PROG_SOCK_OPS = 13
 PROG_SK_SKB = 14
 PROG_SK_MSG = 16
+PROG_CGROUP_SOCKOPT = 25
 
 # (function in bpf/*.c, program type, attach type)
 PROGRAMS: tuple[tuple[str, int, int], ...] = (
@@ -32,10 +33,18 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_connect6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_CONNECT),
     ("sd_sendmsg4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP4_SENDMSG),
     ("sd_sendmsg6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_UDP6_SENDMSG),
-    ("sd_dns_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
+    ("sd_bind4", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET4_BIND),
+    ("sd_bind6", PROG_CGROUP_SOCK_ADDR, bpfsys.CGROUP_INET6_BIND),
+    ("sd_egress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_EGRESS),
     ("sd_dns_ingress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
     ("sd_sock_create", PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE),
+    ("sd_setsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_SETSOCKOPT),
     ("sd_stream_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
+)
+# programs reached only by tail calls from the ingress program: (function, index in sd_tails)
+TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
+    ("sd_dns_answers", SD_TAIL_ANSWERS),
+    ("sd_dns_learn", SD_TAIL_LEARN),
 )
 # (function, program type, attach type, sockhash): attached once to a pinned sockhash when
 # the programs are compiled, not per cgroup. The cgroup sock_ops program above puts the
@@ -134,6 +143,14 @@ BTF_OFFSETS = {("task_struct", "mm"): "SD_OFF_TASK_MM", ("task_struct", "real_pa
                ("mm_struct", "arg_start"): "SD_OFF_MM_ARG_START", ("mm_struct", "arg_end"): "SD_OFF_MM_ARG_END",
                ("task_struct", "group_leader"): "SD_OFF_TASK_GROUP_LEADER",
                ("task_struct", "start_time"): "SD_OFF_TASK_START_TIME"}
+# the executable's path (mm->exe_file walked up through dentries and mounts); optional on its own
+BTF_EXE_OFFSETS = {("mm_struct", "exe_file"): "SD_OFF_MM_EXE_FILE", ("file", "f_path"): "SD_OFF_FILE_F_PATH",
+                   ("path", "mnt"): "SD_OFF_PATH_MNT", ("path", "dentry"): "SD_OFF_PATH_DENTRY",
+                   ("dentry", "d_parent"): "SD_OFF_DENTRY_D_PARENT", ("dentry", "d_name"): "SD_OFF_DENTRY_D_NAME",
+                   ("qstr", "name"): "SD_OFF_QSTR_NAME", ("mount", "mnt"): "SD_OFF_MOUNT_MNT",
+                   ("mount", "mnt_parent"): "SD_OFF_MOUNT_MNT_PARENT",
+                   ("mount", "mnt_mountpoint"): "SD_OFF_MOUNT_MNT_MOUNTPOINT",
+                   ("vfsmount", "mnt_root"): "SD_OFF_VFSMOUNT_MNT_ROOT"}
 
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
@@ -149,7 +166,7 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     except (OSError, subprocess.SubprocessError, ValueError, KeyError):
         return {}
     wanted: dict[str, dict[str, str]] = {}
-    for (struct, member), macro in BTF_OFFSETS.items():
+    for (struct, member), macro in (*BTF_OFFSETS.items(), *BTF_EXE_OFFSETS.items()):
         wanted.setdefault(struct, {})[member] = macro
     found: dict[str, int] = {}
 
@@ -166,7 +183,11 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     for t in types.values():
         if t.get("kind") == "STRUCT" and t.get("name") in wanted:
             walk(t, 0, wanted[t["name"]])
-    return found if len(found) == len(BTF_OFFSETS) else {}
+    out: dict[str, int] = {}
+    for group in (BTF_OFFSETS, BTF_EXE_OFFSETS):  # each group is used whole or not at all
+        if all(macro in found for macro in group.values()):
+            out.update({macro: found[macro] for macro in group.values()})
+    return out
 
 
 def _compile_and_pin(target: str, log=None) -> None:
@@ -198,6 +219,13 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 bpfsys.obj_pin(fn.fd, os.path.join(tmp, f"prog_{name}"))
+            tails = b.get_table("sd_tails")
+            for name, index in TAIL_PROGRAMS:
+                try:
+                    fn = b.load_func(name, PROG_CGROUP_SKB, attach_type=bpfsys.CGROUP_INET_INGRESS)
+                except Exception as e:
+                    raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
+                tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
             from bcc.libbcc import lib  # noqa: PLC0415 — bcc's tables do not know sockhashes
             for name, ptype, atype, sockmap in MAP_PROGRAMS:
                 try:
@@ -279,7 +307,7 @@ class Programs:
                     bpfsys.prog_attach(self.fds[name], fd, atype)
                 except bpfsys.BpfError as e:
                     # the same program twice: EEXIST on older kernels, EINVAL on newer ones
-                    if e.errno in (17, 22) and bpfsys.prog_id(self.fds[name]) in bpfsys.prog_query(fd, atype):
+                    if e.errno in (errno.EEXIST, errno.EINVAL) and bpfsys.prog_id(self.fds[name]) in bpfsys.prog_query(fd, atype):
                         continue
                     raise LoaderError(f"cannot attach {name} to {cgroup_path}: {e.strerror}") from None
                 done.append((name, atype))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 
 from . import cgroup, read_text, settings
+from .errors import SafedeployError
 from .jsonfast import loads
 
 
-class OriginError(Exception):
+class OriginError(SafedeployError):
     """The origin is policed but unreadable; str() is one line."""
 
 

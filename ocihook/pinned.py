@@ -5,6 +5,7 @@ and dropped with it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from . import abi, bpfsys
@@ -35,6 +36,7 @@ RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # policed processes' TCP connections to port 53, sd_streams their answer-parsing state; both
 # keyed by socket cookie (SO_COOKIE), both emptied as the connections close
 STREAM_MAPS = ("dns_socks", "sd_streams")
+PROG_ARRAYS = ("sd_tails",)  # pinned so the kernel keeps their entries (tail-called programs)
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
 # maps a cgroup id to the cgroup's own inner map, created with its policy from the template
@@ -59,7 +61,8 @@ TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
 
 def pin_names() -> list[str]:
     """Every map pin of a program version (map_<name>)."""
-    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *STREAM_MAPS]
+    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *PROG_ARRAYS,
+            *STREAM_MAPS]
 
 
 def name_of_key(key) -> str:
@@ -69,6 +72,16 @@ def name_of_key(key) -> str:
     if raw.endswith(b"\0"):
         raw = raw[:-1]
     return raw[::-1].decode(errors="replace")
+
+
+def exe_path(proc: Proc) -> str | None:
+    """The executable's path from a capture (the kernel writes its components last first)."""
+    n = min(proc.exe_len, C["SD_EXE"])
+    if not n:
+        return None
+    parts = [p.decode(errors="replace") for p in bytes(proc.exe[:n]).split(b"\0") if p]
+    path = "/" + "/".join(reversed(parts))
+    return path if proc.exe_flags & C["SD_EXE_COMPLETE"] else ".../" + path.lstrip("/")
 
 
 class Drained:
@@ -155,11 +168,11 @@ class PinnedMaps:
         (and leaves nothing behind) when the cgroup already has a policy or the policy
         exceeds a cgroup's share."""
         if self.policy_of(cgid) is not None:
-            raise bpfsys.BpfError(17, f"cgroup {cgid} already has a safedeploy policy")
+            raise bpfsys.BpfError(errno.EEXIST, f"cgroup {cgid} already has a safedeploy policy")
         counts = rule_counts(compiled)
         for name, n in counts.items():
             if n > RULES_QUOTA:
-                raise PolicyTooBig(7, f"policy needs {n} {name} entries, more than a cgroup's share "
+                raise PolicyTooBig(errno.E2BIG, f"policy needs {n} {name} entries, more than a cgroup's share "
                                       f"({RULES_QUOTA}): use fewer ports per rule or wider CIDRs")
         fds: dict[str, int] = {}
         try:
@@ -173,7 +186,7 @@ class PinnedMaps:
             try:
                 bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled), bpfsys.BPF_NOEXIST)
             except bpfsys.BpfError as e:
-                if e.errno == 7:
+                if e.errno == errno.E2BIG:
                     raise bpfsys.BpfError(e.errno, "policy map cgroups is full: too many policed cgroups") from None
                 raise
         except Exception:
@@ -243,8 +256,9 @@ class PinnedMaps:
         return {name: getattr(val, name) for name, _ in Cgstats._fields_}
 
     # -- events ------------------------------------------------------------------
-    def drain_events(self, cgid: int) -> list[tuple[EventKey, EventVal]]:
-        """Take (read and delete) every aggregated event of a cgroup, blocked ones first."""
+    def drain_events(self, cgid: int, delete: bool = True) -> list[tuple[EventKey, EventVal]]:
+        """Take (read, and delete unless told not to) every aggregated event of a cgroup,
+        blocked ones first."""
         out = []
         for name in ("blocked", "events"):
             fd = self.inner(cgid, name)
@@ -254,16 +268,17 @@ class PinnedMaps:
                 for key in bpfsys.map_keys(fd, EventKey):
                     val = EventVal()
                     if bpfsys.map_lookup(fd, key, val):
-                        bpfsys.map_delete(fd, key)
+                        if delete:
+                            bpfsys.map_delete(fd, key)
                         out.append((key, val))
             finally:
                 os.close(fd)
         return out
 
-    def drain(self, cgid: int):
-        """Events of cgid with the names and processes they refer to (session.Drained)."""
+    def drain(self, cgid: int, delete: bool = True) -> Drained:
+        """Events of cgid with the names and processes they refer to."""
         counters = self.counters(cgid)
-        raw = self.drain_events(cgid)
+        raw = self.drain_events(cgid, delete)
         return Drained(raw, self.names_of(cgid, {i for k, _ in raw for i in (k.name_id, k.target_id)}),
                        self.procs_of(cgid, ((k.pid, k.pstart) for k, _ in raw)),
                        counters.get("events_dropped", 0) + counters.get("blocked_dropped", 0), counters)
@@ -300,7 +315,7 @@ class PinnedMaps:
                     argv = raw.rstrip(b"\0").split(b"\0") if raw else []
                     chain = [{"pid": val.chain[i].pid, "comm": val.chain[i].comm.decode(errors="replace")}
                              for i in range(min(val.chain_len, C["SD_CHAIN"]))]
-                    out[(pid, pstart)] = {"raw": raw, "argv": argv,
+                    out[(pid, pstart)] = {"raw": raw, "argv": argv, "exe": exe_path(val),
                                           "cmdline": " ".join(a.decode(errors="replace") for a in argv) or None,
                                           "parents": chain}
         finally:

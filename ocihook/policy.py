@@ -60,7 +60,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import caps
+from . import caps, resources
 from .addr import display_ip  # noqa: F401 — the policy's own address form, used by its callers too
 from .events import UNLISTED_REASON
 from .errors import SafedeployError
@@ -70,7 +70,7 @@ JsonPath = tuple[str | int, ...]
 
 MAX_POLICY_BYTES = 1 << 20
 MAX_RULES = 65_000  # the kernel numbers rules in 16 bits and reserves the top few values
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "policy.schema.json"
+SCHEMA_PATH = Path(resources.path("schemas")) / "policy.schema.json"
 
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _V4_MAPPED_BITS = int(_V4_MAPPED.network_address)
@@ -136,6 +136,9 @@ class Policy:
     unlisted: str = "resolve"
     capabilities: tuple[str, ...] = ()
     privileged: bool = False
+    protocols: tuple[int, ...] = ()  # IP protocol numbers named in `protocols:`, sorted
+    source_routes: str = "deny"
+    serve_dns: str = "deny"
 
     def to_json(self) -> str:
         """The canonical normalised document; ``digest`` is the sha256 of it."""
@@ -154,6 +157,12 @@ class Policy:
         if self.privileged:
             document["privileged"] = True
         dns: dict[str, Any] = {}
+        if self.protocols:
+            document["protocols"] = [protocol_name(p) for p in self.protocols]
+        if self.source_routes != "deny":
+            document["source_routes"] = self.source_routes
+        if self.serve_dns != "deny":
+            document["serve_dns"] = self.serve_dns
         if self.resolvers is not None:
             dns["resolvers"] = [display_ip(a) for a in self.resolvers]
         if self.min_ttl != DEFAULT_MIN_TTL:
@@ -462,6 +471,15 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
                                  f"{', '.join(c[4:] for c in caps.DANGEROUS)}")
                 elif cap not in capabilities:
                     capabilities.append(cap)
+    protocols: set[int] = set()
+    if "protocols" in document and problems.usable(("protocols",)):
+        for position, item in enumerate(document["protocols"]):
+            path = ("protocols", position)
+            if problems.clean(path):
+                try:
+                    protocols.add(parse_protocol(item))
+                except ValueError as error:
+                    problems.add(path, str(error))
     problems.raise_if_any(source)
     policy = Policy(
         name=name,
@@ -472,12 +490,47 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
         unlisted=document.get("dns", {}).get("unlisted", "resolve"),
         capabilities=tuple(c for c in caps.DANGEROUS if c in capabilities),
         privileged=document.get("privileged", False) is True,
+        protocols=tuple(sorted(protocols)),
+        source_routes=document.get("source_routes", "deny"),
+        serve_dns=document.get("serve_dns", "deny"),
         rules=tuple(rules),
         resolvers=resolvers,
         source=source,
         digest="",
     )
     return replace(policy, digest=hashlib.sha256(policy.to_json().encode()).hexdigest())
+
+
+# --------------------------------------------------------------------------- protocols
+
+# IP protocols a policy may name in `protocols:` (IANA numbers); tcp and udp are judged by the rules
+IP_PROTOCOLS = {"icmp": 1, "igmp": 2, "ipip": 4, "egp": 8, "pup": 12, "idp": 22, "tp": 29, "dccp": 33, "ipv6": 41,
+                "rsvp": 46, "gre": 47, "esp": 50, "ah": 51, "icmpv6": 58, "mtp": 92, "beetph": 94, "encap": 98,
+                "pim": 103, "comp": 108, "l2tp": 115, "sctp": 132, "mpls": 137, "ethernet": 143}
+_PROTOCOL_NAMES = {number: name for name, number in IP_PROTOCOLS.items()}
+_JUDGED_AS = {"tcp": "tcp", "udp": "udp", "udplite": "udp", "mptcp": "tcp", 6: "tcp", 17: "udp", 136: "udp", 262: "tcp"}
+
+
+def parse_protocol(item: str | int) -> int:
+    """An IP protocol number from a name or number of `protocols:`; ValueError when invalid."""
+    if isinstance(item, bool):
+        raise ValueError(f"invalid protocol {_show(item)}")
+    judged = _JUDGED_AS.get(item.lower() if isinstance(item, str) else item)
+    if judged is not None:
+        raise ValueError(f"{_show(item)} is judged as {judged} by the rules: do not list it in protocols")
+    if isinstance(item, int):
+        if not 0 <= item <= 255:
+            raise ValueError(f"invalid protocol number {item} (expected 0-255)")
+        return item
+    number = IP_PROTOCOLS.get(item.lower())
+    if number is None:
+        raise ValueError(f"unknown protocol {_show(item)} (known: {', '.join(sorted(IP_PROTOCOLS))}, or a number)")
+    return number
+
+
+def protocol_name(number: int) -> str | int:
+    """The name of an IP protocol number as `protocols:` writes it (the number when unnamed)."""
+    return _PROTOCOL_NAMES.get(number, number)
 
 
 # --------------------------------------------------------------------------- rules
@@ -680,8 +733,10 @@ def to_mapped(addr: str | IPAddress) -> ipaddress.IPv6Address:
 
 def parse_dest(text: str, proto: str = "tcp") -> Dest:
     """``name``, ``name:port``, ``ip``, ``ip:port``, ``v6``, ``[v6]:port``; ValueError when invalid."""
-    if proto not in _PROTOCOLS:
-        raise ValueError(f"invalid protocol {_show(proto)} (expected tcp or udp)")
+    if proto in ("udplite", "mptcp"):
+        proto = _JUDGED_AS[proto]
+    if proto not in _PROTOCOLS and proto not in IP_PROTOCOLS:
+        raise ValueError(f"invalid protocol {_show(proto)} (expected tcp, udp or an IP protocol name)")
     target, ports, bracketed = _split_ports(text)
     if ports is not None and len(ports) != 1:
         raise ValueError(f"a destination has one port, got {_show(text)}")
@@ -732,6 +787,13 @@ def decide_query(policy: Policy, name: str) -> Decision:
 def decide(policy: Policy, dest: Dest) -> Decision:
     """The verdict for a destination; the rules are in the module docstring."""
     ip = None if dest.ip is None else to_mapped(dest.ip)
+    if dest.proto in ("udplite", "mptcp"):  # judged as udp / tcp
+        dest = Dest(ip=dest.ip, port=dest.port, proto=_JUDGED_AS[dest.proto], name=dest.name)
+    if dest.proto not in _PROTOCOLS:  # another IP protocol: named in `protocols:`, or denied
+        if IP_PROTOCOLS.get(dest.proto) not in policy.protocols:
+            return _decision(policy, "deny", None, "protocols",
+                             f"protocols: {dest.proto} is not named (IP protocols other than tcp and udp are denied)")
+        dest = Dest(ip=dest.ip, port=None, proto=dest.proto, name=dest.name)  # judged by port-less rules only
     if policy.resolvers is not None and dest.port == 53 and ip is not None:
         if ip in policy.resolvers:
             return _decision(policy, "allow", None, "dns.resolvers", None)

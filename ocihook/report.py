@@ -40,6 +40,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         cur["last_seen"] = max(cur["last_seen"], rec["last_seen"])
         if not cur.get("cmdline") and rec.get("cmdline"):  # the first known command line, all of it
             cur.update({k: rec.get(k) for k in ARGV_FIELDS})
+        cur["exe"] = cur.get("exe") or rec.get("exe")
     return sorted(merged.values(), key=lambda r: (_VERDICT_ORDER.get(r["verdict"], 9), r.get("domain") or "",
                                                   r["dst_ip"], r["dst_port"], r["pid"]))
 
@@ -86,6 +87,8 @@ def summarize(records: list[dict], dropped: int = 0, container: str | None = Non
     if quota:
         out["quota"] = quota
     out.update(extra or {})
+    # DNS answers whose addresses the kernel could not all learn (docs/policy.md)
+    out["answers_cut"] = max(out.get("answers_cut", 0), sum(r["count"] for r in recs if r.get("rule") == "answer-cut"))
     return out
 
 
@@ -107,6 +110,51 @@ def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str 
                             separators=(",", ":")))
     write_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def find(target: str, log_dir: str) -> Path:
+    """The report a user means: a file, a container/run id, a unique id prefix (as `podman ps`
+    shows it), or a podman container name (the newest container of that name with a report,
+    found through podman, also after `run --rm` removed it)."""
+    path = Path(target)
+    if path.exists():
+        return path
+    logs = Path(log_dir)
+    path = logs / f"{target}.jsonl"
+    if path.exists() or not target or "/" in target:
+        return path
+    found = sorted(logs.glob(f"{target}*.jsonl"))
+    if len(found) > 1:
+        raise ReportError(f"{target!r} matches {len(found)} reports: " + ", ".join(f.stem[:16] for f in found[:5]))
+    if found:
+        return found[0]
+    for cid in reversed(podman_ids(target)):
+        if (logs / f"{cid}.jsonl").exists():
+            return logs / f"{cid}.jsonl"
+    raise ReportError(f"{target}: no report (not a file, a container or run id, an id prefix, "
+                      f"or the name of a podman container with a report in {logs})")
+
+
+def podman_ids(name: str) -> list[str]:
+    """Ids of the podman containers that had this name, oldest first: podman's event log keeps
+    them after the container is gone. [] without podman."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    if not shutil.which("podman"):
+        return []
+    ids: list[str] = []
+    for cmd in (["podman", "events", "--stream=false", "--filter", f"container={name}", "--filter", "event=create",
+                 "--format", "{{.ID}} {{.Name}}"],
+                ["podman", "container", "inspect", "--format", "{{.Id}} {{.Name}}", name]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == name and parts[0] not in ids:
+                ids.append(parts[0])
+    return ids
 
 
 def load(path: Path) -> list[dict]:
@@ -162,6 +210,9 @@ def rule_text(rec: dict) -> str:
 def format_table(records: list[dict], summary: dict | None = None) -> str:
     """Grouped by verdict; one line per destination and process."""
     lines = []
+    if summary and summary.get("answers_cut"):
+        lines += [f"WARNING: {summary['answers_cut']} DNS answers had more addresses than the kernel learns "
+                  "(see the answer-cut rows); connects to the others may be refused", ""]
     if summary and summary.get("events_dropped"):
         lines += [f"WARNING: {summary['events_dropped']} decisions were counted but not kept in detail "
                   "(the cgroup's events quota was full); enforcement was not affected", ""]
@@ -176,16 +227,20 @@ def format_table(records: list[dict], summary: dict | None = None) -> str:
         if not group:
             continue
         lines.append(f"{verdict.upper()} ({sum(r['count'] for r in group)} attempts)")
-        rows = [(dest_text(r), f"{r['pid']} {visible(r['comm'])}", str(r["count"]), rule_text(r), command_text(r))
-                for r in group]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        head = ("DESTINATION", "PROCESS", "COUNT", "RULE")
+        rows = [(dest_text(r), _process(r), str(r["count"]), rule_text(r), visible(r.get("exe") or "-"),
+                 command_text(r)) for r in group]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        head = ("DESTINATION", "PROCESS", "COUNT", "RULE", "EXE")
         widths = [max(w, len(h)) for w, h in zip(widths, head)]
         lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  COMMAND")
         for row in rows:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5])
         lines.append("")
     return "\n".join(lines)
+
+
+def _process(r: dict) -> str:
+    return f"{r['pid']} {visible(r['comm'])}" if r.get("pid") else "(kernel, no process)"
 
 
 def _violation(r: dict) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import caps, cgroup, confine, hook, origin, report
+from . import caps, cgroup, confine, hook, nss, origin, report
 from .compiler import compile_policy
 from .errors import SafedeployError
 
@@ -76,7 +76,8 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
         hook.register_and_apply(record, log)
         registered = True
         try:
-            proc = subprocess.Popen(cmd, preexec_fn=lambda: confine.confine(path, drop))
+            hide = [p for _daemon, p in nss.live_sockets()]  # nscd/resolved: their lookups would bypass DNS
+            proc = subprocess.Popen(cmd, preexec_fn=lambda: confine.confine(path, drop, hide))
         except subprocess.SubprocessError:
             raise RunError(f"cannot start {cmd[0]}: its confinement failed (see above)") from None
         except OSError as e:

@@ -47,9 +47,10 @@ def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
     return att
 
 
-def release(att: Attachment, compiled: dict | None = None) -> Drained:
-    """Detach (if the cgroup still exists), take the events, remove every map entry
-    (exactly the compiled policy's keys when given, else found by scanning the shared maps).
+def release(att: Attachment, compiled: dict | None = None, keep=None) -> Drained:
+    """Detach (if the cgroup still exists), take the events, drop the cgroup's maps.
+    keep(drained), when given, runs before anything is dropped: when it raises (a full disk
+    where the records were to go), the kernel keeps them for the next release.
     Idempotent: releasing twice returns no events the second time."""
     if not os.path.exists(att.pin_dir):
         return Drained()
@@ -60,6 +61,8 @@ def release(att: Attachment, compiled: dict | None = None) -> Drained:
                     progs.detach(att.cgroup)
         except loader.LoaderError:
             pass  # programs gone (an old version was removed): nothing left to detach
-        out = maps.drain(att.cgid)
+        out = maps.drain(att.cgid, delete=keep is None)
+        if keep is not None:
+            keep(out)
         maps.unload_policy(att.cgid, compiled)
         return out

@@ -7,7 +7,7 @@ import ipaddress
 import json
 from pathlib import Path
 
-from .policy import Dest, Policy, decide, decide_query, load_policy_text, to_mapped
+from .policy import Dest, Policy, decide, decide_query, load_policy_text, normalize_name, to_mapped
 
 
 def _needed(records: list[dict], base: Policy | None) -> list[dict]:
@@ -20,6 +20,23 @@ def _needed(records: list[dict], base: Policy | None) -> list[dict]:
 
 def _dest_of(rec: dict) -> Dest:
     return Dest(ip=to_mapped(rec["dst_ip"]), port=rec["dst_port"], proto=rec["proto"], name=rec.get("domain"))
+
+
+def _rule_name(name: str | None) -> str | None:
+    """The name as a policy can say it, or None (the kernel reports what was asked, which
+    may be no valid rule name: an address, a '*' label, a space...)."""
+    if not name or name.replace(".", "").isdigit():
+        return None
+    try:
+        return normalize_name(name)
+    except ValueError:
+        return None
+
+
+def _probe(rec: dict) -> bool:
+    """A connect to port 0: getaddrinfo()'s address-selection probe (RFC 6724) on a UDP socket
+    that sends nothing, or a TCP connect that cannot reach anyone. No rule can name port 0."""
+    return rec["kind"] != "dns" and rec["dst_port"] == 0 and rec["proto"] in ("tcp", "udp", "udplite")
 
 
 def suggest(records: list[dict], base: Policy | None = None, name: str = "suggested") -> tuple[dict, list[str]]:
@@ -35,7 +52,15 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     base_denies = {r.text: r for r in base.rules if r.verdict == "deny"} if base else {}
     problems = []
     needed = []
+    protocols: list = list(doc.get("protocols", []))
     for rec in _needed(records, base):
+        if rec["rule"] == "answer-cut":
+            continue  # not a refusal: a note about a large DNS answer
+        if rec["rule"] in _KEY_PROBLEMS:
+            problems.append(_KEY_PROBLEMS[rec["rule"]].format(**rec))
+            continue
+        if rec["kind"] != "socket" and _probe(rec):
+            continue
         if rec["kind"] == "socket":
             problems.append(f"raw sockets were used (pid {rec['pid']} {rec['comm']}): add `raw_sockets: allow` "
                             "only if the deploy really needs them")
@@ -50,12 +75,23 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
             if rec["dst_ip"] not in resolvers:
                 resolvers.append(rec["dst_ip"])
             continue
+        name = _rule_name(rec.get("domain"))
+        if rec.get("domain") and not name:
+            problems.append(f"{rec['domain']!r} is not a name a policy can hold: "
+                            + ("its lookup is not allowed" if rec["kind"] == "dns" else f"allowing {rec['dst_ip']} instead"))
         if rec["kind"] == "dns":
-            if rec.get("domain"):
-                names.add(rec["domain"])
+            if name:
+                names.add(name)
             continue
-        target = ("domain", rec["domain"]) if rec.get("domain") else ("cidr", _host_cidr(rec["dst_ip"]))
-        ports.setdefault((*target, rec["proto"]), set()).add(rec["dst_port"])
+        target = ("domain", name) if name else ("cidr", _host_cidr(rec["dst_ip"]))
+        proto = "udp" if rec["proto"] == "udplite" else rec["proto"]
+        if proto not in ("tcp", "udp"):  # a named protocol: port-less rules judge it
+            if proto not in protocols:
+                protocols.append(proto)
+            if target[1] not in [r if isinstance(r, str) else r.get(target[0]) for r in doc["allow"]]:
+                doc["allow"].append({target[0]: target[1]})
+            continue
+        ports.setdefault((*target, proto), set()).add(rec["dst_port"])
     covered = {t for (kind, t, _proto) in ports if kind == "domain"}
     for (kind, target, proto), ps in sorted(ports.items()):
         doc["allow"].append({kind: target, "ports": sorted(ps), "protocol": proto})
@@ -63,8 +99,14 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
         doc["allow"].append(n)
     if resolvers:
         doc.setdefault("dns", {})["resolvers"] = resolvers
+    if protocols:
+        doc["protocols"] = protocols
     policy = load_policy_text(json.dumps(doc), "suggested")
     for rec in needed if base else records:
+        if (rec["kind"] != "dns" and _probe(rec)) or (rec.get("domain") and not _rule_name(rec["domain"])):
+            continue
+        if rec["rule"] in _KEY_PROBLEMS or rec["rule"] == "answer-cut" or rec["kind"] == "socket":
+            continue
         if rec["kind"] == "dns" and rec.get("domain"):
             dec = decide_query(policy, rec["domain"])
         else:
@@ -75,6 +117,16 @@ def suggest(records: list[dict], base: Policy | None = None, name: str = "sugges
     return doc, problems
 
 
+# refusals by a policy key, not by a destination: a human decides (docs/policy.md)
+_KEY_PROBLEMS = {
+    "protocols": "IP protocol {proto} was used (pid {pid} {comm}): name it in `protocols:` only if the deploy "
+                 "really needs it",
+    "source_routes": "a source route was set or sent (pid {pid} {comm}, hop {dst_ip}): add `source_routes: allow` "
+                     "only if the deploy really needs it",
+    "serve_dns": "DNS was served from port 53 (pid {pid} {comm}): add `serve_dns: allow` only for a DNS server",
+}
+
+
 def _host_cidr(ip: str) -> str:
     addr = ipaddress.ip_address(ip)
     return f"{addr}/{addr.max_prefixlen}"
@@ -82,7 +134,8 @@ def _host_cidr(ip: str) -> str:
 
 def to_yaml(doc: dict) -> str:
     import yaml  # noqa: PLC0415
-    order = ["version", "name", "description", "mode", "default", "allow", "deny", "dns"]
+    order = ["version", "name", "description", "mode", "default", "allow", "deny", "dns", "protocols",
+             "raw_sockets", "source_routes", "serve_dns"]
     ordered = {k: doc[k] for k in order if k in doc and doc[k] != []}
     return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None, width=120)
 

@@ -5,6 +5,12 @@ set -euo pipefail
 
 PKGS=(python3-bpfcc python3-venv python3-yaml bpftool linux-headers-amd64 runc podman
       busybox-static iproute2 iptables util-linux strace)
+# the field tests (tests/field) run real resolvers and clients; their daemons must NOT run on the
+# host (a dnsmasq on 0.0.0.0:53 or an nscd changes every lookup here): see below
+FIELD_PKGS=(dnsmasq unbound bind9 bind9-dnsutils curl wget git nscd python3-requests python3-pip
+            debootstrap)
+PKGS+=("${FIELD_PKGS[@]}")
+DAEMONS=(dnsmasq unbound named nscd)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -14,8 +20,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # no service may start while installing (a policy-rc.d that says "no", unless one exists)
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
 fi
+
+# the resolver and cache daemons are test material only: stopped and disabled on the host
+for d in "${DAEMONS[@]}"; do
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now "$d" >/dev/null 2>&1 || true
+  elif [ -x "/etc/init.d/$d" ]; then
+    "/etc/init.d/$d" stop >/dev/null 2>&1 || true
+  fi
+done
 
 # bcc looks for headers at /lib/modules/$(uname -r)/{build,source}. A custom kernel has none:
 # point it at Debian's newest header package (the uapi/bpf bits bcc needs are stable).

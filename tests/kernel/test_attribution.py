@@ -31,3 +31,65 @@ def test_report_names_the_command_line_and_parent_of_an_exited_process(tmp_path)
     assert rec["comm"].startswith("python")
     comms = [p.split(" ", 1)[1] for p in rec["parents"]]
     assert comms == ["deploy.sh", "sh"], rec["parents"]     # python <- deploy.sh <- sh -c; then safedeploy
+
+
+def test_packets_the_kernel_sends_in_softirq_name_no_process(policed):
+    """A DNS query over TCP for a denied name is dropped; the kernel retransmits it from a
+    timer (softirq) while other, unpoliced processes keep the CPUs busy. Those retransmissions
+    must not be blamed on them: they are recorded with pid 0 and no process (issue 10,
+    class 5b)."""
+    import os
+    import signal
+    import time
+    from dnsutil import Server, Zone, query
+    srv = Server(Zone({"evil.denied": [("A", "127.0.0.180", 60)]}), "127.0.0.165")
+    spinners = []
+    try:
+        p = policed("version: 1\nname: softirq\ndefault: allow\ndeny: [evil.denied]\n")
+        for _ in range(os.cpu_count() or 2):
+            pid = os.fork()
+            if pid == 0:
+                while True:
+                    pass
+            spinners.append(pid)
+        got = p.run(query, "evil.denied", "127.0.0.165", "A", True, 3.0)
+        recs = p.close()
+    finally:
+        for pid in spinners:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        srv.stop()
+    assert got[0] != "ok"
+    dns = [r for r in recs if r["kind"] == "dns" and r["verdict"] == "blocked"]
+    pids = {r["pid"] for r in recs}
+    assert not pids & set(spinners) and os.getpid() not in pids, recs
+    by_kernel = [r for r in dns if r["pid"] == 0]
+    assert by_kernel, dns                                     # the retransmissions
+    assert by_kernel[0]["comm"] == "" and by_kernel[0]["exe"] is None and by_kernel[0]["cmdline"] is None
+    assert [r for r in dns if r["pid"] not in (0,)]           # the first send, by the process itself
+
+
+def test_exe_names_the_real_executable_whatever_argv_and_comm_claim(policed):
+    """argv and comm are the process's to rewrite; the executable's path comes from its mm
+    (mm->exe_file), walked through two stacked tmpfs mounts here (issue 10, class 5c)."""
+    import os
+    import secrets
+    import shutil
+    d = f"/dev/shm/sd-exe-{secrets.token_hex(3)}"
+    os.mkdir(d)
+    exe = os.path.join(d, "not-apt-get")
+    shutil.copy(os.path.realpath(sys.executable), exe)
+    code = ("import ctypes, socket; ctypes.CDLL(None).prctl(15, b'apt-get', 0, 0, 0); s = socket.socket(); "
+            "s.settimeout(1)\ntry: s.connect(('127.0.0.2', 443))\nexcept OSError: pass")
+    p = policed(POLICY)
+    try:
+        rc = p.run(lambda: subprocess.run(["apt-get", "-c", code, "update"], executable=exe,
+                                          env={"PYTHONHOME": sys.base_prefix}, timeout=30).returncode)
+        recs = [r for r in p.close() if r["verdict"] == "blocked"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert rc == 0
+    assert recs and recs[0]["comm"] == "apt-get" and recs[0]["cmdline"].startswith("apt-get -c")
+    assert recs[0]["exe"] == exe
+    table = report.format_table(recs)
+    assert "EXE" in table and exe in table

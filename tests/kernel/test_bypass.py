@@ -73,13 +73,13 @@ def test_sendmsg_and_sendmmsg_to_a_denied_address(policed):
     assert p.run(via_sendmmsg) == "EPERM"
 
 
-def _raw():
+def _raw(dst="127.0.0.2"):
     try:
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
     except OSError as e:
         return "socket:" + errno.errorcode.get(e.errno, "?")
     with s:
-        return _err(lambda: s.sendto(b"\x00" * 16, ("127.0.0.2", 0)) and "sent")
+        return _err(lambda: s.sendto(b"\x00" * 16, (dst, 0)) and "sent")
 
 
 def test_raw_sockets_are_refused_unless_the_policy_allows_them(policed):
@@ -88,7 +88,11 @@ def test_raw_sockets_are_refused_unless_the_policy_allows_them(policed):
     recs = p.close()
     assert any(r["kind"] == "socket" and r["rule"] == "raw_sockets" for r in recs)
     allowed = policed(DENY + "raw_sockets: allow\n")
-    assert allowed.run(_raw) == "sent"
+    assert allowed.run(_raw, "127.0.0.3") == "sent"
+    # allowed raw sockets still reach only what the policy allows: each packet is judged
+    assert allowed.run(_raw, "127.0.0.2") == "EPERM"
+    assert any(r["kind"] == "packet" and r["dst_ip"] == "127.0.0.2" and r["verdict"] == "blocked"
+               for r in allowed.close())
 
 
 def test_raw_socket_made_before_policing_is_dropped_at_egress(pins):

@@ -365,7 +365,8 @@ def _v6_resolver_in_own_netns(listen_port: int):
 
 
 def test_ipv6_resolver(policed):
-    p = policed(POLICY.replace("allow:\n", "allow:\n  - '[::1]:53'\n", 1))
+    # the resolver runs in the policed process (its own netns): serving port 53 must be allowed
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '[::1]:53'\n", 1) + "serve_dns: allow\n")
     both, mixed, conn, seen = p.run(_v6_resolver_in_own_netns, 8053)
     assert both["writes"] == ["ok"] and both["answers"] == [["::1"], ["::1"]], both
     assert conn == "ok"                                               # learned from the AAAA answers

@@ -61,8 +61,9 @@ def test_gc_finishes_a_run_whose_safedeploy_process_was_killed(tmp_path):
     import time
     pol = tmp_path / "p.yaml"
     pol.write_text("version: 1\nname: killed\ndefault: allow\ndeny: ['127.0.0.2']\n")
-    code = "import socket, time\ntime.sleep(1)\ntry:\n    socket.create_connection(('127.0.0.2', 9))\nexcept OSError as e:\n    print(e.errno, flush=True)\n"
-    out = tmp_path / "out"
+    out, go = tmp_path / "out", tmp_path / "go"     # the command connects once `go` exists: after its runner died
+    code = (f"import os, socket, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            "try:\n    socket.create_connection(('127.0.0.2', 9))\nexcept OSError as e:\n    print(e.errno, flush=True)\n")
     run = subprocess.Popen([sys.executable, "-m", "ocihook.cli", "run", "--policy", str(pol), "--", "sh", "-c",
                             f"{sys.executable} -c \"{code}\" > {out}"], start_new_session=True)
     sdir = Path(hook.settings.state_dir())
@@ -76,12 +77,16 @@ def test_gc_finishes_a_run_whose_safedeploy_process_was_killed(tmp_path):
     run.wait()
     install.gc(log=lambda *_: None)                  # still running: untouched
     assert (sdir / f"{rec['id']}.json").exists()
+    go.touch()
     for _ in range(100):
         if out.exists() and out.read_text().strip():
             break
         time.sleep(0.05)
     assert out.read_text().split() == ["1"]          # EPERM: still policed after its runner died
-    time.sleep(0.2)
+    for _ in range(200):                             # the command and its shell exit: the cgroup empties
+        if not cgroup.procs(rec["cgroup"]):
+            break
+        time.sleep(0.01)
     install.gc(log=lambda *_: None)
     assert not (sdir / f"{rec['id']}.json").exists() and not Path(rec["cgroup"]).exists()
     assert report.load_summary(Path(hook.settings.log_dir()) / f"{rec['id']}.jsonl")["blocked"] == 1

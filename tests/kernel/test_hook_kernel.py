@@ -76,7 +76,8 @@ def test_warm_prestart_imports_no_bcc_typer_jsonschema_or_policy_module(pins, tm
                 f"hook.run(['prestart'], json.dumps({st!r}).encode())\n"
                 "bad = [m for m in ('bcc', 'typer', 'jsonschema', 'yaml', 'rich', 'ocihook.policy') if m in sys.modules]\n"
                 "print(','.join(bad) or 'clean')")
-        repo = str(Path(__file__).resolve().parents[2])
+        from ocihook import resources
+        repo = resources.PKG_ROOT                              # the checkout, or the installed site-packages
         res = subprocess.run([sys.executable, "-S", "-E", "-c", f"import sys; sys.path.insert(0, {repo!r})\n" + code],
                              capture_output=True, text=True, timeout=60)
         assert res.stdout.strip() == "clean", res.stdout + res.stderr

@@ -20,7 +20,9 @@ def test_install_then_uninstall(tmp_path, monkeypatch):
     assert res.returncode == 0, res.stderr
     assert os.access(hook, os.X_OK)
     for name in ("safedeploy-prestart.json", "safedeploy-poststop.json"):
-        assert json.loads((hooks / name).read_text())["hook"]["path"] == str(hook)
+        entry = json.loads((hooks / name).read_text())["hook"]
+        assert entry["path"] == "/bin/sh" and entry["args"][3] == str(hook)
+    assert "hook chain: hooks.d -> launcher -> python -> ocihook.hook runs" in res.stdout
     assert (Path(os.environ["SAFEDEPLOY_POLICY_DIR"]) / "example.yaml").exists()
     val = subprocess.run([*CLI, "policy", "validate", str(Path(os.environ["SAFEDEPLOY_POLICY_DIR"]) / "example.yaml")],
                          capture_output=True, text=True)

@@ -101,3 +101,34 @@ def test_poststop_with_a_full_log_dir_then_poststop_again_writes_the_full_report
     recs = report.load(log / f"{cid}.jsonl")
     assert [(r["verdict"], r["dst_ip"], r["count"]) for r in recs] == [("blocked", "127.0.0.2", 1)]
     assert not (_state_dir() / f"{cid}.json").exists()
+
+
+def test_a_full_state_dir_leaves_the_records_in_the_kernel_until_gc(tmp_path, monkeypatch, pins):
+    """Not even the spool fits: nothing is dropped from the kernel until it is on disk."""
+    state = tmp_path / "fullstate"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state)], check=True)
+    try:
+        monkeypatch.setenv("SAFEDEPLOY_STATE_DIR", str(state))
+        pol = tmp_path / "p.yaml"
+        pol.write_text(POLICY)
+        code = "import socket\nfor _ in range(3):\n    s = socket.socket()\n    try: s.connect(('127.0.0.2', 9))\n    except OSError as e: print(e.errno)\n"
+        filler = state / "filler"
+
+        # fill the state dir while the command runs: the run's own state file is already written
+        fill = f"open({str(filler)!r}, 'wb').write(b'x' * (1 << 20))"
+        script = code + f"try:\n    {fill}\nexcept OSError:\n    pass\n"
+        res = subprocess.run([*CLI, "run", "--policy", str(pol), "--", sys.executable, "-c", script],
+                             capture_output=True, text=True, timeout=60)
+        assert res.stdout.split() == ["1", "1", "1"] and res.returncode == 1, res.stderr
+        (rec_path,) = state.glob("run-*.json")
+        rec = json.loads(rec_path.read_text())
+        with PinnedMaps.open(rec["attachment"]["pin_dir"]) as maps:
+            assert maps.counters(rec["cgid"])["blocked"] == 3          # still in the kernel
+        filler.unlink()
+        res = subprocess.run([*CLI, "gc"], capture_output=True, text=True, timeout=60)
+        assert f"released {rec['id']}" in res.stdout, res.stdout + res.stderr
+        out = Path(os.environ["SAFEDEPLOY_LOG_DIR"]) / f"{rec['id']}.jsonl"
+        assert [(r["verdict"], r["count"]) for r in report.load(out)] == [("blocked", 3)]
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)

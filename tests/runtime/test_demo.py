@@ -16,8 +16,15 @@ def test_demo_runs_a_real_container_and_prints_the_report(runtime):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
-    assert "deploy: auth unreachable, using break-glass credentials" in out
-    assert "Operation not permitted" in out
-    assert "BLOCKED (2 attempts)" in out and "127.0.0.2:8443/tcp" in out
+    assert "artefact v42" in out                                  # the mirror, by name
+    assert "deploy: still unreachable, using break-glass credentials" in out
+    assert "nc: bad address 'auth.demo.test'" in out               # the denied lookup fails
+    assert "Operation not permitted" in out                        # the CNAME alias's connect fails
+    assert "BLOCKED (3 attempts)" in out
+    assert "token.cdn.demo.test (127.0.0.2:8443/tcp)" in out and "auth.demo.test (127.0.53." in out
+    assert "mirror.demo.test (127.0.0.1:" in out
     assert "circular: the auth service is what this deploy repairs" in out
-    assert "the circular dependency failed fast and was reported" in out
+    assert "the circular dependency (auth.demo.test, and its CDN alias) failed fast and was reported" in out
+    assert "container finished in" in out
+    secs = float(out.split("container finished in ")[1].split("s,")[0])
+    assert secs < 5, f"the deploy did not fail fast: {secs}s"

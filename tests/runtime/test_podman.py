@@ -71,3 +71,46 @@ def test_podman_without_annotation_is_untouched(hook, podman_image):
     assert res.returncode == 0, res.stderr
     assert "Connection refused" in res.stderr
     assert not list(hook.log_dir.glob("*.jsonl")) and not list(hook.state_dir.glob("*.json"))
+
+
+def test_report_by_podman_container_name(hook, podman_image):
+    """`safedeploy report NAME` finds the report of a --rm container by its podman name."""
+    import subprocess
+    import sys
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    name = _name()
+    res = _run(hook, podman_image, name, annotation="rollout")
+    assert res.returncode == 0, res.stderr
+    _report(hook, name, podman_image)
+    out = subprocess.run([sys.executable, "-m", "ocihook.cli", "report", name], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "BLOCKED (1 attempts)" in out.stdout and "127.0.0.2:80/tcp" in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "ocihook.cli", "report", name + "-nope"], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1 and "no report" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_podman_container_cannot_slip_past_the_packet_judgement(hook, podman_image):
+    """Issue 10 in a container with podman's default capabilities: an unspecified
+    destination is judged as the local address it becomes, port 53 cannot be bound, ICMP
+    needs the policy's consent, and every record names the real executable."""
+    (hook.policy_dir / "rollout.yaml").write_text(POLICY + '  - {cidr: 127.0.0.1/32, reason: "local admin"}\n')
+    script = ("echo x | nc 127.0.0.2 80; echo a=$?; "
+              "echo x | nc 0.0.0.0 9; echo b=$?; "
+              "busybox timeout 2 nc -l -p 53; echo c=$?; "
+              "busybox ping -c 1 -W 1 127.0.0.3; echo d=$?")
+    name = _name()
+    res = podman("run", "--rm", "--name", name, "--network", "host", "--annotation", "safedeploy.policy=rollout",
+                 IMAGE, "sh", "-c", script, conf=podman_image, hooks_dir=hook.dir)
+    assert res.returncode == 0, res.stderr
+    for want in ("a=1", "b=1", "c=1"):
+        assert want in res.stdout, (res.stdout, res.stderr)
+    assert "d=0" not in res.stdout
+    recs = [r for r in _report(hook, name, podman_image) if r["verdict"] == "blocked"]
+    got = {(r["kind"], r["dst_ip"], r["rule"]) for r in recs}
+    assert ("connect", "127.0.0.2", "127.0.0.2/32") in got
+    assert ("connect", "127.0.0.1", "127.0.0.1/32") in got          # 0.0.0.0 is really 127.0.0.1
+    assert any(kind == "bind" and rule == "serve_dns" for kind, _, rule in got), got
+    assert any(kind == "socket" and rule in ("raw_sockets", "protocols") for kind, _, rule in got), got
+    assert {r["exe"] for r in recs if r["comm"] == "nc"} == {"/bin/busybox"}

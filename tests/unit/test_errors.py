@@ -5,13 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from ocihook import bpfsys, cgroup, demo, hook, policy, report, runner, watch
+from ocihook import abigen, bpfsys, caps, cgroup, confine, demo, hook, loader, origin, policy, report, runner, watch
 from ocihook.errors import SafedeployError
 
 
 def test_every_product_exception_derives_from_the_base():
     for cls in (report.ReportError, cgroup.CgroupError, watch.WatchError, demo.DemoError, runner.RunError,
-                policy.PolicyError, hook.HookError, bpfsys.BpfError):
+                policy.PolicyError, hook.HookError, bpfsys.BpfError, loader.LoaderError, confine.ConfineError,
+                origin.OriginError, caps.CapError, abigen.AbiError):
         assert issubclass(cls, SafedeployError), cls
 
 

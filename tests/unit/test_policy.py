@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ocihook import resources
 from ocihook.policy import (
     MAX_POLICY_BYTES,
     MAX_RULES,
@@ -35,8 +36,8 @@ from ocihook.policy import (
     validate_files,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "examples" / "policies").glob("*.yaml"))
+POLICIES = Path(resources.path("policies"))    # examples/policies, or the installed package's copy
+EXAMPLES = sorted(POLICIES.glob("*.yaml"))
 
 
 def policy(*allow, deny=(), mode="enforce", default="deny", resolvers=None) -> Policy:
@@ -104,7 +105,7 @@ def test_examples_present():
 
 
 def test_demo_example_semantics():
-    demo = load_policy_file(REPO / "examples/policies/demo.yaml")
+    demo = load_policy_file(POLICIES / "demo.yaml")
     assert (demo.mode, demo.default) == ("enforce", "deny")
     assert decide(demo, parse_dest("127.0.0.1:8080")).effective == "allowed"
     blocked = decide(demo, parse_dest("127.0.0.2:443"))
@@ -114,7 +115,7 @@ def test_demo_example_semantics():
 
 
 def test_audit_example_is_audit():
-    audit = load_policy_file(REPO / "examples/policies/audit.yaml")
+    audit = load_policy_file(POLICIES / "audit.yaml")
     assert audit.mode == "audit"
     assert decide(audit, parse_dest("auth.example.com:443")).effective == "would-block"
 
@@ -127,8 +128,8 @@ def test_module_imports_stay_light():
         "heavy = {'jsonschema', 'yaml', 'bcc', 'typer', 'rich'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+    env = {**os.environ, "PYTHONPATH": resources.PKG_ROOT}
+    subprocess.run([sys.executable, "-c", code], cwd=resources.PKG_ROOT, env=env, check=True)
 
 
 # --------------------------------------------------------------------------- shorthand and object rules
@@ -570,7 +571,7 @@ def test_v4_mapped_dest_is_the_v4_dest():
 
 
 @pytest.mark.parametrize("text, proto", [
-    ("a.com", "sctp"), ("a.com:0", "tcp"), ("a.com:65536", "tcp"), ("a.com:80,443", "tcp"), ("10.0.0.0/8", "tcp"),
+    ("a.com", "quic"), ("a.com:0", "tcp"), ("a.com:65536", "tcp"), ("a.com:80,443", "tcp"), ("10.0.0.0/8", "tcp"),
     ("*.a.com", "tcp"), ("", "tcp"), ("1.2.3.256", "tcp"), ("[a.com]:80", "tcp"), ("a..com", "tcp"),
     ("2001:db8::1:443x", "tcp"), ("fe80::1%eth0", "tcp"), ("[::1]80", "tcp"),
 ])
@@ -757,7 +758,7 @@ def test_audit_mode_effective():
 
 
 def test_reason_is_reported_with_the_rule():
-    p = load_policy_file(REPO / "examples/policies/mysql-rollout.yaml")
+    p = load_policy_file(POLICIES / "mysql-rollout.yaml")
     decision = decide(p, parse_dest("api.github.com:443"))
     assert decision.rule_text == "*.github.com"
     assert decision.reason == "circular: deploys must not need GitHub during an outage"

@@ -85,3 +85,61 @@ def test_syslog_lines_name_the_container(tmp_path):
 
 def test_report_summary_names_container_and_policy_even_when_empty():
     assert report.summarize([], 0, "c9", "p9")["container"] == "c9"
+
+
+# -- suggest never writes a policy that validate rejects (issue 12 item 4) -----------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAMES = st.one_of(
+    st.none(),
+    st.sampled_from(["pkgs.example.test", "Mirror.Internal.", "a_b.test", "1.2.3.4", "x..y", "*.wild.test", "-",
+                     "a" * 64 + ".test", ("a." * 130) + "test", "sp ace.test", "dé.test", "host:80", "a/b"]),
+    st.from_regex(r"[a-z0-9_-]{1,10}(\.[a-z0-9_-]{1,10}){0,3}", fullmatch=True),
+    st.text(max_size=30),
+)
+_IPS = st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str))
+
+
+@st.composite
+def _row(draw):
+    kind = draw(st.sampled_from(["connect", "sendmsg", "dns", "socket"]))
+    proto = "udp" if kind == "sendmsg" else draw(st.sampled_from(["tcp", "udp"]))
+    port = 53 if kind == "dns" else draw(st.one_of(st.just(0), st.integers(0, 65535)))
+    rule = draw(st.sampled_from(["default", "dns.resolvers", "127.0.0.9/32", "raw_sockets", "malformed-query"]))
+    return rec(draw(st.sampled_from(["blocked", "would-block", "allowed"])), kind, draw(_IPS), port, proto,
+               draw(_NAMES), rule=rule)
+
+
+_BASES = [None, "version: 1\nname: b\ndefault: deny\nallow: ['127.0.0.1:8080']\n"
+                "deny: [{cidr: 127.0.0.9/32, reason: circular}]\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_row(), max_size=25), st.sampled_from(_BASES))
+def test_suggest_output_always_validates(rows, base_text):
+    from ocihook.policy import validate_files
+    import tempfile
+    from pathlib import Path
+    base = load_policy_text(base_text, "b") if base_text else None
+    doc, _problems = suggest(rows, base)
+    text = to_yaml(doc)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "s.yaml"
+        f.write_text(text)
+        assert validate_files([f]) == [], text
+    # a port-0 connect/send (an address-selection probe) never becomes a rule with a port
+    for r in doc["allow"]:
+        assert not (isinstance(r, dict) and 0 in r.get("ports", [])), r
+
+
+def test_address_selection_probes_do_not_become_udp_rules():
+    rows = [rec("would-block", "connect", "127.0.0.70", 0, "udp", "pkgs.example.test"),
+            rec("would-block", "connect", "::1", 0, "udp", "pkgs.example.test"),
+            rec("would-block", "dns", "127.0.0.53", 53, "udp", "pkgs.example.test"),
+            rec("would-block", "connect", "127.0.0.70", 443, "tcp", "pkgs.example.test")]
+    doc, problems = suggest(rows)
+    assert doc["allow"] == [{"domain": "pkgs.example.test", "ports": [443], "protocol": "tcp"}]
+    assert problems == []
+    only_probe, problems = suggest(rows[:2])
+    assert only_probe["allow"] == [] and problems == []
