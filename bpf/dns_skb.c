@@ -14,6 +14,7 @@
  */
 #include "safedeploy.h"
 #include "dns.h"
+#include "dns_stream.h"
 
 #define SD_ETH_P_IP 0x0800
 #define SD_ETH_P_IPV6 0x86DD
@@ -186,6 +187,10 @@ static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, in
                                                        struct sd_dns_ctx *c)
 {
     if (!sd_maybe_dns(skb, to_dns) || !sd_dns_locate(skb, to_dns, &c->d, &c->off))
+        return 0;
+    /* stream path (dns_stream.c): TCP sockets in dns_socks have every answer read whole
+     * there; a segment need not start at a message */
+    if (c->d.proto == IPPROTO_TCP && sd_stream_owns(skb))
         return 0;
     c->pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &c->cgid);
     if (!c->pol)
@@ -444,8 +449,10 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
         return 0;
     __builtin_memset(pp, 0, sizeof(*pp));
     int parsed = sd_parse_pkt(skb, pp);
-    if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT) /* first: the heaviest part, verified once */
-        pp->dns = sd_dns_query(skb, pp, cgid, pol);
+    /* a streamed TCP connection's queries were judged whole as they were written (stream
+     * path, dns_stream.c): its segments need not start at a message */
+    if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !(pp->d.proto == IPPROTO_TCP && sd_stream_owns(skb)))
+        pp->dns = sd_dns_query(skb, pp, cgid, pol); /* first: the heaviest part, verified once */
     struct sd_pkt p = *pp;
     int raw = sk->type == SD_SOCK_RAW;
     int judged = 0;

@@ -40,6 +40,9 @@ CGROUP_INET_INGRESS = 0
 CGROUP_INET_EGRESS = 1
 CGROUP_INET_SOCK_CREATE = 2
 CGROUP_SOCK_OPS = 3
+SK_SKB_STREAM_PARSER = 4     # programs attached to a sockmap/sockhash, not to a cgroup
+SK_SKB_STREAM_VERDICT = 5
+SK_MSG_VERDICT = 7
 CGROUP_INET4_BIND = 8
 CGROUP_INET6_BIND = 9
 CGROUP_INET4_CONNECT = 10
@@ -228,6 +231,11 @@ def attach_attr(prog_fd: int, cgroup_fd: int, attach_type: int, flags: int = 0) 
 def prog_attach(prog_fd: int, cgroup_fd: int, attach_type: int, flags: int = BPF_F_ALLOW_MULTI) -> None:
     _bpf(BPF_PROG_ATTACH, attach_attr(prog_fd, cgroup_fd, attach_type, flags),
          f"attach program (type {attach_type})")
+
+
+def map_prog_attach(prog_fd: int, map_fd: int, attach_type: int) -> None:
+    """Attach an sk_msg/sk_skb program to a sockmap or sockhash (no flags there)."""
+    prog_attach(prog_fd, map_fd, attach_type, 0)
 
 
 def prog_detach(prog_fd: int, cgroup_fd: int, attach_type: int) -> bool:

@@ -22,6 +22,9 @@ from .abi import SD_TAIL_ANSWERS, SD_TAIL_LEARN
 PROG_CGROUP_SKB = 8
 PROG_CGROUP_SOCK = 9
 PROG_CGROUP_SOCK_ADDR = 18
+PROG_SOCK_OPS = 13
+PROG_SK_SKB = 14
+PROG_SK_MSG = 16
 PROG_CGROUP_SOCKOPT = 25
 
 # (function in bpf/*.c, program type, attach type)
@@ -36,13 +39,22 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_dns_ingress", PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS),
     ("sd_sock_create", PROG_CGROUP_SOCK, bpfsys.CGROUP_INET_SOCK_CREATE),
     ("sd_setsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_SETSOCKOPT),
+    ("sd_stream_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
 )
 # programs reached only by tail calls from the ingress program: (function, index in sd_tails)
 TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
     ("sd_dns_answers", SD_TAIL_ANSWERS),
     ("sd_dns_learn", SD_TAIL_LEARN),
 )
-SOURCES = ("sock_addr.c", "dns_skb.c")
+# (function, program type, attach type, sockhash): attached once to a pinned sockhash when
+# the programs are compiled, not per cgroup. The cgroup sock_ops program above puts the
+# sockets they judge into that sockhash (bpf/dns_stream.c: DNS over TCP as a stream).
+MAP_PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
+    ("sd_stream_msg", PROG_SK_MSG, bpfsys.SK_MSG_VERDICT, "dns_socks"),
+    ("sd_stream_parse", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_PARSER, "dns_socks"),
+    ("sd_stream_answers", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_VERDICT, "dns_socks"),
+)
+SOURCES = ("sock_addr.c", "dns_skb.c", "dns_stream.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
 BPFFS_MAGIC_TYPE = "bpf"
 
@@ -86,7 +98,8 @@ def pin_dir(version: str | None = None) -> str:
 
 
 def _pin_names() -> list[str]:
-    return [f"prog_{name}" for name, _, _ in PROGRAMS] + [f"map_{name}" for name in pin_names()]
+    return ([f"prog_{name}" for name, _, _ in PROGRAMS] + [f"prog_{name}" for name, *_ in MAP_PROGRAMS]
+            + [f"map_{name}" for name in pin_names()])
 
 
 def is_pinned(path) -> bool:
@@ -213,8 +226,16 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
+            from bcc.libbcc import lib  # noqa: PLC0415 — bcc's tables do not know sockhashes
+            for name, ptype, atype, sockmap in MAP_PROGRAMS:
+                try:
+                    fn = b.load_func(name, ptype)
+                    bpfsys.map_prog_attach(fn.fd, lib.bpf_table_fd(b.module, sockmap.encode()), atype)
+                except Exception as e:
+                    raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
+                bpfsys.obj_pin(fn.fd, os.path.join(tmp, f"prog_{name}"))
             for name in pin_names():
-                bpfsys.obj_pin(b[name.encode()].map_fd, os.path.join(tmp, f"map_{name}"))
+                bpfsys.obj_pin(lib.bpf_table_fd(b.module, name.encode()), os.path.join(tmp, f"map_{name}"))
             try:
                 os.rename(tmp, target)
             except OSError as e:  # someone pinned this version meanwhile (another bpffs user)

@@ -32,6 +32,10 @@ MAPS: dict[str, tuple[type, type]] = {
     "stats": (U32, U64),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
+# DNS over TCP (bpf/dns_stream.h), pinned like the maps: the dns_socks sockhash holds the
+# policed processes' TCP connections to port 53, sd_streams their answer-parsing state; both
+# keyed by socket cookie (SO_COOKIE), both emptied as the connections close
+STREAM_MAPS = ("dns_socks", "sd_streams")
 PROG_ARRAYS = ("sd_tails",)  # pinned so the kernel keeps their entries (tail-called programs)
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
@@ -57,7 +61,8 @@ TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
 
 def pin_names() -> list[str]:
     """Every map pin of a program version (map_<name>)."""
-    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *PROG_ARRAYS]
+    return [*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES), *RINGBUFS, *PROG_ARRAYS,
+            *STREAM_MAPS]
 
 
 def name_of_key(key) -> str:

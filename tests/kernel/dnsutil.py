@@ -99,9 +99,10 @@ def send_raw(packet: bytes, server: str = "127.0.0.153") -> str:
     return "ok"
 
 
-def use_resolv_conf(nameserver: str) -> None:
+def use_resolv_conf(nameserver: str, options: str = "") -> None:
     """In this (forked) process only: a private mount namespace whose /etc/resolv.conf
-    points at the test server, so getaddrinfo() goes through it."""
+    points at the test server, so getaddrinfo() goes through it (`options`: more resolv.conf
+    options, e.g. use-vc)."""
     libc = ctypes.CDLL(None, use_errno=True)
     CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_BIND = 0x00020000, 0x4000, 0x40000, 0x1000
     if libc.unshare(CLONE_NEWNS) != 0:
@@ -110,14 +111,14 @@ def use_resolv_conf(nameserver: str) -> None:
         raise OSError(ctypes.get_errno(), "make / private")
     path = f"/tmp/sd-resolv-{os.getpid()}.conf"
     with open(path, "w") as f:
-        f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:1\n")
+        f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:1 {options}\n")
     if libc.mount(path.encode(), b"/etc/resolv.conf", None, MS_BIND, None) != 0:
         raise OSError(ctypes.get_errno(), "bind resolv.conf")
 
 
-def getaddrinfo_in(nameserver: str, name: str, port: int = 80):
+def getaddrinfo_in(nameserver: str, name: str, port: int = 80, options: str = ""):
     """('ok', [ips]) or ('error', message), and how long it took in ms."""
-    use_resolv_conf(nameserver)
+    use_resolv_conf(nameserver, options)
     t0 = time.monotonic()
     try:
         infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
@@ -130,3 +131,125 @@ def start_in_thread(fn):
     t = threading.Thread(target=fn, daemon=True)
     t.start()
     return t
+
+
+class StreamServer:
+    """A DNS-over-TCP server that reads the stream as a stream: every length-prefixed message
+    of a connection is answered (pipelined, RFC 7766), all the answers to what one read
+    brought in one send (one segment, as a resolver answering A and AAAA together does).
+    It keeps what it saw: the messages per connection and whether the client closed it."""
+
+    def __init__(self, zone: Zone, address: str, port: int = 53):
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.zone = zone
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((address, port))
+        self.sock.listen(64)
+        self.conns: list[dict] = []
+        self.lock = threading.Lock()
+        self.cuts: list[int] = []   # answers written in pieces of these sizes (then the rest), 20 ms apart
+        start_in_thread(self._accept)
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            state = {"messages": [], "closed": False, "error": None, "bytes": 0}
+            with self.lock:
+                self.conns.append(state)
+            start_in_thread(lambda c=c, state=state: self._serve(c, state))
+
+    def _serve(self, c: socket.socket, state: dict):
+        buf = b""
+        with c:
+            while True:
+                try:
+                    data = c.recv(65536)
+                except OSError as e:
+                    state["error"] = errno.errorcode.get(e.errno, str(e.errno))
+                    return
+                if not data:
+                    state["closed"] = True
+                    return
+                state["bytes"] += len(data)
+                buf += data
+                out = b""
+                while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
+                    n = 2 + struct.unpack("!H", buf[:2])[0]
+                    msg, buf = buf[2:n], buf[n:]
+                    try:
+                        req = DNSRecord.parse(msg)
+                    except Exception:  # noqa: BLE001 — garbage: remember it, answer nothing
+                        state["messages"].append(None)
+                        continue
+                    state["messages"].append(str(req.q.qname).rstrip("."))
+                    ans = self.zone.resolve(req, None).pack()
+                    out += struct.pack("!H", len(ans)) + ans
+                pieces, at = [], 0
+                for n in self.cuts if out else []:
+                    pieces.append(out[at:at + n])
+                    at += n
+                pieces.append(out[at:])
+                for i, piece in enumerate(p for p in pieces if p):
+                    if i:
+                        time.sleep(0.02)
+                    try:
+                        c.sendall(piece)
+                    except OSError:
+                        return
+
+    def stop(self):
+        self.sock.close()
+
+
+def tcp_exchange(server: str, messages: list[bytes], chunks: list[int] | None = None, pause: float = 0.02,
+                 timeout: float = 1.0) -> dict:
+    """Write the length-prefixed messages to server:53 over one TCP connection (in one write,
+    or cut into writes of the given sizes, the rest in a last write), then read answers until
+    the server is quiet for `timeout`. Returns the write results ('ok' or the errno name,
+    per write), the answers' addresses per answer message, and the time to the first error."""
+    data = b"".join(struct.pack("!H", len(m)) + m for m in messages)
+    cuts, at = [], 0
+    for n in chunks or []:
+        cuts.append(data[at:at + n])
+        at += n
+    cuts.append(data[at:])
+    fam = socket.AF_INET6 if ":" in server else socket.AF_INET
+    res: dict = {"writes": [], "answers": [], "error_ms": None}
+    t0 = time.monotonic()
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect((server, 53))
+        for i, cut in enumerate(cuts):
+            if not cut:
+                continue
+            try:
+                n = s.send(cut)
+                res["writes"].append("ok" if n == len(cut) else f"partial:{n}")
+            except OSError as e:
+                res["writes"].append(errno.errorcode.get(e.errno, str(e.errno)))
+                if res["error_ms"] is None:
+                    res["error_ms"] = 1000 * (time.monotonic() - t0)
+            if i + 1 < len(cuts):
+                time.sleep(pause)
+        s.settimeout(timeout)
+        buf = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except socket.timeout:
+            pass
+        except OSError as e:
+            res["recv_error"] = errno.errorcode.get(e.errno, str(e.errno))
+    while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
+        n = 2 + struct.unpack("!H", buf[:2])[0]
+        reply = DNSRecord.parse(buf[2:n])
+        buf = buf[n:]
+        res["answers"].append(sorted(str(rr.rdata) for rr in reply.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)))
+    return res

@@ -101,10 +101,10 @@ def test_wildcard_matches_whole_labels_only(policed, dns):
     assert apex and (apex[0]["verdict"], apex[0]["rule"]) == ("allowed", "dns.unlisted")
 
 
-def test_tcp_dns_query_for_denied_name_is_dropped(policed, dns):
+def test_tcp_dns_query_for_denied_name_fails_the_write(policed, dns):
     p = policed(POLICY)
-    status, _ = p.run(query, "auth.internal", SERVER, "A", True, 1.5)
-    assert status != "ok"
+    status, ms = p.run(query, "auth.internal", SERVER, "A", True, 1.5)
+    assert status == "EACCES" and ms < 1000                          # the stream path (test_dns_tcp.py)
     assert "auth.internal" not in dns.zone.seen
     assert p.run(query, "pkgs.internal", SERVER, "A", True) == ("ok", ["127.0.0.72"])
     assert _recs(p, verdict="blocked", kind="dns", proto="tcp", domain="auth.internal")

@@ -1,0 +1,478 @@
+"""DNS over TCP judged as a stream (bpf/dns_stream.c): every message of every write is judged,
+every answer message learned, however the client writes; against real TCP resolvers (a
+pipelining test server, dnsmasq) and real clients (python sockets, glibc with use-vc)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from dnsutil import StreamServer, Zone, getaddrinfo_in, query, tcp_exchange
+from helpers import require
+from kutil import connect
+
+SERVER = "127.0.153.11"       # the pipelining test server
+DNSMASQ = "127.0.153.12"      # a real resolver
+SO_COOKIE = 57
+
+ZONE = {
+    "pkgs.internal": [("A", "127.0.153.72", 60), ("AAAA", "::1", 60)],
+    "v6only.internal": [("AAAA", "::1", 60)],
+    "auth.internal": [("A", "127.0.153.75", 60)],
+    "other.internal": [("A", "127.0.153.76", 60)],
+}
+
+POLICY = f"""
+version: 1
+name: dns-tcp
+default: deny
+allow:
+  - "pkgs.internal"
+  - "v6only.internal"
+  - "{SERVER}:53"
+  - "{DNSMASQ}:53"
+deny:
+  - {{domain: "auth.internal", reason: "circular"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = StreamServer(Zone(ZONE), SERVER)
+    yield srv
+    srv.stop()
+
+
+def _q(name: str, qtype: str = "A") -> bytes:
+    from dnslib import DNSRecord
+    return DNSRecord.question(name, qtype).pack()
+
+
+def _conns_since(srv: StreamServer, n: int) -> list[dict]:
+    time.sleep(0.1)   # let the server thread see the close
+    with srv.lock:
+        return srv.conns[n:]
+
+
+def _recs(p, **match):
+    return [r for r in p.close() if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_a_and_aaaa_in_one_write_are_both_judged_and_both_answers_learned(policed, server, listener):
+    v4, v6 = listener("127.0.153.72"), listener("::1")
+    p = policed(POLICY)
+    assert p.run(connect, "127.0.153.72", v4.port) == "EPERM"       # not resolved yet
+    assert p.run(connect, "::1", v6.port) == "EPERM"
+    res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("pkgs.internal", "AAAA")])
+    assert res["writes"] == ["ok"] and res["answers"] == [["127.0.153.72"], ["::1"]], res
+    assert p.run(connect, "127.0.153.72", v4.port) == "ok"           # the A answer was learned
+    assert p.run(connect, "::1", v6.port) == "ok"                    # and so was the AAAA one
+    recs = p.close()
+    dns = [r for r in recs if r["kind"] == "dns"]
+    assert sum(r["count"] for r in dns) == 2 and all(r["proto"] == "tcp" for r in dns)
+    assert {r["domain"] for r in recs if r["kind"] == "connect" and r["verdict"] == "allowed" and r["dst_port"] != 53} \
+        == {"pkgs.internal"}
+
+
+@pytest.mark.parametrize("first,second", [("pkgs.internal", "auth.internal"), ("auth.internal", "pkgs.internal")])
+def test_a_denied_query_in_a_write_never_reaches_the_resolver(policed, server, first, second):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    t0 = time.monotonic()
+    res = p.run(tcp_exchange, SERVER, [_q(first), _q(second)])
+    assert time.monotonic() - t0 < 2.5                               # 1 s of it is tcp_exchange's read timeout
+    allowed_len = 2 + len(_q("pkgs.internal"))
+    if first == "pkgs.internal":
+        assert res["writes"] == [f"partial:{allowed_len}"], res        # the write stops at the denied query
+        assert res["answers"] == [["127.0.153.72"]]
+    else:
+        assert res["writes"] == ["EACCES"] and res["error_ms"] < 1000, res
+        assert res["answers"] == []
+    conn, = _conns_since(server, seen)
+    assert "auth.internal" not in conn["messages"] and conn["closed"], conn   # and the connection was closed
+    rec = _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+    assert rec and rec[0]["proto"] == "tcp" and rec[0]["reason"] == "circular" and rec[0]["dst_port"] == 53
+
+
+SPLITS = {
+    "prefix 1+1": [1, 1],
+    "header split": [2, 5],
+    "name split": [2, 12, 3],
+    "byte by byte": [1] * 33,
+}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_queries_split_across_writes_are_judged_whole(policed, server, split):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    ok = p.run(tcp_exchange, SERVER, [_q("pkgs.internal")], SPLITS[split], 0.01)
+    assert all(w == "ok" for w in ok["writes"]) and ok["answers"] == [["127.0.153.72"]], ok
+    bad = p.run(tcp_exchange, SERVER, [_q("auth.internal")], SPLITS[split], 0.01)
+    # the bytes before the message is complete are held (their writes succeed); the write
+    # that completes it fails, and none of it was sent
+    assert bad["writes"][-1] == "EACCES" and set(bad["writes"][:-1]) <= {"ok"}, bad
+    assert bad["error_ms"] < 1000 and bad["answers"] == []
+    ok_conn, bad_conn = _conns_since(server, seen)
+    assert ok_conn["messages"] == ["pkgs.internal"]
+    assert bad_conn["bytes"] == 0 and bad_conn["closed"], bad_conn
+    assert _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+
+
+def test_several_queries_across_writes_and_a_split_second_message(policed, server, listener):
+    """Two allowed queries whose boundary falls inside a write, then the second's rest."""
+    v6 = listener("::1")
+    p = policed(POLICY)
+    first = 2 + len(_q("pkgs.internal"))
+    res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("v6only.internal", "AAAA")], [first + 3], 0.02)
+    assert res["writes"] == ["ok", "ok"] and res["answers"] == [["127.0.153.72"], ["::1"]], res
+    assert p.run(connect, "::1", v6.port) == "ok"
+
+
+def test_unparseable_message_over_tcp_gets_the_safe_verdict(policed, server):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    res = p.run(tcp_exchange, SERVER, [b"\x12\x34\x01\x00\x00\x01" + b"\xff" * 20])
+    assert res["writes"] == ["EACCES"], res
+    assert _conns_since(server, seen)[0]["bytes"] == 0
+    assert _recs(p, verdict="blocked", rule="malformed-query")
+
+
+def test_audit_mode_lets_denied_tcp_queries_through_and_reports_them(policed, server):
+    p = policed(POLICY, mode="audit")
+    res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("auth.internal")])
+    assert res["writes"] == ["ok"] and res["answers"] == [["127.0.153.72"], ["127.0.153.75"]], res
+    assert _recs(p, verdict="would-block", kind="dns", domain="auth.internal")
+
+
+def test_v4_mapped_resolver_on_a_dual_stack_socket(policed, server):
+    p = policed(POLICY)
+    res = p.run(tcp_exchange, f"::ffff:{SERVER}", [_q("pkgs.internal"), _q("auth.internal")])
+    assert res["writes"][0].startswith("partial:") and res["answers"] == [["127.0.153.72"]], res
+    rec = _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+    assert rec and rec[0]["dst_ip"] == SERVER
+
+
+def test_glibc_use_vc_learns_the_aaaa_answer_and_fails_a_denied_name_fast(policed, server, listener):
+    v6 = listener("::1")
+    p = policed(POLICY)
+    status, ips, ms = p.run(getaddrinfo_in, SERVER, "v6only.internal", 80, "use-vc")
+    assert status == "ok" and ips == ["::1"], (status, ips)
+    assert p.run(connect, "::1", v6.port) == "ok"                    # an AAAA-only allowed name connects
+    seen = len(server.conns)
+    status, msg, ms = p.run(getaddrinfo_in, SERVER, "auth.internal", 80, "use-vc")
+    assert status == "error" and ms < 1000, (status, msg, ms)
+    conn, = _conns_since(server, seen)
+    assert conn["messages"] == [] and conn["closed"], conn             # nothing reached it, nothing left open
+    status, ips, _ = p.run(getaddrinfo_in, SERVER, "pkgs.internal", 80, "use-vc")
+    assert status == "ok" and ips == ["127.0.153.72", "::1"]
+
+
+@pytest.fixture
+def dnsmasq():
+    require(shutil.which("dnsmasq") is not None, "dnsmasq not installed")
+    proc = subprocess.Popen(
+        ["dnsmasq", "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", f"--listen-address={DNSMASQ}",
+         "--bind-interfaces", "--port=53", "--pid-file=", "--user=root", "--group=root",
+         "--host-record=pkgs.internal,127.0.153.72,::1", "--host-record=v6only.internal,::1",
+         "--host-record=auth.internal,127.0.153.75"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(50):
+        if query("pkgs.internal", DNSMASQ, "A", True, 0.5)[0] == "ok":
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"dnsmasq did not start: {proc.stderr.read().decode()[-300:]}")
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _open_conns_to(addr: str) -> list[str]:
+    out = subprocess.run(["ss", "-tanH", "dst", addr, "or", "src", addr], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line and not line.startswith(("LISTEN", "TIME-WAIT"))]
+
+
+def test_dnsmasq_over_tcp_with_glibc_use_vc(policed, dnsmasq, listener):
+    v4, v6 = listener("127.0.153.72"), listener("::1")
+    p = policed(POLICY)
+    status, ips, ms = p.run(getaddrinfo_in, DNSMASQ, "pkgs.internal", 80, "use-vc")
+    assert status == "ok" and ips == ["127.0.153.72", "::1"], (status, ips)
+    assert p.run(connect, "127.0.153.72", v4.port) == "ok" and p.run(connect, "::1", v6.port) == "ok"
+    times = []
+    for _ in range(5):
+        status, msg, ms = p.run(getaddrinfo_in, DNSMASQ, "auth.internal", 80, "use-vc")
+        assert status == "error", (status, msg)
+        times.append(ms)
+    print(f"dnsmasq, glibc use-vc, denied name: {', '.join(f'{ms:.1f}' for ms in times)} ms")
+    assert max(times) < 1000, times
+    # dnsmasq is left with no half-open connection and still answers everyone at once
+    deadline = time.monotonic() + 2
+    while _open_conns_to(DNSMASQ) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_conns_to(DNSMASQ) == []
+    t0 = time.monotonic()
+    assert query("pkgs.internal", DNSMASQ, "A", True, 1.0) == ("ok", ["127.0.153.72"])
+    assert time.monotonic() - t0 < 0.5
+    assert len(_recs(p, verdict="blocked", kind="dns", domain="auth.internal", proto="tcp")) >= 1
+
+
+def _keys(pin_dir: str, name: str) -> set[int]:
+    from ocihook import bpfsys
+    from ocihook.pinned import U64
+    fd = bpfsys.obj_get(os.path.join(pin_dir, f"map_{name}"))
+    try:
+        return {k.value for k in bpfsys.map_keys(fd, U64)}
+    finally:
+        os.close(fd)
+
+
+def _membership(host: str, port: int, pin_dir: str) -> tuple[int, bool, bool]:
+    """Connect; while the connection is open: its socket cookie, and whether it is in the
+    dns_socks sockhash and has answer-parsing state (sd_streams)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect((host, port))
+        cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+        return cookie, cookie in _keys(pin_dir, "dns_socks"), cookie in _keys(pin_dir, "sd_streams")
+
+
+def test_only_dns_connections_enter_the_sockhash_and_leave_it_on_close(policed, server, listener, pins):
+    lst = listener("127.0.153.20")
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '127.0.153.20/32'\n", 1))
+    dns_cookie, in_socks, in_streams = p.run(_membership, SERVER, 53, str(pins))
+    assert in_socks and in_streams
+    other_cookie, in_socks, in_streams = p.run(_membership, "127.0.153.20", lst.port, str(pins))
+    assert not in_socks and not in_streams                            # other ports: never
+    _, in_socks, in_streams = _membership(SERVER, 53, str(pins))
+    assert not in_socks and not in_streams                            # unpoliced: never
+    # closed connections leave neither the sockhash entry nor parsing state behind
+    deadline = time.monotonic() + 2
+    while dns_cookie in _keys(str(pins), "sd_streams") | _keys(str(pins), "dns_socks") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dns_cookie not in _keys(str(pins), "sd_streams") | _keys(str(pins), "dns_socks")
+
+
+def _throughput(host: str, port: int, seconds: float = 1.0) -> float:
+    """MB/s of one TCP connection sending 256 KiB writes for `seconds`."""
+    buf = b"\0" * (256 * 1024)
+    with socket.create_connection((host, port)) as s:
+        sent, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            s.sendall(buf)
+            sent += len(buf)
+        return sent / (time.monotonic() - t0) / 1e6
+
+
+def test_tcp_throughput_to_other_ports_is_unchanged(policed):
+    import threading
+    sink = socket.socket()
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sink.bind(("127.0.153.21", 0))
+    sink.listen(8)
+    port = sink.getsockname()[1]
+
+    def drain():
+        while True:
+            try:
+                c, _ = sink.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=c: [None for _ in iter(lambda: c.recv(1 << 20), b"")], daemon=True).start()
+    threading.Thread(target=drain, daemon=True).start()
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '127.0.153.21/32'\n", 1))
+    try:
+        free, inside = [], []
+        for _ in range(3):           # interleaved: the machine is shared
+            free.append(_throughput("127.0.153.21", port))
+            inside.append(p.run(_throughput, "127.0.153.21", port))
+    finally:
+        sink.close()
+    print(f"throughput MB/s unpoliced {sorted(free)} policed {sorted(inside)}")
+    assert max(inside) > 0.7 * max(free), (free, inside)
+
+
+def _answer_len(name: str, qtype: str) -> int:
+    from dnslib import DNSRecord
+    return 2 + len(Zone(ZONE).resolve(DNSRecord.parse(_q(name, qtype)), None).pack())
+
+
+ANSWER_CUTS = {
+    "first prefix split": lambda a: [1],
+    "second prefix split": lambda a: [a + 1],
+    "second header split": lambda a: [a + 6],
+    "first answer split": lambda a: [a - 10],
+    "three pieces": lambda a: [3, a, 4],
+    "byte by byte across the boundary": lambda a: [1] * 8 + [a - 11] + [1] * 6,
+}
+
+
+@pytest.mark.parametrize("cut", ANSWER_CUTS)
+def test_answers_cut_anywhere_across_segments_are_all_learned(policed, server, listener, cut):
+    """The resolver's A and AAAA answers arrive in pieces (separate segments, 20 ms apart),
+    message boundaries anywhere inside them: both are read whole and learned."""
+    v4, v6 = listener("127.0.153.72"), listener("::1")
+    p = policed(POLICY)
+    server.cuts = ANSWER_CUTS[cut](_answer_len("pkgs.internal", "A"))
+    try:
+        res = p.run(tcp_exchange, SERVER, [_q("pkgs.internal"), _q("pkgs.internal", "AAAA")])
+    finally:
+        server.cuts = []
+    assert res["answers"] == [["127.0.153.72"], ["::1"]], res       # the client reads the same stream
+    assert p.run(connect, "127.0.153.72", v4.port) == "ok"
+    assert p.run(connect, "::1", v6.port) == "ok"
+
+
+def test_many_pipelined_queries_on_one_connection(policed, server, listener):
+    """30 queries in one write, answered in one send: every one judged, every answer learned."""
+    v6 = listener("::1")
+    p = policed(POLICY)
+    names = [("pkgs.internal", "A"), ("v6only.internal", "AAAA"), ("pkgs.internal", "AAAA")] * 10
+    res = p.run(tcp_exchange, SERVER, [_q(n, t) for n, t in names])
+    assert res["writes"] == ["ok"] and len(res["answers"]) == 30, res
+    assert p.run(connect, "::1", v6.port) == "ok"
+    dns = [r for r in p.close() if r["kind"] == "dns"]
+    assert sum(r["count"] for r in dns) == 30 and {r["verdict"] for r in dns} == {"allowed"}
+
+
+def _v6_resolver_in_own_netns(listen_port: int):
+    """In a network namespace of this (policed) process: a TCP resolver on [::1]:53 and a
+    listener; A+AAAA and allowed+denied over IPv6, then connects to what was learned."""
+    import ctypes
+    import socket as so
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0:                               # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    srv = StreamServer(Zone(ZONE), "::1")
+    lst = so.socket(so.AF_INET6, so.SOCK_STREAM)
+    lst.bind(("::1", listen_port))
+    lst.listen(8)
+    try:
+        both = tcp_exchange("::1", [_q("v6only.internal", "AAAA"), _q("pkgs.internal", "AAAA")])
+        mixed = tcp_exchange("::1", [_q("pkgs.internal", "AAAA"), _q("auth.internal", "AAAA")])
+        time.sleep(0.1)
+        return both, mixed, connect("::1", listen_port), [c["messages"] for c in srv.conns]
+    finally:
+        srv.stop()
+        lst.close()
+
+
+def test_ipv6_resolver(policed):
+    # the resolver runs in the policed process (its own netns): serving port 53 must be allowed
+    p = policed(POLICY.replace("allow:\n", "allow:\n  - '[::1]:53'\n", 1) + "serve_dns: allow\n")
+    both, mixed, conn, seen = p.run(_v6_resolver_in_own_netns, 8053)
+    assert both["writes"] == ["ok"] and both["answers"] == [["::1"], ["::1"]], both
+    assert conn == "ok"                                               # learned from the AAAA answers
+    assert mixed["writes"][0].startswith("partial:") and mixed["answers"] == [["::1"]], mixed
+    assert seen == [["v6only.internal", "pkgs.internal"], ["pkgs.internal"]]
+    rec = _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+    assert rec and rec[0]["dst_ip"] == "::1" and rec[0]["proto"] == "tcp"
+
+
+def _fastopen_query(server: str, packet: bytes) -> str:
+    """sendto(MSG_FASTOPEN) on a fresh socket: the query is written before the connection is
+    established (no cookie yet: it leaves after the handshake, through the plain TCP path)."""
+    import errno as _errno
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.sendto(struct.pack("!H", len(packet)) + packet, socket.MSG_FASTOPEN, (server, 53))  # blocking
+            s.settimeout(1)
+            s.recv(4096)
+        except socket.timeout:
+            return "timeout"
+        except OSError as e:
+            return _errno.errorcode.get(e.errno, str(e.errno))
+    return "answered"
+
+
+def test_fastopen_query_written_before_the_handshake_is_still_judged(policed, server):
+    """Bytes written before the connection entered the sockhash never pass the sk_msg program:
+    the per-packet parser judges them (a denied query is dropped in flight)."""
+    p = policed(POLICY)
+    seen = len(server.conns)
+    assert p.run(_fastopen_query, SERVER, _q("pkgs.internal")) == "answered"
+    assert p.run(_fastopen_query, SERVER, _q("auth.internal")) != "answered"
+    conns = _conns_since(server, seen)
+    assert [c["messages"] for c in conns] == [["pkgs.internal"], []], conns
+    assert _recs(p, verdict="blocked", kind="dns", domain="auth.internal")
+
+
+def _denied_then_allowed_on_one_connection(server: str) -> list[str]:
+    import errno as _errno
+    import struct
+    out = []
+    with socket.create_connection((server, 53), timeout=2) as s:
+        for name in ("auth.internal", "pkgs.internal"):
+            m = _q(name)
+            try:
+                s.send(struct.pack("!H", len(m)) + m)
+                out.append("ok")
+            except OSError as e:
+                out.append(_errno.errorcode.get(e.errno, str(e.errno)))
+    return out
+
+
+def test_after_a_denied_query_the_connection_refuses_every_write(policed, server):
+    """As documented: the kernel keeps the sk_msg drop verdict for the socket, so a client
+    must reconnect after a denied query (glibc does)."""
+    p = policed(POLICY)
+    seen = len(server.conns)
+    assert p.run(_denied_then_allowed_on_one_connection, SERVER) == ["EACCES", "EACCES"]
+    conn, = _conns_since(server, seen)
+    assert conn["bytes"] == 0 and conn["closed"]
+
+
+def _sendfile_queries(server: str, names: list[str], first_by_send: bool) -> dict:
+    """Queries written with sendfile(2) (splice into the socket), optionally after one sent
+    with send(): whether each call failed, and what came back."""
+    import errno as _errno
+    import struct
+    import tempfile
+    out: dict = {"calls": [], "answers": 0}
+    with socket.create_connection((server, 53), timeout=2) as s, tempfile.TemporaryFile() as f:
+        for i, name in enumerate(names):
+            m = _q(name)
+            data = struct.pack("!H", len(m)) + m
+            try:
+                if i == 0 and first_by_send:
+                    s.send(data)
+                else:
+                    f.seek(0)
+                    f.truncate()
+                    f.write(data)
+                    f.flush()
+                    os.sendfile(s.fileno(), f.fileno(), 0, len(data))
+                out["calls"].append("ok")
+            except OSError as e:
+                out["calls"].append(_errno.errorcode.get(e.errno, str(e.errno)))
+        s.settimeout(1)
+        buf = b""
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+        except socket.timeout:
+            pass
+        out["answers"] = buf.count(b"\x81\x80")
+    return out
+
+
+@pytest.mark.parametrize("first_by_send", [False, True])
+def test_queries_written_with_sendfile_are_judged(policed, server, first_by_send):
+    p = policed(POLICY)
+    seen = len(server.conns)
+    res = p.run(_sendfile_queries, SERVER, ["pkgs.internal", "auth.internal"], first_by_send)
+    conn, = _conns_since(server, seen)
+    assert "auth.internal" not in conn["messages"], (res, conn)
+    assert conn["messages"] == ["pkgs.internal"], (res, conn)
+    assert res["calls"][0] == "ok" and res["calls"][1] != "ok", res
