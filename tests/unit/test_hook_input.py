@@ -151,3 +151,14 @@ def test_hook_hot_path_imports_no_bcc_typer_jsonschema(tmp_path):
             "print(','.join(bad) or 'clean')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.stdout.strip() == "clean", res.stdout + res.stderr
+
+
+def test_poststop_modules_import_no_policy_engine():
+    """Poststop (hook.stop: release, drain, events, report, spool) needs the kernel's records
+    and the cached compiled policy, never the policy language (jsonschema, yaml)."""
+    code = ("import sys\n"
+            "from ocihook import hook, session, events, report, loader, pinned, origin\n"
+            "bad = [m for m in ('ocihook.policy', 'jsonschema', 'yaml', 'bcc', 'typer') if m in sys.modules]\n"
+            "print(','.join(bad) or 'clean')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "clean", res.stdout + res.stderr
