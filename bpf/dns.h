@@ -238,4 +238,81 @@ static __always_inline __u8 sd_query_verdict(struct sd_cgroup *pol, struct sd_sc
     return pol->dflt;
 }
 
+/* One record of an answer's answer section at s->aoff: skip its owner name, read its
+ * header, take an A/AAAA address into s->addrs (at most max of them: past that s->cut is
+ * set) and note whose it is (the question's, or a single other owner: the end of a CNAME
+ * chain; several other owners set s->mixed). s->aoff moves past the record.
+ * 0: the message ends or is malformed here. */
+#define SD_MAX_LABELS_SKIP 32
+#define SD_TYPE_A 1
+#define SD_TYPE_AAAA 28
+#define SD_DNS_HDR 12           /* bytes of the DNS header; the question follows */
+#define SD_PTR_QUESTION (0xc000 | SD_DNS_HDR) /* a compression pointer to the question's name */
+static __always_inline int sd_answer_record(struct __sk_buff *skb, struct sd_scratch *s, __u32 question, __u32 max)
+{
+    s->skipped = 0;
+    __u32 owner = s->aoff;
+    for (int l = 0; l < SD_MAX_LABELS_SKIP; l++) { /* the owner name */
+        __u8 b;
+        __u32 at = s->aoff;
+        if (bpf_skb_load_bytes(skb, at, &b, 1) < 0)
+            return 0;
+        if ((b & 0xc0) == 0xc0) {
+            s->aoff = at + 2;
+            s->skipped = 1;
+            break;
+        }
+        if (b == 0) {
+            s->aoff = at + 1;
+            s->skipped = 1;
+            break;
+        }
+        s->aoff = at + 1 + b;
+    }
+    if (!s->skipped)
+        return 0;
+    __u32 aoff = s->aoff;
+    __u8 rr[10];
+    if (bpf_skb_load_bytes(skb, aoff, rr, sizeof(rr)) < 0)
+        return 0;
+    __u16 type = (rr[0] << 8) | rr[1];
+    __u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
+    __u16 rdlen = (rr[8] << 8) | rr[9];
+    aoff += 10;
+    __u32 n = s->naddr;
+    __u32 i = n & (SD_MAX_ANSWERS - 1);
+    _Static_assert((SD_MAX_ANSWERS & (SD_MAX_ANSWERS - 1)) == 0, "the address mask needs a power of two");
+    int got = 0;
+    if ((type == SD_TYPE_A && rdlen == 4) || (type == SD_TYPE_AAAA && rdlen == 16)) {
+        if (n >= max) {
+            s->cut = 1;
+        } else if (type == SD_TYPE_A) {
+            s->addrs[i].a[0] = 0;
+            s->addrs[i].a[1] = 0;
+            s->addrs[i].a[2] = bpf_htonl(0xffff);
+            got = bpf_skb_load_bytes(skb, aoff, &s->addrs[i].a[3], 4) == 0;
+        } else {
+            got = bpf_skb_load_bytes(skb, aoff, s->addrs[i].a, 16) == 0;
+        }
+    }
+    if (got) {
+        s->addrs[i].ttl = ttl;
+        s->naddr = n + 1;
+        /* whose address is it: the question's, or the end of a CNAME chain's? */
+        __u8 ptr[2] = {};
+        bpf_skb_load_bytes(skb, owner, ptr, 2);
+        __u16 p = ((__u16)ptr[0] << 8) | ptr[1];
+        if (owner != question && p != SD_PTR_QUESTION) {
+            if (!s->owner) {
+                s->owner = owner;
+                s->owner_ptr = p;
+            } else if (s->owner_ptr != p) {
+                s->mixed = 1;
+            }
+        }
+    }
+    s->aoff = aoff + rdlen;
+    return 1;
+}
+
 #endif /* SD_DNS_H */

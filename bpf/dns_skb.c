@@ -18,12 +18,12 @@
 
 #define SD_ETH_P_IP 0x0800
 #define SD_ETH_P_IPV6 0x86DD
-#define SD_MAX_LABELS_SKIP 32
 
 #define SD_SKB_ANCESTOR(level) bpf_skb_ancestor_cgroup_id(skb, level)
 
 /* The answer parser is split in tail calls (SD_TAIL_*), each verified on its own. */
 BPF_PROG_ARRAY(sd_tails, SD_NTAILS);
+BPF_PROG_ARRAY(sd_stream_tails, SD_NTAILS); /* the same walk for sk_skb programs (dns_stream.c) */
 
 /* The cheap test every packet takes: could it be DNS (port 53 in the right direction)?
  * Direct packet reads, no helper calls; 1 also when the headers are not in the linear
@@ -556,101 +556,44 @@ int sd_dns_ingress(struct __sk_buff *skb)
     return 1; /* the walker is missing: nothing is learned */
 }
 
-/* Walk up to SD_RECORDS_PER_CALL answer records (the state is in the scratch slot), then
- * go on in a tail call of this program, or finish in sd_dns_learn. */
-int sd_dns_answers(struct __sk_buff *skb)
+/* Walk up to SD_RECORDS_PER_CALL answer records (the state is in the scratch slot s), then
+ * go on in a tail call of the walker, or finish with sd_learn_answer. One body for the two
+ * program types that learn answers: cgroup_skb (a datagram or segment: sd_tails) and
+ * sk_skb (a whole TCP message, dns_stream.c: sd_stream_tails), since a program can only
+ * tail-call programs of its own type. stream is a constant: the other map is compiled out. */
+static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_scratch *s, const int stream)
 {
-    __u32 slot = SD_SCRATCH_INGRESS;
-    struct sd_scratch *s = scratch.lookup(&slot);
-    if (!s)
-        return 1;
     __u32 question = s->question;
     for (int a = 0; a < SD_RECORDS_PER_CALL; a++) {
         __u32 left = s->a_left;
         if (left == 0)
             break;
         s->a_left = left - 1;
-        s->skipped = 0;
-        __u32 owner = s->aoff;
-        for (int l = 0; l < SD_MAX_LABELS_SKIP; l++) { /* the owner name */
-            __u8 b;
-            __u32 at = s->aoff;
-            if (bpf_skb_load_bytes(skb, at, &b, 1) < 0)
-                return 1;
-            if ((b & 0xc0) == 0xc0) {
-                s->aoff = at + 2;
-                s->skipped = 1;
-                break;
-            }
-            if (b == 0) {
-                s->aoff = at + 1;
-                s->skipped = 1;
-                break;
-            }
-            s->aoff = at + 1 + b;
-        }
-        if (!s->skipped)
+        if (!sd_answer_record(skb, s, question, SD_MAX_ANSWERS))
             return 1;
-        __u32 aoff = s->aoff;
-        __u8 rr[10];
-        if (bpf_skb_load_bytes(skb, aoff, rr, sizeof(rr)) < 0)
-            return 1;
-        __u16 type = (rr[0] << 8) | rr[1];
-        __u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
-        __u16 rdlen = (rr[8] << 8) | rr[9];
-        aoff += 10;
-        __u32 n = s->naddr;
-        int got = 0;
-        if ((type == 1 && rdlen == 4) || (type == 28 && rdlen == 16)) {
-            if (n >= SD_MAX_ANSWERS) {
-                s->cut = 1;
-            } else if (type == 1) {
-                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[0] = 0;
-                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[1] = 0;
-                s->addrs[n & (SD_MAX_ANSWERS - 1)].a[2] = bpf_htonl(0xffff);
-                got = bpf_skb_load_bytes(skb, aoff, &s->addrs[n & (SD_MAX_ANSWERS - 1)].a[3], 4) == 0;
-            } else {
-                got = bpf_skb_load_bytes(skb, aoff, s->addrs[n & (SD_MAX_ANSWERS - 1)].a, 16) == 0;
-            }
-        }
-        if (got) {
-            s->addrs[n & (SD_MAX_ANSWERS - 1)].ttl = ttl;
-            s->naddr = n + 1;
-            /* whose address is it: the question's, or the end of a CNAME chain's? */
-            __u8 ptr[2] = {};
-            bpf_skb_load_bytes(skb, owner, ptr, 2);
-            __u16 p = ((__u16)ptr[0] << 8) | ptr[1];
-            if (owner != question && p != (0xc000 | 12)) {
-                if (!s->owner) {
-                    s->owner = owner;
-                    s->owner_ptr = p;
-                } else if (s->owner_ptr != p) {
-                    s->mixed = 1;
-                }
-            }
-        }
-        s->aoff = aoff + rdlen;
     }
     if (s->a_left) {
         __u32 calls = s->calls;
         if (calls < SD_MAX_CALLS) {
             s->calls = calls + 1;
-            sd_tails.call(skb, SD_TAIL_ANSWERS);
+            if (stream)
+                sd_stream_tails.call(skb, SD_TAIL_ANSWERS);
+            else
+                sd_tails.call(skb, SD_TAIL_ANSWERS);
             return 1; /* out of tail calls (cannot happen: 30 < 33) */
         }
         s->cut = 1; /* more records than the walk covers */
     }
-    sd_tails.call(skb, SD_TAIL_LEARN);
+    if (stream)
+        sd_stream_tails.call(skb, SD_TAIL_LEARN);
+    else
+        sd_tails.call(skb, SD_TAIL_LEARN);
     return 1;
 }
 
 /* The end of an answer: check the CNAME chain's end, learn every address, report a cut. */
-int sd_dns_learn(struct __sk_buff *skb)
+static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_scratch *s)
 {
-    __u32 slot = SD_SCRATCH_INGRESS;
-    struct sd_scratch *s = scratch.lookup(&slot);
-    if (!s)
-        return 1;
     __u64 cgid = s->cgid;
     __u32 name_id = s->name_id;
     if (s->cut) {
@@ -689,4 +632,18 @@ int sd_dns_learn(struct __sk_buff *skb)
                      s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
     }
     return 1;
+}
+
+int sd_dns_answers(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    return s ? sd_walk_answers(skb, s, 0) : 1;
+}
+
+int sd_dns_learn(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    return s ? sd_learn_answer(skb, s) : 1;
 }

@@ -228,13 +228,10 @@ int sd_stream_parse(struct __sk_buff *skb)
 }
 
 /* Learn the addresses of the DNS answer whose header is at off of a whole answer message
- * (skb of the stream verdict). The packet path (dns_skb.c) walks up to SD_MAX_ANSWERS records
- * in tail calls of cgroup_skb programs, which an sk_skb program cannot call: this walk is
- * in-program and reads the first SD_STREAM_RECORDS records (more: counted as cut). Same rules
- * otherwise: only the answer to a pending question teaches, a denied CNAME chain end makes
- * every address learned as denied, several other owners teach nothing. */
-#define SD_STREAM_RECORDS 16
-#define SD_STREAM_LABELS_SKIP 32
+ * (skb of the stream verdict): the same walk as the packet path (dns_skb.c), in tail calls
+ * of sk_skb programs (sd_stream_tails), up to SD_MAX_ANSWERS addresses. Same rules: only the
+ * answer to a pending question teaches, a denied CNAME chain end makes every address
+ * learned as denied, several other owners teach nothing. */
 static __always_inline void sd_stream_learn(struct __sk_buff *skb, __u64 cgid, __u32 off, struct sd_dest *d,
                                             struct sd_scratch *s)
 {
@@ -252,95 +249,40 @@ static __always_inline void sd_stream_learn(struct __sk_buff *skb, __u64 cgid, _
     __u32 name_id = sd_known_name_id(cgid, s);
     if (!sd_pending_take(cgid, d->addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
         return; /* no such question went to that resolver from here: nothing to learn */
-    __u8 verdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
-    __u16 rule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-    __u32 question = off + 12;
+    s->qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
+    s->qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
     s->aoff = off + 12 + wire_len + 4;
     s->naddr = 0;
     s->owner = 0;
     s->mixed = 0;
-    for (int a = 0; a < SD_STREAM_RECORDS; a++) {
-        if (a >= ancount)
-            break;
-        s->skipped = 0;
-        __u32 owner = s->aoff;
-        for (int l = 0; l < SD_STREAM_LABELS_SKIP; l++) { /* the owner name */
-            __u8 b;
-            __u32 at = s->aoff;
-            if (bpf_skb_load_bytes(skb, at, &b, 1) < 0)
-                return;
-            if ((b & 0xc0) == 0xc0) {
-                s->aoff = at + 2;
-                s->skipped = 1;
-                break;
-            }
-            if (b == 0) {
-                s->aoff = at + 1;
-                s->skipped = 1;
-                break;
-            }
-            s->aoff = at + 1 + b;
-        }
-        if (!s->skipped)
-            return;
-        __u32 aoff = s->aoff;
-        __u8 rr[10];
-        if (bpf_skb_load_bytes(skb, aoff, rr, sizeof(rr)) < 0)
-            return;
-        __u16 type = (rr[0] << 8) | rr[1];
-        __u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
-        __u16 rdlen = (rr[8] << 8) | rr[9];
-        aoff += 10;
-        __u32 n = s->naddr;
-        int got = 0;
-        if (type == 1 && rdlen == 4) {
-            s->addrs[n & (SD_STREAM_RECORDS - 1)].a[0] = 0;
-            s->addrs[n & (SD_STREAM_RECORDS - 1)].a[1] = 0;
-            s->addrs[n & (SD_STREAM_RECORDS - 1)].a[2] = bpf_htonl(0xffff);
-            got = bpf_skb_load_bytes(skb, aoff, &s->addrs[n & (SD_STREAM_RECORDS - 1)].a[3], 4) == 0;
-        } else if (type == 28 && rdlen == 16) {
-            got = bpf_skb_load_bytes(skb, aoff, s->addrs[n & (SD_STREAM_RECORDS - 1)].a, 16) == 0;
-        }
-        if (got) {
-            s->addrs[n & (SD_STREAM_RECORDS - 1)].ttl = ttl;
-            s->naddr = n + 1;
-            /* whose address is it: the question's, or the end of a CNAME chain's? */
-            __u8 ptr[2] = {};
-            bpf_skb_load_bytes(skb, owner, ptr, 2);
-            __u16 p = ((__u16)ptr[0] << 8) | ptr[1];
-            if (owner != question && p != (0xc000 | 12)) {
-                if (!s->owner) {
-                    s->owner = owner;
-                    s->owner_ptr = p;
-                } else if (s->owner_ptr != p) {
-                    s->mixed = 1;
-                }
-            }
-        }
-        s->aoff = aoff + rdlen;
-    }
-    if (ancount > SD_STREAM_RECORDS)
-        sd_stat(SD_STAT_ANSWERS_CUT);
-    if (s->mixed)
-        return; /* addresses of several other owners: learn none of them */
-    __u32 target_id = 0;
-    __u32 chain_end = s->owner;
-    if (chain_end) {
-        if (!sd_parse_name_at(skb, off, chain_end, cgid, s)) {
-            verdict = SD_DENY; /* an owner we cannot read is not trusted */
-            rule = SD_RULE_MALFORMED;
-        } else if (s->found && s->qv_verdict == SD_DENY) {
-            verdict = SD_DENY;
-            rule = s->qv_rule;
-            target_id = sd_name_id(cgid, s); /* the report names the denied target too */
-        }
-    }
-    for (int i = 0; i < SD_STREAM_RECORDS; i++) {
-        if (i >= s->naddr)
-            break;
-        sd_learn_via(cgid, s->addrs[i & (SD_STREAM_RECORDS - 1)].a, name_id, target_id, verdict, rule,
-                     s->addrs[i & (SD_STREAM_RECORDS - 1)].ttl);
-    }
+    s->cut = 0;
+    s->a_left = ancount;
+    s->calls = 0;
+    s->dns_off = off;
+    s->question = off + 12;
+    s->cgid = cgid;
+    s->name_id = name_id;
+    s->family = d->family;
+    s->proto = d->proto;
+    __builtin_memcpy(s->resolver, d->addr, sizeof(s->resolver));
+    sd_stream_tails.call(skb, SD_TAIL_ANSWERS); /* the walker is missing: nothing is learned */
+}
+
+/* The answer walker and its end, as sk_skb programs (see sd_walk_answers in dns_skb.c). */
+int sd_stream_walk(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_STRM;
+    struct sd_scratch *s = stream_scratch.lookup(&slot);
+    return s ? sd_walk_answers(skb, s, 1) : SK_PASS;
+}
+
+int sd_stream_finish(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_STRM;
+    struct sd_scratch *s = stream_scratch.lookup(&slot);
+    if (s)
+        sd_learn_answer(skb, s);
+    return SK_PASS;
 }
 
 int sd_stream_answers(struct __sk_buff *skb)

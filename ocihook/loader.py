@@ -46,6 +46,11 @@ TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
     ("sd_dns_answers", SD_TAIL_ANSWERS),
     ("sd_dns_learn", SD_TAIL_LEARN),
 )
+# the same walk for the sk_skb stream verdict (a program tail-calls only its own type)
+STREAM_TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
+    ("sd_stream_walk", SD_TAIL_ANSWERS),
+    ("sd_stream_finish", SD_TAIL_LEARN),
+)
 # (function, program type, attach type, sockhash): attached once to a pinned sockhash when
 # the programs are compiled, not per cgroup. The cgroup sock_ops program above puts the
 # sockets they judge into that sockhash (bpf/dns_stream.c: DNS over TCP as a stream).
@@ -226,6 +231,13 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
+            stream_tails = b.get_table("sd_stream_tails")
+            for name, index in STREAM_TAIL_PROGRAMS:
+                try:
+                    fn = b.load_func(name, PROG_SK_SKB)
+                except Exception as e:
+                    raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
+                stream_tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
             from bcc.libbcc import lib  # noqa: PLC0415 — bcc's tables do not know sockhashes
             for name, ptype, atype, sockmap in MAP_PROGRAMS:
                 try:
