@@ -476,3 +476,16 @@ def test_queries_written_with_sendfile_are_judged(policed, server, first_by_send
     assert "auth.internal" not in conn["messages"], (res, conn)
     assert conn["messages"] == ["pkgs.internal"], (res, conn)
     assert res["calls"][0] == "ok" and res["calls"][1] != "ok", res
+
+
+def test_every_address_of_a_large_tcp_answer_is_learned(policed, server):
+    """An answer too big for UDP comes over TCP (glibc retries there after TC): 40 A records in
+    one answer message, every one learned by the stream walker (its own tail calls)."""
+    ips = [f"127.0.154.{i}" for i in range(1, 41)]
+    server.zone.records["many.pkgs.internal"] = [("A", ip, 60) for ip in ips]
+    p = policed(POLICY.replace('  - "pkgs.internal"\n', '  - "pkgs.internal"\n  - "*.pkgs.internal"\n', 1))
+    res = p.run(tcp_exchange, SERVER, [_q("many.pkgs.internal")])
+    assert res["answers"] == [sorted(ips)], res
+    got = p.run(lambda: [connect(ip, 9) for ip in ips])
+    assert got == ["refused"] * 40, got                              # reached: every one was learned
+    assert p.run(connect, "127.0.154.41", 9) == "EPERM"              # and nothing else
