@@ -41,7 +41,6 @@ CASES = {
 LOOKUP_ONLY_SKIP = {"cname-to-denied"}   # a lookup client has nothing to connect to there
 
 _BIND9_TOOLS = "issue 12: dig/host/nslookup treat EPERM on send as a timeout (10-15 s, 'no servers could be reached')"
-_USE_VC = "issue 12: DNS over TCP: the denied query's segment is dropped and the client waits for its timeout"
 KNOWN = {  # (client, case, options) -> reason; None = any options
     **{(c, case, None): _BIND9_TOOLS for c in ("dig", "host", "nslookup")
        for case in ("denied", "denied-to-allowed")},
@@ -53,7 +52,6 @@ KNOWN = {  # (client, case, options) -> reason; None = any options
     **{("pip", case, None): "issue 12: pip retries a failed lookup 5 times (~10 s), whatever the error or answer"
        for case in ("denied", "denied-to-allowed")},
     ("pip", "unlisted", None): "issue 12: pip retries a refused connect 5 times (~9 s), whatever the errno",
-    **{(c, case, "use-vc"): _USE_VC for c in CLIENTS for case in ("denied", "denied-to-allowed")},
 }
 
 LEGS = {
@@ -243,8 +241,6 @@ def test_aaaa_only_allowed_name_connects(fld, kind):
     assert fld.listener.reached(f"v6-{kind}") == ["::1"], res
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: use-vc: A and AAAA go in one TCP segment and only the "
-                                       "first message is parsed, so the AAAA answer is never learned")
 def test_use_vc_aaaa_only_allowed_name_connects(fld):
     res, _ = _one(fld, "dnsmasq", "use-vc", clients.argv("python", f"v6.{Z}", fld.listener.port, "v6-vc"))
     assert fld.listener.reached("v6-vc") == ["::1"], res

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ocihook import report
 
 POLICY = """
@@ -33,6 +35,8 @@ def test_report_names_the_command_line_and_parent_of_an_exited_process(tmp_path)
     assert comms == ["deploy.sh", "sh"], rec["parents"]     # python <- deploy.sh <- sh -c; then safedeploy
 
 
+@pytest.mark.xfail(strict=True, reason="issue 10 class 5b: a denied TCP query now fails its write (the stream "
+                                       "path) and is never retransmitted, so this test has no softirq packet to look at")
 def test_packets_the_kernel_sends_in_softirq_name_no_process(policed):
     """A DNS query over TCP for a denied name is dropped; the kernel retransmits it from a
     timer (softirq) while other, unpoliced processes keep the CPUs busy. Those retransmissions

@@ -15,7 +15,7 @@ from dnsutil import StreamServer, Zone, getaddrinfo_in, query, tcp_exchange
 from helpers import require
 from kutil import connect
 
-SERVER = "127.0.153.11"       # the pipelining test server
+SERVER = f"127.0.153.{__import__('random').randint(100, 199)}"  # the pipelining test server (one per run)
 DNSMASQ = "127.0.153.12"      # a real resolver
 SO_COOKIE = 57
 

@@ -97,7 +97,7 @@ def test_udp_sendto_and_connected_udp_denied(policed, listener):
     assert rx.sock.recv(16) == b"x"
     recs = p.close()
     _one(recs, verdict="blocked", kind="sendmsg", proto="udp", dst_port=53)
-    _one(recs, verdict="blocked", kind="connect", proto="udp", dst_port=5353)
+    _one(recs, verdict="blocked", kind="packet", proto="udp", dst_port=5353)   # what it sent (the connect sent nothing)
 
 
 def test_audit_mode_passes_traffic_and_records_would_block(policed, listener):
