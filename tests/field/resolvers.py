@@ -76,6 +76,37 @@ def _wait_port(ip: str, port: int = 53, timeout: float = 15.0, proc: subprocess.
     raise RuntimeError(f"nothing listens on {ip}:{port} after {timeout}s")
 
 
+def _wait_answers(ip: str, name: str, timeout: float = 15.0) -> None:
+    """Until the resolver answers NOERROR for name over UDP and over TCP: a port that
+    accepts connections may belong to a server still loading its zones (SERVFAIL)."""
+    import struct
+    from dnslib import DNSRecord, RCODE
+    q = DNSRecord.question(name, "A").pack()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.settimeout(0.5)
+                u.sendto(q, (ip, 53))
+                udp = DNSRecord.parse(u.recvfrom(4096)[0])
+            with socket.create_connection((ip, 53), timeout=0.5) as t:
+                t.sendall(struct.pack("!H", len(q)) + q)
+                n = struct.unpack("!H", t.recv(2))[0]
+                data = b""
+                while len(data) < n:
+                    chunk = t.recv(n - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+                tcp = DNSRecord.parse(data)
+            if udp.header.rcode == RCODE.NOERROR and tcp.header.rcode == RCODE.NOERROR and udp.rr and tcp.rr:
+                return
+        except Exception:  # noqa: BLE001 — any failure means: not ready yet
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{ip} did not answer {name} over UDP and TCP within {timeout}s")
+
+
 def _tail(proc: subprocess.Popen) -> str:
     try:
         return (proc.stdout.read() if proc.stdout else b"").decode(errors="replace")[-500:]
@@ -222,7 +253,14 @@ def start(kind: str, work: Path) -> Resolver:
             raise FileNotFoundError(f"{tool} not installed (packaging/setup-host.sh installs it)")
     ip, aux = free_loopback(2)
     if kind == "dnsmasq":
-        return start_dnsmasq(ip, work / kind)
-    if kind == "unbound":
-        return start_unbound(ip, aux, work / kind)
-    return start_bind9(ip, work / kind)
+        res = start_dnsmasq(ip, work / kind)
+    elif kind == "unbound":
+        res = start_unbound(ip, aux, work / kind)
+    else:
+        res = start_bind9(ip, work / kind)
+    try:
+        _wait_answers(ip, f"mirror.{ZONE}")
+    except BaseException:
+        res.stop()
+        raise
+    return res
