@@ -511,49 +511,54 @@ int sd_egress(struct __sk_buff *skb)
     return sd_egress_judge(skb, sk);
 }
 
-int sd_dns_ingress(struct __sk_buff *skb)
+/* The start of learning an answer whose DNS header is at off, from resolver d: a response
+ * (NOERROR, one question) to a pending question of this cgroup. Fills the walk's state in s
+ * for sd_walk_answers; 0 when there is nothing to learn. Shared by the packet path (below)
+ * and the TCP stream path (dns_stream.c). */
+static __always_inline int sd_answer_begin(struct __sk_buff *skb, __u64 cgid, __u32 off, struct sd_dest *d,
+                                           struct sd_scratch *s)
 {
-    struct sd_dns_ctx c = {};
-    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
-    if (!s)
-        return 1;
-    __u64 cgid = c.cgid;
-    __u32 off = c.off;
-    __u8 *hdr = c.hdr;
+    __u8 hdr[SD_DNS_HDR];
+    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
+        return 0;
     if (!(hdr[2] & 0x80) || (hdr[3] & 0x0f))
-        return 1; /* not a response, or an error response */
+        return 0; /* not a response, or an error response */
     if (((hdr[4] << 8) | hdr[5]) != 1)
-        return 1;
-    __u16 ancount = (hdr[6] << 8) | hdr[7];
-
-    __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s);
+        return 0;
+    __u32 wire_len = sd_parse_qname(skb, off + SD_DNS_HDR, cgid, s);
     if (!wire_len)
-        return 1; /* not judged by name: its addresses are not learned */
+        return 0; /* not judged by name: its addresses are not learned */
     __u32 name_id = sd_known_name_id(cgid, s);
-    if (!sd_pending_take(cgid, c.d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
-        return 1; /* no such question went to that resolver from here: nothing to learn */
+    if (!sd_pending_take(cgid, d->addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
+        return 0; /* no such question went to that resolver from here: nothing to learn */
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
-    __u8 qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
-    __u16 qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-    s->aoff = off + 12 + wire_len + 4;
+    s->qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
+    s->qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
+    s->aoff = off + SD_DNS_HDR + wire_len + 4;
     s->naddr = 0;
     s->owner = 0;
     s->mixed = 0;
     s->cut = 0;
-    s->a_left = ancount;
+    s->a_left = (hdr[6] << 8) | hdr[7];
     s->calls = 0;
     s->dns_off = off;
-    s->question = off + 12;
+    s->question = off + SD_DNS_HDR;
     s->cgid = cgid;
     s->name_id = name_id;
-    s->qverdict = qverdict;
-    s->qrule = qrule;
-    s->family = c.d.family;
-    s->proto = c.d.proto;
-    __builtin_memcpy(s->resolver, c.d.addr, sizeof(s->resolver));
-    sd_tails.call(skb, SD_TAIL_ANSWERS);
-    return 1; /* the walker is missing: nothing is learned */
+    s->family = d->family;
+    s->proto = d->proto;
+    __builtin_memcpy(s->resolver, d->addr, sizeof(s->resolver));
+    return 1;
+}
+
+int sd_dns_ingress(struct __sk_buff *skb)
+{
+    struct sd_dns_ctx c = {};
+    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
+    if (s && sd_answer_begin(skb, c.cgid, c.off, &c.d, s))
+        sd_tails.call(skb, SD_TAIL_ANSWERS);
+    return 1; /* nothing to learn, or the walker is missing */
 }
 
 /* Walk up to SD_RECORDS_PER_CALL answer records (the state is in the scratch slot s), then

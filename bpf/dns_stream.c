@@ -235,37 +235,8 @@ int sd_stream_parse(struct __sk_buff *skb)
 static __always_inline void sd_stream_learn(struct __sk_buff *skb, __u64 cgid, __u32 off, struct sd_dest *d,
                                             struct sd_scratch *s)
 {
-    __u8 hdr[12];
-    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
-        return;
-    if (!(hdr[2] & 0x80) || (hdr[3] & 0x0f))
-        return; /* not a response, or an error response */
-    if (((hdr[4] << 8) | hdr[5]) != 1)
-        return;
-    __u16 ancount = (hdr[6] << 8) | hdr[7];
-    __u32 wire_len = sd_parse_qname(skb, off + 12, cgid, s);
-    if (!wire_len)
-        return; /* not judged by name: its addresses are not learned */
-    __u32 name_id = sd_known_name_id(cgid, s);
-    if (!sd_pending_take(cgid, d->addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
-        return; /* no such question went to that resolver from here: nothing to learn */
-    s->qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
-    s->qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-    s->aoff = off + 12 + wire_len + 4;
-    s->naddr = 0;
-    s->owner = 0;
-    s->mixed = 0;
-    s->cut = 0;
-    s->a_left = ancount;
-    s->calls = 0;
-    s->dns_off = off;
-    s->question = off + 12;
-    s->cgid = cgid;
-    s->name_id = name_id;
-    s->family = d->family;
-    s->proto = d->proto;
-    __builtin_memcpy(s->resolver, d->addr, sizeof(s->resolver));
-    sd_stream_tails.call(skb, SD_TAIL_ANSWERS); /* the walker is missing: nothing is learned */
+    if (sd_answer_begin(skb, cgid, off, d, s))
+        sd_stream_tails.call(skb, SD_TAIL_ANSWERS); /* the walker is missing: nothing is learned */
 }
 
 /* The answer walker and its end, as sk_skb programs (see sd_walk_answers in dns_skb.c). */

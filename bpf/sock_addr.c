@@ -82,15 +82,20 @@ static __always_inline int sd_v4(struct bpf_sock_addr *ctx, __u8 kind)
     return sd_sock_addr(ctx, &d, kind);
 }
 
+/* The IPv6 address of a sock_addr call; ::ffff:a.b.c.d is the IPv4 address it is (family 4). */
+static __always_inline void sd_dest6(struct bpf_sock_addr *ctx, struct sd_dest *d)
+{
+    d->addr[0] = ctx->user_ip6[0];
+    d->addr[1] = ctx->user_ip6[1];
+    d->addr[2] = ctx->user_ip6[2];
+    d->addr[3] = ctx->user_ip6[3];
+    d->family = sd_is_v4mapped(d->addr) ? 4 : 6;
+}
+
 static __always_inline int sd_v6(struct bpf_sock_addr *ctx, __u8 kind)
 {
     struct sd_dest d = {};
-    d.addr[0] = ctx->user_ip6[0];
-    d.addr[1] = ctx->user_ip6[1];
-    d.addr[2] = ctx->user_ip6[2];
-    d.addr[3] = ctx->user_ip6[3];
-    /* ::ffff:a.b.c.d is judged as the IPv4 address it is */
-    d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
+    sd_dest6(ctx, &d);
     if (d.family == 4 && d.addr[3] == 0) {
         d.addr[3] = sd_any4(ctx); /* ::ffff:0.0.0.0 */
     } else if (d.family == 6 && !(d.addr[0] | d.addr[1] | d.addr[2] | d.addr[3])) {
@@ -168,11 +173,7 @@ int sd_bind4(struct bpf_sock_addr *ctx)
 int sd_bind6(struct bpf_sock_addr *ctx)
 {
     struct sd_dest d = {};
-    d.addr[0] = ctx->user_ip6[0];
-    d.addr[1] = ctx->user_ip6[1];
-    d.addr[2] = ctx->user_ip6[2];
-    d.addr[3] = ctx->user_ip6[3];
-    d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
+    sd_dest6(ctx, &d);
     return sd_bind(ctx, &d);
 }
 
