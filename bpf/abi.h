@@ -48,7 +48,9 @@
 #define SD_STAT_DNS_MALFORMED 3
 #define SD_STAT_LIVE_UNREAD 4   /* live events not taken because nobody runs `watch` */
 #define SD_STAT_ANSWERS_CUT 5   /* DNS answers with more address records than SD_MAX_ANSWERS */
-#define SD_NSTATS 6
+#define SD_STAT_STREAM_REORDERED 6 /* DNS-over-TCP answer segments dropped to come again in order */
+#define SD_STAT_STREAM_LOST 7   /* DNS-over-TCP connections whose answers could no longer be followed */
+#define SD_NSTATS 8
 
 /* cgroups: u64 cgroup id -> policy header of the cgroup the policy was applied to */
 struct sd_cgroup {
@@ -157,10 +159,16 @@ struct sd_learned {
  * (only possible over TCP) is cut, counted (SD_STAT_ANSWERS_CUT) and reported. */
 #define SD_MAX_ANSWERS 256
 #define SD_RECORDS_PER_CALL 16  /* answer records walked per program run (bpf/dns_skb.c) */
-#define SD_MAX_CALLS 30         /* tail calls of the record walker: 16 * 31 = 496 records at most */
+#define SD_TAIL_BUDGET 33       /* tail calls the kernel allows per packet (MAX_TAIL_CALL_CNT) */
 #define SD_TAIL_ANSWERS 0       /* sd_tails: the record walker (sd_dns_answers) */
 #define SD_TAIL_LEARN 1         /* sd_tails: the end of an answer (sd_dns_learn) */
-#define SD_NTAILS 2
+#define SD_TAIL_RX 2            /* sd_tails: the DNS-over-TCP answer stream (sd_dns_rx) */
+#define SD_TAIL_BEGIN 3         /* sd_tails: the question of an answer in msgbuf (sd_dns_begin) */
+#define SD_NTAILS 4
+/* A DNS message is walked from a per-CPU copy of it (msgbuf): a datagram's payload, or a
+ * TCP answer message, put together from its segments when it came in pieces. A message
+ * longer than this is walked as far as it goes (its further records are cut). */
+#define SD_MSGBUF 8192
 struct sd_answer {
     __u32 a[4];
     __u32 ttl;

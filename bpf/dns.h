@@ -7,6 +7,21 @@
 
 #define SD_DNS_PORT 53
 
+/* Reads of the message being walked (struct sd_msgbuf, maps.h), bounds checked: -1 past
+ * what was copied (len <= SD_MSGBUF). The source is a map value, so the helper cannot
+ * fault. One check only: each more would be one more verifier state per read. */
+static __always_inline int sd_mb_load(struct sd_msgbuf *mb, __u32 off, void *dst, __u32 len)
+{
+    if (off + len > mb->len)
+        return -1;
+    return bpf_probe_read_kernel(dst, len, &mb->b[off & (SD_MSGBUF - 1)]);
+}
+
+static __always_inline int sd_mb_byte(struct sd_msgbuf *mb, __u32 off, __u8 *c)
+{
+    return sd_mb_load(mb, off, c, 1); /* a direct load: a known-bounded byte, more states */
+}
+
 /* Judge the dotted name in s->text[0..len): write it reversed into s->key (the names-trie
  * and qids key: `gro.naibed` then a 0 terminator, zero padded) and look up the verdict of
  * a query for it (s->found, s->qv_*). */
@@ -248,14 +263,14 @@ static __always_inline __u8 sd_query_verdict(struct sd_cgroup *pol, struct sd_sc
 #define SD_TYPE_AAAA 28
 #define SD_DNS_HDR 12           /* bytes of the DNS header; the question follows */
 #define SD_PTR_QUESTION (0xc000 | SD_DNS_HDR) /* a compression pointer to the question's name */
-static __always_inline int sd_answer_record(struct __sk_buff *skb, struct sd_scratch *s, __u32 question, __u32 max)
+static __always_inline int sd_answer_record(struct sd_msgbuf *mb, struct sd_scratch *s, __u32 question, __u32 max)
 {
     s->skipped = 0;
     __u32 owner = s->aoff;
     for (int l = 0; l < SD_MAX_LABELS_SKIP; l++) { /* the owner name */
         __u8 b;
         __u32 at = s->aoff;
-        if (bpf_skb_load_bytes(skb, at, &b, 1) < 0)
+        if (sd_mb_byte(mb, at, &b) < 0)
             return 0;
         if ((b & 0xc0) == 0xc0) {
             s->aoff = at + 2;
@@ -273,7 +288,7 @@ static __always_inline int sd_answer_record(struct __sk_buff *skb, struct sd_scr
         return 0;
     __u32 aoff = s->aoff;
     __u8 rr[10];
-    if (bpf_skb_load_bytes(skb, aoff, rr, sizeof(rr)) < 0)
+    if (sd_mb_load(mb, aoff, rr, sizeof(rr)) < 0)
         return 0;
     __u16 type = (rr[0] << 8) | rr[1];
     __u32 ttl = ((__u32)rr[4] << 24) | ((__u32)rr[5] << 16) | ((__u32)rr[6] << 8) | rr[7];
@@ -290,9 +305,9 @@ static __always_inline int sd_answer_record(struct __sk_buff *skb, struct sd_scr
             s->addrs[i].a[0] = 0;
             s->addrs[i].a[1] = 0;
             s->addrs[i].a[2] = bpf_htonl(0xffff);
-            got = bpf_skb_load_bytes(skb, aoff, &s->addrs[i].a[3], 4) == 0;
+            got = sd_mb_load(mb, aoff, &s->addrs[i].a[3], 4) == 0;
         } else {
-            got = bpf_skb_load_bytes(skb, aoff, s->addrs[i].a, 16) == 0;
+            got = sd_mb_load(mb, aoff, s->addrs[i].a, 16) == 0;
         }
     }
     if (got) {
@@ -300,7 +315,7 @@ static __always_inline int sd_answer_record(struct __sk_buff *skb, struct sd_scr
         s->naddr = n + 1;
         /* whose address is it: the question's, or the end of a CNAME chain's? */
         __u8 ptr[2] = {};
-        bpf_skb_load_bytes(skb, owner, ptr, 2);
+        sd_mb_load(mb, owner, ptr, 2);
         __u16 p = ((__u16)ptr[0] << 8) | ptr[1];
         if (owner != question && p != SD_PTR_QUESTION) {
             if (!s->owner) {

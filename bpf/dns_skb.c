@@ -23,7 +23,6 @@
 
 /* The answer parser is split in tail calls (SD_TAIL_*), each verified on its own. */
 BPF_PROG_ARRAY(sd_tails, SD_NTAILS);
-BPF_PROG_ARRAY(sd_stream_tails, SD_NTAILS); /* the same walk for sk_skb programs (dns_stream.c) */
 
 /* The cheap test every packet takes: could it be DNS (port 53 in the right direction)?
  * Direct packet reads, no helper calls; 1 also when the headers are not in the linear
@@ -138,24 +137,51 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
     return sd_name_end(cgid, s) ? s->pos : 0;
 }
 
-/* Parse a possibly compressed name at off (an answer's owner name) into s->q and judge
- * it. Pointers must point backwards (no loops) and at most 16 are followed. Returns 1
- * when parsed. */
+/* The same for the question of an answer in the message buffer (offsets from its header). */
+static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, __u64 cgid, struct sd_scratch *s)
+{
+    __u32 len = mb->len;
+    __u32 avail = len > off ? len - off : 0;
+    if (avail == 0)
+        return 0;
+    __u32 n = avail > SD_NAME_BUF ? SD_NAME_BUF : avail;
+    n -= 1;
+    asm volatile("%0 &= 0xff" : "+r"(n));
+    n += 1;
+    if (sd_mb_load(mb, off, s->wire, n) < 0)
+        return 0;
+    sd_name_start(s, 0);
+    for (int i = 0; i < SD_NAME_BUF; i++) {
+        __u32 pos = s->pos;
+        if (pos >= n)
+            break;
+        int r = sd_name_byte(s, s->wire[pos & 0xff]);
+        s->pos = pos + 1;
+        if (r) {
+            s->done = r > 0;
+            break;
+        }
+    }
+    return sd_name_end(cgid, s) ? s->pos : 0;
+}
+
+/* Parse a possibly compressed name at off of the message buffer (an answer's owner name)
+ * into s->q and judge it. Pointers must point backwards (no loops) and at most 16 are
+ * followed. Returns 1 when parsed. */
 #define SD_MAX_JUMPS 16
-static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off, __u32 off, __u64 cgid,
-                                            struct sd_scratch *s)
+static __always_inline int sd_parse_name_at(struct sd_msgbuf *mb, __u32 off, __u64 cgid, struct sd_scratch *s)
 {
     sd_name_start(s, off);
     s->skipped = 0; /* pointers followed */
     for (int i = 0; i < SD_NAME_BUF + SD_MAX_JUMPS; i++) {
         __u32 pos = s->pos;
         __u8 c[2];
-        if (bpf_skb_load_bytes(skb, pos, c, 1) < 0)
+        if (sd_mb_byte(mb, pos, &c[0]) < 0)
             break;
         if (s->rem == 0 && (c[0] & 0xc0) == 0xc0) {
-            if (bpf_skb_load_bytes(skb, pos + 1, &c[1], 1) < 0)
+            if (sd_mb_byte(mb, pos + 1, &c[1]) < 0)
                 break;
-            __u32 target = dns_off + (((__u32)(c[0] & 0x3f) << 8) | c[1]);
+            __u32 target = ((__u32)(c[0] & 0x3f) << 8) | c[1];
             __u32 jumps = s->skipped;
             if (target >= pos || jumps >= SD_MAX_JUMPS)
                 break;
@@ -173,31 +199,22 @@ static __always_inline int sd_parse_name_at(struct __sk_buff *skb, __u32 dns_off
     return sd_name_end(cgid, s);
 }
 
-/* What both DNS programs need first: the DNS message, the policy of the socket's cgroup,
- * this program's scratch slot and the 12-byte DNS header. NULL: not ours to look at. */
-struct sd_dns_ctx {
-    struct sd_dest d;
-    __u32 off;
-    __u64 cgid;
-    struct sd_cgroup *pol;
-    __u8 hdr[12];
-};
-
-static __always_inline struct sd_scratch *sd_dns_begin(struct __sk_buff *skb, int to_dns, __u32 slot,
-                                                       struct sd_dns_ctx *c)
+/* Copy len bytes at off of the skb (a DNS message) into the message buffer; a message
+ * longer than SD_MSGBUF is copied as far as it fits (trunc). 0 when nothing was copied. */
+static __always_inline int sd_mb_fill(struct __sk_buff *skb, struct sd_msgbuf *mb, __u32 off, __u32 len)
 {
-    if (!sd_maybe_dns(skb, to_dns) || !sd_dns_locate(skb, to_dns, &c->d, &c->off))
+    mb->len = 0;
+    mb->trunc = len > SD_MSGBUF;
+    if (len == 0)
         return 0;
-    /* stream path (dns_stream.c): TCP sockets in dns_socks have every answer read whole
-     * there; a segment need not start at a message */
-    if (c->d.proto == IPPROTO_TCP && sd_stream_owns(skb))
+    __u32 n = len > SD_MSGBUF ? SD_MSGBUF : len;
+    n -= 1;
+    asm volatile("%0 &= %1" : "+r"(n) : "i"(SD_MSGBUF - 1));
+    n += 1;
+    if (bpf_skb_load_bytes(skb, off, mb->b, n) < 0)
         return 0;
-    c->pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &c->cgid);
-    if (!c->pol)
-        return 0;
-    if (bpf_skb_load_bytes(skb, c->off, c->hdr, sizeof(c->hdr)) < 0)
-        return 0;
-    return scratch.lookup(&slot);
+    mb->len = n;
+    return 1;
 }
 
 /* What egress needs of a packet: its real destination and protocol, its ports, and
@@ -511,21 +528,20 @@ int sd_egress(struct __sk_buff *skb)
     return sd_egress_judge(skb, sk);
 }
 
-/* The start of learning an answer whose DNS header is at off, from resolver d: a response
+/* The start of learning the answer in the message buffer, from resolver d: a response
  * (NOERROR, one question) to a pending question of this cgroup. Fills the walk's state in s
- * for sd_walk_answers; 0 when there is nothing to learn. Shared by the packet path (below)
- * and the TCP stream path (dns_stream.c). */
-static __always_inline int sd_answer_begin(struct __sk_buff *skb, __u64 cgid, __u32 off, struct sd_dest *d,
-                                           struct sd_scratch *s)
+ * for sd_walk_answers; 0 when there is nothing to learn. Shared by the datagram path
+ * (below) and the TCP answer stream (sd_dns_rx, dns_stream.c). */
+static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, struct sd_dest *d, struct sd_scratch *s)
 {
     __u8 hdr[SD_DNS_HDR];
-    if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
+    if (sd_mb_load(mb, 0, hdr, sizeof(hdr)) < 0)
         return 0;
     if (!(hdr[2] & 0x80) || (hdr[3] & 0x0f))
         return 0; /* not a response, or an error response */
     if (((hdr[4] << 8) | hdr[5]) != 1)
         return 0;
-    __u32 wire_len = sd_parse_qname(skb, off + SD_DNS_HDR, cgid, s);
+    __u32 wire_len = sd_parse_qname_mb(mb, SD_DNS_HDR, cgid, s);
     if (!wire_len)
         return 0; /* not judged by name: its addresses are not learned */
     __u32 name_id = sd_known_name_id(cgid, s);
@@ -535,15 +551,13 @@ static __always_inline int sd_answer_begin(struct __sk_buff *skb, __u64 cgid, __
      * default is judged at connect by CIDR rules and the default, as decide() does) */
     s->qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
     s->qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
-    s->aoff = off + SD_DNS_HDR + wire_len + 4;
+    s->aoff = SD_DNS_HDR + wire_len + 4;
     s->naddr = 0;
     s->owner = 0;
     s->mixed = 0;
     s->cut = 0;
     s->a_left = (hdr[6] << 8) | hdr[7];
-    s->calls = 0;
-    s->dns_off = off;
-    s->question = off + SD_DNS_HDR;
+    s->question = SD_DNS_HDR;
     s->cgid = cgid;
     s->name_id = name_id;
     s->family = d->family;
@@ -552,21 +566,79 @@ static __always_inline int sd_answer_begin(struct __sk_buff *skb, __u64 cgid, __
     return 1;
 }
 
+/* A tail call counted against the kernel's per-packet budget (s->tc). Returns only when
+ * the program is missing or the budget is spent. */
+static __always_inline void sd_tail(struct __sk_buff *skb, struct sd_scratch *s, __u32 index)
+{
+    s->tc = s->tc + 1;
+    sd_tails.call(skb, index);
+}
+
+#include "dns_rx.h"
+
+/* The walk's resolver, cgroup and budget into s, then the question (sd_dns_begin). */
+static __always_inline void sd_answer_walk(struct __sk_buff *skb, struct sd_scratch *s, __u64 cgid, struct sd_dest *d)
+{
+    s->cgid = cgid;
+    s->family = d->family;
+    s->proto = d->proto;
+    __builtin_memcpy(s->resolver, d->addr, sizeof(s->resolver));
+    sd_tail(skb, s, SD_TAIL_BEGIN);
+}
+
 int sd_dns_ingress(struct __sk_buff *skb)
 {
-    struct sd_dns_ctx c = {};
-    struct sd_scratch *s = sd_dns_begin(skb, 0, SD_SCRATCH_INGRESS, &c);
-    if (s && sd_answer_begin(skb, c.cgid, c.off, &c.d, s))
-        sd_tails.call(skb, SD_TAIL_ANSWERS);
-    return 1; /* nothing to learn, or the walker is missing */
+    if (!sd_maybe_dns(skb, 0))
+        return 1;
+    /* a policed process's DNS-over-TCP connection: its answers are followed as a stream */
+    struct bpf_sock *sk = sd_rx_sk(skb);
+    struct sd_sock *ss = sk ? sd_socks.sk_storage_get(sk, 0, 0) : 0;
+    if (ss && ss->rx_on)
+        return sd_rx_segment(skb, sk, ss);
+    struct sd_dest d = {};
+    __u32 off = 0;
+    if (!sd_dns_locate(skb, 0, &d, &off))
+        return 1;
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
+    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    if (!pol || !s || !mb)
+        return 1;
+    /* a datagram, or a TCP segment of a connection not followed as a stream (made before
+     * the policy came) read as one message at its start */
+    if (!sd_mb_fill(skb, mb, off, skb->len - off))
+        return 1;
+    s->tc = 0;
+    s->rx = 0;
+    sd_answer_walk(skb, s, cgid, &d);
+    return 1; /* the programs are missing: nothing learned */
+}
+
+/* The question of the answer in msgbuf: start the walk when it answers a pending query. */
+int sd_dns_begin(struct __sk_buff *skb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    if (!s || !mb)
+        return 1;
+    struct sd_dest d = {};
+    __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
+    d.family = s->family;
+    d.proto = s->proto;
+    d.port = SD_DNS_PORT;
+    if (sd_answer_begin(mb, s->cgid, &d, s))
+        sd_tail(skb, s, SD_TAIL_ANSWERS);
+    return sd_rx_next(skb, s); /* nothing to learn from this one (or the walker is missing) */
 }
 
 /* Walk up to SD_RECORDS_PER_CALL answer records (the state is in the scratch slot s), then
- * go on in a tail call of the walker, or finish with sd_learn_answer. One body for the two
- * program types that learn answers: cgroup_skb (a datagram or segment: sd_tails) and
- * sk_skb (a whole TCP message, dns_stream.c: sd_stream_tails), since a program can only
- * tail-call programs of its own type. stream is a constant: the other map is compiled out. */
-static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_scratch *s, const int stream)
+ * go on in a tail call of the walker, or finish with sd_learn_answer. The walk goes on
+ * while the tail calls it still needs (itself, the end, and the TCP stream's next message)
+ * fit in the kernel's budget; records past that are cut. */
+static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
 {
     __u32 question = s->question;
     for (int a = 0; a < SD_RECORDS_PER_CALL; a++) {
@@ -574,30 +646,27 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_scra
         if (left == 0)
             break;
         s->a_left = left - 1;
-        if (!sd_answer_record(skb, s, question, SD_MAX_ANSWERS))
-            return 1;
+        if (!sd_answer_record(mb, s, question, SD_MAX_ANSWERS)) {
+            if (!mb->trunc)
+                return sd_rx_next(skb, s); /* malformed: nothing learned */
+            s->cut = 1; /* the message goes on past what the buffer holds */
+            s->a_left = 0;
+            break;
+        }
     }
     if (s->a_left) {
-        __u32 calls = s->calls;
-        if (calls < SD_MAX_CALLS) {
-            s->calls = calls + 1;
-            if (stream)
-                sd_stream_tails.call(skb, SD_TAIL_ANSWERS);
-            else
-                sd_tails.call(skb, SD_TAIL_ANSWERS);
-            return 1; /* out of tail calls (cannot happen: 30 < 33) */
+        if (s->tc + 2 + s->rx <= SD_TAIL_BUDGET) {
+            sd_tail(skb, s, SD_TAIL_ANSWERS);
+            return 1; /* the walker is missing: nothing learned */
         }
         s->cut = 1; /* more records than the walk covers */
     }
-    if (stream)
-        sd_stream_tails.call(skb, SD_TAIL_LEARN);
-    else
-        sd_tails.call(skb, SD_TAIL_LEARN);
+    sd_tail(skb, s, SD_TAIL_LEARN);
     return 1;
 }
 
 /* The end of an answer: check the CNAME chain's end, learn every address, report a cut. */
-static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_scratch *s)
+static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
 {
     __u64 cgid = s->cgid;
     __u32 name_id = s->name_id;
@@ -621,7 +690,7 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_scra
     __u32 target_id = 0;
     __u32 chain_end = s->owner;
     if (chain_end) {
-        if (!sd_parse_name_at(skb, s->dns_off, chain_end, cgid, s)) {
+        if (!sd_parse_name_at(mb, chain_end, cgid, s)) {
             verdict = SD_DENY; /* an owner we cannot read is not trusted */
             rule = SD_RULE_MALFORMED;
         } else if (s->found && s->qv_verdict == SD_DENY) {
@@ -641,14 +710,21 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_scra
 
 int sd_dns_answers(struct __sk_buff *skb)
 {
-    __u32 slot = SD_SCRATCH_INGRESS;
+    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
     struct sd_scratch *s = scratch.lookup(&slot);
-    return s ? sd_walk_answers(skb, s, 0) : 1;
+    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    return s && mb ? sd_walk_answers(skb, mb, s) : 1;
 }
 
 int sd_dns_learn(struct __sk_buff *skb)
 {
-    __u32 slot = SD_SCRATCH_INGRESS;
+    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
     struct sd_scratch *s = scratch.lookup(&slot);
-    return s ? sd_learn_answer(skb, s) : 1;
+    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    if (!s || !mb)
+        return 1;
+    sd_learn_answer(skb, mb, s);
+    if (s->rx && s->tc < SD_TAIL_BUDGET)
+        sd_tail(skb, s, SD_TAIL_RX); /* the budget was kept for it (sd_rx_walk) */
+    return 1;
 }

@@ -2,8 +2,9 @@
  *
  * sd_stream_sockops (cgroup sock_ops, attached per policed cgroup like the other programs):
  *   at connect() to port 53 by a policed process, remember the cgroup in the socket's
- *   storage and open its answer-parsing state; once established, put the socket into
- *   the dns_socks sockhash. Nothing else: other TCP sockets never enter the sockhash.
+ *   storage; once established, put the socket into the dns_socks sockhash and start
+ *   following the resolver's answers (dns_rx.h: the ingress program reads them as a
+ *   stream). Nothing else: other TCP sockets never enter the sockhash.
  * sd_stream_msg (sk_msg verdict on dns_socks): runs on what the process writes, before it
  *   reaches TCP. It sees one whole message at a time: while the 2-byte length or the
  *   message is incomplete the bytes are corked (held, the write succeeds) until later
@@ -11,18 +12,14 @@
  *   program runs again on what follows. A denied query fails the write with EACCES and
  *   nothing of it reaches the resolver (and, by the kernel's sk_msg semantics, every later
  *   write on that connection fails too: the client closes it).
- * sd_stream_parse / sd_stream_answers (sk_skb stream parser and verdict on dns_socks): the
- *   kernel's strparser hands every answer message whole to the verdict, which learns its
- *   addresses by the packet ingress program's rules (sd_stream_learn). Answers always pass.
  */
 #include "safedeploy.h"
 #include "dns.h"
 #include "dns_stream.h"
 
-#define SD_TCP_CLOSE 7          /* BPF_TCP_CLOSE */
 #define SD_AF_INET6 10
 
-/* The peer (the resolver) of an sk_msg or sk_skb context into d, IPv4 as ::ffff:a.b.c.d.
+/* The peer (the resolver) of an sk_msg context into d, IPv4 as ::ffff:a.b.c.d.
  * A macro: the fields are read straight from the context (the verifier refuses loads
  * through a pointer into it, so the compiler must not merge the two branches' loads). */
 #define SD_SOCK_PEER(ctx, d)                                        \
@@ -59,14 +56,8 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
         if (!pol || !sk)
             return 1;
         struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-        if (!ss)
-            return 1; /* not streamed: the per-packet parsers judge it */
-        ss->cgid = cgid;
-        __u64 ck = bpf_get_socket_cookie(skops);
-        struct sd_stream st = {};
-        st.cgid = cgid;
-        sd_streams.update(&ck, &st);
-        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+        if (ss)
+            ss->cgid = cgid; /* else not streamed: the per-packet parsers judge it */
         return 1;
     }
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
@@ -76,18 +67,15 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
         struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
         if (!ss)
             return 1;
+        /* the resolver's first byte is the next one TCP expects: follow answers from there */
+        ss->rx_next = skops->rcv_nxt;
+        ss->rx_on = 1;
         /* not streamed yet: a write that began before this (TCP Fast Open, a send blocked
          * on the handshake) still leaves through plain TCP, and the per-packet parser must
          * judge it. sd_stream_msg marks the socket when it sees its first write. */
         __u64 ck = bpf_get_socket_cookie(skops);
-        if (!sd_streams.lookup(&ck))
-            return 1; /* no answer-parsing state (sd_streams full): left to the packet parsers */
         dns_socks.sock_hash_update(skops, &ck, BPF_NOEXIST);
         return 1;
-    }
-    if (op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == SD_TCP_CLOSE) {
-        __u64 ck = bpf_get_socket_cookie(skops);
-        sd_streams.delete(&ck);
     }
     return 1;
 }
@@ -193,87 +181,5 @@ int sd_stream_msg(struct sk_msg_md *msg)
     if (name_id)
         sd_pending_put(cgid, d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
     bpf_msg_apply_bytes(msg, need);
-    return SK_PASS;
-}
-
-/* The stream parser: the length of the message starting in this skb. The kernel gives the
- * program the skb the message starts in (or, while the length is incomplete, that skb with
- * the next ones appended) but not the message's offset inside it: sd_streams tracks it —
- * the bytes after the last whole message (tail) are where the next one starts. */
-int sd_stream_parse(struct __sk_buff *skb)
-{
-    __u64 ck = bpf_get_socket_cookie(skb);
-    struct sd_stream *st = sd_streams.lookup(&ck);
-    __u32 len = skb->len;
-    if (!st)
-        return len; /* cannot happen (sockops checks): hand the bytes on as they came */
-    __u32 off = 0;
-    if (st->hold)
-        off = st->off;
-    else if (st->tail && st->tail <= len)
-        off = len - st->tail;
-    st->tail = 0;
-    st->off = off;
-    st->hold = 0;
-    if (off + 2 > len) {
-        st->hold = 1;
-        return 0; /* more bytes needed */
-    }
-    __u8 h[2];
-    if (bpf_skb_load_bytes(skb, off, h, 2) < 0)
-        return -1;
-    __u32 mlen = 2 + (((__u32)h[0] << 8) | h[1]);
-    st->mlen = mlen;
-    return mlen;
-}
-
-/* Learn the addresses of the DNS answer whose header is at off of a whole answer message
- * (skb of the stream verdict): the same walk as the packet path (dns_skb.c), in tail calls
- * of sk_skb programs (sd_stream_tails), up to SD_MAX_ANSWERS addresses. Same rules: only the
- * answer to a pending question teaches, a denied CNAME chain end makes every address
- * learned as denied, several other owners teach nothing. */
-static __always_inline void sd_stream_learn(struct __sk_buff *skb, __u64 cgid, __u32 off, struct sd_dest *d,
-                                            struct sd_scratch *s)
-{
-    if (sd_answer_begin(skb, cgid, off, d, s))
-        sd_stream_tails.call(skb, SD_TAIL_ANSWERS); /* the walker is missing: nothing is learned */
-}
-
-/* The answer walker and its end, as sk_skb programs (see sd_walk_answers in dns_skb.c). */
-int sd_stream_walk(struct __sk_buff *skb)
-{
-    __u32 slot = SD_SCRATCH_STRM;
-    struct sd_scratch *s = stream_scratch.lookup(&slot);
-    return s ? sd_walk_answers(skb, s, 1) : SK_PASS;
-}
-
-int sd_stream_finish(struct __sk_buff *skb)
-{
-    __u32 slot = SD_SCRATCH_STRM;
-    struct sd_scratch *s = stream_scratch.lookup(&slot);
-    if (s)
-        sd_learn_answer(skb, s);
-    return SK_PASS;
-}
-
-int sd_stream_answers(struct __sk_buff *skb)
-{
-    __u64 ck = bpf_get_socket_cookie(skb);
-    struct sd_stream *st = sd_streams.lookup(&ck);
-    if (!st)
-        return SK_PASS;
-    __u32 off = st->off;
-    __u32 end = off + st->mlen;
-    st->tail = skb->len > end ? skb->len - end : 0;
-    __u64 cgid = st->cgid;
-    if (!sd_cgroup_of(cgid))
-        return SK_PASS;
-    __u32 slot = SD_SCRATCH_STRM;
-    struct sd_scratch *s = stream_scratch.lookup(&slot);
-    if (!s)
-        return SK_PASS;
-    struct sd_dest d = {};
-    SD_SOCK_PEER(skb, &d);
-    sd_stream_learn(skb, cgid, off + 2, &d, s);
     return SK_PASS;
 }

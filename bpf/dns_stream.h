@@ -1,12 +1,15 @@
-/* safedeploy: DNS over TCP as a stream (bcc dialect) — the maps shared by the stream
- * programs of dns_stream.c and the one question the packet programs ask them.
+/* safedeploy: DNS over TCP as a stream (bcc dialect) — the per-connection state shared by
+ * the sock_ops and sk_msg programs of dns_stream.c (what the process writes) and the
+ * cgroup_skb ingress programs of dns_rx.h (what the resolver answers).
  *
  * A policed process's TCP connection to port 53 is marked at connect (sd_socks, socket
- * local storage: the cgroup whose policy judges it) and, once established, put into the
- * dns_socks sockhash: the sk_msg program judges every message the process writes, the
- * sk_skb stream parser and verdict read every answer message. sd_streams keeps, per
- * socket (by cookie), where the next answer message starts (the stream parser does not
- * tell a program the offset of a message inside its skb, see dns_stream.c).
+ * local storage: the cgroup whose policy judges it). Once established it is put into the
+ * dns_socks sockhash, whose sk_msg program judges every message the process writes; and
+ * from then on the ingress program follows the resolver's byte stream (rx_*: where the next
+ * segment starts, where the current answer message stands), so that every answer message
+ * is read whole however it is cut into segments. No program sits on the socket's receive
+ * path: the kernel's receive side of sockmaps (sk_skb) can fail a blocking read with EAGAIN
+ * while a segment waits for its parser, which glibc takes for a failed lookup.
  */
 #ifndef SD_DNS_STREAM_H
 #define SD_DNS_STREAM_H
@@ -14,31 +17,37 @@
 struct sd_sock {
     __u64 cgid;         /* the policed cgroup of the process that connected */
     __u32 streamed;     /* 1: writes go through sd_stream_msg (in dns_socks, and it saw one) */
-    __u32 pad;
+    /* the answer stream, followed by the ingress program (dns_rx.h) */
+    __u32 rx_on;        /* 1: established; rx_next is set */
+    __u32 rx_next;      /* sequence number of the next byte to follow */
+    __u32 rx_have;      /* bytes of the current message seen so far (its 2-byte length excluded) */
+    __u16 rx_mlen;      /* the current message's length, once rx_pfx == 2 */
+    __u8 rx_pfx;        /* bytes of the current message's length prefix seen (0..2) */
+    __u8 rx_pfx0;       /* its first byte */
+    __u8 rx_cut;        /* the current message is not kept (longer than SD_MSGBUF, no room) */
+    __u8 rx_lost;       /* the stream can no longer be followed: nothing more is learned from it */
+    __u8 pad[6];
 };
 BPF_SK_STORAGE(sd_socks, struct sd_sock);
+
+/* an answer message that arrived in pieces, put together until its last byte is in; twice
+ * SD_MSGBUF so that the verifier can see a masked offset plus a masked length fit. Created
+ * only for a message that spans segments. */
+struct sd_asm {
+    __u8 b[2 * SD_MSGBUF];
+};
+BPF_SK_STORAGE(sd_asm, struct sd_asm);
 
 /* the sockets whose DNS messages are judged by the stream programs, by socket cookie */
 BPF_SOCKHASH(dns_socks, __u64, 65536);
 
-/* answer-side parsing state, by socket cookie; deleted when the socket closes */
-struct sd_stream {
-    __u64 cgid;
-    __u32 off;          /* offset in the current skb of the message being parsed */
-    __u32 mlen;         /* its length, the 2-byte prefix included */
-    __u32 tail;         /* bytes after the last whole message in its skb: the next one */
-    __u32 hold;         /* 1: the parser asked for more bytes, off stays */
-};
-BPF_F_TABLE("hash", __u64, struct sd_stream, sd_streams, 65536, BPF_F_NO_PREALLOC);
-
-/* per-CPU scratch of the stream programs: sk_msg runs in process context and may be
- * interrupted by the sk_skb verdict (softirq), so each has its own slot */
+/* per-CPU scratch of the sk_msg program (process context: not shared with the packet
+ * programs' slots, which may interrupt it) */
 #define SD_SCRATCH_MSG 0
-#define SD_SCRATCH_STRM 1
-BPF_PERCPU_ARRAY(stream_scratch, struct sd_scratch, 2);
+BPF_PERCPU_ARRAY(stream_scratch, struct sd_scratch, 1);
 
 /* Is this TCP packet's socket judged by the stream programs? Then the per-packet DNS
- * parsers of dns_skb.c leave it alone (a segment need not start at a message). */
+ * parser of egress leaves it alone (a segment need not start at a message). */
 static __always_inline int sd_stream_owns(struct __sk_buff *skb)
 {
     struct bpf_sock *sk = skb->sk;

@@ -66,8 +66,10 @@ struct sd_scratch {
     /* the walk over an answer's records, carried from one tail call to the next */
     volatile __u64 cgid;
     volatile __u32 a_left;      /* records not walked yet */
-    volatile __u32 calls;
-    volatile __u32 dns_off;
+    volatile __u32 tc;          /* tail calls made for this packet so far (at most SD_TAIL_BUDGET) */
+    volatile __u32 rx;          /* 1: the walk is of a TCP answer message (sd_dns_rx goes on after it) */
+    volatile __u32 seg_pos;     /* TCP answer stream: the next byte of this segment to follow */
+    volatile __u32 seg_end;
     volatile __u32 question;
     volatile __u32 name_id;
     volatile __u32 cut;         /* more address records than SD_MAX_ANSWERS, or records than walked */
@@ -84,6 +86,15 @@ struct sd_scratch {
 #define SD_SCRATCH_INGRESS 1
 #define SD_SCRATCH_SOCK 2
 BPF_PERCPU_ARRAY(scratch, struct sd_scratch, 3);
+
+/* The DNS message an answer walk reads (ingress only: one slot), offsets from its header.
+ * len: the bytes copied; trunc: the message was longer than SD_MSGBUF. */
+struct sd_msgbuf {
+    __u8 b[SD_MSGBUF];
+    __u32 len;
+    __u32 trunc;
+};
+BPF_PERCPU_ARRAY(msgbuf, struct sd_msgbuf, 1);
 BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
 
 /* sk_judged: per UDP socket, the destination its last unconnected sendmsg was judged for

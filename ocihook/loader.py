@@ -16,14 +16,13 @@ from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_
 from .errors import SafedeployError
 from .pinned import pin_names
 from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
-from .abi import SD_TAIL_ANSWERS, SD_TAIL_LEARN
+from .abi import SD_TAIL_ANSWERS, SD_TAIL_BEGIN, SD_TAIL_LEARN, SD_TAIL_RX
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
 PROG_CGROUP_SOCK = 9
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_SOCK_OPS = 13
-PROG_SK_SKB = 14
 PROG_SK_MSG = 16
 PROG_CGROUP_SOCKOPT = 25
 
@@ -43,21 +42,16 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
 )
 # programs reached only by tail calls from the ingress program: (function, index in sd_tails)
 TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
+    ("sd_dns_begin", SD_TAIL_BEGIN),
     ("sd_dns_answers", SD_TAIL_ANSWERS),
     ("sd_dns_learn", SD_TAIL_LEARN),
-)
-# the same walk for the sk_skb stream verdict (a program tail-calls only its own type)
-STREAM_TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
-    ("sd_stream_walk", SD_TAIL_ANSWERS),
-    ("sd_stream_finish", SD_TAIL_LEARN),
+    ("sd_dns_rx", SD_TAIL_RX),
 )
 # (function, program type, attach type, sockhash): attached once to a pinned sockhash when
 # the programs are compiled, not per cgroup. The cgroup sock_ops program above puts the
 # sockets they judge into that sockhash (bpf/dns_stream.c: DNS over TCP as a stream).
 MAP_PROGRAMS: tuple[tuple[str, int, int, str], ...] = (
     ("sd_stream_msg", PROG_SK_MSG, bpfsys.SK_MSG_VERDICT, "dns_socks"),
-    ("sd_stream_parse", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_PARSER, "dns_socks"),
-    ("sd_stream_answers", PROG_SK_SKB, bpfsys.SK_SKB_STREAM_VERDICT, "dns_socks"),
 )
 SOURCES = ("sock_addr.c", "dns_skb.c", "dns_stream.c")
 CFLAGS = ("-Wno-unused-function", "-Wno-macro-redefined")
@@ -231,13 +225,6 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
-            stream_tails = b.get_table("sd_stream_tails")
-            for name, index in STREAM_TAIL_PROGRAMS:
-                try:
-                    fn = b.load_func(name, PROG_SK_SKB)
-                except Exception as e:
-                    raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
-                stream_tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
             from bcc.libbcc import lib  # noqa: PLC0415 — bcc's tables do not know sockhashes
             for name, ptype, atype, sockmap in MAP_PROGRAMS:
                 try:

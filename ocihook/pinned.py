@@ -33,10 +33,10 @@ MAPS: dict[str, tuple[type, type]] = {
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # DNS over TCP (bpf/dns_stream.h), pinned like the maps: the dns_socks sockhash holds the
-# policed processes' TCP connections to port 53, sd_streams their answer-parsing state; both
-# keyed by socket cookie (SO_COOKIE), both emptied as the connections close
-STREAM_MAPS = ("dns_socks", "sd_streams")
-PROG_ARRAYS = ("sd_tails", "sd_stream_tails")  # pinned so the kernel keeps their entries (tail-called programs)
+# policed processes' TCP connections to port 53, keyed by socket cookie (SO_COOKIE), emptied
+# as the connections close
+STREAM_MAPS = ("dns_socks",)
+PROG_ARRAYS = ("sd_tails",)  # pinned so the kernel keeps their entries (tail-called programs)
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
 # maps a cgroup id to the cgroup's own inner map, created with its policy from the template
