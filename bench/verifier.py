@@ -1,7 +1,9 @@
 """Benchmark: what the verifier and the JIT make of each safedeploy program.
 
 For every program of loader.PROGRAMS, pinned under loader.pin_dir() (compiled and pinned
-first if absent, like any first use; the pins are left in place):
+first if absent, like any first use; the pins are left in place), and the programs that are
+not pinned on their own (the tail calls of loader.TAIL_PROGRAMS, the sockhash programs of
+loader.MAP_PROGRAMS: their rows come from the reload alone):
 
   from the pin   ``bpftool prog show pinned <pin_dir>/prog_<name> --json``: xlated size
                  (instructions = bytes_xlated / 8), JITed size, tag; and verified_insns
@@ -72,6 +74,13 @@ def cflags() -> list[str]:
     return [*loader.CFLAGS, *(f"-D{k}={v}" for k, v in offsets.items())]
 
 
+def all_programs() -> list[tuple[str, int, int]]:
+    """(name, program type, expected attach type) of every program the loader loads."""
+    return [*loader.PROGRAMS,
+            *((name, loader.PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS) for name, _ in loader.TAIL_PROGRAMS),
+            *((name, ptype, 0) for name, ptype, _, _ in loader.MAP_PROGRAMS)]
+
+
 def verifier_logs() -> dict[str, dict]:
     """Compile with bcc; load each program once more with a verifier log; parse it."""
     from bcc import BPF, lib  # noqa: PLC0415 — cold path: compiling needs bcc
@@ -87,7 +96,7 @@ def verifier_logs() -> dict[str, dict]:
         os.close(saved)
     out = {}
     try:
-        for name, ptype, atype in loader.PROGRAMS:
+        for name, ptype, atype in all_programs():
             fn = name.encode()
             level, size = LOG_STATS, LOG_BUF
             while True:
@@ -106,7 +115,8 @@ def verifier_logs() -> dict[str, dict]:
             if fd < 0:
                 raise SystemExit(f"bench/verifier.py: {name} failed to load ({os.strerror(err)}):\n{log[-2000:]}")
             try:
-                tag = bpftool_show(["id", str(bpfsys.prog_id(fd))])["tag"]
+                reload_info = bpftool_show(["id", str(bpfsys.prog_id(fd))])
+                tag = reload_info["tag"]
             finally:
                 os.close(fd)
             m, vt, st = PROCESSED.search(log), VTIME.search(log), STACK.search(log)
@@ -116,7 +126,7 @@ def verifier_logs() -> dict[str, dict]:
                          "max_states_per_insn": int(m[3]), "total_states": int(m[4]), "peak_states": int(m[5]),
                          "mark_read": int(m[6]), "verification_time_us": int(vt[1]) if vt else None,
                          "stack_depth": st[1] if st else None, "load_wall_ms": wall * 1e3,
-                         "log_tail": log.strip().splitlines()[-4:]}
+                         "log_tail": log.strip().splitlines()[-4:], "reload": reload_info}
             progress(f"{name}: processed {m[1]} insns, {m[4]} states, "
                      f"{out[name]['verification_time_us']} us verifying")
     finally:
@@ -134,20 +144,23 @@ def main() -> int:
     logs = verifier_logs()
 
     rows, programs = [], {}
-    for name, ptype, atype in loader.PROGRAMS:
-        p, lg = shown[name], logs[name]
+    for name, ptype, atype in all_programs():
+        lg = logs[name]
+        p = shown.get(name) or {**lg["reload"], "verified_insns": None}
         rec = {"type": p.get("type"), "id": p.get("id"), "tag": p.get("tag"),
                "xlated_bytes": p.get("bytes_xlated"), "xlated_insns": p.get("bytes_xlated", 0) // 8,
                "jited_bytes": p.get("bytes_jited"), "memlock_bytes": p.get("bytes_memlock"),
                "verified_insns": p.get("verified_insns"), "map_ids": p.get("map_ids"),
-               "tag_matches_reload": p.get("tag") == lg["tag"], **{f"log_{k}": v for k, v in lg.items()}}
+               "pinned": name in shown, "tag_matches_reload": p.get("tag") == lg["tag"],
+               **{f"log_{k}": v for k, v in lg.items() if k != "reload"}}
         programs[name] = rec
         rows.append([name, rec["type"], f"{rec['xlated_insns']:,}", f"{rec['jited_bytes']:,}",
                      f"{rec['verified_insns']:,}" if rec["verified_insns"] is not None else "n/a",
                      f"{lg['processed_insns']:,}", f"{lg['processed_insns'] / INSN_LIMIT * 100:.2f}%",
                      f"{lg['total_states']:,}", f"{lg['peak_states']:,}", lg["max_states_per_insn"],
                      f"{lg['verification_time_us']:,}" if lg["verification_time_us"] is not None else "n/a",
-                     lg["stack_depth"] or "", "yes" if rec["tag_matches_reload"] else "NO"])
+                     lg["stack_depth"] or "",
+                     ("yes" if rec["tag_matches_reload"] else "NO") if rec["pinned"] else "not pinned"])
     print_table(["program", "type", "xlated insns", "jited bytes", "verified_insns", "processed", "of 1M limit",
                  "states", "peak states", "max/insn", "verify us", "stack", "tag match"], rows)
     print(f"\npins: {pins}")

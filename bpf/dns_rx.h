@@ -43,44 +43,18 @@ static __always_inline void sd_rx_lose(struct sd_sock *ss)
 
 /* One ingress segment of a followed connection: sequence it, then frame its bytes
  * (sd_dns_rx). Returns the ingress verdict (0 drops the segment). */
-static __always_inline int sd_rx_segment(struct __sk_buff *skb, struct bpf_sock *sk, struct sd_sock *ss)
+static __always_inline int sd_rx_segment(struct __sk_buff *skb, struct bpf_sock *sk, struct sd_sock *ss,
+                                         struct sd_pkt *p, __u32 pay)
 {
     if (ss->rx_lost)
         return 1;
-    struct sd_dest d = {};
-    __u32 l4;
-    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
-        __u8 h[20];
-        if (bpf_skb_load_bytes(skb, 0, h, sizeof(h)) < 0 || h[9] != IPPROTO_TCP)
-            return 1;
-        l4 = (h[0] & 0x0f) * 4;
-        d.addr[2] = bpf_htonl(0xffff);
-        __builtin_memcpy(&d.addr[3], &h[12], 4);
-        d.family = 4;
-    } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
-        __u8 h[40];
-        if (bpf_skb_load_bytes(skb, 0, h, sizeof(h)) < 0)
-            return 1;
-        if (h[6] != IPPROTO_TCP) {
-            sd_rx_lose(ss); /* extension headers: where its data starts is not looked for */
-            return 1;
-        }
-        l4 = 40;
-        __builtin_memcpy(d.addr, &h[8], 16);
-        d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
-    } else {
+    if (p->d.proto != IPPROTO_TCP)
         return 1;
-    }
-    d.proto = IPPROTO_TCP;
-    d.port = SD_DNS_PORT;
-    __u8 th[13];
-    if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)) < 0)
+    __u8 sq[4];
+    if (bpf_skb_load_bytes(skb, p->l4 + 4, sq, sizeof(sq)) < 0)
         return 1;
-    __u32 seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
-    __u32 pay = l4 + (th[12] >> 4) * 4;
+    __u32 seq = ((__u32)sq[0] << 24) | ((__u32)sq[1] << 16) | ((__u32)sq[2] << 8) | sq[3];
     __u32 len = skb->len;
-    if (pay >= len)
-        return 1; /* no data */
     struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
     if (tp && (__s32)(seq - tp->rcv_nxt) > 0) {
         sd_stat(SD_STAT_STREAM_REORDERED);
@@ -105,9 +79,9 @@ static __always_inline int sd_rx_segment(struct __sk_buff *skb, struct bpf_sock 
     s->tc = 0;
     s->rx = 1;
     s->cgid = cgid;
-    s->family = d.family;
-    s->proto = d.proto;
-    __builtin_memcpy(s->resolver, d.addr, sizeof(s->resolver));
+    s->family = p->d.family;
+    s->proto = IPPROTO_TCP;
+    __builtin_memcpy(s->resolver, p->d.addr, sizeof(s->resolver));
     sd_tail(skb, s, SD_TAIL_RX);
     sd_rx_lose(ss); /* sd_dns_rx is missing */
     return 1;

@@ -57,56 +57,6 @@ static __always_inline int sd_maybe_dns(struct __sk_buff *skb, int to_dns)
     return port == SD_DNS_PORT;
 }
 
-/* Find a DNS message. to_dns: the packet goes to port 53 (egress query), else it comes
- * from port 53 (ingress answer). Fills the peer (the resolver) into d, *off = DNS header. */
-static __always_inline int sd_dns_locate(struct __sk_buff *skb, int to_dns, struct sd_dest *d, __u32 *off)
-{
-    __u32 l4 = 0;
-    __u8 proto = 0;
-    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
-        __u8 hdr[20];
-        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
-            return 0;
-        if ((hdr[6] & 0x1f) || hdr[7]) /* a non-first fragment */
-            return 0;
-        l4 = (hdr[0] & 0x0f) * 4;
-        proto = hdr[9];
-        d->addr[2] = bpf_htonl(0xffff);
-        __builtin_memcpy(&d->addr[3], to_dns ? &hdr[16] : &hdr[12], 4);
-        d->family = 4;
-    } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
-        __u8 hdr[40];
-        if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
-            return 0;
-        l4 = 40;
-        proto = hdr[6];
-        __builtin_memcpy(d->addr, to_dns ? &hdr[24] : &hdr[8], 16);
-        d->family = sd_is_v4mapped(d->addr) ? 4 : 6;
-    } else {
-        return 0;
-    }
-    __u8 ports[4];
-    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
-        return 0;
-    if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
-        return 0;
-    __u16 port = to_dns ? ((ports[2] << 8) | ports[3]) : ((ports[0] << 8) | ports[1]);
-    if (port != SD_DNS_PORT)
-        return 0;
-    if (proto == IPPROTO_UDP) {
-        *off = l4 + 8;
-    } else {
-        __u8 doff;
-        if (bpf_skb_load_bytes(skb, l4 + 12, &doff, 1) < 0)
-            return 0;
-        *off = l4 + (doff >> 4) * 4 + 2; /* skip the 2-byte length prefix */
-    }
-    if (*off + 12 > skb->len)
-        return 0; /* no DNS header here (e.g. a bare TCP ACK) */
-    d->proto = proto;
-    d->port = SD_DNS_PORT;
-    return 1;
-}
 
 /* Parse the question name at off (no compression allowed there) into s->q and judge it.
  * Returns the name's wire length, or 0 when it cannot be parsed (compression in the
@@ -236,7 +186,9 @@ struct sd_pkt {
 
 /* in map memory, not on the stack: the verifier then sees the parse results as unknown
  * values and verifies the rest of the program once, not once per parsing path */
-BPF_PERCPU_ARRAY(pktscratch, struct sd_pkt, 1);
+#define SD_PKT_EGRESS 0     /* one slot per direction: an ingress program may interrupt egress */
+#define SD_PKT_INGRESS 1
+BPF_PERCPU_ARRAY(pktscratch, struct sd_pkt, 2);
 
 #define SD_MAX_EXTHDRS 8
 #define SD_NH_HOP 0
@@ -250,9 +202,12 @@ static __always_inline int sd_is_exthdr(__u8 nh)
     return nh == SD_NH_HOP || nh == SD_NH_ROUTING || nh == SD_NH_FRAGMENT || nh == SD_NH_AH || nh == SD_NH_DSTOPTS;
 }
 
-/* Parse the IP header (IPv4 options, IPv6 extension headers walked to the L4 header).
- * 0: the packet cannot be parsed (truncated, or more than SD_MAX_EXTHDRS headers). */
-static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
+/* Parse the IP header (IPv4 options, IPv6 extension headers walked to the L4 header): the
+ * one IP parser of the packet programs. p->d is the peer: the destination of an egress
+ * packet, the source of an ingress one (ingress: a constant); p->d.port its port, p->sport
+ * the local one. Egress also looks for source routes. 0: the packet cannot be parsed
+ * (truncated, or more than SD_MAX_EXTHDRS headers). */
+static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p, const int ingress)
 {
     __u32 l4;
     __u8 proto;
@@ -267,9 +222,11 @@ static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
         later = (hdr[6] & 0x1f) || hdr[7];
         proto = hdr[9];
         p->d.addr[2] = bpf_htonl(0xffff);
-        __builtin_memcpy(&p->d.addr[3], &hdr[16], 4);
+        __builtin_memcpy(&p->d.addr[3], ingress ? &hdr[12] : &hdr[16], 4);
         p->d.family = 4;
-        if (l4 > 20) {
+        if (l4 > 20)
+            p->options = 1;
+        if (l4 > 20 && !ingress) {
             __u32 slot = SD_OPTS_EGRESS;
             struct sd_opts *o = optscratch.lookup(&slot);
             __u32 olen = l4 - 20;
@@ -281,7 +238,6 @@ static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
             if (bpf_skb_load_bytes(skb, 20, o->b, olen) < 0)
                 return 0;
             o->len = olen;
-            p->options = 1;
             p->srcroute = sd_v4_srcroute(o);
         }
     } else if (skb->protocol == bpf_htons(SD_ETH_P_IPV6)) {
@@ -289,7 +245,7 @@ static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
         if (bpf_skb_load_bytes(skb, 0, hdr, sizeof(hdr)) < 0)
             return 0;
         proto = hdr[6];
-        __builtin_memcpy(p->d.addr, &hdr[24], 16);
+        __builtin_memcpy(p->d.addr, ingress ? &hdr[8] : &hdr[24], 16);
         p->d.family = sd_is_v4mapped(p->d.addr) ? 4 : 6;
         l4 = 40;
         for (int i = 0; i < SD_MAX_EXTHDRS; i++) {
@@ -323,8 +279,10 @@ static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p)
         __u8 ports[4];
         if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
             return 0;
-        p->sport = ((__u16)ports[0] << 8) | ports[1];
-        p->d.port = ((__u16)ports[2] << 8) | ports[3];
+        __u16 src = ((__u16)ports[0] << 8) | ports[1];
+        __u16 dst = ((__u16)ports[2] << 8) | ports[3];
+        p->sport = ingress ? dst : src;
+        p->d.port = ingress ? src : dst;
         p->has_ports = 1;
     }
     return 1;
@@ -411,6 +369,25 @@ static __always_inline int sd_judged_match(struct bpf_sock *sk, struct sd_pkt *p
     return sd_dest_judged(sk, p->d.addr, p->d.proto, p->d.port);
 }
 
+/* An ingress packet from port 53 (UDP, TCP) parsed into p: the offset of its payload
+ * (a datagram's DNS message, a TCP segment's data), 0 when it is not one or has none. */
+static __always_inline __u32 sd_dns_locate(struct __sk_buff *skb, struct sd_pkt *p)
+{
+    __builtin_memset(p, 0, sizeof(*p));
+    if (!sd_parse_pkt(skb, p, 1) || !p->has_ports || p->d.port != SD_DNS_PORT)
+        return 0;
+    __u32 off = p->l4 + 8;
+    if (p->d.proto == IPPROTO_TCP) {
+        __u8 doff = 0;
+        if (bpf_skb_load_bytes(skb, p->l4 + 12, &doff, 1) < 0)
+            return 0;
+        off = p->l4 + (doff >> 4) * 4;
+    } else if (p->d.proto != IPPROTO_UDP) {
+        return 0;
+    }
+    return off < skb->len ? off : 0;
+}
+
 /* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel
  * cannot parse (QR set, another opcode, not exactly one question, a bad name, truncated)
  * is denied when the policy denies any name or defaults to deny. Returns 0 when the
@@ -460,12 +437,12 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
     struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
     if (!pol)
         return 1;
-    __u32 zero = 0;
-    struct sd_pkt *pp = pktscratch.lookup(&zero);
+    __u32 slot = SD_PKT_EGRESS;
+    struct sd_pkt *pp = pktscratch.lookup(&slot);
     if (!pp)
         return 0;
     __builtin_memset(pp, 0, sizeof(*pp));
-    int parsed = sd_parse_pkt(skb, pp);
+    int parsed = sd_parse_pkt(skb, pp, 0);
     /* a streamed TCP connection's queries were judged whole as they were written (stream
      * path, dns_stream.c): its segments need not start at a message */
     if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !(pp->d.proto == IPPROTO_TCP && sd_stream_owns(skb)))
@@ -590,15 +567,22 @@ int sd_dns_ingress(struct __sk_buff *skb)
 {
     if (!sd_maybe_dns(skb, 0))
         return 1;
+    __u32 pslot = SD_PKT_INGRESS;
+    struct sd_pkt *p = pktscratch.lookup(&pslot);
+    if (!p)
+        return 1;
+    __u32 off = sd_dns_locate(skb, p);
+    if (!off)
+        return 1;
     /* a policed process's DNS-over-TCP connection: its answers are followed as a stream */
     struct bpf_sock *sk = sd_rx_sk(skb);
     struct sd_sock *ss = sk ? sd_socks.sk_storage_get(sk, 0, 0) : 0;
     if (ss && ss->rx_on)
-        return sd_rx_segment(skb, sk, ss);
-    struct sd_dest d = {};
-    __u32 off = 0;
-    if (!sd_dns_locate(skb, 0, &d, &off))
-        return 1;
+        return sd_rx_segment(skb, sk, ss, p, off);
+    struct sd_dest d = p->d;
+    if (d.proto == IPPROTO_TCP)
+        off += 2; /* a connection not followed as a stream (made before the policy came): the
+                   * message at the segment's start, after its 2-byte length */
     __u64 cgid = 0;
     struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
     __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
@@ -606,9 +590,7 @@ int sd_dns_ingress(struct __sk_buff *skb)
     struct sd_msgbuf *mb = msgbuf.lookup(&zero);
     if (!pol || !s || !mb)
         return 1;
-    /* a datagram, or a TCP segment of a connection not followed as a stream (made before
-     * the policy came) read as one message at its start */
-    if (!sd_mb_fill(skb, mb, off, skb->len - off))
+    if (off >= skb->len || !sd_mb_fill(skb, mb, off, skb->len - off))
         return 1;
     s->tc = 0;
     s->rx = 0;
