@@ -111,6 +111,8 @@ struct sd_sk {
 };
 #define SD_SK_JUDGED 1      /* set by sendmsg, or by a full judgement at egress */
 #define SD_SK_PEER_DENIED 2 /* a UDP socket connected to a peer its policy denies: judge every packet */
+#define SD_SK_PEER_UNSENT 4 /* a UDP socket connected to an allowed peer, nothing sent yet: the
+                             * first packet is judged in full (and recorded), the rest go fast */
 BPF_SK_STORAGE(sk_judged, struct sd_sk);
 
 /* IPv4 options being walked, in per-CPU map memory: the verifier then sees an unknown

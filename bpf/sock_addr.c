@@ -7,9 +7,10 @@
 
 /* connect(2) of a UDP socket sends nothing: getaddrinfo() connects a UDP socket to each
  * candidate address to sort them (RFC 6724) and never sends. So it is not an attempt to
- * reach anyone: an allowed one is recorded as usual; a denied one succeeds unrecorded, and
- * the socket is marked so that egress judges its packets in full: the first datagram it
- * really sends is refused (EPERM) and recorded there. */
+ * reach anyone, and it is not recorded, allowed or denied: the socket is marked, and egress
+ * judges and records what it really sends. A denied peer's datagrams are all judged in full
+ * (the first is refused with EPERM and recorded); an allowed peer's first datagram is
+ * judged in full and recorded, the rest take the fast path. */
 static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid, struct sd_cgroup *pol,
                                           struct sd_dest *d, __u8 jproto)
 {
@@ -17,17 +18,14 @@ static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid,
     why.rule = SD_RULE_DEFAULT;
     __u8 verdict = sd_decide_as(cgid, pol, d, jproto, SD_SCRATCH_SOCK, &why);
     struct bpf_sock *sk = ctx->sk;
-    if (verdict == SD_ALLOW) {
-        if (sk) {
-            struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
-            if (st)
-                st->flags &= ~SD_SK_PEER_DENIED; /* connected again, to an allowed peer */
-        }
-        return sd_verdict_return(cgid, pol, d, verdict, &why, SD_KIND_CONNECT);
-    }
-    if (!sk)
-        return sd_verdict_return(cgid, pol, d, verdict, &why, SD_KIND_CONNECT);
-    sd_judged_put(sk, d, d->proto, SD_SK_PEER_DENIED);
+    struct sd_sk *st = sk ? sk_judged.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
+    if (!st)
+        return sd_verdict_return(cgid, pol, d, verdict, &why, SD_KIND_CONNECT); /* judged here, then */
+    __builtin_memcpy(st->addr, d->addr, sizeof(st->addr));
+    st->port = d->port;
+    st->proto = d->proto;
+    /* connected again: only the new peer's verdict counts */
+    st->flags = verdict == SD_ALLOW ? SD_SK_PEER_UNSENT : SD_SK_PEER_DENIED;
     return 1;
 }
 

@@ -41,8 +41,6 @@ def test_lookup_of_an_allowed_name_passes_the_gate(tmp_path, dnsmasq):
     assert not [r for r in recs if r["verdict"] != "allowed"], recs
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 4: a UDP connect that sends nothing (address selection) "
-                                       "is recorded as blocked and fails --fail-on-violation")
 def test_address_selection_probes_are_not_violations(tmp_path, dnsmasq):
     """`getent ahosts` only looks up a name with 20 addresses (more than the kernel learns) and
     sorts them: nothing is sent to any of them, so nothing is a violation or a port-0 row."""

@@ -82,3 +82,27 @@ def test_audit_records_the_send_as_would_block(policed):
     assert p.run(_connect_then_send) == "sent"
     recs = [r for r in p.close() if r["dst_ip"] == "127.0.0.2"]
     assert [r["verdict"] for r in recs] == ["would-block"]
+
+
+def _allowed_probes_then_one_sender(port: int) -> str:
+    """getaddrinfo's way: connect a UDP socket to an allowed address (port 0 and a service
+    port) and send nothing; then one socket that sends three datagrams."""
+    for p in (0, 443, port):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("127.0.0.1", p))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("127.0.0.1", port))
+        for _ in range(3):
+            s.send(b"x")
+    return "sent"
+
+
+def test_an_allowed_udp_connect_is_recorded_only_when_it_sends(policed, listener):
+    """Allowed probes leave no row (no `port 0` or `443/udp` rows for `policy suggest` to turn
+    into rules); a socket that sends is recorded once, with the port it sent to."""
+    lst = listener("127.0.0.1", "udp")
+    p = policed(POLICY)
+    assert p.run(_allowed_probes_then_one_sender, lst.port) == "sent"
+    recs = [r for r in p.close() if r["dst_ip"] == "127.0.0.1" and r["proto"] == "udp"]
+    assert [(r["verdict"], r["dst_port"]) for r in recs] == [("allowed", lst.port)], recs
+    assert recs[0]["count"] == 1                      # the first datagram; the rest go the fast path
