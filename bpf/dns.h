@@ -36,11 +36,11 @@ static __always_inline void sd_judge_name(__u64 cgid, struct sd_scratch *s, __u3
         for (int i = 1; i < 128; i++) {
             if (i >= len)
                 break;
-            if (s->text[i & 0xff] != '.')
+            if (s->text[i & SD_NAME_MASK] != '.')
                 continue;
             __u32 dots = s->dots + 1;
             s->dots = dots;
-            if (dots == 1 && s->text[(i + 1) & 0xff] != '_')
+            if (dots == 1 && s->text[(i + 1) & SD_NAME_MASK] != '_')
                 break;
             if (dots == 2) {
                 s->srv = i + 1;
@@ -52,7 +52,7 @@ static __always_inline void sd_judge_name(__u64 cgid, struct sd_scratch *s, __u3
     for (int j = 0; j < SD_NAME_KEY; j++) {
         __u8 c = 0;
         if (j < len)
-            c = s->text[(len - 1 - j) & 0xff];
+            c = s->text[(len - 1 - j) & SD_NAME_MASK];
         s->key.name[j] = c;
     }
     s->key.proto = 0;
@@ -95,7 +95,7 @@ static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
             return -1; /* a bad length (compression is handled by the caller) */
         s->rem = c;
         if (out) {
-            s->text[out & 0xff] = '.';
+            s->text[out & SD_NAME_MASK] = '.';
             s->out = out + 1;
         }
         return 0;
@@ -104,7 +104,7 @@ static __always_inline int sd_name_byte(struct sd_scratch *s, __u8 c)
         return -1; /* a dot (or the terminator) inside a label would fake a label boundary */
     if (c >= 'A' && c <= 'Z')
         c += 'a' - 'A';
-    s->text[out & 0xff] = c;
+    s->text[out & SD_NAME_MASK] = c;
     s->out = out + 1;
     s->rem = rem - 1;
     return 0;

@@ -68,7 +68,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
         return 0;
     __u32 n = avail > SD_NAME_BUF ? SD_NAME_BUF : avail;
     n -= 1;
-    asm volatile("%0 &= 0xff" : "+r"(n));
+    asm volatile("%0 &= %1" : "+r"(n) : "i"(SD_NAME_MASK));
     n += 1;
     if (bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
         return 0;
@@ -77,7 +77,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
         __u32 pos = s->pos;
         if (pos >= n)
             break;
-        int r = sd_name_byte(s, s->wire[pos & 0xff]);
+        int r = sd_name_byte(s, s->wire[pos & SD_NAME_MASK]);
         s->pos = pos + 1;
         if (r) {
             s->done = r > 0;
@@ -96,7 +96,7 @@ static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, 
         return 0;
     __u32 n = avail > SD_NAME_BUF ? SD_NAME_BUF : avail;
     n -= 1;
-    asm volatile("%0 &= 0xff" : "+r"(n));
+    asm volatile("%0 &= %1" : "+r"(n) : "i"(SD_NAME_MASK));
     n += 1;
     if (sd_mb_load(mb, off, s->wire, n) < 0)
         return 0;
@@ -105,7 +105,7 @@ static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, 
         __u32 pos = s->pos;
         if (pos >= n)
             break;
-        int r = sd_name_byte(s, s->wire[pos & 0xff]);
+        int r = sd_name_byte(s, s->wire[pos & SD_NAME_MASK]);
         s->pos = pos + 1;
         if (r) {
             s->done = r > 0;
@@ -233,7 +233,7 @@ static __always_inline int sd_parse_pkt(struct __sk_buff *skb, struct sd_pkt *p,
             if (!o || olen > 40)
                 return 0;
             olen -= 1;
-            asm volatile("%0 &= 0x3f" : "+r"(olen));
+            asm volatile("%0 &= %1" : "+r"(olen) : "i"(SD_OPTS_MASK));
             olen += 1;
             if (bpf_skb_load_bytes(skb, 20, o->b, olen) < 0)
                 return 0;

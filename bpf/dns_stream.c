@@ -92,7 +92,7 @@ static __always_inline __u32 sd_msg_qname(struct sk_msg_md *msg, __u64 cgid, __u
     sd_name_start(s, 0);
     for (int i = 0; i < SD_NAME_BUF; i++) {
         __u32 pos = s->pos;
-        __u8 *p = data + 12 + (pos & 0xff);
+        __u8 *p = data + 12 + (pos & SD_NAME_MASK);
         if ((void *)(p + 1) > (void *)end)
             break;
         int r = sd_name_byte(s, *p);

@@ -37,6 +37,7 @@ struct sd_asm {
     __u8 b[2 * SD_MSGBUF];
 };
 BPF_SK_STORAGE(sd_asm, struct sd_asm);
+_Static_assert(sizeof(struct sd_asm) == 2 * SD_MSGBUF, "a masked offset plus a masked length must fit");
 
 /* the sockets whose DNS messages are judged by the stream programs, by socket cookie */
 BPF_SOCKHASH(dns_socks, __u64, 65536);

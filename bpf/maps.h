@@ -95,6 +95,11 @@ struct sd_msgbuf {
     __u32 trunc;
 };
 BPF_PERCPU_ARRAY(msgbuf, struct sd_msgbuf, 1);
+
+/* Each mask used to bound an index for the verifier is tied to the buffer it indexes. */
+#define SD_NAME_MASK (SD_NAME_BUF - 1) /* s->wire, s->text */
+_Static_assert((SD_NAME_BUF & SD_NAME_MASK) == 0 && SD_NAME_BUF == 256, "name masks (0xff in asm) need 256");
+_Static_assert((SD_MSGBUF & (SD_MSGBUF - 1)) == 0, "msgbuf masks need a power of two");
 BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
 
 /* sk_judged: per UDP socket, the destination its last unconnected sendmsg was judged for
@@ -117,13 +122,16 @@ BPF_SK_STORAGE(sk_judged, struct sd_sk);
 
 /* IPv4 options being walked, in per-CPU map memory: the verifier then sees an unknown
  * position at each step and checks the walk once, not once per path through it. */
+#define SD_OPTS_BUF 64      /* IPv4 options are at most 40 bytes; a power of two for the mask */
+#define SD_OPTS_MASK (SD_OPTS_BUF - 1)
 struct sd_opts {
-    __u8 b[64];
+    __u8 b[SD_OPTS_BUF];
     volatile __u32 i;
     volatile __u32 len;
 };
 #define SD_OPTS_SOCKOPT 0   /* one slot per program kind: egress may interrupt setsockopt */
 #define SD_OPTS_EGRESS 1
 BPF_PERCPU_ARRAY(optscratch, struct sd_opts, 2);
+_Static_assert((SD_OPTS_BUF & SD_OPTS_MASK) == 0 && SD_OPTS_BUF > 40, "the options mask needs a power of two above 40");
 
 #endif /* SD_MAPS_H */

@@ -108,6 +108,7 @@ static __always_inline void sd_capture_proc(__u64 cgid, __u32 tgid, __u64 pstart
         if (end > start) {
             __u32 len = end - start > SD_CMDLINE ? SD_CMDLINE : end - start;
             len -= 1;
+            _Static_assert(SD_CMDLINE == 256, "the command-line mask is 0xff");
             asm volatile("%0 &= 0xff" : "+r"(len));
             len += 1;
             if (bpf_probe_read_user(p->cmdline, len, (void *)start) == 0)

@@ -407,7 +407,7 @@ static __always_inline int sd_v4_srcroute(struct sd_opts *o)
         __u32 i = o->i;
         if (i >= o->len || i >= 40)
             break;
-        __u8 t = o->b[i & 63];
+        __u8 t = o->b[i & SD_OPTS_MASK];
         if (t == 0)
             break;
         if (t == 1) {
@@ -418,7 +418,7 @@ static __always_inline int sd_v4_srcroute(struct sd_opts *o)
             return 1;
         if (i + 1 >= o->len)
             return 1;
-        __u8 l = o->b[(i + 1) & 63];
+        __u8 l = o->b[(i + 1) & SD_OPTS_MASK];
         if (l < 2)
             return 1;
         o->i = i + l;
