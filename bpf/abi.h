@@ -64,6 +64,7 @@ struct sd_cgroup {
     __u8 allow_srcroute; /* 1: source-routed packets (IPv6 routing headers, IPv4 LSRR/SSRR) may leave */
     __u8 serve_dns;     /* 1: the cgroup may bind port 53 and send from it */
     __u32 min_ttl;      /* seconds a learned address stays valid at least (dns.min_ttl) */
+    __u32 connect_errno; /* the errno a refused connect/sendmsg returns (connect_error); 0: EPERM */
     __u8 protos[32];    /* bitmap of the IP protocols (other than TCP/UDP) the policy names */
 };
 

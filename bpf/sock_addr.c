@@ -41,6 +41,9 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
     if (kind == SD_KIND_CONNECT && d->proto == IPPROTO_UDP)
         return sd_udp_connect(ctx, cgid, pol, d, sd_judged_proto(pol, proto));
     int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, kind);
+    __u32 err = pol->connect_errno;
+    if (!ret && err && err < 4096)
+        bpf_set_retval(-(int)err); /* connect_error: the refusal's errno (else EPERM) */
     /* an unconnected send: remember where it was judged to go, for the egress fast path (a
      * connected socket's peer is its judged destination already) */
     if (ret && kind == SD_KIND_SENDMSG && (d->proto == IPPROTO_UDP || d->proto == SD_IPPROTO_UDPLITE)) {

@@ -102,7 +102,7 @@ def policy_explain(
            "effective": dec.effective, "rule": dec.rule_text, "reason": dec.reason, "mode": pol.mode,
            "capabilities": list(pol.capabilities), "privileged": pol.privileged,
            "protocols": [protocol_name(p) for p in pol.protocols], "raw_sockets": pol.raw_sockets,
-           "source_routes": pol.source_routes, "serve_dns": pol.serve_dns}
+           "source_routes": pol.source_routes, "serve_dns": pol.serve_dns, "connect_error": pol.connect_error}
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -113,7 +113,8 @@ def policy_explain(
     typer.echo(f"privileges: {_privileges(pol)}")
     named = ", ".join(str(protocol_name(p)) for p in pol.protocols) or "none"
     typer.echo(f"policy: other IP protocols allowed: {named}; raw_sockets: {pol.raw_sockets}; "
-               f"source_routes: {pol.source_routes}; serve_dns: {pol.serve_dns}")
+               f"source_routes: {pol.source_routes}; serve_dns: {pol.serve_dns}; "
+               f"a refused connect returns {pol.connect_error}")
 
 
 def _privileges(pol) -> str:

@@ -6,6 +6,7 @@ module's caller, the policy module. Nothing here touches the kernel.
 from __future__ import annotations
 
 import ctypes
+import errno
 
 from .abi import SD_PROTO_OTHER
 from .abi import SD_ALLOW, SD_CIDR_FIXED_BITS, SD_DENY, SD_MODE_AUDIT, SD_MODE_ENFORCE, SD_NAME_FIXED_BITS, \
@@ -13,6 +14,10 @@ from .abi import SD_ALLOW, SD_CIDR_FIXED_BITS, SD_DENY, SD_MODE_AUDIT, SD_MODE_E
 from .abi import Addr as AddrKey
 from .abi import Cgroup as SdCgroup
 from .abi import CidrKey, CidrVal, NameKey, NameVal
+
+# connect_error: the errno the sock_addr programs return for a refused connect/sendmsg (0: EPERM)
+CONNECT_ERRNOS = {"EPERM": 0, "EHOSTUNREACH": errno.EHOSTUNREACH, "ECONNREFUSED": errno.ECONNREFUSED,
+                  "ENETUNREACH": errno.ENETUNREACH}
 
 TYPE_CHECKING = False  # typing is not imported on the hook's hot path
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +43,7 @@ def compile_policy(policy: "Policy") -> dict:
         "unlisted": policy.unlisted == "resolve",
         "allow_srcroute": policy.source_routes == "allow",
         "serve_dns": policy.serve_dns == "allow",
+        "connect_errno": CONNECT_ERRNOS[policy.connect_error],
         "protocols": list(policy.protocols),
     }
 
@@ -88,7 +94,8 @@ def cgroup_entry(compiled: dict) -> SdCgroup:
                     allow_raw=1 if compiled.get("allow_raw") else 0,
                     unlisted=1 if compiled.get("unlisted") else 0, min_ttl=compiled.get("min_ttl", 0),
                     allow_srcroute=1 if compiled.get("allow_srcroute") else 0,
-                    serve_dns=1 if compiled.get("serve_dns") else 0)
+                    serve_dns=1 if compiled.get("serve_dns") else 0,
+                    connect_errno=compiled.get("connect_errno", 0))
     for proto in compiled.get("protocols", ()):
         entry.protos[proto >> 3] |= 1 << (proto & 7)
     return entry

@@ -139,6 +139,7 @@ class Policy:
     protocols: tuple[int, ...] = ()  # IP protocol numbers named in `protocols:`, sorted
     source_routes: str = "deny"
     serve_dns: str = "deny"
+    connect_error: str = "EPERM"
 
     def to_json(self) -> str:
         """The canonical normalised document; ``digest`` is the sha256 of it."""
@@ -163,6 +164,8 @@ class Policy:
             document["source_routes"] = self.source_routes
         if self.serve_dns != "deny":
             document["serve_dns"] = self.serve_dns
+        if self.connect_error != "EPERM":
+            document["connect_error"] = self.connect_error
         if self.resolvers is not None:
             dns["resolvers"] = [display_ip(a) for a in self.resolvers]
         if self.min_ttl != DEFAULT_MIN_TTL:
@@ -493,6 +496,7 @@ def _build(document: dict[str, Any], source: str, problems: _Problems) -> Policy
         protocols=tuple(sorted(protocols)),
         source_routes=document.get("source_routes", "deny"),
         serve_dns=document.get("serve_dns", "deny"),
+        connect_error=document.get("connect_error", "EPERM"),
         rules=tuple(rules),
         resolvers=resolvers,
         source=source,

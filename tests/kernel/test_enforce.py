@@ -165,3 +165,29 @@ def test_run_in_helper_really_moves_into_the_cgroup(policed):
     p = policed(DENY_AUTH)
     own = p.run(lambda: open("/proc/self/cgroup").read())
     assert p.path.name in own
+
+
+def _wget(url: str) -> tuple[int, float, str]:
+    import time
+    t0 = time.monotonic()
+    r = subprocess.run(["wget", "-O", "/dev/null", url], capture_output=True, text=True, timeout=60)
+    return r.returncode, time.monotonic() - t0, r.stderr
+
+
+def test_connect_error_chooses_the_errno_of_a_refused_connect(policed, listener):
+    """connect_error: EHOSTUNREACH — TCP and UDP, IPv4 and IPv6, refused with that errno, still
+    reported as blocked; GNU wget (which retries EPERM 20 times, 145 s) gives up at once."""
+    import shutil
+    from helpers import require
+    require(shutil.which("wget") is not None, "GNU wget not installed (packaging/setup-host.sh installs it)")
+    lst = listener("127.0.0.1")
+    p = policed(DENY_AUTH + "connect_error: EHOSTUNREACH\n")
+    assert p.run(connect, "127.0.0.2", 80) == "EHOSTUNREACH"
+    assert p.run(connect, "::1", 9) == "EHOSTUNREACH"
+    assert p.run(connect, "127.0.0.2", 53, "udp") == "EHOSTUNREACH"              # unconnected sendto
+    assert p.run(connect, "127.0.0.1", lst.port) == "ok"                          # allowed: untouched
+    rc, wall, err = p.run(_wget, "http://127.0.0.2:8080/")
+    assert rc != 0 and wall < 1.0 and "No route to host" in err, (rc, wall, err)
+    recs = p.close()
+    assert _one(recs, verdict="blocked", dst_ip="127.0.0.2", dst_port=80)["reason"] == "circular: auth service"
+    assert sum(r["count"] for r in recs if r["verdict"] == "blocked" and r["dst_port"] == 8080) == 1

@@ -84,3 +84,14 @@ def test_suggest_names_protocols_and_leaves_policy_keys_to_a_human():
     assert {"cidr": "10.0.0.3/32", "ports": [9], "protocol": "udp"} in doc["allow"]
     assert any("serve_dns: allow" in p for p in problems) and any("source_routes: allow" in p for p in problems)
     assert not any("still denied" in p for p in problems), problems
+
+
+def test_connect_error_key():
+    import errno
+    assert load_policy_text(BASE).connect_error == "EPERM"
+    p = load_policy_text(BASE + "connect_error: EHOSTUNREACH\n")
+    assert p.connect_error == "EHOSTUNREACH" and '"connect_error":"EHOSTUNREACH"' in p.to_json()
+    assert cgroup_entry(compile_policy(p)).connect_errno == errno.EHOSTUNREACH
+    assert cgroup_entry(compile_policy(load_policy_text(BASE))).connect_errno == 0      # EPERM: the default
+    with pytest.raises(PolicyError, match="connect_error"):
+        load_policy_text(BASE + "connect_error: EIO\n")
