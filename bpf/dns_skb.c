@@ -399,6 +399,7 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
     if (!s)
         return 0;
     __u32 off = p->l4 + 8;
+    int whole = 1;
     if (p->d.proto == IPPROTO_TCP) {
         __u8 doff = 0;
         bpf_skb_load_bytes(skb, p->l4 + 12, &doff, 1);
@@ -406,10 +407,16 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
         if (payload >= skb->len)
             return 0; /* no data (SYN, ACK, FIN): nothing is asked */
         off = payload + 2; /* skip the 2-byte length prefix */
+        /* not streamed (TCP Fast Open data, a connection from before the policy): only a
+         * segment that is exactly one whole message can be judged; more messages, or a piece
+         * of one, could carry a query nobody judged */
+        __u8 len2[2] = {};
+        bpf_skb_load_bytes(skb, payload, len2, 2);
+        whole = 2 + (((__u32)len2[0] << 8) | len2[1]) == skb->len - payload;
     }
     __u8 hdr[12] = {};
     __u32 wire_len = 0;
-    if (off + 12 <= skb->len && bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) == 0) {
+    if (whole && off + 12 <= skb->len && bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr)) == 0) {
         __u8 opcode = (hdr[2] >> 3) & 0x0f;
         __u16 qdcount = (hdr[4] << 8) | hdr[5];
         if (!(hdr[2] & 0x80) && opcode == 0 && qdcount == 1)

@@ -48,16 +48,23 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
     __u32 op = skops->op;
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
         /* in connect(): the current task is the policed process */
+        struct bpf_sock *sk = skops->sk;
+        if (!sk)
+            return 1;
+        /* a socket connects again (connect(AF_UNSPEC), then connect()): nothing of the old
+         * connection's state may carry over into the new stream */
+        struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
+        if (ss)
+            sd_sock_reset(ss, 0);
         if (bpf_ntohl(skops->remote_port) != SD_DNS_PORT)
             return 1;
         __u64 cgid = 0;
         struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
-        struct bpf_sock *sk = skops->sk;
-        if (!pol || !sk)
+        if (!pol)
             return 1;
-        struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        ss = sd_socks.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
         if (ss)
-            ss->cgid = cgid; /* else not streamed: the per-packet parsers judge it */
+            sd_sock_reset(ss, cgid); /* else not streamed: the per-packet parsers judge it */
         return 1;
     }
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
@@ -67,7 +74,11 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
         struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
         if (!ss)
             return 1;
-        /* the resolver's first byte is the next one TCP expects: follow answers from there */
+        if (!ss->cgid)
+            return 1; /* connected elsewhere than port 53 */
+        /* the resolver's first byte is the next one TCP expects: follow answers from there,
+         * with no message begun */
+        sd_sock_reset(ss, ss->cgid);
         ss->rx_next = skops->rcv_nxt;
         ss->rx_on = 1;
         /* not streamed yet: a write that began before this (TCP Fast Open, a send blocked

@@ -30,6 +30,21 @@ struct sd_sock {
 };
 BPF_SK_STORAGE(sd_socks, struct sd_sock);
 
+/* A connection starts with nothing followed, nothing held and nothing streamed. */
+static __always_inline void sd_sock_reset(struct sd_sock *ss, __u64 cgid)
+{
+    ss->cgid = cgid;
+    ss->streamed = 0;
+    ss->rx_on = 0;
+    ss->rx_next = 0;
+    ss->rx_have = 0;
+    ss->rx_mlen = 0;
+    ss->rx_pfx = 0;
+    ss->rx_pfx0 = 0;
+    ss->rx_cut = 0;
+    ss->rx_lost = 0;
+}
+
 /* an answer message that arrived in pieces, put together until its last byte is in; twice
  * SD_MSGBUF so that the verifier can see a masked offset plus a masked length fit. Created
  * only for a message that spans segments. */

@@ -547,3 +547,102 @@ def test_every_address_of_a_large_tcp_answer_is_learned(policed, server):
     got = p.run(lambda: [connect(ip, 9) for ip in ips])
     assert got == ["refused"] * 40, got                              # reached: every one was learned
     assert p.run(connect, "127.0.154.41", 9) == "EPERM"              # and nothing else
+
+
+def _fastopen_two_queries(server: str, first: bytes, second: bytes) -> str:
+    """Two whole queries in one sendto(MSG_FASTOPEN): written before the handshake, so they
+    leave in one segment through the per-packet parser, not the sk_msg program."""
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        data = b"".join(struct.pack("!H", len(m)) + m for m in (first, second))
+        s.sendto(data, socket.MSG_FASTOPEN, (server, 53))
+        s.settimeout(1)
+        try:
+            return "answered" if s.recv(4096) else "closed"
+        except socket.timeout:
+            return "timeout"
+
+
+def test_a_denied_query_behind_an_allowed_one_in_a_fastopen_segment_never_leaves(policed, server):
+    """Found by an attacker: the per-packet parser judged only the first message of a segment,
+    so `[allowed][denied]` in one Fast Open write took the denied query to the resolver,
+    unrecorded. A segment that is not exactly one message is judged unparseable (dropped)."""
+    p = policed(POLICY)
+    seen = len(server.conns)
+    assert p.run(_fastopen_two_queries, SERVER, _q("pkgs.internal"), _q("auth.internal")) == "timeout"
+    assert all(c["messages"] == [] for c in _conns_since(server, seen))
+    assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query")
+
+
+def _disconnect(s: socket.socket) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    sa = (ctypes.c_char * 16)()                                     # sa_family = AF_UNSPEC
+    assert libc.connect(s.fileno(), sa, 16) == 0, ctypes.get_errno()
+
+
+def _name_of_wire_len(length: int, tag: str) -> str:
+    """A name whose wire form is `length` bytes (labels of at most 63, none of 1 byte)."""
+    labels, body = [], length - 1
+    while body > 0:
+        n = min(63, body - 1)
+        if body - (n + 1) == 1:
+            n -= 1
+        labels.append((tag if not labels else "").ljust(n, "p")[:n])
+        body -= n + 1
+    return ".".join(labels)
+
+
+def _reused_socket_stitch(server: str, window: int, victim: bytes, victim_answer: int, second: bytes) -> int:
+    """Found by an attacker: leave an answer one byte short in the kernel's framing (a 1-byte
+    receive buffer holds the stream back at `window` bytes; the victim's answer ends one byte
+    past it), disconnect the socket with connect(AF_UNSPEC), connect it again and let the new
+    stream's first byte complete the old answer. Returns the bytes the first connection got."""
+    import struct
+    from dnslib import DNSRecord
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    s.connect((server, 53))
+    msgs, need, i = [], window + 1 - victim_answer, 0
+    while need > 0:                                   # unlisted names answered with no records:
+        a = min(need, 200)                            # an answer is the name's wire length + 18
+        if need - a and need - a < 24:
+            a = need - 30
+        msgs.append(DNSRecord.question(_name_of_wire_len(a - 18, f"pad{i}.unlisted"), "A").pack())
+        need, i = need - a, i + 1
+    msgs += [victim] * 3
+    s.sendall(b"".join(struct.pack("!H", len(m)) + m for m in msgs))
+    time.sleep(0.3)
+    got = len(s.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    _disconnect(s)
+    s.connect((server, 53))
+    s.sendall(struct.pack("!H", len(second)) + second)
+    time.sleep(0.3)
+    s.close()
+    return got
+
+
+def test_a_socket_connected_again_starts_a_fresh_answer_stream(policed, server, listener):
+    """The answer framing of a connection does not carry over when the socket connects again:
+    no half-followed answer is completed by the next connection's bytes (which would teach
+    pkgs.internal an address whose last byte is the new answer's length)."""
+    import struct
+    from dnslib import DNSRecord
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)         # the window, unpoliced
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    probe.connect((SERVER, 53))
+    q = _q("pkgs.internal")
+    probe.sendall(b"".join(struct.pack("!H", len(q)) + q for _ in range(100)))
+    time.sleep(0.3)
+    window = len(probe.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    probe.close()
+    victim = DNSRecord.question("pkgs.internal", "A")
+    victim_answer = 2 + len(Zone(ZONE).resolve(victim, None).pack())
+    second = DNSRecord.question(_name_of_wire_len(250, "second.unlisted"), "A")
+    hi = (len(Zone(ZONE).resolve(second, None).pack()) >> 8) & 0xff    # the new stream's first byte
+    assert 0 < hi and hi != 72
+    lst = listener(f"127.0.153.{hi}")
+    p = policed(POLICY)
+    assert p.run(_reused_socket_stitch, SERVER, window, victim.pack(), victim_answer, second.pack()) == window
+    assert p.run(connect, f"127.0.153.{hi}", lst.port) == "EPERM"
+    assert not [r for r in p.close() if r["verdict"] == "allowed" and r["dst_ip"] == f"127.0.153.{hi}"]
