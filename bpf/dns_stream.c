@@ -47,27 +47,27 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
 {
     __u32 op = skops->op;
     if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-        /* in connect(): the current task is the policed process */
+        /* in connect(): the current task is the policed process. Only connections to port 53
+         * have state (other sockets pay one compare); a socket that connects to port 53 again
+         * (connect(AF_UNSPEC), then connect()) starts from nothing: no framing, held bytes or
+         * streamed mark of the old connection carries over into the new stream. A DNS socket
+         * that connects elsewhere keeps stale state nobody reads: the ingress program follows
+         * only packets from port 53, and the sockhash only takes port-53 connections. */
+        if (bpf_ntohl(skops->remote_port) != SD_DNS_PORT)
+            return 1;
         struct bpf_sock *sk = skops->sk;
         if (!sk)
             return 1;
-        /* a socket connects again (connect(AF_UNSPEC), then connect()): nothing of the old
-         * connection's state may carry over into the new stream */
-        struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
-        if (ss)
-            sd_sock_reset(ss, 0);
-        if (bpf_ntohl(skops->remote_port) != SD_DNS_PORT)
-            return 1;
         __u64 cgid = 0;
         struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
-        if (!pol)
-            return 1;
-        ss = sd_socks.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, pol ? BPF_SK_STORAGE_GET_F_CREATE : 0);
         if (ss)
-            sd_sock_reset(ss, cgid); /* else not streamed: the per-packet parsers judge it */
+            sd_sock_reset(ss, pol ? cgid : 0); /* none: not streamed, the per-packet parsers judge it */
         return 1;
     }
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        if (bpf_ntohl(skops->remote_port) != SD_DNS_PORT)
+            return 1;
         struct bpf_sock *sk = skops->sk;
         if (!sk)
             return 1;
@@ -75,7 +75,7 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
         if (!ss)
             return 1;
         if (!ss->cgid)
-            return 1; /* connected elsewhere than port 53 */
+            return 1; /* connected when no policy applied */
         /* the resolver's first byte is the next one TCP expects: follow answers from there,
          * with no message begun */
         sd_sock_reset(ss, ss->cgid);
