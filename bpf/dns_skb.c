@@ -311,8 +311,11 @@ static __always_inline int sd_dest_judged(struct bpf_sock *sk, __u32 *a, __u8 pr
     struct sd_sk *st = 0;
     if (proto == IPPROTO_UDP)
         st = sk_judged.sk_storage_get(sk, 0, 0);
-    if (st && (st->flags & (SD_SK_PEER_DENIED | SD_SK_PEER_UNSENT)))
-        return 0; /* connected to a denied peer, or nothing sent yet (sd_udp_connect): judged in full */
+    if (st) {
+        __u8 peer = st->peer;
+        if (peer == SD_PEER_DENIED || (peer == SD_PEER_ALLOWED && st->sent_gen != st->peer_gen))
+            return 0; /* connected to a denied peer, or nothing sent yet (sd_udp_connect): judged in full */
+    }
     if (sd_peer_match(sk, a, proto, port))
         return 1;
     if (proto != IPPROTO_UDP)
@@ -495,8 +498,8 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
         sd_judged_put(sk, &p.d, p.d.proto, SD_SK_JUDGED);
     if (ret && !raw && p.has_ports && !p.options && sd_peer_match(sk, p.d.addr, p.d.proto, p.d.port)) {
         struct sd_sk *st = sk_judged.sk_storage_get(sk, 0, 0);
-        if (st)
-            st->flags &= ~SD_SK_PEER_UNSENT; /* the connected peer's first packet is recorded */
+        if (st && st->peer == SD_PEER_ALLOWED)
+            st->sent_gen = st->peer_gen; /* the connected peer's first packet is recorded */
     }
     return ret;
 }

@@ -106,18 +106,28 @@ BPF_PERCPU_ARRAY(procscratch, struct sd_proc, 1);
  * (a connected socket's peer is its judged destination: egress compares with the socket's
  * own fields). At egress, a packet going exactly there (same address, protocol and port, no
  * IP options, no IPv6 extension headers) leaves at once; any other packet is judged in full
- * by its real destination. Created only for unconnected sends: creating socket storage
- * costs ~1 us, more than the rest of a connect's programs together. */
+ * by its real destination. Created only for unconnected sends and UDP connects: creating
+ * socket storage costs ~1 us, more than the rest of a connect's programs together.
+ *
+ * Each field has one kind of writer, so that no read-modify-write of one can undo another's
+ * store: addr/port/proto/flags are written by sendmsg and egress (sd_judged_put); peer and
+ * peer_gen only by a UDP connect (sd_udp_connect, under the socket lock); sent_gen only by
+ * egress, which copies peer_gen there once the peer's first packet is recorded. */
 struct sd_sk {
     __u32 addr[4];
     __u16 port;         /* host order */
     __u8 proto;         /* the packet's IP protocol (UDP-Lite stays 136) */
-    __u8 flags;         /* SD_SK_* */
+    __u8 flags;         /* SD_SK_JUDGED */
+    __u32 peer_gen;     /* counts the socket's UDP connects */
+    __u32 sent_gen;     /* the peer_gen whose first packet egress recorded */
+    __u8 peer;          /* SD_PEER_*: the verdict of the last UDP connect */
+    __u8 pad[3];
 };
 #define SD_SK_JUDGED 1      /* set by sendmsg, or by a full judgement at egress */
-#define SD_SK_PEER_DENIED 2 /* a UDP socket connected to a peer its policy denies: judge every packet */
-#define SD_SK_PEER_UNSENT 4 /* a UDP socket connected to an allowed peer, nothing sent yet: the
-                             * first packet is judged in full (and recorded), the rest go fast */
+#define SD_PEER_NONE 0      /* not connected by a policed UDP connect */
+#define SD_PEER_ALLOWED 1   /* connected to an allowed peer: its first packet is judged in full
+                             * (and recorded) while sent_gen != peer_gen, the rest go fast */
+#define SD_PEER_DENIED 2    /* connected to a denied peer: every packet is judged in full */
 BPF_SK_STORAGE(sk_judged, struct sd_sk);
 
 /* IPv4 options being walked, in per-CPU map memory: the verifier then sees an unknown

@@ -339,9 +339,7 @@ static __always_inline void sd_judged_put(struct bpf_sock *sk, struct sd_dest *d
     __builtin_memcpy(st->addr, d->addr, sizeof(st->addr));
     st->port = d->port;
     st->proto = proto;
-    /* the connected peer's marks stay: only a new connect (sd_udp_connect) or the peer's
-     * first packet (egress) changes them */
-    st->flags = flags | (st->flags & (SD_SK_PEER_DENIED | SD_SK_PEER_UNSENT));
+    st->flags = flags; /* the peer fields are not touched: see struct sd_sk */
 }
 
 /* A 32-bit field of a struct bpf_sock at its own offset (clang would otherwise compute

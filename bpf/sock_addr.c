@@ -21,11 +21,10 @@ static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid,
     struct sd_sk *st = sk ? sk_judged.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
     if (!st)
         return sd_verdict_return(cgid, pol, d, verdict, &why, SD_KIND_CONNECT); /* judged here, then */
-    __builtin_memcpy(st->addr, d->addr, sizeof(st->addr));
-    st->port = d->port;
-    st->proto = d->proto;
-    /* connected again: only the new peer's verdict counts */
-    st->flags = verdict == SD_ALLOW ? SD_SK_PEER_UNSENT : SD_SK_PEER_DENIED;
+    /* connected again: only the new peer's verdict counts. The generation first, then the
+     * verdict: egress reads the verdict first (sd_dest_judged). */
+    st->peer_gen = st->peer_gen + 1;
+    st->peer = verdict == SD_ALLOW ? SD_PEER_ALLOWED : SD_PEER_DENIED;
     return 1;
 }
 
@@ -37,7 +36,8 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
         return 1;
     __u32 proto = ctx->protocol;
     d->proto = proto == SD_IPPROTO_MPTCP ? IPPROTO_TCP : proto;
-    d->port = bpf_ntohs((__u16)ctx->user_port);
+    if (!d->port)
+        d->port = bpf_ntohs((__u16)ctx->user_port);
     if (kind == SD_KIND_CONNECT && d->proto == IPPROTO_UDP)
         return sd_udp_connect(ctx, cgid, pol, d, sd_judged_proto(pol, proto));
     int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, kind);
@@ -140,10 +140,44 @@ int sd_sock_create(struct bpf_sock *sk)
     return sd_rule_return(cgid, pol, &d, SD_DENY, raw ? SD_RULE_RAW : SD_RULE_PROTOCOL, SD_KIND_SOCKET);
 }
 
+/* sendmsg without an address on a connected UDP socket runs this hook too when the message
+ * carries IP-level ancillary data (IP_TOS, IP_PKTINFO, IPV6_TCLASS...): the kernel then sends
+ * to the socket's peer, and the hook sees 0.0.0.0:0 (an explicit port 0 fails with EINVAL
+ * before the hook). Judge the peer, not the unspecified address. */
+static __always_inline int sd_sendmsg_to_peer(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    __u16 port = bpf_ntohs((__u16)sk->dst_port);
+    if (port == 0)
+        return 1; /* no peer: the kernel refuses the send (EDESTADDRREQ) */
+    struct sd_dest d = {};
+    if (sk->family == SD_AF_INET6) {
+        d.addr[0] = SD_SK_U32(sk, dst_ip6[0]);
+        d.addr[1] = SD_SK_U32(sk, dst_ip6[1]);
+        d.addr[2] = SD_SK_U32(sk, dst_ip6[2]);
+        d.addr[3] = SD_SK_U32(sk, dst_ip6[3]);
+        d.family = sd_is_v4mapped(d.addr) ? 4 : 6;
+    } else {
+        d.addr[2] = bpf_htonl(0xffff);
+        d.addr[3] = sk->dst_ip4;
+        d.family = 4;
+    }
+    d.port = port;
+    return sd_sock_addr(ctx, &d, SD_KIND_SENDMSG);
+}
+
 int sd_connect4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_CONNECT); }
 int sd_connect6(struct bpf_sock_addr *ctx) { return sd_v6(ctx, SD_KIND_CONNECT); }
-int sd_sendmsg4(struct bpf_sock_addr *ctx) { return sd_v4(ctx, SD_KIND_SENDMSG); }
-int sd_sendmsg6(struct bpf_sock_addr *ctx) { return sd_v6(ctx, SD_KIND_SENDMSG); }
+int sd_sendmsg4(struct bpf_sock_addr *ctx)
+{
+    return ctx->user_port ? sd_v4(ctx, SD_KIND_SENDMSG) : sd_sendmsg_to_peer(ctx);
+}
+int sd_sendmsg6(struct bpf_sock_addr *ctx)
+{
+    return ctx->user_port ? sd_v6(ctx, SD_KIND_SENDMSG) : sd_sendmsg_to_peer(ctx);
+}
 
 /* bind(2) to port 53: a policed process must not answer DNS queries (its own or anyone's)
  * unless the policy says serve_dns: allow. Answers it could send would otherwise teach the

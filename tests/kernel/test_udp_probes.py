@@ -106,3 +106,73 @@ def test_an_allowed_udp_connect_is_recorded_only_when_it_sends(policed, listener
     recs = [r for r in p.close() if r["dst_ip"] == "127.0.0.1" and r["proto"] == "udp"]
     assert [(r["verdict"], r["dst_port"]) for r in recs] == [("allowed", lst.port)], recs
     assert recs[0]["count"] == 1                      # the first datagram; the rest go the fast path
+
+
+def _reconnect_race(allowed_port: int, denied_port: int, seconds: float) -> dict:
+    """Found by an attacker: one thread sends on a UDP socket while another connects it to an
+    allowed peer, then to a denied one, and tries a send. Egress used to clear the socket's
+    "first packet" mark with a read-modify-write that could undo the connect's "denied" mark."""
+    import threading
+    import time
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", allowed_port))
+    stop = []
+
+    def sender():
+        while not stop:
+            try:
+                s.send(b"r")
+            except OSError:
+                pass
+    t = threading.Thread(target=sender)
+    t.start()
+    tries, passed, t0 = 0, 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        tries += 1
+        s.connect(("127.0.0.1", allowed_port))
+        s.connect(("127.0.0.2", denied_port))
+        try:
+            s.send(b"probe")
+            passed += 1
+        except OSError:
+            pass
+    stop.append(1)
+    t.join()
+    return {"tries": tries, "passed": passed}
+
+
+def test_reconnecting_while_another_thread_sends_never_unmarks_a_denied_peer(policed, listener):
+    lst = listener("127.0.0.1", "udp")
+    denied = listener("127.0.0.2", "udp")
+    p = policed(POLICY)
+    res = p.run(_reconnect_race, lst.port, denied.port, 3.0)
+    assert res["tries"] > 1000 and res["passed"] == 0, res
+
+
+def _connected_send_with_cmsg(port: int) -> list:
+    import struct
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("127.0.0.1", port))
+        out.append(s.sendmsg([b"tos"], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack("i", 0x10))]))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("127.0.0.2", 9))
+        try:
+            s.sendmsg([b"tos"], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack("i", 0x10))])
+            out.append("sent")
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+    return out
+
+
+def test_a_connected_send_with_ancillary_data_is_judged_by_its_peer(policed, listener):
+    """Found by an attacker: with IP-level ancillary data (IP_TOS, as QUIC stacks send) a
+    connected UDP socket's sendmsg runs the hook with no address; it was judged as 127.0.0.1:0
+    (an allowed peer refused, a denied one recorded under a false address)."""
+    lst = listener("127.0.0.1", "udp")
+    p = policed(POLICY)
+    assert p.run(_connected_send_with_cmsg, lst.port) == [3, "EPERM"]
+    recs = p.close()
+    assert not [r for r in recs if r["dst_port"] == 0], recs
+    assert [(r["verdict"], r["dst_ip"], r["dst_port"]) for r in recs if r["verdict"] == "blocked"] == \
+        [("blocked", "127.0.0.2", 9)]
