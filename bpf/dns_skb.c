@@ -391,6 +391,20 @@ static __always_inline __u32 sd_dns_locate(struct __sk_buff *skb, struct sd_pkt 
     return off < skb->len ? off : 0;
 }
 
+/* A TCP segment whose data all went through the stream programs (dns_stream.h). */
+static __always_inline int sd_tcp_streamed(struct __sk_buff *skb, struct sd_pkt *p)
+{
+    if (p->d.proto != IPPROTO_TCP)
+        return 0;
+    __u8 th[13];
+    if (bpf_skb_load_bytes(skb, p->l4, th, sizeof(th)) < 0)
+        return 0;
+    __u32 seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
+    __u32 pay = p->l4 + (th[12] >> 4) * 4;
+    __u32 len = skb->len > pay ? skb->len - pay : 0;
+    return sd_stream_owns(skb, seq, len);
+}
+
 /* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel
  * cannot parse (QR set, another opcode, not exactly one question, a bad name, truncated)
  * is denied when the policy denies any name or defaults to deny. Returns 0 when the
@@ -455,7 +469,7 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
     int parsed = sd_parse_pkt(skb, pp, 0);
     /* a streamed TCP connection's queries were judged whole as they were written (stream
      * path, dns_stream.c): its segments need not start at a message */
-    if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !(pp->d.proto == IPPROTO_TCP && sd_stream_owns(skb)))
+    if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !sd_tcp_streamed(skb, pp))
         pp->dns = sd_dns_query(skb, pp, cgid, pol); /* first: the heaviest part, verified once */
     struct sd_pkt p = *pp;
     int raw = sk->type == SD_SOCK_RAW;

@@ -125,6 +125,19 @@ int sd_stream_msg(struct sk_msg_md *msg)
     if (!ss)
         return SK_PASS;
     ss->streamed = 1; /* from now on this program sees what is written: skip the per-packet parsers */
+    /* where this message starts in the stream: what earlier verdicts let through is in TCP's
+     * queue already, what is held (corked) is not */
+    __u32 ws = 0;
+#ifdef SD_OFF_TCP_WRITE_SEQ
+    struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+    if (!tp || bpf_probe_read_kernel(&ws, sizeof(ws), (void *)tp + SD_OFF_TCP_WRITE_SEQ) < 0)
+        return SK_DROP;
+    if (!ss->tx_seen) {
+        ss->tx_lo = ws; /* anything before this went by unjudged: egress judges it per packet */
+        ss->tx_hi = ws;
+        ss->tx_seen = 1;
+    }
+#endif
     __u64 cgid = ss->cgid;
     struct sd_cgroup *pol = sd_cgroup_of(cgid);
     if (!pol)
@@ -192,5 +205,6 @@ int sd_stream_msg(struct sk_msg_md *msg)
     if (name_id)
         sd_pending_put(cgid, d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
     bpf_msg_apply_bytes(msg, need);
+    ss->tx_hi = ws + need; /* judged: egress lets these bytes through as they are */
     return SK_PASS;
 }

@@ -26,7 +26,15 @@ struct sd_sock {
     __u8 rx_pfx0;       /* its first byte */
     __u8 rx_cut;        /* the current message is not kept (longer than SD_MSGBUF, no room) */
     __u8 rx_lost;       /* the stream can no longer be followed: nothing more is learned from it */
-    __u8 pad[6];
+    __u8 tx_seen;       /* tx_lo is set: sd_stream_msg ran on this connection */
+    __u8 pad[5];
+    /* what the process wrote, as sequence numbers (sd_stream_msg, with the kernel's
+     * tcp_sock.write_seq): [tx_lo, tx_hi) went through the sk_msg program and was judged
+     * there. Egress judges any other byte per packet (bytes queued by a write that began
+     * before the connection entered the sockhash; bytes the kernel let through on a verdict
+     * left over from an interrupted write). */
+    __u32 tx_lo;
+    __u32 tx_hi;
 };
 BPF_SK_STORAGE(sd_socks, struct sd_sock);
 
@@ -43,7 +51,16 @@ static __always_inline void sd_sock_reset(struct sd_sock *ss, __u64 cgid)
     ss->rx_pfx0 = 0;
     ss->rx_cut = 0;
     ss->rx_lost = 0;
+    ss->tx_seen = 0;
+    ss->tx_lo = 0;
+    ss->tx_hi = 0;
 }
+
+#ifdef SD_OFF_TCP_WRITE_SEQ
+#define SD_TX_ACCOUNTED 1
+#else
+#define SD_TX_ACCOUNTED 0 /* no kernel BTF: the streamed mark alone (see docs/policy.md) */
+#endif
 
 /* an answer message that arrived in pieces, put together until its last byte is in; twice
  * SD_MSGBUF so that the verifier can see a masked offset plus a masked length fit. Created
@@ -62,9 +79,10 @@ BPF_SOCKHASH(dns_socks, __u64, 65536);
 #define SD_SCRATCH_MSG 0
 BPF_PERCPU_ARRAY(stream_scratch, struct sd_scratch, 1);
 
-/* Is this TCP packet's socket judged by the stream programs? Then the per-packet DNS
- * parser of egress leaves it alone (a segment need not start at a message). */
-static __always_inline int sd_stream_owns(struct __sk_buff *skb)
+/* Were the bytes [seq, seq + len) of this TCP packet judged by the stream programs? Then
+ * the per-packet DNS parser of egress leaves them alone (a segment need not start at a
+ * message). */
+static __always_inline int sd_stream_owns(struct __sk_buff *skb, __u32 seq, __u32 len)
 {
     struct bpf_sock *sk = skb->sk;
     if (!sk)
@@ -73,7 +91,11 @@ static __always_inline int sd_stream_owns(struct __sk_buff *skb)
     if (!sk)
         return 0;
     struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
-    return ss && ss->streamed;
+    if (!ss || !ss->streamed)
+        return 0;
+    if (!SD_TX_ACCOUNTED)
+        return 1;
+    return ss->tx_seen && (__s32)(seq - ss->tx_lo) >= 0 && (__s32)(seq + len - ss->tx_hi) <= 0;
 }
 
 #endif /* SD_DNS_STREAM_H */

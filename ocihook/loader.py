@@ -151,6 +151,10 @@ BTF_EXE_OFFSETS = {("mm_struct", "exe_file"): "SD_OFF_MM_EXE_FILE", ("file", "f_
                    ("mount", "mnt_mountpoint"): "SD_OFF_MOUNT_MNT_MOUNTPOINT",
                    ("vfsmount", "mnt_root"): "SD_OFF_VFSMOUNT_MNT_ROOT"}
 
+# where the next byte written to a TCP socket goes (the sk_msg program accounts for the
+# stream it judged: bpf/dns_stream.h); optional on its own
+BTF_TCP_OFFSETS = {("tcp_sock", "write_seq"): "SD_OFF_TCP_WRITE_SEQ"}
+
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     """Byte offsets of the task/mm fields the programs read, from the running kernel's BTF
@@ -165,7 +169,7 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     except (OSError, subprocess.SubprocessError, ValueError, KeyError):
         return {}
     wanted: dict[str, dict[str, str]] = {}
-    for (struct, member), macro in (*BTF_OFFSETS.items(), *BTF_EXE_OFFSETS.items()):
+    for (struct, member), macro in (*BTF_OFFSETS.items(), *BTF_EXE_OFFSETS.items(), *BTF_TCP_OFFSETS.items()):
         wanted.setdefault(struct, {})[member] = macro
     found: dict[str, int] = {}
 
@@ -183,7 +187,7 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
         if t.get("kind") == "STRUCT" and t.get("name") in wanted:
             walk(t, 0, wanted[t["name"]])
     out: dict[str, int] = {}
-    for group in (BTF_OFFSETS, BTF_EXE_OFFSETS):  # each group is used whole or not at all
+    for group in (BTF_OFFSETS, BTF_EXE_OFFSETS, BTF_TCP_OFFSETS):  # each group is used whole or not at all
         if all(macro in found for macro in group.values()):
             out.update({macro: found[macro] for macro in group.values()})
     return out

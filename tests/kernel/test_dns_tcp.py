@@ -646,3 +646,37 @@ def test_a_socket_connected_again_starts_a_fresh_answer_stream(policed, server, 
     assert p.run(_reused_socket_stitch, SERVER, window, victim.pack(), victim_answer, second.pack()) == window
     assert p.run(connect, f"127.0.153.{hi}", lst.port) == "EPERM"
     assert not [r for r in p.close() if r["verdict"] == "allowed" and r["dst_ip"] == f"127.0.153.{hi}"]
+
+
+def _denied_queued_in_the_handshake_then_allowed(server: str) -> dict:
+    """Found by an attacker: a blocking sendto(MSG_FASTOPEN | MSG_MORE) without a cookie waits
+    for the handshake inside plain TCP and queues its bytes after the socket entered the
+    sockhash, unseen by the sk_msg program; the next write (through it) flushes them."""
+    import struct
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        denied, allowed = _q("auth.internal"), _q("pkgs.internal")
+        out["w1"] = s.sendto(struct.pack("!H", len(denied)) + denied, socket.MSG_FASTOPEN | socket.MSG_MORE,
+                             (server, 53))
+        try:
+            out["w2"] = s.send(struct.pack("!H", len(allowed)) + allowed)
+        except OSError as e:
+            out["w2"] = e.errno
+        s.settimeout(1)
+        try:
+            out["answer"] = len(s.recv(4096))
+        except OSError:
+            out["answer"] = None
+    return out
+
+
+def test_bytes_written_around_the_sockhash_are_judged_per_packet(policed, server):
+    """What the sk_msg program did not judge (here: bytes queued by a write that began before
+    the connection was established) is judged per packet at egress, by sequence number: the
+    denied query never reaches the resolver."""
+    p = policed(POLICY)
+    seen = len(server.conns)
+    res = p.run(_denied_queued_in_the_handshake_then_allowed, SERVER)
+    assert res["answer"] is None, res
+    assert all("auth.internal" not in c["messages"] for c in _conns_since(server, seen))
+    assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query")
