@@ -40,14 +40,15 @@ static __always_inline struct sd_cgroup *sd_cgroup_of(__u64 id)
 #define SD_FIND_POLICY(ANCESTOR, cgid_out)                                   \
     ({                                                                       \
         struct sd_cgroup *found_ = 0;                                        \
-        _Pragma("unroll") for (int lvl_ = 0; lvl_ < SD_MAX_DEPTH; lvl_++) {  \
-            __u64 id_ = ANCESTOR(lvl_);                                      \
+        _Pragma("unroll") for (int lvl_ = SD_MAX_DEPTH - 1; lvl_ >= 0; lvl_--) { \
+            __u64 id_ = ANCESTOR(lvl_); /* 0 below the cgroup's own level */ \
             if (!id_)                                                        \
-                break;                                                       \
+                continue;                                                    \
             struct sd_cgroup *p_ = sd_cgroup_of(id_);                        \
             if (p_) {                                                        \
-                found_ = p_;                                                 \
+                found_ = p_; /* the deepest policed one: done */             \
                 *(cgid_out) = id_;                                           \
+                break;                                                       \
             }                                                                \
         }                                                                    \
         found_;                                                              \

@@ -33,7 +33,10 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
     __u64 cgid = 0;
     struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
     if (!pol)
-        return 1;
+        return 0; /* these programs run only for sockets of policed cgroups: a connect or send
+                   * by a task under no policy (the kernel worker that opens an MPTCP subflow
+                   * to an address a peer announced, a process the socket was handed to) is
+                   * judged by no rule, so it is refused (unrecorded: no policy to record in) */
     __u32 proto = ctx->protocol;
     d->proto = proto == SD_IPPROTO_MPTCP ? IPPROTO_TCP : proto;
     if (!d->port)

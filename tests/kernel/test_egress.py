@@ -4,6 +4,7 @@ protocols and unspecified destinations cannot reach what the policy denies."""
 from __future__ import annotations
 
 import os
+import sys
 import socket
 
 import pytest
@@ -395,6 +396,68 @@ def test_mptcp_is_judged_as_tcp(policed, listener):
     assert p.run(_mptcp, "127.0.0.3", lst.port) == "ok"
     recs = p.close()
     assert _blocked(recs, proto="tcp", dst_ip="127.0.0.2", rule="127.0.0.2/32")
+
+
+MPTCP_SERVER = """
+import socket
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8000)); srv.listen(8)
+print("listening", flush=True)
+while True:
+    c, a = srv.accept()
+    while c.recv(65536):
+        pass
+"""
+
+
+def _mptcp_in_netns(ns: str) -> str:
+    """In the namespace ns: an MPTCP connection to the allowed 127.0.0.20:8000, 800 KB sent;
+    then the established subflows to 127.0.0.30 (the address the server announced)."""
+    import ctypes
+    import subprocess
+    import time
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    assert libc.setns(fd, 0x40000000) == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as s:
+        s.connect(("127.0.0.20", 8000))
+        time.sleep(1.0)                                   # the kernel's path manager adds subflows
+        for _ in range(200):
+            s.send(b"x" * 4096)
+        time.sleep(0.3)
+        return subprocess.run(["ss", "-tnH", "state", "established", "dst", "127.0.0.30"],
+                              capture_output=True, text=True).stdout.strip()
+
+
+def test_mptcp_subflows_the_kernel_opens_to_an_announced_address_are_refused(policed):
+    """Found by an attacker: with add_addr_accepted set in the namespace, the kernel's MPTCP
+    path manager (a kernel worker, under no policy) connected a subflow to a denied address
+    the server announced, and egress passed its packets as the socket's own peer. A connect
+    on a policed cgroup's socket by a task under no policy is refused."""
+    import shutil
+    import subprocess
+    from helpers import require
+    require(shutil.which("ip") is not None, "iproute2 missing")
+    ns = f"sdmptcp{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    server = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "mptcp", "limits", "set", "add_addr_accepted", "4",
+                        "subflows", "4"], check=True)
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "mptcp", "endpoint", "add", "127.0.0.30", "signal"],
+                       check=True)
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", MPTCP_SERVER],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "listening"
+        p = policed("version: 1\nname: mptcp\ndefault: deny\nallow: ['127.0.0.20:8000']\n")
+        assert p.run(_mptcp_in_netns, ns) == ""               # no subflow to the denied address
+    finally:
+        if server:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", ns])
 
 
 # ---------------------------------------------------------------- class 3: unspecified destinations
