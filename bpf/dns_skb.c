@@ -458,7 +458,7 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
 static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_sock *sk)
 {
     __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
+    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, bpf_skb_cgroup_id(skb), &cgid);
     if (!pol)
         return 1;
     __u32 slot = SD_PKT_EGRESS;
@@ -613,7 +613,7 @@ int sd_dns_ingress(struct __sk_buff *skb)
         off += 2; /* a connection not followed as a stream (made before the policy came): the
                    * message at the segment's start, after its 2-byte length */
     __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, &cgid);
+    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, bpf_skb_cgroup_id(skb), &cgid);
     __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
     struct sd_scratch *s = scratch.lookup(&slot);
     struct sd_msgbuf *mb = msgbuf.lookup(&zero);

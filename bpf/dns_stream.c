@@ -59,7 +59,7 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
         if (!sk)
             return 1;
         __u64 cgid = 0;
-        struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+        struct sd_cgroup *pol = SD_CURRENT_POLICY(&cgid);
         struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, pol ? BPF_SK_STORAGE_GET_F_CREATE : 0);
         if (ss)
             sd_sock_reset(ss, pol ? cgid : 0); /* none: not streamed, the per-packet parsers judge it */

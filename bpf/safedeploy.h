@@ -35,24 +35,33 @@ static __always_inline struct sd_cgroup *sd_cgroup_of(__u64 id)
     return cgroups.lookup(&id);
 }
 
-/* The policy of the nearest policed ancestor (or the cgroup itself). ANCESTOR(level)
- * is sd_current_ancestor_cgroup_id or bpf_skb_ancestor_cgroup_id. */
-#define SD_FIND_POLICY(ANCESTOR, cgid_out)                                   \
+/* The policy of the nearest policed ancestor (or the cgroup itself). SELF is the cgroup's
+ * own id (bpf_get_current_cgroup_id(), bpf_skb_cgroup_id(skb)): a process or socket of the
+ * policed cgroup itself, the usual case, costs one lookup. Else ANCESTOR(level)
+ * (sd_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id) is walked from the deepest
+ * level up, and the first policed one wins. */
+#define SD_FIND_POLICY(ANCESTOR, SELF, cgid_out)                             \
     ({                                                                       \
-        struct sd_cgroup *found_ = 0;                                        \
-        _Pragma("unroll") for (int lvl_ = SD_MAX_DEPTH - 1; lvl_ >= 0; lvl_--) { \
-            __u64 id_ = ANCESTOR(lvl_); /* 0 below the cgroup's own level */ \
-            if (!id_)                                                        \
-                continue;                                                    \
-            struct sd_cgroup *p_ = sd_cgroup_of(id_);                        \
-            if (p_) {                                                        \
-                found_ = p_; /* the deepest policed one: done */             \
-                *(cgid_out) = id_;                                           \
-                break;                                                       \
+        __u64 self_ = (SELF);                                                \
+        struct sd_cgroup *found_ = sd_cgroup_of(self_);                      \
+        if (found_) {                                                        \
+            *(cgid_out) = self_;                                             \
+        } else {                                                             \
+            _Pragma("unroll") for (int lvl_ = SD_MAX_DEPTH - 1; lvl_ >= 0; lvl_--) { \
+                __u64 id_ = ANCESTOR(lvl_); /* 0 below the cgroup's own level */ \
+                if (!id_)                                                    \
+                    continue;                                                \
+                struct sd_cgroup *p_ = sd_cgroup_of(id_);                    \
+                if (p_) {                                                    \
+                    found_ = p_; /* the deepest policed one: done */         \
+                    *(cgid_out) = id_;                                       \
+                    break;                                                   \
+                }                                                            \
             }                                                                \
         }                                                                    \
         found_;                                                              \
     })
+#define SD_CURRENT_POLICY(cgid_out) SD_FIND_POLICY(sd_current_ancestor_cgroup_id, bpf_get_current_cgroup_id(), cgid_out)
 
 static __always_inline int sd_is_v4mapped(const __u32 *a)
 {
@@ -203,6 +212,8 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
  * CPU interrupted. Only a task inside the cgroup is named in a record. */
 static __always_inline int sd_current_in(__u64 cgid)
 {
+    if (bpf_get_current_cgroup_id() == cgid)
+        return 1;
     _Pragma("unroll") for (int lvl = 0; lvl < SD_MAX_DEPTH; lvl++) {
         __u64 id = sd_current_ancestor_cgroup_id(lvl);
         if (!id)

@@ -31,7 +31,7 @@ static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid,
 static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_dest *d, __u8 kind)
 {
     __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    struct sd_cgroup *pol = SD_CURRENT_POLICY(&cgid);
     if (!pol)
         return 0; /* these programs run only for sockets of policed cgroups: a connect or send
                    * by a task under no policy (the kernel worker that opens an MPTCP subflow
@@ -130,7 +130,7 @@ int sd_sock_create(struct bpf_sock *sk)
                  proto == SD_IPPROTO_MPTCP))
         return 1;
     __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    struct sd_cgroup *pol = SD_CURRENT_POLICY(&cgid);
     if (!pol)
         return 1;
     if (raw ? pol->allow_raw : sd_proto_named(pol, proto))
@@ -190,7 +190,7 @@ static __always_inline int sd_bind(struct bpf_sock_addr *ctx, struct sd_dest *d)
     if (ctx->user_port != bpf_htons(53))
         return 1;
     __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    struct sd_cgroup *pol = SD_CURRENT_POLICY(&cgid);
     if (!pol || pol->serve_dns)
         return 1;
     __u32 proto = ctx->protocol;
@@ -258,7 +258,7 @@ int sd_setsockopt(struct bpf_sockopt *ctx)
     if (!bad)
         return 1;
     __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(sd_current_ancestor_cgroup_id, &cgid);
+    struct sd_cgroup *pol = SD_CURRENT_POLICY(&cgid);
     if (!pol || pol->allow_srcroute)
         return 1;
     struct sd_dest d = {};
