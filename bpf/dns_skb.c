@@ -58,20 +58,24 @@ static __always_inline int sd_maybe_dns(struct __sk_buff *skb, int to_dns)
 }
 
 
-/* Parse the question name at off (no compression allowed there) into s->q and judge it.
- * Returns the name's wire length, or 0 when it cannot be parsed (compression in the
- * question, bad or over-long labels, a dot inside a label, truncation). */
-static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s)
+/* How many bytes of a question name to load at off of a message of len bytes: at most
+ * SD_NAME_BUF, masked for the verifier (1..SD_NAME_BUF); 0 when none are there. */
+static __always_inline __u32 sd_qname_span(__u32 len, __u32 off)
 {
-    __u32 avail = skb->len > off ? skb->len - off : 0;
+    __u32 avail = len > off ? len - off : 0;
     if (avail == 0)
         return 0;
     __u32 n = avail > SD_NAME_BUF ? SD_NAME_BUF : avail;
     n -= 1;
     asm volatile("%0 &= %1" : "+r"(n) : "i"(SD_NAME_MASK));
-    n += 1;
-    if (bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
-        return 0;
+    return n + 1;
+}
+
+/* The question name loaded into s->wire (n bytes, no compression allowed there): parse it
+ * into s->q and judge it. Returns the name's wire length, or 0 when it cannot be parsed
+ * (compression in the question, bad or over-long labels, a dot inside a label, truncation). */
+static __always_inline __u32 sd_parse_wire_qname(__u64 cgid, struct sd_scratch *s, __u32 n)
+{
     sd_name_start(s, 0);
     for (int i = 0; i < SD_NAME_BUF; i++) {
         __u32 pos = s->pos;
@@ -87,32 +91,22 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
     return sd_name_end(cgid, s) ? s->pos : 0;
 }
 
-/* The same for the question of an answer in the message buffer (offsets from its header). */
+/* The question name at off of a packet (a query at egress). */
+static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s)
+{
+    __u32 n = sd_qname_span(skb->len, off);
+    if (!n || bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
+        return 0;
+    return sd_parse_wire_qname(cgid, s, n);
+}
+
+/* The question name at off of the message buffer (an answer's question). */
 static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, __u64 cgid, struct sd_scratch *s)
 {
-    __u32 len = mb->len;
-    __u32 avail = len > off ? len - off : 0;
-    if (avail == 0)
+    __u32 n = sd_qname_span(mb->len, off);
+    if (!n || sd_mb_load(mb, off, s->wire, n) < 0)
         return 0;
-    __u32 n = avail > SD_NAME_BUF ? SD_NAME_BUF : avail;
-    n -= 1;
-    asm volatile("%0 &= %1" : "+r"(n) : "i"(SD_NAME_MASK));
-    n += 1;
-    if (sd_mb_load(mb, off, s->wire, n) < 0)
-        return 0;
-    sd_name_start(s, 0);
-    for (int i = 0; i < SD_NAME_BUF; i++) {
-        __u32 pos = s->pos;
-        if (pos >= n)
-            break;
-        int r = sd_name_byte(s, s->wire[pos & SD_NAME_MASK]);
-        s->pos = pos + 1;
-        if (r) {
-            s->done = r > 0;
-            break;
-        }
-    }
-    return sd_name_end(cgid, s) ? s->pos : 0;
+    return sd_parse_wire_qname(cgid, s, n);
 }
 
 /* Parse a possibly compressed name at off of the message buffer (an answer's owner name)

@@ -41,19 +41,8 @@ BPF_SK_STORAGE(sd_socks, struct sd_sock);
 /* A connection starts with nothing followed, nothing held and nothing streamed. */
 static __always_inline void sd_sock_reset(struct sd_sock *ss, __u64 cgid)
 {
+    __builtin_memset(ss, 0, sizeof(*ss));
     ss->cgid = cgid;
-    ss->streamed = 0;
-    ss->rx_on = 0;
-    ss->rx_next = 0;
-    ss->rx_have = 0;
-    ss->rx_mlen = 0;
-    ss->rx_pfx = 0;
-    ss->rx_pfx0 = 0;
-    ss->rx_cut = 0;
-    ss->rx_lost = 0;
-    ss->tx_seen = 0;
-    ss->tx_lo = 0;
-    ss->tx_hi = 0;
 }
 
 #ifdef SD_OFF_TCP_WRITE_SEQ
