@@ -58,6 +58,10 @@ def _records(hook, cid):
 
 def test_runc_denied_eperm_allowed_ok_report_and_no_state(tmp_path, rootfs, hook):
     (hook.policy_dir / "rollout.yaml").write_text(POLICY)
+    before = set()
+    if os.path.exists(hook.pins):
+        with PinnedMaps.open(hook.pins) as maps:
+            before = set(maps.policed_cgroups())
     lst = _listener()
     cid = _cid()
     bundle = make_bundle(tmp_path / "b", rootfs, PROBE.format(port=lst.getsockname()[1]),
@@ -73,14 +77,14 @@ def test_runc_denied_eperm_allowed_ok_report_and_no_state(tmp_path, rootfs, hook
     assert any(r["verdict"] == "allowed" and r["dst_ip"] == "127.0.0.1" for r in recs)
     assert not (hook.state_dir / f"{cid}.json").exists()
     from ocihook.install import _live_cgroup_ids
-    # the container's entries are gone. Every policed cgroup left must be live: others may run,
-    # and a podman container of an earlier test may still be in its poststop (podman runs it
-    # after `podman run` returned), so its entries get a few seconds to go.
+    # the container's entries are gone: every policed cgroup left is live, or was policed
+    # before this container started (an earlier test's leftovers are gc's business, and a
+    # podman container of an earlier test may still be in its poststop)
     deadline = time.monotonic() + 10
     while True:
         live = _live_cgroup_ids()
         with PinnedMaps.open(hook.pins) as maps:
-            stale = [cg for cg in maps.policed_cgroups() if cg not in live]
+            stale = [cg for cg in maps.policed_cgroups() if cg not in live and cg not in before]
         if not stale or time.monotonic() > deadline:
             break
         time.sleep(0.1)
