@@ -263,7 +263,7 @@ static __always_inline __u8 sd_query_verdict(struct sd_cgroup *pol, struct sd_sc
 #define SD_TYPE_AAAA 28
 #define SD_DNS_HDR 12           /* bytes of the DNS header; the question follows */
 #define SD_PTR_QUESTION (0xc000 | SD_DNS_HDR) /* a compression pointer to the question's name */
-static __always_inline int sd_answer_record(struct sd_msgbuf *mb, struct sd_scratch *s, __u32 question, __u32 max)
+static __always_inline int sd_answer_record(struct sd_msgbuf *mb, struct sd_scratch *s, __u32 max)
 {
     s->skipped = 0;
     __u32 owner = s->aoff;
@@ -317,7 +317,7 @@ static __always_inline int sd_answer_record(struct sd_msgbuf *mb, struct sd_scra
         __u8 ptr[2] = {};
         sd_mb_load(mb, owner, ptr, 2);
         __u16 p = ((__u16)ptr[0] << 8) | ptr[1];
-        if (owner != question && p != SD_PTR_QUESTION) {
+        if (owner != SD_DNS_HDR && p != SD_PTR_QUESTION) { /* the question follows the header */
             if (!s->owner) {
                 s->owner = owner;
                 s->owner_ptr = p;

@@ -114,9 +114,8 @@ static __always_inline void sd_rx_walk(struct __sk_buff *skb, struct sd_scratch 
 /* Frame the segment's bytes from s->seg_pos: length prefixes, messages. */
 int sd_dns_rx(struct __sk_buff *skb)
 {
-    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
-    struct sd_scratch *s = scratch.lookup(&slot);
-    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    struct sd_msgbuf *mb;
+    struct sd_scratch *s = sd_walk_state(&mb);
     struct bpf_sock *sk = sd_rx_sk(skb);
     if (!s || !mb || !sk)
         return 1;

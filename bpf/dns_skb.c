@@ -557,13 +557,21 @@ static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, str
     s->mixed = 0;
     s->cut = 0;
     s->a_left = (hdr[6] << 8) | hdr[7];
-    s->question = SD_DNS_HDR;
     s->cgid = cgid;
     s->name_id = name_id;
     s->family = d->family;
     s->proto = d->proto;
     __builtin_memcpy(s->resolver, d->addr, sizeof(s->resolver));
     return 1;
+}
+
+/* The ingress walk's state: its scratch slot and the message buffer (NULL if either is
+ * missing, which cannot happen: both are arrays). */
+static __always_inline struct sd_scratch *sd_walk_state(struct sd_msgbuf **mb)
+{
+    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
+    *mb = msgbuf.lookup(&zero);
+    return *mb ? scratch.lookup(&slot) : 0;
 }
 
 /* A tail call counted against the kernel's per-packet budget (s->tc). Returns only when
@@ -608,9 +616,8 @@ int sd_dns_ingress(struct __sk_buff *skb)
                    * message at the segment's start, after its 2-byte length */
     __u64 cgid = 0;
     struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, bpf_skb_cgroup_id(skb), &cgid);
-    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
-    struct sd_scratch *s = scratch.lookup(&slot);
-    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    struct sd_msgbuf *mb;
+    struct sd_scratch *s = sd_walk_state(&mb);
     if (!pol || !s || !mb)
         return 1;
     if (off >= skb->len || !sd_mb_fill(skb, mb, off, skb->len - off))
@@ -624,9 +631,8 @@ int sd_dns_ingress(struct __sk_buff *skb)
 /* The question of the answer in msgbuf: start the walk when it answers a pending query. */
 int sd_dns_begin(struct __sk_buff *skb)
 {
-    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
-    struct sd_scratch *s = scratch.lookup(&slot);
-    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    struct sd_msgbuf *mb;
+    struct sd_scratch *s = sd_walk_state(&mb);
     if (!s || !mb)
         return 1;
     struct sd_dest d = {};
@@ -645,13 +651,12 @@ int sd_dns_begin(struct __sk_buff *skb)
  * fit in the kernel's budget; records past that are cut. */
 static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
 {
-    __u32 question = s->question;
     for (int a = 0; a < SD_RECORDS_PER_CALL; a++) {
         __u32 left = s->a_left;
         if (left == 0)
             break;
         s->a_left = left - 1;
-        if (!sd_answer_record(mb, s, question, SD_MAX_ANSWERS)) {
+        if (!sd_answer_record(mb, s, SD_MAX_ANSWERS)) {
             if (!mb->trunc)
                 return sd_rx_next(skb, s); /* malformed: nothing learned */
             s->cut = 1; /* the message goes on past what the buffer holds */
@@ -715,17 +720,15 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgb
 
 int sd_dns_answers(struct __sk_buff *skb)
 {
-    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
-    struct sd_scratch *s = scratch.lookup(&slot);
-    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    struct sd_msgbuf *mb;
+    struct sd_scratch *s = sd_walk_state(&mb);
     return s && mb ? sd_walk_answers(skb, mb, s) : 1;
 }
 
 int sd_dns_learn(struct __sk_buff *skb)
 {
-    __u32 slot = SD_SCRATCH_INGRESS, zero = 0;
-    struct sd_scratch *s = scratch.lookup(&slot);
-    struct sd_msgbuf *mb = msgbuf.lookup(&zero);
+    struct sd_msgbuf *mb;
+    struct sd_scratch *s = sd_walk_state(&mb);
     if (!s || !mb)
         return 1;
     sd_learn_answer(skb, mb, s);

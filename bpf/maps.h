@@ -70,7 +70,6 @@ struct sd_scratch {
     volatile __u32 rx;          /* 1: the walk is of a TCP answer message (sd_dns_rx goes on after it) */
     volatile __u32 seg_pos;     /* TCP answer stream: the next byte of this segment to follow */
     volatile __u32 seg_end;
-    volatile __u32 question;
     volatile __u32 name_id;
     volatile __u32 cut;         /* more address records than SD_MAX_ANSWERS, or records than walked */
     volatile __u16 qrule;

@@ -205,6 +205,21 @@ class StreamServer:
         self.sock.close()
 
 
+def read_until_quiet(s: socket.socket, timeout: float) -> bytes:
+    """What the peer sends until it closes or is quiet for `timeout`."""
+    s.settimeout(timeout)
+    buf = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except socket.timeout:
+        pass
+    return buf
+
+
 def tcp_exchange(server: str, messages: list[bytes], chunks: list[int] | None = None, pause: float = 0.02,
                  timeout: float = 1.0) -> dict:
     """Write the length-prefixed messages to server:53 over one TCP connection (in one write,
@@ -235,17 +250,10 @@ def tcp_exchange(server: str, messages: list[bytes], chunks: list[int] | None = 
                     res["error_ms"] = 1000 * (time.monotonic() - t0)
             if i + 1 < len(cuts):
                 time.sleep(pause)
-        s.settimeout(timeout)
-        buf = b""
         try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        except socket.timeout:
-            pass
+            buf = read_until_quiet(s, timeout)
         except OSError as e:
+            buf = b""
             res["recv_error"] = errno.errorcode.get(e.errno, str(e.errno))
     while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
         n = 2 + struct.unpack("!H", buf[:2])[0]

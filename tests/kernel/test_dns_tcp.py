@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dnsutil import StreamServer, Zone, getaddrinfo_in, query, tcp_exchange
+from dnsutil import StreamServer, Zone, getaddrinfo_in, query, read_until_quiet, tcp_exchange
 from helpers import require
 from kutil import connect
 
@@ -511,17 +511,7 @@ def _sendfile_queries(server: str, names: list[str], first_by_send: bool) -> dic
                 out["calls"].append("ok")
             except OSError as e:
                 out["calls"].append(_errno.errorcode.get(e.errno, str(e.errno)))
-        s.settimeout(1)
-        buf = b""
-        try:
-            while True:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
-        except socket.timeout:
-            pass
-        out["answers"] = buf.count(b"\x81\x80")
+        out["answers"] = read_until_quiet(s, 1).count(b"\x81\x80")
     return out
 
 
