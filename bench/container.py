@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -110,6 +111,21 @@ def hook_env() -> dict:
     return dict(e.split("=", 1) for e in install.hook_env())
 
 
+def hook_bundle(work: Path) -> Path:
+    """A bundle for the bare hook cycles: only the config.json the prestart judges (the
+    capabilities of `runc spec`, a cgroup namespace of its own), as runc would pass it."""
+    bundle = work / "bundle-state"
+    if not (bundle / "config.json").exists():
+        bundle.mkdir(parents=True, exist_ok=True)
+        caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+        cfg = {"ociVersion": "1.0.2",
+               "process": {"capabilities": {k: caps for k in ("bounding", "effective", "permitted")}},
+               "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]},
+               "mounts": [], "annotations": {ANNOTATION: POLICY_NAME}}
+        (bundle / "config.json").write_text(json.dumps(cfg))
+    return bundle
+
+
 def oci_state(cid: str, pid: int, status: str, bundle: Path) -> bytes:
     return json.dumps({"ociVersion": "1.0.2", "id": cid, "status": status, "pid": pid, "bundle": str(bundle),
                        "annotations": {ANNOTATION: POLICY_NAME}}).encode()
@@ -170,7 +186,7 @@ def hook_cycle(r: Run, cold: bool, check: bool, pre_argv: list[str] | None = Non
         if cold:
             shutil.rmtree(Path(settings.state_dir(), "policy-cache"), ignore_errors=True)
         pre, t_pre = run((pre_argv or [str(r.hook_path)]) + ["prestart"], env=env,
-                         stdin=oci_state(cid, proc.pid, "created", r.work))
+                         stdin=oci_state(cid, proc.pid, "created", hook_bundle(r.work)))
         cgid = cgroup.cgroup_id(cg)
         if check:  # outside the timings: the hook really attached and cached
             with loader.Programs(loader.pin_dir()) as progs:
@@ -182,7 +198,7 @@ def hook_cycle(r: Run, cold: bool, check: bool, pre_argv: list[str] | None = Non
         end_process(r, proc, cg)
     before = reports()
     post, t_post = run((post_argv or [str(r.hook_path)]) + ["poststop"], env=env,
-                       stdin=oci_state(cid, 0, "stopped", r.work))
+                       stdin=oci_state(cid, 0, "stopped", hook_bundle(r.work)))
     detached = reports() == before
     t_done = t_post + wait_for_reports(before + 1)  # launch -> report written, state file gone
     if check:
@@ -196,9 +212,16 @@ def hook_cycle(r: Run, cold: bool, check: bool, pre_argv: list[str] | None = Non
 def launcher_argv(hook_path: Path) -> list[str]:
     """The interpreter command line the installed launcher execs in the foreground: its
     top-level ``exec <python> ... "$@"`` line, without the "$@"."""
-    for line in hook_path.read_text().splitlines():
+    text = hook_path.read_text()
+    vars_: dict[str, str] = {}  # the launcher's py=, root=, code= (a value may span lines)
+    for m in re.finditer(r"^([a-z_]+)=", text, re.M):
+        lex = shlex.shlex(text[m.end():], posix=True)
+        lex.whitespace_split = True
+        vars_[m.group(1)] = lex.get_token() or ""
+    for line in text.splitlines():
         if line.startswith("exec ") and line.rstrip().endswith('"$@"'):
-            return shlex.split(line)[1:-1]
+            words = shlex.split(line)[1:-1]
+            return [vars_.get(w[1:], w) if w.startswith("$") else w for w in words]
     raise SystemExit(f"bench/container.py: no 'exec ... \"$@\"' line in {hook_path}")
 
 
@@ -357,7 +380,7 @@ def bench_runc(r: Run, rootfs: Path) -> dict:
 
 
 def bench_podman(r: Run, rootfs: Path) -> dict:
-    r.conf.write_text("[containers]\ndefault_ulimits = []\n")
+    r.conf.write_text(demo.CONTAINERS_CONF)  # podman's defaults without CAP_NET_RAW (the hook refuses it)
     progress(f"podman: importing {IMAGE}")
     demo.import_image(rootfs, IMAGE, r.podman_env())
     r.image = True

@@ -25,7 +25,7 @@ static __always_inline int sd_mb_byte(struct sd_msgbuf *mb, __u32 off, __u8 *c)
 /* Judge the dotted name in s->text[0..len): write it reversed into s->key (the names-trie
  * and qids key: `gro.naibed` then a 0 terminator, zero padded) and look up the verdict of
  * a query for it (s->found, s->qv_*). */
-static __always_inline void sd_judge_name(__u64 cgid, struct sd_scratch *s, __u32 len)
+static __always_inline void sd_judge_name(__u64 tables, struct sd_scratch *s, __u32 len)
 {
     s->found = 0;
     /* a service lookup _service._proto.NAME (RFC 2782) is judged as NAME: srv = where the
@@ -58,7 +58,7 @@ static __always_inline void sd_judge_name(__u64 cgid, struct sd_scratch *s, __u3
     s->key.proto = 0;
     s->key.pad = 0;
     s->key.port = 0;
-    void *names = cg_names.lookup(&cgid);
+    void *names = cg_names.lookup(&tables);
     __u32 vlen = len - srv; /* the name whose verdict this is */
     __u32 vi = vlen;
     asm volatile("%0 &= 0xff" : "+r"(vi)); /* clang drops a plain mask it thinks redundant */
@@ -119,21 +119,21 @@ static __always_inline void sd_name_start(struct sd_scratch *s, __u32 pos)
 }
 
 /* After a name's last byte: check it, then judge it. */
-static __always_inline int sd_name_end(__u64 cgid, struct sd_scratch *s)
+static __always_inline int sd_name_end(__u64 tables, struct sd_scratch *s)
 {
     __u32 len = s->out;
     if (!s->done || len == 0 || len > SD_NAME_MAX)
         return 0;
-    sd_judge_name(cgid, s, len);
+    sd_judge_name(tables, s, len);
     return 1;
 }
 
-/* The id of the name in s->key in this cgroup (qids), given the next id when it has none
- * yet; 0 when the cgroup's maps are gone. */
-static __always_inline __u32 sd_name_id(__u64 cgid, struct sd_scratch *s)
+/* The id of the name in s->key in this cgroup (qids of its table set), given the next id
+ * (counted in its cgstats) when it has none yet; 0 when the cgroup's maps are gone. */
+static __always_inline __u32 sd_name_id(__u64 cgid, __u64 tables, struct sd_scratch *s)
 {
-    void *qids = cg_qids.lookup(&cgid);
-    void *qnames = cg_qnames.lookup(&cgid);
+    void *qids = cg_qids.lookup(&tables);
+    void *qnames = cg_qnames.lookup(&tables);
     struct sd_cgstats *st = cgstats.lookup(&cgid);
     if (!qids || !qnames || !st)
         return 0;
@@ -153,9 +153,9 @@ static __always_inline __u32 sd_name_id(__u64 cgid, struct sd_scratch *s)
 }
 
 /* The id of an already named name (no new id): 0 when unknown. */
-static __always_inline __u32 sd_known_name_id(__u64 cgid, struct sd_scratch *s)
+static __always_inline __u32 sd_known_name_id(__u64 tables, struct sd_scratch *s)
 {
-    void *qids = cg_qids.lookup(&cgid);
+    void *qids = cg_qids.lookup(&tables);
     __u32 *have = qids ? bpf_map_lookup_elem(qids, s->key.name) : 0;
     return have ? *have : 0;
 }
@@ -163,9 +163,9 @@ static __always_inline __u32 sd_known_name_id(__u64 cgid, struct sd_scratch *s)
 /* Remember a query let through, so that only its answer teaches addresses. An entry is
  * never overwritten: a query reusing the id of a pending one for another question has its
  * own entry (the question is part of the key). */
-static __always_inline void sd_pending_put(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+static __always_inline void sd_pending_put(__u64 cgid, __u64 tables, __u32 *resolver, __u16 txid, __u32 name_id)
 {
-    void *pending = cg_pending.lookup(&cgid);
+    void *pending = cg_pending.lookup(&tables);
     struct sd_cgstats *st = cgstats.lookup(&cgid);
     if (!pending || !st)
         return;
@@ -181,9 +181,9 @@ static __always_inline void sd_pending_put(__u64 cgid, __u32 *resolver, __u16 tx
 }
 
 /* Take the pending query an answer belongs to: 1 when (resolver, id, question) was asked. */
-static __always_inline int sd_pending_take(__u64 cgid, __u32 *resolver, __u16 txid, __u32 name_id)
+static __always_inline int sd_pending_take(__u64 tables, __u32 *resolver, __u16 txid, __u32 name_id)
 {
-    void *pending = cg_pending.lookup(&cgid);
+    void *pending = cg_pending.lookup(&tables);
     if (!pending || !name_id)
         return 0;
     struct sd_pending_key pk = {};
@@ -202,9 +202,12 @@ static __always_inline int sd_pending_take(__u64 cgid, __u32 *resolver, __u16 tx
 static __always_inline void sd_learn_via(__u64 cgid, __u32 *addr, __u32 name_id, __u32 target_id, __u8 verdict,
                                          __u16 rule, __u32 ttl)
 {
-    void *learned = cg_learned.lookup(&cgid);
     struct sd_cgroup *pol = sd_cgroup_of(cgid);
-    if (!learned || !pol)
+    if (!pol)
+        return; /* released: its table set is no longer its own */
+    __u64 tables = pol->tables;
+    void *learned = cg_learned.lookup(&tables);
+    if (!learned)
         return;
     struct sd_addr k = {};
     __builtin_memcpy(k.addr, addr, sizeof(k.addr));
@@ -229,11 +232,6 @@ static __always_inline void sd_learn_via(__u64 cgid, __u32 *addr, __u32 name_id,
         if (st)
             __sync_fetch_and_add(&st->learned_new, 1);
     }
-}
-
-static __always_inline void sd_learn(__u64 cgid, __u32 *addr, __u32 name_id, __u8 verdict, __u16 rule, __u32 ttl)
-{
-    sd_learn_via(cgid, addr, name_id, 0, verdict, rule, ttl);
 }
 
 /* The verdict of a query for the name just judged (s->found, s->qv_*). A name no rule

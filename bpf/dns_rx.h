@@ -72,13 +72,15 @@ static __always_inline int sd_rx_segment(struct __sk_buff *skb, struct bpf_sock 
     __u64 cgid = ss->cgid;
     __u32 slot = SD_SCRATCH_INGRESS;
     struct sd_scratch *s = scratch.lookup(&slot);
-    if (!s || !sd_cgroup_of(cgid))
+    struct sd_cgroup *pol = sd_cgroup_of(cgid);
+    if (!s || !pol)
         return 1; /* the policy was released */
     s->seg_pos = pay + (at - seq);
     s->seg_end = len;
     s->tc = 0;
     s->rx = 1;
     s->cgid = cgid;
+    s->tables = pol->tables;
     s->family = p->d.family;
     s->proto = IPPROTO_TCP;
     __builtin_memcpy(s->resolver, p->d.addr, sizeof(s->resolver));

@@ -74,7 +74,7 @@ static __always_inline __u32 sd_qname_span(__u32 len, __u32 off)
 /* The question name loaded into s->wire (n bytes, no compression allowed there): parse it
  * into s->q and judge it. Returns the name's wire length, or 0 when it cannot be parsed
  * (compression in the question, bad or over-long labels, a dot inside a label, truncation). */
-static __always_inline __u32 sd_parse_wire_qname(__u64 cgid, struct sd_scratch *s, __u32 n)
+static __always_inline __u32 sd_parse_wire_qname(__u64 tables, struct sd_scratch *s, __u32 n)
 {
     sd_name_start(s, 0);
     for (int i = 0; i < SD_NAME_BUF; i++) {
@@ -88,32 +88,32 @@ static __always_inline __u32 sd_parse_wire_qname(__u64 cgid, struct sd_scratch *
             break;
         }
     }
-    return sd_name_end(cgid, s) ? s->pos : 0;
+    return sd_name_end(tables, s) ? s->pos : 0;
 }
 
 /* The question name at off of a packet (a query at egress). */
-static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 cgid, struct sd_scratch *s)
+static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 tables, struct sd_scratch *s)
 {
     __u32 n = sd_qname_span(skb->len, off);
     if (!n || bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
         return 0;
-    return sd_parse_wire_qname(cgid, s, n);
+    return sd_parse_wire_qname(tables, s, n);
 }
 
 /* The question name at off of the message buffer (an answer's question). */
-static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, __u64 cgid, struct sd_scratch *s)
+static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, __u64 tables, struct sd_scratch *s)
 {
     __u32 n = sd_qname_span(mb->len, off);
     if (!n || sd_mb_load(mb, off, s->wire, n) < 0)
         return 0;
-    return sd_parse_wire_qname(cgid, s, n);
+    return sd_parse_wire_qname(tables, s, n);
 }
 
 /* Parse a possibly compressed name at off of the message buffer (an answer's owner name)
  * into s->q and judge it. Pointers must point backwards (no loops) and at most 16 are
  * followed. Returns 1 when parsed. */
 #define SD_MAX_JUMPS 16
-static __always_inline int sd_parse_name_at(struct sd_msgbuf *mb, __u32 off, __u64 cgid, struct sd_scratch *s)
+static __always_inline int sd_parse_name_at(struct sd_msgbuf *mb, __u32 off, __u64 tables, struct sd_scratch *s)
 {
     sd_name_start(s, off);
     s->skipped = 0; /* pointers followed */
@@ -140,7 +140,7 @@ static __always_inline int sd_parse_name_at(struct sd_msgbuf *mb, __u32 off, __u
             break;
         }
     }
-    return sd_name_end(cgid, s);
+    return sd_name_end(tables, s);
 }
 
 /* Copy len bytes at off of the skb (a DNS message) into the message buffer; a message
@@ -431,7 +431,7 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
         __u8 opcode = (hdr[2] >> 3) & 0x0f;
         __u16 qdcount = (hdr[4] << 8) | hdr[5];
         if (!(hdr[2] & 0x80) && opcode == 0 && qdcount == 1)
-            wire_len = sd_parse_qname(skb, off + 12, cgid, s);
+            wire_len = sd_parse_qname(skb, off + 12, pol->tables, s);
     }
     p->txid = ((__u16)hdr[0] << 8) | hdr[1];
     if (!wire_len) {
@@ -443,7 +443,7 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
         __u16 rule = SD_RULE_DEFAULT;
         p->dns_verdict = sd_query_verdict(pol, s, &rule);
         p->dns_rule = rule;
-        p->dns_name_id = sd_name_id(cgid, s); /* the report shows the name */
+        p->dns_name_id = sd_name_id(cgid, pol->tables, s); /* the report shows the name */
     }
     return 1;
 }
@@ -486,7 +486,7 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
         judged = !raw && sd_judged_match(sk, &p);
         verdict = SD_ALLOW;
         if (!judged)
-            verdict = sd_decide_as(cgid, pol, &p.d, sd_judged_proto(pol, p.d.proto), SD_SCRATCH_EGRESS, &why);
+            verdict = sd_decide_as(pol, &p.d, sd_judged_proto(pol, p.d.proto), SD_SCRATCH_EGRESS, &why);
         if (verdict == SD_ALLOW && p.dns) {
             dns = 1;
             kind = SD_KIND_DNS;
@@ -501,7 +501,7 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
     }
     int ret = sd_verdict_return(cgid, pol, &p.d, verdict, &why, kind);
     if (ret && dns && why.name_id)
-        sd_pending_put(cgid, p.d.addr, p.txid, why.name_id);
+        sd_pending_put(cgid, pol->tables, p.d.addr, p.txid, why.name_id);
     if (ret && !judged && !raw && p.has_ports && !p.options)
         sd_judged_put(sk, &p.d, p.d.proto, SD_SK_JUDGED);
     if (ret && !raw && p.has_ports && !p.options && sd_peer_match(sk, p.d.addr, p.d.proto, p.d.port)) {
@@ -532,7 +532,8 @@ int sd_egress(struct __sk_buff *skb)
  * (NOERROR, one question) to a pending question of this cgroup. Fills the walk's state in s
  * for sd_walk_answers; 0 when there is nothing to learn. Shared by the datagram path
  * (below) and the TCP answer stream (sd_dns_rx, dns_stream.c). */
-static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, struct sd_dest *d, struct sd_scratch *s)
+static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, __u64 tables, struct sd_dest *d,
+                                           struct sd_scratch *s)
 {
     __u8 hdr[SD_DNS_HDR];
     if (sd_mb_load(mb, 0, hdr, sizeof(hdr)) < 0)
@@ -541,11 +542,11 @@ static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, str
         return 0; /* not a response, or an error response */
     if (((hdr[4] << 8) | hdr[5]) != 1)
         return 0;
-    __u32 wire_len = sd_parse_qname_mb(mb, SD_DNS_HDR, cgid, s);
+    __u32 wire_len = sd_parse_qname_mb(mb, SD_DNS_HDR, tables, s);
     if (!wire_len)
         return 0; /* not judged by name: its addresses are not learned */
-    __u32 name_id = sd_known_name_id(cgid, s);
-    if (!sd_pending_take(cgid, d->addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
+    __u32 name_id = sd_known_name_id(tables, s);
+    if (!sd_pending_take(tables, d->addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
         return 0; /* no such question went to that resolver from here: nothing to learn */
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
@@ -558,6 +559,7 @@ static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, str
     s->cut = 0;
     s->a_left = (hdr[6] << 8) | hdr[7];
     s->cgid = cgid;
+    s->tables = tables;
     s->name_id = name_id;
     s->family = d->family;
     s->proto = d->proto;
@@ -585,9 +587,11 @@ static __always_inline void sd_tail(struct __sk_buff *skb, struct sd_scratch *s,
 #include "dns_rx.h"
 
 /* The walk's resolver, cgroup and budget into s, then the question (sd_dns_begin). */
-static __always_inline void sd_answer_walk(struct __sk_buff *skb, struct sd_scratch *s, __u64 cgid, struct sd_dest *d)
+static __always_inline void sd_answer_walk(struct __sk_buff *skb, struct sd_scratch *s, __u64 cgid, __u64 tables,
+                                           struct sd_dest *d)
 {
     s->cgid = cgid;
+    s->tables = tables;
     s->family = d->family;
     s->proto = d->proto;
     __builtin_memcpy(s->resolver, d->addr, sizeof(s->resolver));
@@ -624,7 +628,7 @@ int sd_dns_ingress(struct __sk_buff *skb)
         return 1;
     s->tc = 0;
     s->rx = 0;
-    sd_answer_walk(skb, s, cgid, &d);
+    sd_answer_walk(skb, s, cgid, pol->tables, &d);
     return 1; /* the programs are missing: nothing learned */
 }
 
@@ -640,7 +644,7 @@ int sd_dns_begin(struct __sk_buff *skb)
     d.family = s->family;
     d.proto = s->proto;
     d.port = SD_DNS_PORT;
-    if (sd_answer_begin(mb, s->cgid, &d, s))
+    if (sd_answer_begin(mb, s->cgid, s->tables, &d, s))
         sd_tail(skb, s, SD_TAIL_ANSWERS);
     return sd_rx_next(skb, s); /* nothing to learn from this one (or the walker is missing) */
 }
@@ -679,6 +683,7 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgb
 static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
 {
     __u64 cgid = s->cgid;
+    __u64 tables = s->tables;
     __u32 name_id = s->name_id;
     if (s->cut) {
         sd_stat(SD_STAT_ANSWERS_CUT);
@@ -690,7 +695,7 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgb
         struct sd_why why = {};
         why.rule = SD_RULE_ANSWER_CUT;
         why.name_id = name_id;
-        sd_record(cgid, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
+        sd_record(cgid, tables, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
     }
     if (s->mixed)
         return 1; /* addresses of several other owners: learn none of them */
@@ -700,13 +705,13 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgb
     __u32 target_id = 0;
     __u32 chain_end = s->owner;
     if (chain_end) {
-        if (!sd_parse_name_at(mb, chain_end, cgid, s)) {
+        if (!sd_parse_name_at(mb, chain_end, tables, s)) {
             verdict = SD_DENY; /* an owner we cannot read is not trusted */
             rule = SD_RULE_MALFORMED;
         } else if (s->found && s->qv_verdict == SD_DENY) {
             verdict = SD_DENY;
             rule = s->qv_rule;
-            target_id = sd_name_id(cgid, s); /* the report names the denied target too */
+            target_id = sd_name_id(cgid, tables, s); /* the report names the denied target too */
         }
     }
     for (int i = 0; i < SD_MAX_ANSWERS; i++) {

@@ -93,7 +93,7 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
 
 /* Parse the question name of the query whose DNS header is at offset 2 of msg (len bytes
  * of message) and judge it into s. Returns the name's wire length, 0 when unparseable. */
-static __always_inline __u32 sd_msg_qname(struct sk_msg_md *msg, __u64 cgid, __u32 len, struct sd_scratch *s)
+static __always_inline __u32 sd_msg_qname(struct sk_msg_md *msg, __u64 tables, __u32 len, struct sd_scratch *s)
 {
     __u32 n = len > 12 + SD_NAME_BUF ? 12 + SD_NAME_BUF : len;
     if (bpf_msg_pull_data(msg, 2, 2 + n, 0))
@@ -113,7 +113,7 @@ static __always_inline __u32 sd_msg_qname(struct sk_msg_md *msg, __u64 cgid, __u
             break;
         }
     }
-    return sd_name_end(cgid, s) ? s->pos : 0;
+    return sd_name_end(tables, s) ? s->pos : 0;
 }
 
 int sd_stream_msg(struct sk_msg_md *msg)
@@ -183,7 +183,7 @@ int sd_stream_msg(struct sk_msg_md *msg)
      * opcode or not exactly one question make it unparseable */
     __u32 wire = 0;
     if (have_hdr && !(hdr[2] & 0x80) && ((hdr[2] >> 3) & 0x0f) == 0 && hdr[4] == 0 && hdr[5] == 1)
-        wire = sd_msg_qname(msg, cgid, len, s);
+        wire = sd_msg_qname(msg, pol->tables, len, s);
 
     __u8 verdict;
     __u16 rule;
@@ -195,7 +195,7 @@ int sd_stream_msg(struct sk_msg_md *msg)
         rule = SD_RULE_MALFORMED;
     } else {
         verdict = sd_query_verdict(pol, s, &rule); /* as over UDP (dns_skb.c) */
-        name_id = sd_name_id(cgid, s);
+        name_id = sd_name_id(cgid, pol->tables, s);
     }
     struct sd_why why = {};
     why.rule = rule;
@@ -203,7 +203,7 @@ int sd_stream_msg(struct sk_msg_md *msg)
     if (!sd_verdict_return(cgid, pol, &d, verdict, &why, SD_KIND_DNS))
         return SK_DROP; /* apply_bytes 0: the rest of this write goes with it (EACCES) */
     if (name_id)
-        sd_pending_put(cgid, d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
+        sd_pending_put(cgid, pol->tables, d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
     bpf_msg_apply_bytes(msg, need);
     ss->tx_hi = ws + need; /* judged: egress lets these bytes through as they are */
     return SK_PASS;

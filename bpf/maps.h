@@ -2,23 +2,32 @@
  *
  * Shared by every policed cgroup: the policy headers (cgroups), their exact counters
  * (cgstats), global counters, the live ring buffer and per-CPU scratch. Everything a cgroup
- * can fill lives in maps of its own: the outer cg_* maps map a cgroup id to that cgroup's
- * inner map, created by userspace with the policy and sized by its quota, so one cgroup
- * filling (or evicting) its tables never touches another's. The tpl_* maps are only the
- * templates the outer maps are declared with (the kernel checks inner maps against them).
+ * can fill lives in maps of its own: the outer cg_* maps map a table key (the header's
+ * `tables`) to that cgroup's inner map, each bounded by its quota, so one cgroup filling
+ * (or evicting) its tables never touches another's. The tpl_* maps are only the templates
+ * the outer maps are declared with (the kernel checks inner maps against them).
+ *
+ * A set of inner maps is made once and then reused: putting a map into an outer map makes
+ * the kernel wait for an RCU grace period (~10 ms here, per outer map), too slow for a
+ * container's start. So the release of a cgroup (in the background) replaces its set with
+ * empty maps and keeps the key as a spare; the next policy takes a spare and only writes
+ * its rules (ocihook/pinned.py). The header is written last and removed first: the
+ * programs reach a set only through a header that names it.
  */
 #ifndef SD_MAPS_H
 #define SD_MAPS_H
 
 BPF_HASH(cgroups, __u64, struct sd_cgroup, 16384);
 BPF_HASH(cgstats, __u64, struct sd_cgstats, 16384);
+/* table keys of emptied sets of per-cgroup maps, ready for the next policy (userspace only) */
+BPF_HASH(spares, __u64, __u8, 64);
 BPF_PERCPU_ARRAY(stats, __u64, SD_NSTATS);
 BPF_RINGBUF_OUTPUT(live, 64);
 
 /* templates of the per-cgroup maps (type, key, value and flags must match the real ones) */
 BPF_F_TABLE("lpm_trie", struct sd_cidr_key, struct sd_cidr_val, tpl_cidrs, 1, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("lpm_trie", struct sd_name_key, struct sd_name_val, tpl_names, 1, BPF_F_NO_PREALLOC);
-BPF_TABLE("hash", struct sd_addr, __u8, tpl_resolvers, 1);
+BPF_F_TABLE("hash", struct sd_addr, __u8, tpl_resolvers, 1, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", struct sd_addr, struct sd_learned, tpl_learned, 1);
 BPF_TABLE("lru_hash", struct sd_pending_key, __u8, tpl_pending, 1);
 BPF_TABLE("lru_hash", struct sd_qid_key, __u32, tpl_qids, 1);
@@ -65,6 +74,7 @@ struct sd_scratch {
     __u8 pad[3];
     /* the walk over an answer's records, carried from one tail call to the next */
     volatile __u64 cgid;
+    volatile __u64 tables;      /* the cgroup's table key (its header's `tables`) */
     volatile __u32 a_left;      /* records not walked yet */
     volatile __u32 tc;          /* tail calls made for this packet so far (at most SD_TAIL_BUDGET) */
     volatile __u32 rx;          /* 1: the walk is of a TCP answer message (sd_dns_rx goes on after it) */

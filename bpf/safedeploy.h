@@ -116,10 +116,10 @@ static __always_inline struct sd_name_val *sd_better_name(struct sd_name_val *a,
 /* The name rule deciding a connection to an address learned from the name q: the most
  * specific rule for (proto, port) or for (proto, any port). The trie key is built in the
  * caller's per-CPU scratch slot (too big for the stack). */
-static __always_inline int sd_name_verdict(__u64 cgid, struct sd_name_key *q, __u8 proto, __u16 port,
+static __always_inline int sd_name_verdict(__u64 tables, struct sd_name_key *q, __u8 proto, __u16 port,
                                            __u32 slot, struct sd_name_val *out)
 {
-    void *names = cg_names.lookup(&cgid);
+    void *names = cg_names.lookup(&tables);
     struct sd_scratch *s = scratch.lookup(&slot);
     if (!names || !s)
         return 0;
@@ -136,21 +136,21 @@ static __always_inline int sd_name_verdict(__u64 cgid, struct sd_name_key *q, __
     return 1;
 }
 
-/* Verdict of the policy of cgid for dest (decide() in ocihook/policy.py is the
- * reference); *why receives the deciding rule and the learned name. slot: the caller's
- * per-CPU scratch slot. */
-static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u32 slot,
-                                      struct sd_why *why)
+/* Verdict of the policy pol for dest (decide() in ocihook/policy.py is the reference);
+ * *why receives the deciding rule and the learned name. slot: the caller's per-CPU scratch
+ * slot. */
+static __always_inline __u8 sd_decide(struct sd_cgroup *pol, struct sd_dest *d, __u32 slot, struct sd_why *why)
 {
+    __u64 tables = pol->tables;
     struct sd_addr a = {};
     __builtin_memcpy(a.addr, d->addr, sizeof(a.addr));
     if (pol->has_resolvers && d->port == 53) {
-        void *resolvers = cg_resolvers.lookup(&cgid);
+        void *resolvers = cg_resolvers.lookup(&tables);
         why->rule = SD_RULE_RESOLVERS;
         return resolvers && bpf_map_lookup_elem(resolvers, &a) ? SD_ALLOW : SD_DENY;
     }
     struct sd_cidr_val *best = 0;
-    void *cidrs = cg_cidrs.lookup(&cgid);
+    void *cidrs = cg_cidrs.lookup(&tables);
     if (cidrs) {
         struct sd_cidr_key k = {};
         k.prefixlen = SD_CIDR_FIXED_BITS + 128;
@@ -166,7 +166,7 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
     /* the name this address was learned from (a DNS answer), while its TTL lasts */
     struct sd_name_val nv = {};
     int have_name = 0;
-    void *learned = cg_learned.lookup(&cgid);
+    void *learned = cg_learned.lookup(&tables);
     struct sd_learned *l = learned ? bpf_map_lookup_elem(learned, &a) : 0;
     if (l) {
         why->name_id = l->name_id;
@@ -180,10 +180,10 @@ static __always_inline __u8 sd_decide(__u64 cgid, struct sd_cgroup *pol, struct 
             have_name = 1;
         } else {
             __u32 id = l->name_id;
-            void *qnames = cg_qnames.lookup(&cgid);
+            void *qnames = cg_qnames.lookup(&tables);
             struct sd_name_key *q = qnames ? bpf_map_lookup_elem(qnames, &id) : 0;
             if (q)
-                have_name = sd_name_verdict(cgid, q, d->proto, d->port, slot, &nv);
+                have_name = sd_name_verdict(tables, q, d->proto, d->port, slot, &nv);
         }
     }
     if (have_name && best) {
@@ -225,8 +225,8 @@ static __always_inline int sd_current_in(__u64 cgid)
 }
 
 /* Count a decision exactly (cgstats) and keep its details (events or blocked map of the
- * cgroup) while its quota lasts. */
-static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
+ * cgroup, in its table set `tables`) while its quota lasts. */
+static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
 {
     struct sd_cgstats *st = cgstats.lookup(&cgid);
     if (st) {
@@ -267,9 +267,9 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_w
         } else {
             sd_stat(SD_STAT_LIVE_UNREAD);
         }
-        m = cg_blocked.lookup(&cgid);
+        m = cg_blocked.lookup(&tables);
     } else {
-        m = cg_events.lookup(&cgid);
+        m = cg_events.lookup(&tables);
     }
     if (!m)
         return;
@@ -286,7 +286,7 @@ static __always_inline void sd_record(__u64 cgid, struct sd_dest *d, struct sd_w
     if (mine) {
         nv.uid = (__u32)bpf_get_current_uid_gid();
         bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
-        sd_capture_proc(cgid, k.pid, k.pstart);
+        sd_capture_proc(cgid, tables, k.pid, k.pstart);
     } else {
         nv.uid = 0xffffffff; /* no process: a packet the kernel sent on the cgroup's behalf */
     }
@@ -312,15 +312,15 @@ static __always_inline int sd_verdict_return(__u64 cgid, struct sd_cgroup *pol, 
 {
     sd_stat(SD_STAT_DECISIONS);
     if (verdict == SD_ALLOW) {
-        sd_record(cgid, d, why, SD_EV_ALLOWED, kind);
+        sd_record(cgid, pol->tables, d, why, SD_EV_ALLOWED, kind);
         return 1;
     }
     sd_stat(SD_STAT_DENIED);
     if (pol->mode == SD_MODE_AUDIT) {
-        sd_record(cgid, d, why, SD_EV_WOULD_BLOCK, kind);
+        sd_record(cgid, pol->tables, d, why, SD_EV_WOULD_BLOCK, kind);
         return 1;
     }
-    sd_record(cgid, d, why, SD_EV_BLOCKED, kind);
+    sd_record(cgid, pol->tables, d, why, SD_EV_BLOCKED, kind);
     return 0;
 }
 
@@ -330,14 +330,6 @@ static __always_inline int sd_rule_return(__u64 cgid, struct sd_cgroup *pol, str
 {
     struct sd_why why = {};
     why.rule = rule;
-    return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
-}
-
-static __always_inline int sd_enforce(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u32 slot, __u8 kind)
-{
-    struct sd_why why = {};
-    why.rule = SD_RULE_DEFAULT;
-    __u8 verdict = sd_decide(cgid, pol, d, slot, &why);
     return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
 }
 
@@ -385,8 +377,8 @@ static __always_inline __u8 sd_judged_proto(struct sd_cgroup *pol, __u32 proto)
 
 /* sd_decide for a destination whose protocol is judged as another one (d->proto is what
  * the record shows, jproto what the rules are looked up with; 0: not named, denied). */
-static __always_inline __u8 sd_decide_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
-                                         __u32 slot, struct sd_why *why)
+static __always_inline __u8 sd_decide_as(struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto, __u32 slot,
+                                        struct sd_why *why)
 {
     if (!jproto) {
         why->rule = SD_RULE_PROTOCOL;
@@ -396,7 +388,7 @@ static __always_inline __u8 sd_decide_as(__u64 cgid, struct sd_cgroup *pol, stru
     j.proto = jproto;
     if (jproto == SD_PROTO_OTHER)
         j.port = 0;
-    return sd_decide(cgid, pol, &j, slot, why);
+    return sd_decide(pol, &j, slot, why);
 }
 
 static __always_inline int sd_enforce_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
@@ -404,7 +396,7 @@ static __always_inline int sd_enforce_as(__u64 cgid, struct sd_cgroup *pol, stru
 {
     struct sd_why why = {};
     why.rule = SD_RULE_DEFAULT;
-    __u8 verdict = sd_decide_as(cgid, pol, d, jproto, slot, &why);
+    __u8 verdict = sd_decide_as(pol, d, jproto, slot, &why);
     return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
 }
 

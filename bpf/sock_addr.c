@@ -16,7 +16,7 @@ static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid,
 {
     struct sd_why why = {};
     why.rule = SD_RULE_DEFAULT;
-    __u8 verdict = sd_decide_as(cgid, pol, d, jproto, SD_SCRATCH_SOCK, &why);
+    __u8 verdict = sd_decide_as(pol, d, jproto, SD_SCRATCH_SOCK, &why);
     struct bpf_sock *sk = ctx->sk;
     struct sd_sk *st = sk ? sk_judged.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
     if (!st)

@@ -296,6 +296,10 @@ def gc(log=print, keep_current: bool = True) -> int:
                         continue
                     removed += len(maps.drain_events(cgid)) + maps.unload_policy(cgid)
                     log(f"gc: dropped map entries of vanished cgroup {cgid} ({ver.name})")
+                strays = maps.reap_strays()  # sets of starts killed before their header
+                if strays:
+                    removed += strays
+                    log(f"gc: removed {strays} table sets nobody owns ({ver.name})")
         if busy or (ver == current and keep_current):
             continue
         with cgroup.locked(root):  # the loader's lock: never a version being compiled and pinned

@@ -14,7 +14,7 @@ import time
 
 from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
 from .errors import SafedeployError
-from .pinned import pin_names
+from .pinned import PinnedMaps, pin_names
 from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
 from .abi import SD_TAIL_ANSWERS, SD_TAIL_BEGIN, SD_TAIL_LEARN, SD_TAIL_RX
 
@@ -273,6 +273,10 @@ def ensure_programs(log=None) -> str:
             import shutil  # noqa: PLC0415
             shutil.rmtree(target, ignore_errors=True)
         _compile_and_pin(target, log)
+        with PinnedMaps.open(target) as maps:  # spare table sets: the first policies start fast too
+            made = maps.prime_spares()
+        if log:
+            log(f"safedeploy: {made} spare table sets ready")
     return target
 
 

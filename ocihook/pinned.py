@@ -1,6 +1,6 @@
 """The pinned maps of one program version: policy headers and counters shared by every
-policed cgroup, and each cgroup's own maps (map-in-map) — created with its policy, drained
-and dropped with it.
+policed cgroup, and each cgroup's own maps (map-in-map): a set of them per policed cgroup,
+drained with it, then emptied and kept as a spare for the next policy (bpf/maps.h).
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ctypes
 import errno
 import os
 
-from . import abi, bpfsys
+from . import abi, bpfsys, cgroup
 from .abi import Cgstats, EventKey, EventVal, NameKey, Proc, ProcKey
 from .compiler import cgroup_entry, compiled_entries, rule_counts
 
@@ -30,6 +30,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "cgroups": (U64, SdCgroup),
     "cgstats": (U64, Cgstats),
     "stats": (U32, U64),
+    "spares": (U64, U8),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # DNS over TCP (bpf/dns_stream.h), pinned like the maps: the dns_socks sockhash holds the
@@ -39,10 +40,11 @@ STREAM_MAPS = ("dns_socks",)
 PROG_ARRAYS = ("sd_tails",)  # pinned so the kernel keeps their entries (tail-called programs)
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
-# maps a cgroup id to the cgroup's own inner map, created with its policy from the template
-# tpl_<template> (the kernel insists on the template's type, sizes and flags). Rule maps
-# (quota None) are sized to the policy, at most RULES_QUOTA entries; the others hold what
-# the programs learn, each bounded per cgroup (LRU maps evict the cgroup's own oldest).
+# maps a table key (the header's `tables`) to the cgroup's own inner map, made from the
+# template tpl_<template> (the kernel insists on the template's type, key and value sizes
+# and flags). Rule maps (quota None) take at most RULES_QUOTA entries (they allocate as they
+# fill: BPF_F_NO_PREALLOC); the others hold what the programs learn, each bounded per cgroup
+# (LRU maps evict the cgroup's own oldest).
 RULES_QUOTA = 65536
 INNER: dict[str, tuple[type, type, str, int | None]] = {
     "cidrs": (CidrKey, CidrVal, "cidrs", None),
@@ -57,6 +59,11 @@ INNER: dict[str, tuple[type, type, str, int | None]] = {
     "blocked": (EventKey, EventVal, "events", 4096),
 }
 TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
+# Emptied table sets kept for the next policies. Taking one costs a policy a few lookups;
+# making one costs an RCU grace period per outer map (~10-20 ms, done in parallel), which a
+# release pays in the background instead of a container's start. Each set holds ~2.5 MB of
+# preallocated LRU maps.
+SPARES_MAX = 4
 
 
 def pin_names() -> list[str]:
@@ -126,8 +133,9 @@ class PolicyTooBig(bpfsys.BpfError):
 class PinnedMaps:
     """Open fds of the pinned maps of one program version."""
 
-    def __init__(self, fds: dict[str, int]):
+    def __init__(self, fds: dict[str, int], path=None):
         self.fds = fds
+        self.path = path
 
     @classmethod
     def open(cls, pin_dir) -> "PinnedMaps":
@@ -139,7 +147,7 @@ class PinnedMaps:
             for fd in fds.values():
                 os.close(fd)
             raise
-        return cls(fds)
+        return cls(fds, os.fspath(pin_dir))
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -162,11 +170,113 @@ class PinnedMaps:
         return bpfsys.map_create(info["type"], info["key_size"], info["value_size"], max(1, entries),
                                  info["flags"], f"sd_{name}")
 
+    # -- table sets (the per-cgroup maps) ---------------------------------------
+    def _make_tables(self) -> int:
+        """A new, empty set of per-cgroup maps under a new table key (random, top bit set:
+        never a cgroup id). Waits for an RCU grace period per outer map, in parallel."""
+        key = int.from_bytes(os.urandom(8), "little") | 1 << 63
+        fds: dict[str, int] = {}
+        try:
+            for name, (_, _, _, quota) in INNER.items():
+                fds[name] = self._create_inner(name, RULES_QUOTA if quota is None else quota)
+            _parallel([(bpfsys.map_update, self.fds[f"cg_{name}"], U64(key), U32(fd), bpfsys.BPF_NOEXIST)
+                       for name, fd in fds.items()])
+        except Exception:
+            self._drop_tables(key)
+            raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return key
+
+    def _drop_tables(self, key: int) -> int:
+        """Remove a table set from the outer maps. When this returns, no program still uses
+        it (each delete waits for an RCU grace period). Returns the entries removed."""
+        return sum(_parallel([(bpfsys.map_delete, self.fds[f"cg_{name}"], U64(key)) for name in INNER]))
+
+    def spares(self) -> list[int]:
+        """The table keys of the emptied sets ready for the next policies."""
+        return [k.value for k in bpfsys.map_keys(self.fds["spares"], U64)]
+
+    def stray_tables(self) -> set[int]:
+        """Keys of table sets that neither a policy header names nor the spares hold: a
+        start killed between taking or making a set and writing its header, or a release
+        killed while making a spare (or either of them still at work)."""
+        keys = {k.value for name in INNER for k in bpfsys.map_keys(self.fds[f"cg_{name}"], U64)}
+        return keys - {h.tables for h in self.policed_cgroups().values()} - set(self.spares())
+
+    def _spares_lock(self):
+        """Held while spares are made or stray sets removed (the pin directory's flock).
+        Taking a spare needs no lock: the delete from `spares` is the claim."""
+        return cgroup.locked(self.path)
+
+    def reap_strays(self) -> int:
+        """Remove the stray table sets. Only with no start at work on these pins (gc holds
+        the lock starts take); makers of spares are waited for. Returns the sets removed."""
+        with self._spares_lock():
+            strays = self.stray_tables()
+            for key in strays:
+                self._drop_tables(key)
+        return len(strays)
+
+    def drop_spares(self) -> int:
+        """Remove every spare table set (their memory goes back to the kernel)."""
+        n = 0
+        with self._spares_lock():
+            while (key := self._take_spare()) is not None:
+                self._drop_tables(key)
+                n += 1
+        return n
+
+    def _take_spare(self) -> int | None:
+        """Claim a spare table set (the delete is the claim: one taker wins), or None."""
+        for key in self.spares():
+            if bpfsys.map_delete(self.fds["spares"], U64(key)):
+                return key
+        return None
+
+    def _keep_spare(self, key: int) -> None:
+        bpfsys.map_update(self.fds["spares"], U64(key), U8(1), bpfsys.BPF_NOEXIST)
+
+    def prime_spares(self, want: int = SPARES_MAX) -> int:
+        """Make spare table sets until `want` are ready (install does it, so that the first
+        containers take the fast path too). Returns how many were made."""
+        made = 0
+        with self._spares_lock():
+            while len(self.spares()) < min(want, SPARES_MAX):
+                self._new_spare()
+                made += 1
+        return made
+
+    def _new_spare(self) -> None:
+        key = self._make_tables()
+        try:
+            self._keep_spare(key)
+        except bpfsys.BpfError:
+            self._drop_tables(key)
+            raise
+
+    def _table_fds(self, key: int) -> dict[str, int]:
+        """Fds of the maps of table set `key` (caller closes); BpfError when one is missing."""
+        fds: dict[str, int] = {}
+        try:
+            for name in INNER:
+                fd = self._inner_of_key(key, name)
+                if fd is None:
+                    raise bpfsys.BpfError(errno.ENOENT, f"table set {key:#x} has no {name} map")
+                fds[name] = fd
+        except Exception:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return fds
+
+    # -- per-cgroup policy -------------------------------------------------------
     def load_policy(self, cgid: int, compiled: dict) -> None:
-        """Give cgid its own maps (rules sized to the policy, the rest to their quotas),
-        write the rules, then the cgroup header that makes the programs use them. Fails
-        (and leaves nothing behind) when the cgroup already has a policy or the policy
-        exceeds a cgroup's share."""
+        """Give cgid a set of maps of its own (a spare one when there is one, else a new
+        one), write the rules, then the cgroup header that makes the programs use them.
+        Fails (and leaves nothing behind) when the cgroup already has a policy or the
+        policy exceeds a cgroup's share."""
         if self.policy_of(cgid) is not None:
             raise bpfsys.BpfError(errno.EEXIST, f"cgroup {cgid} already has a safedeploy policy")
         counts = rule_counts(compiled)
@@ -174,45 +284,66 @@ class PinnedMaps:
             if n > RULES_QUOTA:
                 raise PolicyTooBig(errno.E2BIG, f"policy needs {n} {name} entries, more than a cgroup's share "
                                       f"({RULES_QUOTA}): use fewer ports per rule or wider CIDRs")
+        key = self._take_spare()
+        if key is None:
+            key = self._make_tables()
         fds: dict[str, int] = {}
         try:
-            for name, (_, _, _, quota) in INNER.items():
-                fds[name] = self._create_inner(name, counts[name] if quota is None else quota)
-            for name, key, val in compiled_entries(compiled):
-                bpfsys.map_update(fds[name], key, val)
+            fds = self._table_fds(key)
+            for name, k, val in compiled_entries(compiled):
+                bpfsys.map_update(fds[name], k, val)
             bpfsys.map_update(self.fds["cgstats"], U64(cgid), Cgstats())
-            _parallel([(bpfsys.map_update, self.fds[f"cg_{name}"], U64(cgid), ctypes.c_uint32(fd), bpfsys.BPF_NOEXIST)
-                       for name, fd in fds.items()])
+            header = cgroup_entry(compiled)
+            header.tables = key
             try:
-                bpfsys.map_update(self.fds["cgroups"], U64(cgid), cgroup_entry(compiled), bpfsys.BPF_NOEXIST)
+                bpfsys.map_update(self.fds["cgroups"], U64(cgid), header, bpfsys.BPF_NOEXIST)
             except bpfsys.BpfError as e:
                 if e.errno == errno.E2BIG:
                     raise bpfsys.BpfError(e.errno, "policy map cgroups is full: too many policed cgroups") from None
                 raise
         except Exception:
-            self.unload_policy(cgid)
+            bpfsys.map_delete(self.fds["cgstats"], U64(cgid))
+            self._drop_tables(key)  # it holds some of the rules: not a spare any more
             raise
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    def unload_policy(self, cgid: int, compiled: dict | None = None) -> int:
-        """Remove the header first (programs stop using the cgroup's maps), then the
-        cgroup's counters and maps: a few deletes, whatever other cgroups hold. Returns
-        the entries removed from the shared maps."""
+    def unload_policy(self, cgid: int, compiled: dict | None = None, keep_spare: bool = True) -> int:
+        """Remove the header first (programs stop using the cgroup's maps), then its
+        counters and its table set; then (keep_spare, while fewer than SPARES_MAX are kept)
+        put an empty set under the same key for the next policy. Returns the entries
+        removed from the shared maps."""
+        header = self.policy_of(cgid)
         removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
         removed += int(bpfsys.map_delete(self.fds["cgstats"], U64(cgid)))
-        return removed + sum(_parallel([(bpfsys.map_delete, self.fds[f"cg_{name}"], U64(cgid)) for name in INNER]))
+        if header is None:
+            return removed
+        # the deletes wait for a grace period: once they return, no program that saw the
+        # header can still write into the old maps, or find the new ones through it
+        removed += self._drop_tables(header.tables)
+        if keep_spare and self.path is not None:
+            with self._spares_lock():
+                if len(self.spares()) < SPARES_MAX:
+                    try:
+                        self._new_spare()
+                    except bpfsys.BpfError:
+                        pass  # no memory for a spare: the next policy makes its own set
+        return removed
 
-    def inner(self, cgid: int, name: str) -> int | None:
-        """An fd of cgid's own map `name` (caller closes), or None."""
+    def _inner_of_key(self, key: int, name: str) -> int | None:
         map_id = ctypes.c_uint32()
-        if not bpfsys.map_lookup(self.fds[f"cg_{name}"], U64(cgid), map_id):
+        if not bpfsys.map_lookup(self.fds[f"cg_{name}"], U64(key), map_id):
             return None
         try:
             return bpfsys.map_fd_by_id(map_id.value)
         except bpfsys.BpfError:
             return None  # released meanwhile
+
+    def inner(self, cgid: int, name: str) -> int | None:
+        """An fd of cgid's own map `name` (caller closes), or None (no policy)."""
+        header = self.policy_of(cgid)
+        return None if header is None else self._inner_of_key(header.tables, name)
 
     def _items(self, cgid: int, name: str, limit: int | None = None) -> list:
         fd = self.inner(cgid, name)

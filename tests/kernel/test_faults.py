@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import plain_bundle, require
 from ocihook import cgroup, install, loader
 from ocihook import bpfsys
-from ocihook.pinned import INNER, U64, PinnedMaps, SdCgroup
+from ocihook.pinned import SPARES_MAX, U64, PinnedMaps, SdCgroup
 
 POLICY = '{"version": 1, "name": "faults", "default": "allow", "deny": ["127.0.0.2", "auth.internal"]}'
 BUNDLE = plain_bundle()
@@ -31,12 +33,20 @@ def _container():
     return path, sleeper
 
 
-def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins, tmp_path, monkeypatch):
+def _pool(pins, spare: bool) -> None:
+    """Spare table sets ready (the fast start) or none (the start makes its own set)."""
+    with PinnedMaps.open(pins) as maps:
+        maps.prime_spares() if spare else maps.drop_spares()
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["spare-tables", "no-spare-tables"])
+def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins, tmp_path, monkeypatch, spare):
     require(shutil.which("strace") is not None, "strace not installed (fault injection)")
     monkeypatch.setenv("SAFEDEPLOY_SERIAL_BPF", "1")      # strace counts calls per thread: keep them on one
     path, sleeper = _container()
     try:                                                    # a clean run: fills the policy cache,
         trace = tmp_path / "trace"                          # and counts the bpf(2) calls
+        _pool(pins, spare)
         res = subprocess.run(["strace", "-f", "-qq", "-e", "trace=bpf", "-o", str(trace), *HOOK],
                              input=_state("count", sleeper.pid), capture_output=True, timeout=60)
         assert res.returncode == 0, res.stderr
@@ -53,6 +63,7 @@ def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins,
         cgid = cgroup.cgroup_id(path)
         cid = f"kill{n}"
         try:
+            _pool(pins, spare)
             res = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=bpf",
                                   "-e", f"inject=bpf:signal=KILL:when={n}", *HOOK],
                                  input=_state(cid, sleeper.pid), capture_output=True, timeout=60)
@@ -65,6 +76,8 @@ def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins,
         assert not (sdir / f"{cid}.json").exists(), f"killed at bpf call {n}: state left"
         with PinnedMaps.open(pins) as maps:
             assert maps.entries_of(cgid) == 0, f"killed at bpf call {n}: map entries left"
+            assert maps.stray_tables() == set(), f"killed at bpf call {n}: a table set nobody owns"
+    _pool(pins, True)
 
 
 def test_full_policy_map_fails_closed_with_a_clear_error(tmp_path, monkeypatch):
@@ -84,6 +97,7 @@ def test_full_policy_map_fails_closed_with_a_clear_error(tmp_path, monkeypatch):
         assert res.stderr.strip() == "safedeploy: policy map cgroups is full: too many policed cgroups"
         with PinnedMaps.open(pins) as maps:
             assert sum(1 for k in maps.policed_cgroups() if k < 2**62) == 0   # nothing half-loaded
-            assert all(bpfsys.map_keys(maps.fds[f"cg_{n}"], U64) == [] for n in INNER)  # no maps of its own
+            assert maps.stray_tables() == set()                 # no maps of its own: only spares
+            assert 0 < len(maps.spares()) <= SPARES_MAX
     finally:
         shutil.rmtree(os.path.dirname(pins), ignore_errors=True)

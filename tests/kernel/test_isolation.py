@@ -4,6 +4,7 @@ exactly whether or not their details fit."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from dnsutil import Server, Zone, query
 from kutil import connect
-from ocihook import report
+from ocihook import bpfsys, report
 from ocihook.pinned import INNER, RULES_QUOTA, PinnedMaps
 
 ALLOWED_FLOOD = INNER["events"][3] + 1500        # distinct allowed destinations: past the events quota
@@ -158,3 +159,32 @@ def test_a_reused_pid_is_never_blamed_on_the_earlier_process(policed):
         pytest.fail("could not make two processes with the same pid")
     recs = [r for r in p.close() if r["pid"] == pid]
     assert sorted(r["cmdline"].split()[-1] for r in recs) == ["first-process", "second-process"]
+
+
+def test_a_table_set_taken_from_the_spares_holds_nothing_of_the_cgroup_before(policed, listener, pins):
+    """Starts take an emptied table set (the spares); whatever the last owner's set held —
+    its rules, what it learned and recorded — is not in it."""
+    srv = listener("127.0.0.7")
+    a = policed("version: 1\nname: first\ndefault: deny\nallow: ['127.0.0.7', '127.0.0.8/31:80']\n")
+    assert a.run(connect, "127.0.0.7", srv.port) == "ok"
+    assert a.run(connect, "127.0.0.9", 443) == "EPERM"
+    with PinnedMaps.open(pins) as maps:
+        a_key = maps.policy_of(a.cgid).tables
+        assert maps.entries_of(a.cgid) > 2 + len(INNER)      # header, counters, tables and what they hold
+    a.close()
+    with PinnedMaps.open(pins) as maps:
+        spares = set(maps.spares())
+        assert a_key not in spares and spares                # a's set was dropped; an empty one made
+    b = policed("version: 1\nname: second\ndefault: deny\nallow: ['127.0.0.1']\n")
+    with PinnedMaps.open(pins) as maps:
+        b_key = maps.policy_of(b.cgid).tables
+        assert b_key in spares                               # taken from the spares
+        held = {}
+        for name in INNER:
+            fd = maps.inner(b.cgid, name)
+            held[name] = len(bpfsys.map_keys(fd, INNER[name][0]))
+            os.close(fd)
+    assert held == {**{n: 0 for n in INNER}, "cidrs": 2}     # b's rule (tcp and udp), nothing else
+    assert b.run(connect, "127.0.0.7", srv.port) == "EPERM"  # a's rule is not b's
+    recs = b.close()
+    assert [(r["dst_ip"], r["verdict"]) for r in recs] == [("127.0.0.7", "blocked")]
