@@ -77,7 +77,7 @@ def cflags() -> list[str]:
 def all_programs() -> list[tuple[str, int, int]]:
     """(name, program type, expected attach type) of every program the loader loads."""
     return [*loader.PROGRAMS,
-            *((name, loader.PROG_CGROUP_SKB, bpfsys.CGROUP_INET_INGRESS) for name, _ in loader.TAIL_PROGRAMS),
+            *((name, loader.PROG_CGROUP_SKB, atype) for name, _, _, atype in loader.TAIL_PROGRAMS),
             *((name, ptype, 0) for name, ptype, _, _ in loader.MAP_PROGRAMS)]
 
 

@@ -166,6 +166,9 @@ struct sd_learned {
 #define SD_TAIL_ANSWERS 0       /* sd_tails: the record walker (sd_dns_answers) */
 #define SD_TAIL_LEARN 1         /* sd_tails: the end of an answer (sd_dns_learn) */
 #define SD_TAIL_RX 2            /* sd_tails: the DNS-over-TCP answer stream (sd_dns_rx) */
+#define SD_ETAIL_QUERY 0        /* sd_egress_tails: the query in a packet to a DNS port (sd_egress_query) */
+#define SD_ETAIL_VERDICT 1      /* sd_egress_tails: the verdict on that packet (sd_egress_dns) */
+#define SD_NETAILS 2
 #define SD_TAIL_BEGIN 3         /* sd_tails: the question of an answer in msgbuf (sd_dns_begin) */
 #define SD_NTAILS 4
 /* A DNS message is walked from a per-CPU copy of it (msgbuf): a datagram's payload, or a
@@ -212,6 +215,21 @@ struct sd_event_val {
     __u32 uid;
     __u32 pad;
     char comm[16];
+};
+
+/* refusals (a queue per cgroup): a UDP query the egress program refused, so that userspace
+ * answers it at once with REFUSED in the resolver's name (ocihook/refuser.py): clients that
+ * ignore a failed send (dig, host, nslookup wait 10-15 s for an answer) then fail fast.
+ * Addresses as in sd_dest (IPv4 v4-mapped); ports and id in host order. */
+#define SD_REFUSALS 64      /* queued per cgroup; the oldest goes when it is full */
+struct sd_refusal {
+    __u32 client[4];    /* the query's source */
+    __u32 resolver[4];  /* its destination */
+    __u16 cport;
+    __u16 rport;
+    __u16 txid;
+    __u8 flags;         /* the query's third header byte: opcode and RD, copied to the answer */
+    __u8 family;        /* 4 or 6 */
 };
 
 /* live: blocked and would-block decisions as they happen, for `safedeploy watch` */

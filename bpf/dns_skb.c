@@ -23,6 +23,9 @@
 
 /* The answer parser is split in tail calls (SD_TAIL_*), each verified on its own. */
 BPF_PROG_ARRAY(sd_tails, SD_NTAILS);
+/* the egress program's own (a tail call stays within one attach type): the query parser
+ * and the verdict on a packet to a DNS port */
+BPF_PROG_ARRAY(sd_egress_tails, SD_NETAILS);
 
 /* The cheap test every packet takes: could it be DNS (port 53 in the right direction)?
  * Direct packet reads, no helper calls; 1 also when the headers are not in the linear
@@ -175,7 +178,10 @@ struct sd_pkt {
     __u8 dns_verdict;
     __u16 dns_rule;
     __u16 txid;
+    __u8 dns_flags;     /* the DNS header's third byte */
+    __u8 parsed;        /* sd_parse_pkt succeeded */
     __u32 dns_name_id;
+    __u64 cgid;         /* the policed cgroup (egress: for the tail calls) */
 };
 
 /* in map memory, not on the stack: the verifier then sees the parse results as unknown
@@ -434,6 +440,7 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
             wire_len = sd_parse_qname(skb, off + 12, pol->tables, s);
     }
     p->txid = ((__u16)hdr[0] << 8) | hdr[1];
+    p->dns_flags = hdr[2];
     if (!wire_len) {
         /* unparseable: never a silent allow when the policy denies any name */
         sd_stat(SD_STAT_DNS_MALFORMED);
@@ -448,23 +455,37 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
     return 1;
 }
 
-/* The full judgement of a packet that did not take the fast path: one decision, one record. */
-static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_sock *sk)
+/* A refused UDP query, queued for userspace to answer REFUSED in the resolver's name (the
+ * client's send already failed with EPERM; dig and friends would wait for an answer). */
+static __always_inline void sd_queue_refusal(struct __sk_buff *skb, struct sd_cgroup *pol, struct sd_pkt *p)
 {
-    __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, bpf_skb_cgroup_id(skb), &cgid);
-    if (!pol)
-        return 1;
-    __u32 slot = SD_PKT_EGRESS;
-    struct sd_pkt *pp = pktscratch.lookup(&slot);
-    if (!pp)
-        return 0;
-    __builtin_memset(pp, 0, sizeof(*pp));
-    int parsed = sd_parse_pkt(skb, pp, 0);
-    /* a streamed TCP connection's queries were judged whole as they were written (stream
-     * path, dns_stream.c): its segments need not start at a message */
-    if (parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !sd_tcp_streamed(skb, pp))
-        pp->dns = sd_dns_query(skb, pp, cgid, pol); /* first: the heaviest part, verified once */
+    __u64 tables = pol->tables;
+    void *q = cg_refusals.lookup(&tables);
+    if (!q)
+        return;
+    struct sd_refusal r = {};
+    __builtin_memcpy(r.resolver, p->d.addr, sizeof(r.resolver));
+    if (p->d.family == 4) {
+        r.client[2] = bpf_htonl(0xffff);
+        if (bpf_skb_load_bytes(skb, 12, &r.client[3], 4) < 0) /* iphdr.saddr */
+            return;
+    } else if (bpf_skb_load_bytes(skb, 8, r.client, 16) < 0) { /* ipv6hdr.saddr */
+        return;
+    }
+    r.cport = p->sport;
+    r.rport = p->d.port;
+    r.txid = p->txid;
+    r.flags = p->dns_flags;
+    r.family = p->d.family;
+    bpf_map_push_elem(q, &r, BPF_EXIST);
+}
+
+/* The full judgement of a packet that did not take the fast path, on the parse results in
+ * pp (and pp->dns: the query's verdict for a packet to a DNS port): one decision, one
+ * record. A refused UDP query is queued for the refuser. */
+static __always_inline int sd_egress_verdict(struct __sk_buff *skb, struct bpf_sock *sk, __u64 cgid,
+                                             struct sd_cgroup *pol, struct sd_pkt *pp)
+{
     struct sd_pkt p = *pp;
     int raw = sk->type == SD_SOCK_RAW;
     int judged = 0;
@@ -473,7 +494,7 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
     why.rule = SD_RULE_DEFAULT;
     __u8 kind = SD_KIND_PACKET;
     int dns = 0;
-    if (!parsed) {
+    if (!p.parsed) {
         why.rule = SD_RULE_MALFORMED;
     } else if (p.srcroute && !pol->allow_srcroute) {
         why.rule = SD_RULE_SRCROUTE;
@@ -500,6 +521,8 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
             return 1;
     }
     int ret = sd_verdict_return(cgid, pol, &p.d, verdict, &why, kind);
+    if (!ret && p.dns && p.d.proto == IPPROTO_UDP)
+        sd_queue_refusal(skb, pol, &p);
     if (ret && dns && why.name_id)
         sd_pending_put(cgid, pol->tables, p.d.addr, p.txid, why.name_id);
     if (ret && !judged && !raw && p.has_ports && !p.options)
@@ -510,6 +533,67 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
             st->sent_gen = st->peer_gen; /* the connected peer's first packet is recorded */
     }
     return ret;
+}
+
+/* Stage 1 of the full judgement: parse the packet into the egress pkt scratch. A packet to
+ * a DNS port with data goes on in tail calls: the query parser (sd_egress_query), then the
+ * verdict (sd_egress_dns); the rest is judged here. The name parser in a program of its
+ * own keeps each program's verification small (sd_egress needed 825,508 processed
+ * instructions of the kernel's 1,000,000 with it). */
+static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+    __u64 cgid = 0;
+    struct sd_cgroup *pol = SD_FIND_POLICY(SD_SKB_ANCESTOR, bpf_skb_cgroup_id(skb), &cgid);
+    if (!pol)
+        return 1;
+    __u32 slot = SD_PKT_EGRESS;
+    struct sd_pkt *pp = pktscratch.lookup(&slot);
+    if (!pp)
+        return 0;
+    __builtin_memset(pp, 0, sizeof(*pp));
+    pp->parsed = sd_parse_pkt(skb, pp, 0);
+    pp->cgid = cgid;
+    /* a streamed TCP connection's queries were judged whole as they were written (stream
+     * path, dns_stream.c): its segments need not start at a message */
+    if (pp->parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !sd_tcp_streamed(skb, pp)) {
+        sd_egress_tails.call(skb, SD_ETAIL_QUERY);
+        return 0; /* the query parser is missing: nothing to a DNS port leaves unjudged */
+    }
+    return sd_egress_verdict(skb, sk, cgid, pol, pp);
+}
+
+/* The stage-1 results of this packet, and its policy again (by the cgroup stage 1 found). */
+static __always_inline struct sd_pkt *sd_egress_stage(struct sd_cgroup **pol)
+{
+    __u32 slot = SD_PKT_EGRESS;
+    struct sd_pkt *pp = pktscratch.lookup(&slot);
+    *pol = pp ? sd_cgroup_of(pp->cgid) : 0;
+    return *pol ? pp : 0;
+}
+
+/* Egress tail call 1: the query in a packet to a DNS port (sd_dns_query), then the verdict. */
+int sd_egress_query(struct __sk_buff *skb)
+{
+    struct sd_cgroup *pol;
+    struct sd_pkt *pp = sd_egress_stage(&pol);
+    if (!pp)
+        return 0;
+    pp->dns = sd_dns_query(skb, pp, pp->cgid, pol);
+    sd_egress_tails.call(skb, SD_ETAIL_VERDICT);
+    return 0;
+}
+
+/* Egress tail call 2: the verdict on a packet to a DNS port. */
+int sd_egress_dns(struct __sk_buff *skb)
+{
+    struct bpf_sock *sk = skb->sk;
+    if (sk)
+        sk = bpf_sk_fullsock(sk); /* stage 1 found a full socket */
+    struct sd_cgroup *pol;
+    struct sd_pkt *pp = sd_egress_stage(&pol);
+    if (!pp || !sk)
+        return 0;
+    return sd_egress_verdict(skb, sk, pp->cgid, pol, pp);
 }
 
 /* Every packet that leaves a policed cgroup. */

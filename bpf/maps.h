@@ -34,6 +34,7 @@ BPF_TABLE("lru_hash", struct sd_qid_key, __u32, tpl_qids, 1);
 BPF_TABLE("lru_hash", __u32, struct sd_name_key, tpl_qnames, 1);
 BPF_TABLE("lru_hash", struct sd_proc_key, struct sd_proc, tpl_procs, 1);
 BPF_F_TABLE("hash", struct sd_event_key, struct sd_event_val, tpl_events, 1, BPF_F_NO_PREALLOC);
+BPF_QUEUE(tpl_refusals, struct sd_refusal, 1);
 
 BPF_HASH_OF_MAPS(cg_cidrs, __u64, "tpl_cidrs", 16384);
 BPF_HASH_OF_MAPS(cg_names, __u64, "tpl_names", 16384);
@@ -45,6 +46,7 @@ BPF_HASH_OF_MAPS(cg_qnames, __u64, "tpl_qnames", 16384);
 BPF_HASH_OF_MAPS(cg_procs, __u64, "tpl_procs", 16384);
 BPF_HASH_OF_MAPS(cg_events, __u64, "tpl_events", 16384);
 BPF_HASH_OF_MAPS(cg_blocked, __u64, "tpl_events", 16384);
+BPF_HASH_OF_MAPS(cg_refusals, __u64, "tpl_refusals", 16384);
 
 /* per-CPU scratch: buffers too big for the 512-byte stack, and the state of the parsing
  * loops. The loop state is volatile memory on purpose: the verifier then sees unknown

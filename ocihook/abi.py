@@ -51,10 +51,14 @@ SD_TAIL_BUDGET = 33
 SD_TAIL_ANSWERS = 0
 SD_TAIL_LEARN = 1
 SD_TAIL_RX = 2
+SD_ETAIL_QUERY = 0
+SD_ETAIL_VERDICT = 1
+SD_NETAILS = 2
 SD_TAIL_BEGIN = 3
 SD_NTAILS = 4
 SD_MSGBUF = 8192
 SD_EVF_EXPIRED = 1
+SD_REFUSALS = 64
 SD_CMDLINE = 256
 SD_CHAIN = 4
 SD_EXE = 256
@@ -214,6 +218,19 @@ class EventVal(ctypes.Structure):
     ]
 
 
+class Refusal(ctypes.Structure):
+    """struct sd_refusal"""
+    _fields_ = [
+        ("client", ctypes.c_uint32 * 4),
+        ("resolver", ctypes.c_uint32 * 4),
+        ("cport", ctypes.c_uint16),
+        ("rport", ctypes.c_uint16),
+        ("txid", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+    ]
+
+
 class Live(ctypes.Structure):
     """struct sd_live"""
     _fields_ = [
@@ -269,6 +286,7 @@ LAYOUT = {
     "sd_pending_key": (24, {'addr': (0, 16), 'txid': (16, 2), 'pad': (18, 2), 'name_id': (20, 4)}),
     "sd_event_key": (48, {'pstart': (0, 8), 'addr': (8, 16), 'pid': (24, 4), 'port': (28, 2), 'rule': (30, 2), 'verdict': (32, 1), 'kind': (33, 1), 'proto': (34, 1), 'family': (35, 1), 'name_id': (36, 4), 'target_id': (40, 4), 'flags': (44, 1), 'pad': (45, 3)}),
     "sd_event_val": (48, {'count': (0, 8), 'first_ns': (8, 8), 'last_ns': (16, 8), 'uid': (24, 4), 'pad': (28, 4), 'comm': (32, 16)}),
+    "sd_refusal": (40, {'client': (0, 16), 'resolver': (16, 16), 'cport': (32, 2), 'rport': (34, 2), 'txid': (36, 2), 'flags': (38, 1), 'family': (39, 1)}),
     "sd_live": (80, {'cgid': (0, 8), 'k': (8, 48), 'ts_ns': (56, 8), 'comm': (64, 16)}),
     "sd_proc_key": (16, {'pstart': (0, 8), 'tgid': (8, 4), 'pad': (12, 4)}),
     "sd_ancestor": (20, {'pid': (0, 4), 'comm': (4, 16)}),
@@ -289,6 +307,7 @@ STRUCTS = {
     "sd_pending_key": PendingKey,
     "sd_event_key": EventKey,
     "sd_event_val": EventVal,
+    "sd_refusal": Refusal,
     "sd_live": Live,
     "sd_proc_key": ProcKey,
     "sd_ancestor": Ancestor,

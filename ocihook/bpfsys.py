@@ -23,6 +23,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
@@ -201,6 +202,22 @@ def map_delete(fd: int, key) -> bool:
             return False
         raise
     return True
+
+
+def map_pop(fd: int, value) -> bool:
+    """Take the oldest element of a queue map into value; False when it is empty."""
+    try:
+        _elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, None, value, what="map pop")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_peek(fd: int, value) -> bool:
+    """Read the oldest element of a queue map without taking it; False when it is empty."""
+    return map_lookup(fd, None, value)
 
 
 def map_keys(fd: int, key_type) -> list:

@@ -16,7 +16,7 @@ from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_
 from .errors import SafedeployError
 from .pinned import PinnedMaps, pin_names
 from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
-from .abi import SD_TAIL_ANSWERS, SD_TAIL_BEGIN, SD_TAIL_LEARN, SD_TAIL_RX
+from .abi import SD_ETAIL_QUERY, SD_ETAIL_VERDICT, SD_TAIL_ANSWERS, SD_TAIL_BEGIN, SD_TAIL_LEARN, SD_TAIL_RX
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -40,12 +40,14 @@ PROGRAMS: tuple[tuple[str, int, int], ...] = (
     ("sd_setsockopt", PROG_CGROUP_SOCKOPT, bpfsys.CGROUP_SETSOCKOPT),
     ("sd_stream_sockops", PROG_SOCK_OPS, bpfsys.CGROUP_SOCK_OPS),
 )
-# programs reached only by tail calls from the ingress program: (function, index in sd_tails)
-TAIL_PROGRAMS: tuple[tuple[str, int], ...] = (
-    ("sd_dns_begin", SD_TAIL_BEGIN),
-    ("sd_dns_answers", SD_TAIL_ANSWERS),
-    ("sd_dns_learn", SD_TAIL_LEARN),
-    ("sd_dns_rx", SD_TAIL_RX),
+# programs reached only by tail calls: (function, index, program array, attach type of the caller)
+TAIL_PROGRAMS: tuple[tuple[str, int, str, int], ...] = (
+    ("sd_dns_begin", SD_TAIL_BEGIN, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
+    ("sd_dns_answers", SD_TAIL_ANSWERS, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
+    ("sd_dns_learn", SD_TAIL_LEARN, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
+    ("sd_dns_rx", SD_TAIL_RX, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
+    ("sd_egress_query", SD_ETAIL_QUERY, "sd_egress_tails", bpfsys.CGROUP_INET_EGRESS),
+    ("sd_egress_dns", SD_ETAIL_VERDICT, "sd_egress_tails", bpfsys.CGROUP_INET_EGRESS),
 )
 # (function, program type, attach type, sockhash): attached once to a pinned sockhash when
 # the programs are compiled, not per cgroup. The cgroup sock_ops program above puts the
@@ -222,13 +224,12 @@ def _compile_and_pin(target: str, log=None) -> None:
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
                 bpfsys.obj_pin(fn.fd, os.path.join(tmp, f"prog_{name}"))
-            tails = b.get_table("sd_tails")
-            for name, index in TAIL_PROGRAMS:
+            for name, index, array, atype in TAIL_PROGRAMS:
                 try:
-                    fn = b.load_func(name, PROG_CGROUP_SKB, attach_type=bpfsys.CGROUP_INET_INGRESS)
+                    fn = b.load_func(name, PROG_CGROUP_SKB, attach_type=atype)
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
-                tails[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
+                b.get_table(array)[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
             from bcc.libbcc import lib  # noqa: PLC0415 — bcc's tables do not know sockhashes
             for name, ptype, atype, sockmap in MAP_PROGRAMS:
                 try:

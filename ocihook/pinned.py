@@ -37,7 +37,7 @@ RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # policed processes' TCP connections to port 53, keyed by socket cookie (SO_COOKIE), emptied
 # as the connections close
 STREAM_MAPS = ("dns_socks",)
-PROG_ARRAYS = ("sd_tails",)  # pinned so the kernel keeps their entries (tail-called programs)
+PROG_ARRAYS = ("sd_tails", "sd_egress_tails")  # pinned so the kernel keeps their entries (tail-called programs)
 
 # per-cgroup maps: name -> (key type, value type, template, quota). The outer map cg_<name>
 # maps a table key (the header's `tables`) to the cgroup's own inner map, made from the
@@ -57,6 +57,8 @@ INNER: dict[str, tuple[type, type, str, int | None]] = {
     "procs": (ProcKey, Proc, "procs", 1024),
     "events": (EventKey, EventVal, "events", 4096),
     "blocked": (EventKey, EventVal, "events", 4096),
+    # a queue (no keys): refused UDP queries for the refuser to answer (ocihook/refuser.py)
+    "refusals": (None, abi.Refusal, "refusals", C["SD_REFUSALS"]),
 }
 TEMPLATES = sorted({t for _, _, t, _ in INNER.values()})
 # Emptied table sets kept for the next policies. Taking one costs a policy a few lookups;
@@ -364,10 +366,10 @@ class PinnedMaps:
         """How many entries (policy header, counters, maps and what they hold) belong to cgid."""
         n = int(self.policy_of(cgid) is not None)
         n += int(bpfsys.map_lookup(self.fds["cgstats"], U64(cgid), Cgstats()))
-        for name in INNER:
+        for name, (key_t, val_t, _, _) in INNER.items():
             fd = self.inner(cgid, name)
             if fd is not None:
-                n += 1 + len(bpfsys.map_keys(fd, INNER[name][0]))
+                n += 1 + (len(bpfsys.map_keys(fd, key_t)) if key_t else int(bpfsys.map_peek(fd, val_t())))
                 os.close(fd)
         return n
 

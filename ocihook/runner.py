@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import caps, cgroup, confine, hook, nss, origin, report
+from . import caps, cgroup, confine, hook, nss, origin, refuser, report
 from .compiler import compile_policy
 from .errors import SafedeployError
 
@@ -72,9 +72,15 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
               "cgid": cgroup.cgroup_id(path), "started": time.time(), "attachment": None, "report": out,
               "stop_pids": [os.getpid()], "extra": {"capabilities_kept": kept}}
     registered = False
+    answering = None
     try:
         hook.register_and_apply(record, log)
         registered = True
+        if record["compiled"]["mode"] != "audit":  # audit lets every query through: nothing to answer
+            try:
+                answering = refuser.Thread(record["attachment"]["pin_dir"], record["cgid"])
+            except (OSError, SafedeployError):
+                answering = None  # only dig & co.'s fast failure is lost, not the policy
         try:
             hide = [p for _daemon, p in nss.live_sockets()]  # nscd/resolved: their lookups would bypass DNS
             proc = subprocess.Popen(cmd, preexec_fn=lambda: confine.confine(path, drop, hide))
@@ -84,6 +90,8 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
             raise RunError(f"cannot run {cmd[0]}: {e.strerror}") from None
         returncode = _wait_forwarding_signals(proc)
     finally:
+        if answering is not None:
+            answering.stop()
         try:
             cgroup.remove(path)  # kill leftovers first: no unprotected window
         finally:

@@ -1,0 +1,196 @@
+"""A refused UDP query is answered REFUSED at once, in the resolver's name (ocihook/refuser.py):
+BIND's dig, host and nslookup ignore a failed send and wait 10-15 s for an answer; with the
+answer they fail within a second, and the report still names the policy."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dnsutil import Server, Zone
+from helpers import require
+from ocihook import refuser, report
+from ocihook.abi import Refusal
+
+SERVER = "127.0.0.158"
+ZONE = {"mirror.refuse.test": [("A", "127.0.0.80", 60)], "auth.refuse.test": [("A", "127.0.0.81", 60)]}
+POLICY = f"""
+version: 1
+name: refuse-test
+default: deny
+allow:
+  - mirror.refuse.test
+  - "{SERVER}:53"
+  - "[::1]:53"
+deny:
+  - {{domain: auth.refuse.test, reason: "circular: the auth service"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def dns():
+    srv, srv6 = Server(Zone(ZONE), SERVER), Server(Zone(ZONE), "::1")
+    yield srv
+    srv.stop()
+    srv6.stop()
+
+
+TIMED = ("import subprocess, sys, time\n"            # the client's own wall time, inside the run
+         "t = time.monotonic(); rc = subprocess.run(sys.argv[1:]).returncode\n"
+         "print(f'wall {time.monotonic() - t:.3f}', file=sys.stderr); sys.exit(rc)")
+
+
+def _run(tmp_path, argv: list[str], mode: str | None = None) -> tuple[subprocess.CompletedProcess, float, list]:
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    out = tmp_path / "report.jsonl"
+    cli = [sys.executable, "-m", "ocihook.cli", "run", "--policy", str(pol), "--report", str(out)]
+    if mode == "audit":
+        cli.append("--audit")
+    t0 = time.monotonic()
+    res = subprocess.run([*cli, "--", sys.executable, "-c", TIMED, *argv], capture_output=True, text=True,
+                         timeout=60)
+    wall = time.monotonic() - t0
+    recs = report.load(out) if out.exists() else []
+    return res, wall, recs
+
+
+def _client_wall(res) -> float:
+    return float(next(line for line in res.stderr.splitlines() if line.startswith("wall ")).split()[1])
+
+
+@pytest.mark.parametrize("server", [SERVER, "::1"], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("client", ["dig", "host", "nslookup"])
+def test_bind9_tools_fail_fast_on_a_denied_name(tmp_path, dns, pins, client, server):
+    require(shutil.which(client) is not None, f"{client} not installed (bind9-dnsutils)")
+    argv = {"dig": ["dig", f"@{server}", "auth.refuse.test"],
+            "host": ["host", "auth.refuse.test", server],
+            "nslookup": ["nslookup", "auth.refuse.test", server]}[client]
+    res, _, recs = _run(tmp_path, argv)
+    assert _client_wall(res) < 1.0, res.stdout + res.stderr     # was 10-15 s ("no servers could be reached")
+    assert "REFUSED" in res.stdout, res.stdout
+    assert "no servers could be reached" not in res.stdout + res.stderr
+    blocked = [r for r in recs if r["verdict"] == "blocked" and r["kind"] == "dns"]
+    assert blocked and all(r.get("domain") == "auth.refuse.test" and r["reason"] == "circular: the auth service"
+                           for r in blocked), recs
+
+
+def test_an_allowed_name_still_resolves_and_nothing_answers_it_but_the_resolver(tmp_path, dns, pins):
+    res, _, recs = _run(tmp_path, ["dig", f"@{SERVER}", "+short", "mirror.refuse.test"])
+    assert res.stdout.split()[:1] == ["127.0.0.80"], res.stdout
+    assert not [r for r in recs if r["verdict"] == "blocked"]
+
+
+def test_in_audit_mode_the_query_goes_and_the_resolver_answers(tmp_path, dns, pins):
+    res, _, recs = _run(tmp_path, ["dig", f"@{SERVER}", "+short", "auth.refuse.test"], mode="audit")
+    assert res.stdout.split()[:1] == ["127.0.0.81"], res.stdout   # audit: nothing is refused, nothing answered
+    assert [r["verdict"] for r in recs if r["kind"] == "dns"] == ["would-block"]
+
+
+def test_a_refused_answer_teaches_nothing_and_the_address_stays_denied(tmp_path, dns, pins):
+    script = (f"import socket, subprocess\n"
+              f"subprocess.run(['dig', '@{SERVER}', 'auth.refuse.test'], capture_output=True)\n"
+              f"s = socket.socket()\n"
+              f"try:\n    s.connect(('127.0.0.81', 80)); print('connected')\n"
+              f"except PermissionError:\n    print('EPERM')\n")
+    res, _, _ = _run(tmp_path, [sys.executable, "-c", script])
+    assert res.stdout.strip() == "EPERM", res.stdout + res.stderr
+
+
+def test_the_answer_is_a_well_formed_refused_response():
+    """The packet itself: the query's id, QR, opcode and RD kept, RA, RCODE 5, no sections;
+    addresses and ports swapped; the IPv6 UDP checksum verifies."""
+    import struct
+    from dnslib import DNSRecord
+    r = Refusal(cport=40000, rport=53, txid=0xBEEF, flags=0x01, family=6)
+    r.client[3] = socket.htonl(1)                              # ::1
+    ctypes_bytes = socket.inet_pton(socket.AF_INET6, "fd00::53")
+    for i in range(4):
+        r.resolver[i] = int.from_bytes(ctypes_bytes[4 * i:4 * i + 4], sys.byteorder)
+    family, dst, pkt = refuser.answer(r)
+    assert family == socket.AF_INET6 and dst == "::1"
+    assert socket.inet_ntop(socket.AF_INET6, pkt[8:24]) == "fd00::53" and pkt[6] == 17
+    sport, dport, ulen, _ = struct.unpack("!HHHH", pkt[40:48])
+    assert (sport, dport, ulen) == (53, 40000, len(pkt) - 40)
+    assert refuser._checksum(pkt[8:40] + struct.pack("!I3xB", ulen, 17) + pkt[40:]) == 0
+    msg = DNSRecord.parse(pkt[48:])
+    assert msg.header.id == 0xBEEF and msg.header.qr == 1 and msg.header.rd == 1 and msg.header.ra == 1
+    assert msg.header.rcode == 5 and not msg.questions and not msg.rr
+    r4 = Refusal(cport=5353, rport=53, txid=7, flags=0x00, family=4)
+    r4.client[2] = r4.resolver[2] = socket.htonl(0xFFFF)
+    r4.client[3] = int.from_bytes(socket.inet_aton("127.0.0.9"), sys.byteorder)
+    r4.resolver[3] = int.from_bytes(socket.inet_aton("127.0.0.53"), sys.byteorder)
+    family, dst, pkt = refuser.answer(r4)
+    assert family == socket.AF_INET and dst == "127.0.0.9"
+    assert pkt[12:16] == socket.inet_aton("127.0.0.53") and pkt[9] == 17
+    assert DNSRecord.parse(pkt[28:]).header.rcode == 5
+
+
+ASKER = r"""
+import socket, struct, sys, time
+sys.stdin.readline()                                  # "go": the process is in the policed cgroup
+q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x04auth\x06refuse\x04test\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("127.0.0.158", 53))               # the allowed resolver (none listens in here)
+t = time.monotonic()
+try:
+    s.send(q)
+except PermissionError:
+    pass                                              # refused at egress, as dig's send is
+s.settimeout(3)
+try:
+    a = s.recv(512)
+    print("answer", hex(struct.unpack("!H", a[:2])[0]), a[3] & 15, round(time.monotonic() - t, 3))
+except socket.timeout:
+    print("timeout")
+"""
+
+
+def _refusers(cgid: int) -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"ocihook.refuser" in a for a in argv) and str(cgid).encode() in argv:
+            out.append(int(pid))
+    return out
+
+
+def test_a_container_refuser_answers_in_the_containers_network_namespace_and_ends_with_its_policy(policed, pins):
+    """The container path (refuser.spawn, as the prestart hook does): a process in a network
+    namespace of its own, with only loopback, gets the REFUSED answer there; the refuser ends
+    once the policy is released."""
+    ns = f"sdref{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        p = policed(POLICY)
+        asker = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ASKER], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            (p.path / "cgroup.procs").write_text(str(asker.pid))
+            refuser.spawn(pins, p.cgid, asker.pid)
+            deadline = time.monotonic() + 3
+            while not _refusers(p.cgid) and time.monotonic() < deadline:   # (it execs a moment later)
+                time.sleep(0.05)
+            assert _refusers(p.cgid)
+            out, _ = asker.communicate("go\n", timeout=10)
+        finally:
+            asker.kill()
+        words = out.split()
+        assert words[:3] == ["answer", "0x1234", "5"] and float(words[3]) < 1.0, out   # REFUSED, at once
+        recs = p.close()
+        assert [(r["verdict"], r["domain"]) for r in recs if r["kind"] == "dns"] == [("blocked", "auth.refuse.test")], recs
+        deadline = time.monotonic() + 3
+        while _refusers(p.cgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _refusers(p.cgid)                            # ended with the policy
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
