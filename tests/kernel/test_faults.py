@@ -42,12 +42,13 @@ def _pool(pins, spare: bool) -> None:
 @pytest.mark.parametrize("spare", [True, False], ids=["spare-tables", "no-spare-tables"])
 def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins, tmp_path, monkeypatch, spare):
     require(shutil.which("strace") is not None, "strace not installed (fault injection)")
-    monkeypatch.setenv("SAFEDEPLOY_SERIAL_BPF", "1")      # strace counts calls per thread: keep them on one
+    monkeypatch.setenv("SAFEDEPLOY_SERIAL_BPF", "1")      # strace (no -f: not the refuser the hook starts)
+                                                          # follows one thread: keep the calls on it
     path, sleeper = _container()
     try:                                                    # a clean run: fills the policy cache,
         trace = tmp_path / "trace"                          # and counts the bpf(2) calls
         _pool(pins, spare)
-        res = subprocess.run(["strace", "-f", "-qq", "-e", "trace=bpf", "-o", str(trace), *HOOK],
+        res = subprocess.run(["strace", "-qq", "-e", "trace=bpf", "-o", str(trace), *HOOK],
                              input=_state("count", sleeper.pid), capture_output=True, timeout=60)
         assert res.returncode == 0, res.stderr
         calls = sum(1 for line in trace.read_text().splitlines() if "bpf(" in line)
@@ -64,7 +65,7 @@ def test_hook_killed_at_every_bpf_call_leaves_nothing_that_gc_cannot_clean(pins,
         cid = f"kill{n}"
         try:
             _pool(pins, spare)
-            res = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=bpf",
+            res = subprocess.run(["strace", "-qq", "-o", "/dev/null", "-e", "trace=bpf",
                                   "-e", f"inject=bpf:signal=KILL:when={n}", *HOOK],
                                  input=_state(cid, sleeper.pid), capture_output=True, timeout=60)
             assert res.returncode != 0, f"bpf call {n}: the hook was not killed"   # the runtime refuses

@@ -194,3 +194,42 @@ def test_a_container_refuser_answers_in_the_containers_network_namespace_and_end
         assert not _refusers(p.cgid)                            # ended with the policy
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+FLOOD = r"""
+import socket, struct, time
+q = struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x04auth\x06refuse\x04test\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("127.0.0.158", 53))
+s.setblocking(False)
+sent = answers = 0
+end = time.monotonic() + 1.0
+while time.monotonic() < end:
+    try:
+        s.send(q)
+    except OSError:
+        pass
+    sent += 1
+    try:
+        while s.recv(512):
+            answers += 1
+    except BlockingIOError:
+        pass
+time.sleep(0.2)
+try:
+    while s.recv(512):
+        answers += 1
+except BlockingIOError:
+    pass
+print(sent, answers)
+"""
+
+
+def test_a_flood_of_refused_queries_gets_a_bounded_number_of_answers(tmp_path, dns, pins):
+    """The refuser runs outside the cgroup (its CPU is the host's): a process that floods
+    refused queries gets at most PER_POLL answers per poll, the rest only EPERM."""
+    res, _, recs = _run(tmp_path, [sys.executable, "-c", FLOOD])
+    sent, answers = map(int, res.stdout.split())
+    assert sent > 5000, res.stdout
+    assert 0 < answers <= 1.3 * refuser.PER_POLL / refuser.POLL_S + refuser.PER_POLL, res.stdout
+    assert sum(r["count"] for r in recs if r["verdict"] == "blocked") == sent   # every one still counted
