@@ -182,37 +182,30 @@ def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
     _elem(BPF_MAP_UPDATE_ELEM, fd, key, value, flags, "map update")
 
 
-def map_lookup(fd: int, key, value) -> bool:
-    """Fill value for key; False when the key is absent."""
+def _present(cmd: int, fd: int, key, value, what: str) -> bool:
+    """A map element command that may find nothing: False on ENOENT."""
     try:
-        _elem(BPF_MAP_LOOKUP_ELEM, fd, key, value, what="map lookup")
+        _elem(cmd, fd, key, value, what=what)
     except BpfError as e:
         if e.errno == errno.ENOENT:
             return False
         raise
     return True
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    """Fill value for key; False when the key is absent."""
+    return _present(BPF_MAP_LOOKUP_ELEM, fd, key, value, "map lookup")
 
 
 def map_delete(fd: int, key) -> bool:
     """Delete key; False when it was already gone."""
-    try:
-        _elem(BPF_MAP_DELETE_ELEM, fd, key, what="map delete")
-    except BpfError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _present(BPF_MAP_DELETE_ELEM, fd, key, None, "map delete")
 
 
 def map_pop(fd: int, value) -> bool:
     """Take the oldest element of a queue map into value; False when it is empty."""
-    try:
-        _elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, None, value, what="map pop")
-    except BpfError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _present(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, None, value, "map pop")
 
 
 def map_peek(fd: int, value) -> bool:

@@ -10,8 +10,11 @@ port as its source, in the network namespace the query came from: the `run` proc
 container's (entered with setns). The answer has no records: it teaches the kernel nothing,
 and the report still says *policy* (docs/policy.md, "Fail fast").
 
-Used by `safedeploy run` (a thread while the command runs) and by the OCI hook (prestart
-starts one small process per container, `spawn`; it ends when the cgroup's policy is gone).
+Used by `safedeploy run` (a thread while the command runs). `spawn` starts one for a
+container (a small process in the container's network namespace that ends when the cgroup's
+policy is gone); the OCI hook does not call it yet: with it, `podman run` took ~200 ms longer
+(+74-94 % in bench/container.py, measured 2026-12-01) for a reason not found yet, so
+containers keep the EPERM-only behaviour (dig, host and nslookup wait for their timeout).
 """
 from __future__ import annotations
 
@@ -142,9 +145,11 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
-                os.set_inheritable(netns, True)
-                os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code,
-                                          os.fspath(pin_dir), str(cgid), str(netns)])
+                if netns != 3:
+                    os.dup2(netns, 3)
+                os.set_inheritable(3, True)  # and nothing else: a pipe of the runtime's kept
+                os.closerange(4, 1 << 20)    # open would make the runtime wait for this process
+                os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code, os.fspath(pin_dir), str(cgid), "3"])
             finally:
                 os._exit(127)
         os.waitpid(child, 0)

@@ -233,3 +233,29 @@ def test_a_flood_of_refused_queries_gets_a_bounded_number_of_answers(tmp_path, d
     assert sent > 5000, res.stdout
     assert 0 < answers <= 1.3 * refuser.PER_POLL / refuser.POLL_S + refuser.PER_POLL, res.stdout
     assert sum(r["count"] for r in recs if r["verdict"] == "blocked") == sent   # every one still counted
+
+
+def test_a_spawned_refuser_keeps_none_of_its_starters_descriptors(policed, pins):
+    """refuser.spawn's process outlives its starter: a pipe the starter holds (a runtime hands
+    hooks some) must reach EOF when the starter exits, not when the policy goes."""
+    import select
+    p = policed(POLICY)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    r, w = os.pipe()
+    try:
+        (p.path / "cgroup.procs").write_text(str(sleeper.pid))
+        code = f"import sys; from ocihook import refuser; refuser.spawn({str(pins)!r}, {p.cgid}, {sleeper.pid})"
+        starter = subprocess.run([sys.executable, "-c", code], capture_output=True, pass_fds=(w,), timeout=60)
+        os.close(w)
+        assert starter.returncode == 0, starter.stderr
+        deadline = time.monotonic() + 3
+        while not _refusers(p.cgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _refusers(p.cgid)                                     # it runs...
+        readable, _, _ = select.select([r], [], [], 2.0)
+        assert readable and os.read(r, 1) == b""                      # ...without the starter's pipe
+        assert _refusers(p.cgid)                                     # and it still runs
+    finally:
+        os.close(r)
+        sleeper.kill()
+        sleeper.wait()
