@@ -240,12 +240,12 @@ class PinnedMaps:
     def _keep_spare(self, key: int) -> None:
         bpfsys.map_update(self.fds["spares"], U64(key), U8(1), bpfsys.BPF_NOEXIST)
 
-    def prime_spares(self, want: int = SPARES_MAX) -> int:
-        """Make spare table sets until `want` are ready (install does it, so that the first
-        containers take the fast path too). Returns how many were made."""
+    def prime_spares(self) -> int:
+        """Make spare table sets until SPARES_MAX are ready (a fresh program version does it,
+        so that the first containers take the fast path too). Returns how many were made."""
         made = 0
         with self._spares_lock():
-            while len(self.spares()) < min(want, SPARES_MAX):
+            while len(self.spares()) < SPARES_MAX:
                 self._new_spare()
                 made += 1
         return made
@@ -311,10 +311,10 @@ class PinnedMaps:
             for fd in fds.values():
                 os.close(fd)
 
-    def unload_policy(self, cgid: int, compiled: dict | None = None, keep_spare: bool = True) -> int:
+    def unload_policy(self, cgid: int, compiled: dict | None = None) -> int:
         """Remove the header first (programs stop using the cgroup's maps), then its
-        counters and its table set; then (keep_spare, while fewer than SPARES_MAX are kept)
-        put an empty set under the same key for the next policy. Returns the entries
+        counters and its table set; then, while fewer than SPARES_MAX are kept, make an
+        empty set (under a new key) as a spare for the next policy. Returns the entries
         removed from the shared maps."""
         header = self.policy_of(cgid)
         removed = int(bpfsys.map_delete(self.fds["cgroups"], U64(cgid)))
@@ -324,7 +324,7 @@ class PinnedMaps:
         # the deletes wait for a grace period: once they return, no program that saw the
         # header can still write into the old maps, or find the new ones through it
         removed += self._drop_tables(header.tables)
-        if keep_spare and self.path is not None:
+        if self.path is not None:
             with self._spares_lock():
                 if len(self.spares()) < SPARES_MAX:
                     try:
