@@ -1,6 +1,7 @@
 """Who did it: command lines and parents captured in the kernel, after the process is gone."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -35,42 +36,51 @@ def test_report_names_the_command_line_and_parent_of_an_exited_process(tmp_path)
     assert comms == ["deploy.sh", "sh"], rec["parents"]     # python <- deploy.sh <- sh -c; then safedeploy
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 class 5b: a denied TCP query now fails its write (the stream "
-                                       "path) and is never retransmitted, so this test has no softirq packet to look at")
-def test_packets_the_kernel_sends_in_softirq_name_no_process(policed):
-    """A DNS query over TCP for a denied name is dropped; the kernel retransmits it from a
-    timer (softirq) while other, unpoliced processes keep the CPUs busy. Those retransmissions
-    must not be blamed on them: they are recorded with pid 0 and no process (issue 10,
-    class 5b)."""
+def test_packets_the_kernel_sends_in_softirq_name_no_process(policed, listener):
+    """A SYN the egress program drops (source_routes: allow, an LSRR whose first hop is
+    denied) is retransmitted by the TCP timer, in softirq, on whatever task the CPU was
+    running: here unpoliced spinners keep both CPUs busy. Those retransmissions must not be
+    blamed on them: they are recorded with pid 0 and no process (issue 10, class 5b)."""
     import os
     import signal
     import time
-    from dnsutil import Server, Zone, query
-    srv = Server(Zone({"evil.denied": [("A", "127.0.0.180", 60)]}), "127.0.0.165")
+    from netns import lsrr
+    lst = listener("127.0.0.1")
+    p = policed(POLICY + "source_routes: allow\n")
+
+    def syn_via_denied_hop():
+        s = socket.socket()
+        s.setsockopt(0, 4, lsrr(["127.0.0.2"]))                 # SOL_IP, IP_OPTIONS
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", lst.port))
+        except BlockingIOError:
+            pass
+        time.sleep(3.6)                                          # SYN retransmits at +1 s, +3 s
+        s.close()
+        return os.getpid()
+
     spinners = []
     try:
-        p = policed("version: 1\nname: softirq\ndefault: allow\ndeny: [evil.denied]\n")
         for _ in range(os.cpu_count() or 2):
             pid = os.fork()
             if pid == 0:
                 while True:
                     pass
             spinners.append(pid)
-        got = p.run(query, "evil.denied", "127.0.0.165", "A", True, 3.0)
+        me = p.run(syn_via_denied_hop)
         recs = p.close()
     finally:
         for pid in spinners:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        srv.stop()
-    assert got[0] != "ok"
-    dns = [r for r in recs if r["kind"] == "dns" and r["verdict"] == "blocked"]
+    syns = [r for r in recs if r["kind"] == "packet" and r["verdict"] == "blocked" and r["dst_ip"] == "127.0.0.2"]
     pids = {r["pid"] for r in recs}
     assert not pids & set(spinners) and os.getpid() not in pids, recs
-    by_kernel = [r for r in dns if r["pid"] == 0]
-    assert by_kernel, dns                                     # the retransmissions
-    assert by_kernel[0]["comm"] == "" and by_kernel[0]["exe"] is None and by_kernel[0]["cmdline"] is None
-    assert [r for r in dns if r["pid"] not in (0,)]           # the first send, by the process itself
+    assert [r for r in syns if r["pid"] == me], syns                # the first SYN, sent by connect()
+    by_kernel = [r for r in syns if r["pid"] == 0]
+    assert by_kernel, syns                                          # the retransmissions
+    assert all(r["comm"] == "" and r["exe"] is None and r["cmdline"] is None for r in by_kernel), by_kernel
 
 
 def test_exe_names_the_real_executable_whatever_argv_and_comm_claim(policed):
