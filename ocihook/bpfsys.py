@@ -4,7 +4,6 @@ No bcc, no compile: pinned objects are opened with BPF_OBJ_GET and maps are read
 written element by element. Errors become :class:`BpfError` with the errno and a
 one-line message naming the operation.
 """
-from __future__ import annotations
 
 import ctypes
 import errno

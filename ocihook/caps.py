@@ -2,7 +2,6 @@
 or around the programs (docs/security.md, "Leaving the cgroup").
 
 Light on purpose: the hook's warm path imports it (no re, no json)."""
-from __future__ import annotations
 
 from .errors import SafedeployError
 

@@ -3,7 +3,6 @@
 The mount is discovered from /proc/self/mountinfo (hybrid ``/sys/fs/cgroup/unified`` or
 pure v2 ``/sys/fs/cgroup``), never assumed. Roots are injectable for tests.
 """
-from __future__ import annotations
 
 import errno
 import fcntl

@@ -3,7 +3,6 @@
 What the hook caches (``compile_policy``) is JSON: the warm path loads it without this
 module's caller, the policy module. Nothing here touches the kernel.
 """
-from __future__ import annotations
 
 import ctypes
 import errno

@@ -1,6 +1,5 @@
 """The one base of every safedeploy failure. The CLI and the hook catch it once and print
 ``safedeploy: <message>``; anything else that escapes is a bug (an internal error)."""
-from __future__ import annotations
 
 
 class SafedeployError(Exception):

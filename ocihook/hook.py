@@ -9,7 +9,6 @@ and exit 1, so the runtime refuses to start the container, with nothing left att
 Hot path: no bcc, typer, jsonschema or even the policy module: a policy validated once is
 cached in kernel form (compiler.compile_policy), keyed by the content hash of its document.
 """
-from __future__ import annotations
 
 import os
 import sys

@@ -4,7 +4,6 @@ string encoder directly; falls back to `json` where `_json` is missing.
 
 Only what the hook exchanges: objects, arrays, strings, ints, floats, booleans, null.
 """
-from __future__ import annotations
 
 try:
     import _json

@@ -4,7 +4,6 @@ Cold path: :func:`ensure_programs` compiles ``bpf/*.c`` with bcc and pins every 
 and map under ``$SAFEDEPLOY_BPFFS/<source-hash>/``. Warm path: the pins exist, so
 :class:`Programs` opens them with plain bpf(2) calls — bcc is imported only to compile.
 """
-from __future__ import annotations
 
 import ctypes
 import errno
@@ -12,7 +11,7 @@ import os
 import sys
 import time
 
-from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex
+from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_hex, write_atomic
 from .errors import SafedeployError
 from .pinned import PinnedMaps, pin_names
 from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
@@ -89,9 +88,44 @@ def source_text() -> str:
     return "\n".join(lines)
 
 
+RACY_S = 2.0  # a source file changed this recently may change again within the same timestamp
+
+
+def _source_signature() -> tuple[str, bool]:
+    """What the sources' hash depends on, as the file system tells it without reading them:
+    every file of bpf/ (inode, size, mtime, ctime: a write always moves ctime), the flags and
+    the kernel. Also whether a file changed within RACY_S (then its timestamps may not tell
+    a second change in the same clock tick apart: the hash is not cached, as git does)."""
+    now, racy, parts = time.time_ns(), False, [BPF_DIR, " ".join(CFLAGS), os.uname().release]
+    for name in sorted(os.listdir(BPF_DIR)):
+        st = os.stat(os.path.join(BPF_DIR, name))
+        parts.append(f"{name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+        racy = racy or now - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_S * 1e9
+    return sha256_hex("\0".join(parts).encode()), racy
+
+
+def _hash_cache() -> str:
+    return os.path.join(settings.state_dir(), ".source-hash")
+
+
 def source_hash() -> str:
-    """Version of the programs: sources, flags and the running kernel."""
-    return sha256_hex(f"{source_text()}\0{' '.join(CFLAGS)}\0{os.uname().release}".encode())[:16]
+    """Version of the programs: sources, flags and the running kernel. Hashing the inlined
+    sources costs a start ~2.5 ms, so the result is kept in the state directory under the
+    files' signature (_source_signature) and recomputed when any of them changes."""
+    sig, racy = _source_signature()
+    try:
+        cached_sig, _, cached = read_text(_hash_cache()).partition(" ")
+        if cached_sig == sig and len(cached) == 16:
+            return cached
+    except OSError:
+        pass
+    version = sha256_hex(f"{source_text()}\0{' '.join(CFLAGS)}\0{os.uname().release}".encode())[:16]
+    if not racy:
+        try:
+            write_atomic(_hash_cache(), f"{sig} {version}")
+        except OSError:
+            pass  # not root, read-only state dir: only slower
+    return version
 
 
 def pin_dir(version: str | None = None) -> str:

@@ -5,7 +5,6 @@ by a policed deploy".
 The state dir keeps ``cgids/<cgid>``, a symlink per policed cgroup to its state file, so
 the hook's answer for an unannotated container costs one listdir when nothing is policed
 and a few stat() calls otherwise. Warm path: no json, re or pathlib."""
-from __future__ import annotations
 
 import os
 

@@ -2,7 +2,6 @@
 policed cgroup, and each cgroup's own maps (map-in-map): a set of them per policed cgroup,
 drained with it, then emptied and kept as a spare for the next policy (bpf/maps.h).
 """
-from __future__ import annotations
 
 import ctypes
 import errno
@@ -132,6 +131,23 @@ class PolicyTooBig(bpfsys.BpfError):
     """A policy needs more entries than a cgroup's share of a rule map."""
 
 
+class _OpenOnUse(dict):
+    """Map name -> fd, each pinned map opened on its first use: a start touches a few of
+    them, and every bpf(2) obj_get it skips is time the runtime waits for."""
+
+    NAMES = frozenset((*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES)))
+
+    def __init__(self, pin_dir: str):
+        super().__init__()
+        self.pin_dir = pin_dir
+
+    def __missing__(self, name: str) -> int:
+        if name not in self.NAMES:
+            raise KeyError(name)
+        fd = self[name] = bpfsys.obj_get(os.path.join(self.pin_dir, f"map_{name}"))
+        return fd
+
+
 class PinnedMaps:
     """Open fds of the pinned maps of one program version."""
 
@@ -141,15 +157,11 @@ class PinnedMaps:
 
     @classmethod
     def open(cls, pin_dir) -> "PinnedMaps":
-        fds = {}
-        try:
-            for name in (*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES)):
-                fds[name] = bpfsys.obj_get(os.path.join(pin_dir, f"map_{name}"))
-        except Exception:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-        return cls(fds, os.fspath(pin_dir))
+        """The maps of the version pinned at pin_dir (each opened when first used; the
+        header map at once, so a directory without pins fails here)."""
+        maps = cls(_OpenOnUse(os.fspath(pin_dir)), os.fspath(pin_dir))
+        maps.fds["cgroups"]
+        return maps
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -416,7 +428,7 @@ class PinnedMaps:
                        self.procs_of(cgid, ((k.pid, k.pstart) for k, _ in raw)),
                        counters.get("events_dropped", 0) + counters.get("blocked_dropped", 0), counters)
 
-    def names_of(self, cgid: int, name_ids: Iterable[int]) -> dict[int, str]:
+    def names_of(self, cgid: int, name_ids: "Iterable[int]") -> dict[int, str]:
         """The queried names (the cgroup's qnames map) behind event name ids."""
         out = {}
         wanted = set(name_ids) - {0}
@@ -432,7 +444,7 @@ class PinnedMaps:
             os.close(fd)
         return out
 
-    def procs_of(self, cgid: int, pids: Iterable[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    def procs_of(self, cgid: int, pids: "Iterable[tuple[int, int]]") -> dict[tuple[int, int], dict]:
         """What the kernel captured about processes, by (pid, start time): argv (exact bytes),
         cmdline and ancestors (nearest first)."""
         out = {}

@@ -3,7 +3,6 @@ would let it leave its cgroup or get around the programs is refused unless the p
 allows it (`capabilities:`, `privileged:`; docs/policy.md, docs/security.md).
 
 Warm path: plain dicts from ocihook.jsonfast, no re, no json."""
-from __future__ import annotations
 
 import os
 

@@ -8,7 +8,6 @@ For a package on the file system, ``importlib.resources.files("ocihook")`` is th
 directory, so plain ``os.path`` gives the same answer without importing importlib.resources:
 the hook's hot path reads the kernel header through :data:`BPF_DIR`.
 """
-from __future__ import annotations
 
 import os
 

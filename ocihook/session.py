@@ -3,7 +3,6 @@
 Shared by ``safedeploy run`` and the OCI hook. All or nothing: a failure while applying
 removes whatever was already written or attached.
 """
-from __future__ import annotations
 
 import os
 
@@ -33,7 +32,7 @@ def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
     depth = len([p for p in os.path.relpath(cgroup_path, cgroup.cgroup2_mount()).split("/") if p not in ("", ".")])
     if depth >= SD_MAX_DEPTH:
         raise cgroup.CgroupError(f"cgroup {cgroup_path} is {depth} levels deep: the programs look "
-                                 f"{C['SD_MAX_DEPTH'] - 1} levels down at most; refusing to leave it unpoliced")
+                                 f"{SD_MAX_DEPTH - 1} levels down at most; refusing to leave it unpoliced")
     pins = loader.ensure_programs(log)
     cgid = cgroup.cgroup_id(cgroup_path)
     att = Attachment(cgroup_path, cgid, pins)

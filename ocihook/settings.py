@@ -2,7 +2,6 @@
 
 Paths are plain strings: the hook's hot path does not import pathlib (whose imports, `re`
 and `urllib.parse` among them, cost more than the hook's work)."""
-from __future__ import annotations
 
 import os
 
