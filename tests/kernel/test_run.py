@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ocihook import cgroup, loader, report
 from ocihook.pinned import PinnedMaps
 
@@ -109,3 +111,32 @@ def test_run_missing_command_is_clear(tmp_path):
     res = safedeploy("run", "--policy", str(pol), "--", "/nonexistent/deploy.sh")
     assert res.returncode == 1 and "cannot run /nonexistent/deploy.sh" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_cgroup_deeper_than_the_programs_look_is_refused_whole(pins, tmp_path):
+    """The programs walk SD_MAX_DEPTH levels to find a policy: a cgroup deeper than that
+    would run unpoliced, so applying to it fails with one line and writes nothing."""
+    from ocihook import abi, compiler, session
+    from ocihook.policy import load_policy_text
+    top = Path(cgroup.cgroup2_mount()) / f"sd-deep-{os.getpid()}"
+    path = top
+    for i in range(abi.SD_MAX_DEPTH):
+        path = path / f"l{i}"
+    path.mkdir(parents=True)
+    try:
+        compiled = compiler.compile_policy(load_policy_text(POLICY))
+        try:
+            session.apply(path, compiled)
+        except cgroup.CgroupError as e:
+            msg = str(e)
+        else:
+            pytest.fail("a cgroup too deep to police was policed")
+        assert f"{abi.SD_MAX_DEPTH + 1} levels deep" in msg and f"{abi.SD_MAX_DEPTH - 1} levels down" in msg
+        assert "\n" not in msg
+        with PinnedMaps.open(pins) as maps:
+            assert maps.policy_of(cgroup.cgroup_id(path)) is None
+    finally:
+        for p in sorted(top.rglob("*"), key=lambda p: -len(p.parts)):
+            if p.is_dir():
+                p.rmdir()
+        top.rmdir()
