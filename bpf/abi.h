@@ -161,6 +161,7 @@ struct sd_learned {
  * owner, 10-byte record header, 4 bytes of address); an answer with more address records
  * (only possible over TCP) is cut, counted (SD_STAT_ANSWERS_CUT) and reported. */
 #define SD_MAX_ANSWERS 256
+#define SD_STORE_PER_CALL 64     /* addresses one sd_dns_store call learns */
 #define SD_RECORDS_PER_CALL 16  /* answer records walked per program run (bpf/dns_skb.c) */
 #define SD_TAIL_BUDGET 33       /* tail calls the kernel allows per packet (MAX_TAIL_CALL_CNT) */
 #define SD_TAIL_ANSWERS 0       /* sd_tails: the record walker (sd_dns_answers) */
@@ -170,7 +171,8 @@ struct sd_learned {
 #define SD_ETAIL_VERDICT 1      /* sd_egress_tails: the verdict on that packet (sd_egress_dns) */
 #define SD_NETAILS 2
 #define SD_TAIL_BEGIN 3         /* sd_tails: the question of an answer in msgbuf (sd_dns_begin) */
-#define SD_NTAILS 4
+#define SD_TAIL_STORE 4         /* sd_tails: learning the addresses of an answer (sd_dns_store) */
+#define SD_NTAILS 5
 /* A DNS message is walked from a per-CPU copy of it (msgbuf): a datagram's payload, or a
  * TCP answer message, put together from its segments when it came in pieces. A message
  * longer than this is walked as far as it goes (its further records are cut). */

@@ -19,7 +19,7 @@
 #define SD_DNS_RX_H
 
 #define SD_RX_STEPS 16          /* messages (or message pieces) framed per run of sd_dns_rx */
-#define SD_RX_WALK_CALLS 4      /* tail calls a message needs: begin, walker, learn, back to sd_dns_rx */
+#define SD_RX_WALK_CALLS 5      /* tail calls a message needs: begin, walker, learn, store, back to sd_dns_rx */
 
 /* The full socket of an ingress TCP packet, NULL for anything else. */
 static __always_inline struct bpf_sock *sd_rx_sk(struct __sk_buff *skb)

@@ -753,7 +753,7 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgb
         }
     }
     if (s->a_left) {
-        if (s->tc + 2 + s->rx <= SD_TAIL_BUDGET) {
+        if (s->tc + 3 + s->rx <= SD_TAIL_BUDGET) { /* itself, learn, store (and the stream's next) */
             sd_tail(skb, s, SD_TAIL_ANSWERS);
             return 1; /* the walker is missing: nothing learned */
         }
@@ -763,7 +763,8 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgb
     return 1;
 }
 
-/* The end of an answer: check the CNAME chain's end, learn every address, report a cut. */
+/* The end of an answer: report a cut, check the CNAME chain's end; 1 when its addresses are
+ * to be learned (as s->l_verdict, s->l_rule, s->l_target: sd_dns_store). */
 static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
 {
     __u64 cgid = s->cgid;
@@ -782,7 +783,7 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgb
         sd_record(cgid, tables, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
     }
     if (s->mixed)
-        return 1; /* addresses of several other owners: learn none of them */
+        return 0; /* addresses of several other owners: learn none of them */
     /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
     __u8 verdict = s->qverdict;
     __u16 rule = s->qrule;
@@ -798,13 +799,33 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgb
             target_id = sd_name_id(cgid, tables, s); /* the report names the denied target too */
         }
     }
-    for (int i = 0; i < SD_MAX_ANSWERS; i++) {
-        if (i >= s->naddr)
-            break;
-        sd_learn_via(cgid, s->addrs[i & (SD_MAX_ANSWERS - 1)].a, name_id, target_id, verdict, rule,
-                     s->addrs[i & (SD_MAX_ANSWERS - 1)].ttl);
-    }
+    s->l_verdict = verdict;
+    s->l_rule = rule;
+    s->l_target = target_id;
     return 1;
+}
+
+/* Learn the answer's addresses from s->l_next on, as sd_learn_answer decided, at most
+ * SD_STORE_PER_CALL of them (each call is verified on its own: 256 iterations of the
+ * loop in one program came near the verifier's limit). 1: more are left. */
+static __always_inline int sd_store_answer(struct sd_scratch *s)
+{
+    __u64 cgid = s->cgid;
+    __u32 name_id = s->name_id;
+    __u32 target_id = s->l_target;
+    __u8 verdict = s->l_verdict;
+    __u16 rule = s->l_rule;
+    __u32 first = s->l_next;
+    for (int n = 0; n < SD_STORE_PER_CALL; n++) {
+        __u32 i = first + n;
+        if (i >= s->naddr || i >= SD_MAX_ANSWERS)
+            return 0;
+        _Static_assert(SD_MAX_ANSWERS == 256, "the address index mask is 0xff");
+        asm volatile("%0 &= 0xff" : "+r"(i)); /* here, not hoisted: clang would index with first */
+        sd_learn_via(cgid, s->addrs[i].a, name_id, target_id, verdict, rule, s->addrs[i].ttl);
+    }
+    s->l_next = first + SD_STORE_PER_CALL;
+    return s->l_next < s->naddr;
 }
 
 int sd_dns_answers(struct __sk_buff *skb)
@@ -820,7 +841,26 @@ int sd_dns_learn(struct __sk_buff *skb)
     struct sd_scratch *s = sd_walk_state(&mb);
     if (!s || !mb)
         return 1;
-    sd_learn_answer(skb, mb, s);
+    if (sd_learn_answer(skb, mb, s)) {
+        s->l_next = 0;
+        sd_tail(skb, s, SD_TAIL_STORE); /* returns only when sd_dns_store is missing */
+    }
+    if (s->rx && s->tc < SD_TAIL_BUDGET)
+        sd_tail(skb, s, SD_TAIL_RX); /* the budget was kept for it (sd_rx_walk) */
+    return 1;
+}
+
+int sd_dns_store(struct __sk_buff *skb)
+{
+    struct sd_msgbuf *mb;
+    struct sd_scratch *s = sd_walk_state(&mb);
+    if (!s)
+        return 1;
+    if (sd_store_answer(s)) {
+        if (s->tc + 1 + s->rx <= SD_TAIL_BUDGET)
+            sd_tail(skb, s, SD_TAIL_STORE); /* the next SD_STORE_PER_CALL addresses */
+        sd_stat(SD_STAT_ANSWERS_CUT); /* no budget left for the rest: not learned */
+    }
     if (s->rx && s->tc < SD_TAIL_BUDGET)
         sd_tail(skb, s, SD_TAIL_RX); /* the budget was kept for it (sd_rx_walk) */
     return 1;

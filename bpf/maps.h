@@ -90,6 +90,12 @@ struct sd_scratch {
     volatile __u8 proto;
     __u8 pad2[3];
     __u32 resolver[4];
+    /* what sd_dns_learn decided for the answer's addresses, for sd_dns_store */
+    volatile __u32 l_target;
+    volatile __u32 l_next;        /* the next of s->addrs to learn */
+    volatile __u16 l_rule;
+    volatile __u8 l_verdict;
+    __u8 pad3;
 };
 /* one slot per program kind: an ingress program may interrupt an egress one on a CPU,
  * and either may interrupt a connect */

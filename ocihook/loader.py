@@ -15,7 +15,7 @@ from . import bpfsys, cgroup, enable_site_packages, read_text, settings, sha256_
 from .errors import SafedeployError
 from .pinned import PinnedMaps, pin_names
 from .resources import BPF_DIR  # the checkout's bpf/, or the installed package data
-from .abi import SD_ETAIL_QUERY, SD_ETAIL_VERDICT, SD_TAIL_ANSWERS, SD_TAIL_BEGIN, SD_TAIL_LEARN, SD_TAIL_RX
+from .abi import SD_ETAIL_QUERY, SD_ETAIL_VERDICT, SD_TAIL_ANSWERS, SD_TAIL_BEGIN, SD_TAIL_LEARN, SD_TAIL_RX, SD_TAIL_STORE
 
 # bcc program type numbers (enum bpf_prog_type)
 PROG_CGROUP_SKB = 8
@@ -44,6 +44,7 @@ TAIL_PROGRAMS: tuple[tuple[str, int, str, int], ...] = (
     ("sd_dns_begin", SD_TAIL_BEGIN, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
     ("sd_dns_answers", SD_TAIL_ANSWERS, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
     ("sd_dns_learn", SD_TAIL_LEARN, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
+    ("sd_dns_store", SD_TAIL_STORE, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
     ("sd_dns_rx", SD_TAIL_RX, "sd_tails", bpfsys.CGROUP_INET_INGRESS),
     ("sd_egress_query", SD_ETAIL_QUERY, "sd_egress_tails", bpfsys.CGROUP_INET_EGRESS),
     ("sd_egress_dns", SD_ETAIL_VERDICT, "sd_egress_tails", bpfsys.CGROUP_INET_EGRESS),
