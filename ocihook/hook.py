@@ -278,7 +278,14 @@ def start(state: dict, ann: dict[str, str], log=None, creator: dict | None = Non
     extra = dict(allowed, parent=creator["id"]) if creator is not None else allowed
     record = {"id": cid, "pid": pid, "compiled": compiled, "cgroup": str(path), "cgid": cgroup.cgroup_id(path),
               "started": time.time(), "attachment": None, "extra": extra}
-    return register_and_apply(record, log)
+    record = register_and_apply(record, log)
+    if compiled.get("mode") != "audit":  # refused UDP queries answered REFUSED at once (dig & co.)
+        from . import refuser  # noqa: PLC0415
+        try:
+            refuser.spawn(record["attachment"]["pin_dir"], record["cgid"], pid)
+        except OSError:
+            pass  # only the fast failure of those clients is lost, not the policy
+    return record
 
 
 def register_and_apply(record: dict, log=None) -> dict:

@@ -10,11 +10,9 @@ port as its source, in the network namespace the query came from: the `run` proc
 container's (entered with setns). The answer has no records: it teaches the kernel nothing,
 and the report still says *policy* (docs/policy.md, "Fail fast").
 
-Used by `safedeploy run` (a thread while the command runs). `spawn` starts one for a
-container (a small process in the container's network namespace that ends when the cgroup's
-policy is gone); the OCI hook does not call it yet: with it, `podman run` took ~200 ms longer
-(+74-94 % in bench/container.py, measured 2026-12-01) for a reason not found yet, so
-containers keep the EPERM-only behaviour (dig, host and nslookup wait for their timeout).
+Used by `safedeploy run` (a thread while the command runs) and by the OCI hook (prestart
+starts one small process per container, `spawn`, in the container's network namespace; it
+ends with the container's process, or when the cgroup's policy is gone).
 """
 from __future__ import annotations
 
@@ -29,6 +27,9 @@ POLL_S = 0.01       # how often the queue is looked at
 PER_POLL = 8        # answers per look at most (800/s): a flood of refused queries costs the host
                     # (outside the cgroup's own CPU limits) little; the kernel keeps the newest 64
 CHECK_S = 0.5       # how often a container's refuser checks that its policy is still there
+START_S = 0.25      # a container's refuser starts Python this long after the hook (unless the
+                    # container is gone by then): its start-up (~12 ms of CPU) stays out of the
+                    # runtime's way; refusals queued meanwhile are answered then
 RCODE_REFUSED = 5
 _CLONE_NEWNET = 0x40000000
 
@@ -91,11 +92,16 @@ class Refuser:
                 self.failed += 1  # the client's namespace or address is gone: it waits, as without us
         return n
 
-    def serve(self, stop) -> None:
-        """Drain until stop() is true (it is asked between polls)."""
+    def serve(self, stop, wake: int | None = None) -> None:
+        """Drain until stop() is true (it is asked between polls) or, given a `wake` fd (a
+        pidfd), until that fd is readable: the wait between polls ends on it at once."""
+        import select  # noqa: PLC0415
         while not stop():
             self.drain()
-            time.sleep(POLL_S)
+            if wake is None:
+                time.sleep(POLL_S)
+            elif select.select([wake], [], [], POLL_S)[0]:
+                break
         self.drain()
 
     def close(self) -> None:
@@ -131,8 +137,23 @@ class Thread:
 
 def spawn(pin_dir, cgid: int, pid: int) -> None:
     """Start a container's refuser: a detached process (new session) in the network namespace
-    of the container's process pid (opened here, while pid is surely the container's)."""
+    of the container's process pid (opened here, while pid is surely the container's), that
+    ends when that process does (a pidfd, also opened here).
+
+    It must not outlive the container's process: orphaned, it is reparented to the nearest
+    child subreaper, under podman that is conmon, and conmon, once the container has exited,
+    runs its exit command and then waits (a blocking wait4(-1)) for all its children before
+    it exits; `podman run` waits for conmon's exit (a ppoll on its pidfd, 250 ms timeout).
+    A refuser that lived until the policy's release (the detached poststop) cost every
+    `podman run` that timeout: ~+200 ms. The caller is expected to exit soon (the hook): the
+    child is not waited for here."""
+    import select  # noqa: PLC0415
     netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except BaseException:
+        os.close(netns)
+        raise
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from ocihook.refuser import main; main()"
@@ -140,21 +161,28 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
         if child == 0:  # pragma: no cover — the child only execs
             try:
                 os.setsid()
-                if os.fork():
-                    os._exit(0)
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
+                pidfd = os.dup(pidfd) if pidfd == 3 else pidfd  # not overwritten by the netns fd
                 if netns != 3:
                     os.dup2(netns, 3)
+                if pidfd != 4:
+                    os.dup2(pidfd, 4)
                 os.set_inheritable(3, True)  # and nothing else: a pipe of the runtime's kept
-                os.closerange(4, 1 << 20)    # open would make the runtime wait for this process
-                os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code, os.fspath(pin_dir), str(cgid), "3"])
+                os.set_inheritable(4, True)
+                os.closerange(5, 1 << 20)    # open would make the runtime wait for this process
+                if select.select([4], [], [], START_S)[0]:
+                    os._exit(0)              # the container ended first: no refuser needed
+                os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code, os.fspath(pin_dir), str(cgid),
+                                          "3", "4"])
             finally:
                 os._exit(127)
-        os.waitpid(child, 0)
+        # not waited for (one fork, ~0.3 ms, instead of a double fork and a wait, ~2 ms of the
+        # runtime's time): the hook exits next, and whoever adopts the child reaps it
     finally:
         os.close(netns)
+        os.close(pidfd)
 
 
 def _setns(fd: int) -> None:
@@ -166,11 +194,17 @@ def _setns(fd: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The container's refuser: argv = [pin_dir, cgid, netns fd]. Ends when the cgroup's
+    """The container's refuser: argv = [pin_dir, cgid, netns fd, pidfd of the container's
+    process]. Ends when that process has exited (at once: see spawn), or when the cgroup's
     policy is released (or its table set replaced)."""
+    import select  # noqa: PLC0415
     from .pinned import PinnedMaps  # noqa: PLC0415
-    pin_dir, cgid, netns = (argv if argv is not None else sys.argv[1:])[:3]
+    args = argv if argv is not None else sys.argv[1:]
+    pin_dir, cgid, netns = args[:3]
     cgid = int(cgid)
+    pidfd = int(args[3]) if len(args) > 3 else None
+    if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+        return 0  # the container is gone already (a short one): nothing will ask
     _setns(int(netns))
     os.close(int(netns))
     with PinnedMaps.open(pin_dir) as maps:
@@ -191,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             return h is None or h.tables != tables
 
         try:
-            refuser.serve(released)
+            refuser.serve(released, pidfd)
         finally:
             refuser.close()
             os.close(fd)

@@ -40,12 +40,7 @@ CASES = {
 }
 LOOKUP_ONLY_SKIP = {"cname-to-denied"}   # a lookup client has nothing to connect to there
 
-_BIND9_IN_CONTAINERS = ("issue 12: in a container nothing answers a refused query yet (the refuser runs for "
-                        "`run` only): dig waits for its timeout (10-15 s)")
 KNOWN = {  # (client, case, options) -> reason; None = any options
-    # (dig/host/nslookup ignore a failed send: under `run` they end fast because the refuser
-    # answers REFUSED; in a container nothing does yet)
-    **{("dig", case, "podman"): _BIND9_IN_CONTAINERS for case in ("denied", "denied-to-allowed")},
     **{("wget", case, None): "issue 12: GNU wget retries a connect refused with EPERM 20 times"
        for case in ("cname-to-denied", "unlisted")},
     # measured (docs/policy.md): pip retries every failed connection 5 times with back-off, whatever

@@ -259,3 +259,30 @@ def test_a_spawned_refuser_keeps_none_of_its_starters_descriptors(policed, pins)
         os.close(r)
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_spawned_refuser_ends_with_the_containers_process_not_with_its_policy(policed, pins):
+    """Orphaned, the refuser is reparented to the nearest child subreaper: under podman,
+    conmon, which after the container's exit waits for all its children before it exits, and
+    `podman run` waits for conmon (a 250 ms poll): a refuser alive until the policy's release
+    cost every podman run ~200 ms. It must end as soon as the container's process does, while
+    the policy is still there; one that ends before START_S never starts Python."""
+    from ocihook.pinned import PinnedMaps
+    p = policed(POLICY)
+    for lifetime in (3 * refuser.START_S, 0.0):
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            (p.path / "cgroup.procs").write_text(str(sleeper.pid))
+            refuser.spawn(pins, p.cgid, sleeper.pid)
+            time.sleep(lifetime)
+            started = bool(_refusers(p.cgid))
+            assert started == (lifetime > 0)                         # deferred by START_S
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        deadline = time.monotonic() + 0.2
+        while _refusers(p.cgid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _refusers(p.cgid)                                 # gone with the process...
+        with PinnedMaps.open(pins) as maps:
+            assert maps.policy_of(p.cgid) is not None                # ...before the policy
