@@ -289,24 +289,28 @@ def start(state: dict, ann: dict[str, str], log=None, creator: dict | None = Non
 
 
 def register_and_apply(record: dict, log=None) -> dict:
-    """State file first (a crash from here on leaves something gc can clean), then the
+    """State file first, naming the attachment about to be made (a crash from here on leaves
+    something gc can clean: releasing what was not attached yet is harmless), then the
     policy, under the lock gc takes before it looks for map entries nobody owns."""
-    from . import session  # noqa: PLC0415
+    from . import loader, session  # noqa: PLC0415
     cid = record["id"]
     link = origin.cgid_index(record["cgid"])
+    pins = loader.ensure_programs(log)
+    record["attachment"] = session.Attachment(record["cgroup"], record["cgid"], pins).to_dict()
     with cgroup.locked(lock_path()):
         write_state(cid, record)
         try:
             os.makedirs(os.path.dirname(link), exist_ok=True)
             _unlink(link)
             os.symlink(os.path.join("..", f"{cid}.json"), link)
-            att = session.apply(record["cgroup"], record["compiled"], log)
+            att = session.apply(record["cgroup"], record["compiled"], log, pins=pins)
         except BaseException:
             _unlink(link)
             _unlink(state_path(cid))
             raise
-        record["attachment"] = att.to_dict()
-        write_state(cid, record)
+        if att.to_dict() != record["attachment"]:  # pragma: no cover — the same cgroup, id and pins
+            record["attachment"] = att.to_dict()
+            write_state(cid, record)
     return record
 
 

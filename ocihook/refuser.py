@@ -147,7 +147,6 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
     A refuser that lived until the policy's release (the detached poststop) cost every
     `podman run` that timeout: ~+200 ms. The caller is expected to exit soon (the hook): the
     child is not waited for here."""
-    import select  # noqa: PLC0415
     netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         pidfd = os.pidfd_open(pid)
@@ -172,6 +171,7 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
                 os.set_inheritable(3, True)  # and nothing else: a pipe of the runtime's kept
                 os.set_inheritable(4, True)
                 os.closerange(5, 1 << 20)    # open would make the runtime wait for this process
+                import select  # noqa: PLC0415 — here: an extension module, ~1 ms the runtime would wait for
                 if select.select([4], [], [], START_S)[0]:
                     os._exit(0)              # the container ended first: no refuser needed
                 os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code, os.fspath(pin_dir), str(cgid),

@@ -25,15 +25,15 @@ class Attachment:
         return cls(d["cgroup"], int(d["cgid"]), d["pin_dir"])
 
 
-def apply(cgroup_path, compiled: dict, log=None) -> Attachment:
+def apply(cgroup_path, compiled: dict, log=None, pins=None) -> Attachment:
     """Load a compiled policy (compiler.compile_policy) for cgroup_path and attach the shared
-    programs to it."""
+    programs (pinned at pins, by default those of loader.ensure_programs) to it."""
     cgroup_path = os.fspath(cgroup_path)
     depth = len([p for p in os.path.relpath(cgroup_path, cgroup.cgroup2_mount()).split("/") if p not in ("", ".")])
     if depth >= SD_MAX_DEPTH:
         raise cgroup.CgroupError(f"cgroup {cgroup_path} is {depth} levels deep: the programs look "
                                  f"{SD_MAX_DEPTH - 1} levels down at most; refusing to leave it unpoliced")
-    pins = loader.ensure_programs(log)
+    pins = os.fspath(pins) if pins is not None else loader.ensure_programs(log)
     cgid = cgroup.cgroup_id(cgroup_path)
     att = Attachment(cgroup_path, cgid, pins)
     with PinnedMaps.open(pins) as maps, loader.Programs(pins) as progs:
