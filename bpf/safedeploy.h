@@ -224,6 +224,12 @@ static __always_inline int sd_current_in(__u64 cgid)
     return 0;
 }
 
+/* Decisions made in the calling task's own syscall (connect, sendmsg, bind, setsockopt),
+ * whose policy was found through that task's cgroup: the task is in the cgroup, no need to
+ * ask (a helper call less per connect). Packets and streams may be sent by anyone. */
+#define SD_KIND_BY_TASK(kind) \
+    ((kind) == SD_KIND_CONNECT || (kind) == SD_KIND_SENDMSG || (kind) == SD_KIND_BIND || (kind) == SD_KIND_SOCKOPT)
+
 /* Count a decision exactly (cgstats) and keep its details (events or blocked map of the
  * cgroup, in its table set `tables`) while its quota lasts. */
 static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
@@ -239,7 +245,7 @@ static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *
     }
     struct sd_event_key k = {};
     __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
-    int mine = sd_current_in(cgid);
+    int mine = SD_KIND_BY_TASK(kind) || sd_current_in(cgid);
     if (mine) {
         k.pid = bpf_get_current_pid_tgid() >> 32;
         k.pstart = sd_current_pstart();
