@@ -763,6 +763,22 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgb
     return 1;
 }
 
+/* An answer with more than the walk covers: counted, and recorded in the cgroup's report
+ * (rule SD_RULE_ANSWER_CUT, the queried name). */
+static __always_inline void sd_record_cut(struct sd_scratch *s)
+{
+    sd_stat(SD_STAT_ANSWERS_CUT);
+    struct sd_dest d = {};
+    __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
+    d.port = SD_DNS_PORT;
+    d.proto = s->proto;
+    d.family = s->family;
+    struct sd_why why = {};
+    why.rule = SD_RULE_ANSWER_CUT;
+    why.name_id = s->name_id;
+    sd_record(s->cgid, s->tables, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
+}
+
 /* The end of an answer: report a cut, check the CNAME chain's end; 1 when its addresses are
  * to be learned (as s->l_verdict, s->l_rule, s->l_target: sd_dns_store). */
 static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
@@ -770,18 +786,8 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgb
     __u64 cgid = s->cgid;
     __u64 tables = s->tables;
     __u32 name_id = s->name_id;
-    if (s->cut) {
-        sd_stat(SD_STAT_ANSWERS_CUT);
-        struct sd_dest d = {};
-        __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
-        d.port = SD_DNS_PORT;
-        d.proto = s->proto;
-        d.family = s->family;
-        struct sd_why why = {};
-        why.rule = SD_RULE_ANSWER_CUT;
-        why.name_id = name_id;
-        sd_record(cgid, tables, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
-    }
+    if (s->cut)
+        sd_record_cut(s);
     if (s->mixed)
         return 0; /* addresses of several other owners: learn none of them */
     /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
@@ -859,7 +865,8 @@ int sd_dns_store(struct __sk_buff *skb)
     if (sd_store_answer(s)) {
         if (s->tc + 1 + s->rx <= SD_TAIL_BUDGET)
             sd_tail(skb, s, SD_TAIL_STORE); /* the next SD_STORE_PER_CALL addresses */
-        sd_stat(SD_STAT_ANSWERS_CUT); /* no budget left for the rest: not learned */
+        if (!s->cut)
+            sd_record_cut(s); /* no budget left for the rest: not learned, and said so */
     }
     if (s->rx && s->tc < SD_TAIL_BUDGET)
         sd_tail(skb, s, SD_TAIL_RX); /* the budget was kept for it (sd_rx_walk) */
