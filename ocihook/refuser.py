@@ -156,8 +156,7 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from ocihook.refuser import main; main()"
-        child = os.fork()
-        if child == 0:  # pragma: no cover — the child only execs
+        if os.fork() == 0:  # pragma: no cover — the child only execs
             try:
                 os.setsid()
                 null = os.open(os.devnull, os.O_RDWR)
@@ -171,15 +170,15 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
                 os.set_inheritable(3, True)  # and nothing else: a pipe of the runtime's kept
                 os.set_inheritable(4, True)
                 os.closerange(5, 1 << 20)    # open would make the runtime wait for this process
-                import select  # noqa: PLC0415 — here: an extension module, ~1 ms the runtime would wait for
+                import select  # noqa: PLC0415 — in the child: nothing the runtime waits for
                 if select.select([4], [], [], START_S)[0]:
                     os._exit(0)              # the container ended first: no refuser needed
                 os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code, os.fspath(pin_dir), str(cgid),
                                           "3", "4"])
             finally:
                 os._exit(127)
-        # not waited for (one fork, ~0.3 ms, instead of a double fork and a wait, ~2 ms of the
-        # runtime's time): the hook exits next, and whoever adopts the child reaps it
+        # not waited for (a double fork and a wait cost the runtime more): the hook exits next,
+        # and whoever adopts the child reaps it
     finally:
         os.close(netns)
         os.close(pidfd)
