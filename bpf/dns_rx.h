@@ -78,6 +78,7 @@ static __always_inline int sd_rx_segment(struct __sk_buff *skb, struct bpf_sock 
     s->seg_pos = pay + (at - seq);
     s->seg_end = len;
     s->tc = 0;
+    s->rx_cuts = 0;
     s->rx = 1;
     s->cgid = cgid;
     s->tables = pol->tables;
@@ -107,7 +108,7 @@ static __always_inline int sd_rx_next(struct __sk_buff *skb, struct sd_scratch *
 static __always_inline void sd_rx_walk(struct __sk_buff *skb, struct sd_scratch *s)
 {
     if (s->tc + SD_RX_WALK_CALLS > SD_TAIL_BUDGET) {
-        sd_stat(SD_STAT_ANSWERS_CUT);
+        s->rx_cuts = 1; /* more messages in this segment than the budget walks */
         return;
     }
     sd_tail(skb, s, SD_TAIL_BEGIN);
@@ -128,7 +129,7 @@ int sd_dns_rx(struct __sk_buff *skb)
         __u32 pos = s->seg_pos;
         __u32 end = s->seg_end;
         if (pos >= end)
-            return 1;
+            break;
         if (ss->rx_pfx < 2) {
             __u8 c[2] = {};
             if (ss->rx_pfx == 0 && pos + 2 <= end) {
@@ -188,7 +189,7 @@ int sd_dns_rx(struct __sk_buff *skb)
             continue; /* the rest comes in later segments */
         ss->rx_pfx = 0;
         if (ss->rx_cut || !as) {
-            sd_stat(SD_STAT_ANSWERS_CUT);
+            s->rx_cuts = 1; /* recorded once, below or by the next sd_dns_begin */
             continue;
         }
         __u32 n = mlen > SD_MSGBUF ? SD_MSGBUF : mlen;
@@ -200,6 +201,10 @@ int sd_dns_rx(struct __sk_buff *skb)
         mb->len = n;
         mb->trunc = mlen > SD_MSGBUF;
         sd_rx_walk(skb, s);
+    }
+    if (s->rx_cuts) {
+        s->rx_cuts = 0;
+        sd_record_cut(s, 0);
     }
     if (s->seg_pos < s->seg_end && s->tc < SD_TAIL_BUDGET)
         sd_tail(skb, s, SD_TAIL_RX); /* more to frame: another run */

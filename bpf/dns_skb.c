@@ -668,6 +668,23 @@ static __always_inline void sd_tail(struct __sk_buff *skb, struct sd_scratch *s,
     sd_tails.call(skb, index);
 }
 
+/* An answer with more than the walk covers (addresses, records, or TCP messages in one
+ * segment): counted, and recorded in the cgroup's report (rule SD_RULE_ANSWER_CUT, the
+ * queried name when known). */
+static __always_inline void sd_record_cut(struct sd_scratch *s, __u32 name_id)
+{
+    sd_stat(SD_STAT_ANSWERS_CUT);
+    struct sd_dest d = {};
+    __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
+    d.port = SD_DNS_PORT;
+    d.proto = s->proto;
+    d.family = s->family;
+    struct sd_why why = {};
+    why.rule = SD_RULE_ANSWER_CUT;
+    why.name_id = name_id;
+    sd_record(s->cgid, s->tables, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
+}
+
 #include "dns_rx.h"
 
 /* The walk's resolver, cgroup and budget into s, then the question (sd_dns_begin). */
@@ -711,6 +728,7 @@ int sd_dns_ingress(struct __sk_buff *skb)
     if (off >= skb->len || !sd_mb_fill(skb, mb, off, skb->len - off))
         return 1;
     s->tc = 0;
+    s->rx_cuts = 0;
     s->rx = 0;
     sd_answer_walk(skb, s, cgid, pol->tables, &d);
     return 1; /* the programs are missing: nothing learned */
@@ -723,6 +741,10 @@ int sd_dns_begin(struct __sk_buff *skb)
     struct sd_scratch *s = sd_walk_state(&mb);
     if (!s || !mb)
         return 1;
+    if (s->rx_cuts) { /* a message of this segment cut before this one */
+        s->rx_cuts = 0;
+        sd_record_cut(s, 0);
+    }
     struct sd_dest d = {};
     __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
     d.family = s->family;
@@ -763,22 +785,6 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgb
     return 1;
 }
 
-/* An answer with more than the walk covers: counted, and recorded in the cgroup's report
- * (rule SD_RULE_ANSWER_CUT, the queried name). */
-static __always_inline void sd_record_cut(struct sd_scratch *s)
-{
-    sd_stat(SD_STAT_ANSWERS_CUT);
-    struct sd_dest d = {};
-    __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
-    d.port = SD_DNS_PORT;
-    d.proto = s->proto;
-    d.family = s->family;
-    struct sd_why why = {};
-    why.rule = SD_RULE_ANSWER_CUT;
-    why.name_id = s->name_id;
-    sd_record(s->cgid, s->tables, &d, &why, SD_EV_ALLOWED, SD_KIND_DNS);
-}
-
 /* The end of an answer: report a cut, check the CNAME chain's end; 1 when its addresses are
  * to be learned (as s->l_verdict, s->l_rule, s->l_target: sd_dns_store). */
 static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
@@ -787,7 +793,7 @@ static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgb
     __u64 tables = s->tables;
     __u32 name_id = s->name_id;
     if (s->cut)
-        sd_record_cut(s);
+        sd_record_cut(s, s->name_id);
     if (s->mixed)
         return 0; /* addresses of several other owners: learn none of them */
     /* addresses at the end of a CNAME chain: that name must not be a denied one in disguise */
@@ -866,7 +872,7 @@ int sd_dns_store(struct __sk_buff *skb)
         if (s->tc + 1 + s->rx <= SD_TAIL_BUDGET)
             sd_tail(skb, s, SD_TAIL_STORE); /* the next SD_STORE_PER_CALL addresses */
         if (!s->cut)
-            sd_record_cut(s); /* no budget left for the rest: not learned, and said so */
+            sd_record_cut(s, s->name_id); /* no budget left for the rest: not learned, and said so */
     }
     if (s->rx && s->tc < SD_TAIL_BUDGET)
         sd_tail(skb, s, SD_TAIL_RX); /* the budget was kept for it (sd_rx_walk) */

@@ -70,10 +70,10 @@ struct sd_scratch {
     volatile __u32 naddr;
     volatile __u32 mixed;
     volatile __u32 skipped;
-    volatile __u16 owner_ptr;
+    volatile __u32 owner_id;      /* who s->owner is: its compression pointer, or 0x10000 | its offset */
     volatile __u16 qv_rule;
     volatile __u8 qv_verdict;
-    __u8 pad[3];
+    __u8 pad[1];
     /* the walk over an answer's records, carried from one tail call to the next */
     volatile __u64 cgid;
     volatile __u64 tables;      /* the cgroup's table key (its header's `tables`) */
@@ -93,6 +93,7 @@ struct sd_scratch {
     /* what sd_dns_learn decided for the answer's addresses, for sd_dns_store */
     volatile __u32 l_target;
     volatile __u32 l_next;        /* the next of s->addrs to learn */
+    volatile __u32 rx_cuts;       /* TCP answer messages cut in this segment, not recorded yet */
     volatile __u16 l_rule;
     volatile __u8 l_verdict;
     __u8 pad3;

@@ -14,19 +14,30 @@
    root through /proc, detach or rewrite BPF programs and maps, or send raw frames.
    Root keeps everything else (chown, DAC override, setuid, kill, ...): apt and friends work.
 
+Before 3, with CAP_SYS_ADMIN among the dropped: safedeploy's own files (state dir, policy dir,
+log dir, its code: :func:`protected_paths`) are bind-mounted onto themselves read-only in the
+run's mount namespace, so a root command cannot rewrite the policies the hook trusts for later
+containers (policy-cache), nor the code it runs; without CAP_SYS_ADMIN it cannot remount them.
+The parent, outside the namespace, still writes the report.
+
 docs/security.md ("Leaving the cgroup") explains each choice.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 
 from . import caps
 from .errors import SafedeployError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 0x2, 0x4, 0x8, 0x4000, 0x80000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 0x1, 0x2, 0x4, 0x8, 0x4000, 0x80000
+MS_REMOUNT, MS_BIND = 0x20, 0x1000
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 0x400, 0x800, 0x200000
+_KEEP = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+         (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
 MNT_DETACH = 2
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
@@ -62,14 +73,59 @@ def _check(rc: int, what: str) -> None:
         raise ConfineError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def _mounts(fstype: str) -> list[str]:
+def _unescape(field: str) -> str:
+    """mountinfo's octal escapes (\\040 space, \\011 tab, \\012 newline, \\134 backslash)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts(fstype: str | None = None) -> list[str]:
+    """Mount points (of fstype, or all), in mountinfo order."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
-            if post.split(" ", 1)[0] == fstype:
-                out.append(pre.split(" ")[4].replace("\\040", " "))
+            if fstype is None or post.split(" ", 1)[0] == fstype:
+                out.append(_unescape(pre.split(" ")[4]))
     return out
+
+
+def protected_paths() -> list[str]:
+    """What a run may not write (called in the parent): safedeploy's state dir (policy-cache,
+    the program version, cgids, spool), policy dir, log dir (the parent writes the report)
+    and code. From a checkout the code is the directory that holds ``ocihook/`` and ``bpf/``
+    (the hook launcher puts it first on sys.path); installed, the package directory (its
+    ``data/bpf`` included), not the shared site-packages around it, which apt/pip in a run
+    must still be able to write; plus SAFEDEPLOY_BPF_SRC if set elsewhere."""
+    from . import resources, settings  # noqa: PLC0415
+    code = resources.PKG_DIR if resources.installed() else resources.PKG_ROOT
+    return list(dict.fromkeys([settings.state_dir(), settings.policy_dir(), settings.log_dir(), code,
+                               resources.PKG_DIR, resources.BPF_DIR]))
+
+
+def make_readonly(paths) -> None:
+    """Bind each existing path (and every mount below it) onto itself and remount it read-only,
+    keeping its nosuid/nodev/noexec/atime flags; a missing path is skipped, any failure raises
+    ConfineError. Only this (slave) mount namespace sees the read-only views."""
+    c = _c()
+    done: list[str] = []
+    for p in sorted({os.path.realpath(p) for p in paths if p and os.path.lexists(p)}):
+        if any(p == d or p.startswith(d.rstrip("/") + "/") for d in done):
+            continue  # already inside a protected tree
+        _check(c.mount(os.fsencode(p), os.fsencode(p), None, MS_BIND | MS_REC, None), f"binding {p}")
+        below = [m for m in dict.fromkeys(_mounts()) if m == p or m.startswith(p.rstrip("/") + "/")]
+        for m in [p, *(m for m in below if m != p)]:
+            try:
+                have = os.statvfs(m).f_flag
+            except OSError as e:
+                raise ConfineError(f"making {m} read-only: {e.strerror}") from None
+            flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+            for st, ms in _KEEP:
+                if have & st:
+                    flags |= ms
+            _check(c.mount(None, os.fsencode(m), None, flags, None), f"making {m} read-only")
+        if not os.statvfs(p).f_flag & os.ST_RDONLY:
+            raise ConfineError(f"{p} is still writable after its read-only remount")
+        done.append(p)
 
 
 def private_cgroup_view(hide_bpffs: bool = True) -> None:
@@ -121,9 +177,12 @@ def drop_capabilities(names) -> None:
     _check(c.capset(ctypes.byref(hdr), data), "capset")
 
 
-def confine(cgroup_path: str, drop: list[str], hide: list[str] = ()) -> None:
-    """All of it, in the child between fork and exec (hide: paths to cover with /dev/null). Any failure is written to stderr as
-    one safedeploy: line and raised (the command then never runs)."""
+def confine(cgroup_path: str, drop: list[str], hide: list[str] = (), readonly: list[str] = ()) -> None:
+    """All of it, in the child between fork and exec (hide: paths to cover with /dev/null;
+    readonly: paths to make read-only, when CAP_SYS_ADMIN is dropped: a command keeping it
+    could simply unmount them, and a podman it runs needs the hook's state dir writable).
+    Any failure is written to stderr as one safedeploy: line and raised (the command then
+    never runs)."""
     try:
         with open(os.path.join(cgroup_path, "cgroup.procs"), "w") as f:
             f.write("0")
@@ -131,6 +190,8 @@ def confine(cgroup_path: str, drop: list[str], hide: list[str] = ()) -> None:
         if hide:  # name-service daemons' sockets (ocihook/nss.py): lookups go out as DNS instead
             from . import nss  # noqa: PLC0415
             nss.hide_sockets(list(hide))
+        if readonly and "CAP_SYS_ADMIN" in drop:
+            make_readonly(readonly)
         drop_capabilities(drop)
     except Exception as e:  # noqa: BLE001 — whatever it was, the command must not run
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or e.__class__.__name__

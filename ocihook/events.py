@@ -133,8 +133,9 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
     if index == C["SD_RULE_SERVE_DNS"]:
         return "serve_dns", "answering DNS from inside the policed cgroup (policy serve_dns: deny)"
     if index == C["SD_RULE_ANSWER_CUT"]:
-        return "answer-cut", (f"a DNS answer with more than {C['SD_MAX_ANSWERS']} addresses: "
-                              "the addresses past the cut were not learned")
+        return "answer-cut", (f"a DNS answer cut (more than {C['SD_MAX_ANSWERS']} addresses, or more records or "
+                              "TCP messages in one packet than the kernel walks): the addresses past the cut "
+                              "were not learned")
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
     if 0 <= index < len(compiled.get("rules", ())):

@@ -10,6 +10,12 @@ port as its source, in the network namespace the query came from: the `run` proc
 container's (entered with setns). The answer has no records: it teaches the kernel nothing,
 and the report still says *policy* (docs/policy.md, "Fail fast").
 
+Only a query whose source is a local address of that namespace is answered (`is_local`): a
+policed process may send from an address that is not its own (IPV6_FREEBIND needs no
+capability), and answering "to the query's source" would then deliver packets with its chosen
+DNS ids to a host the policy denies it. Those refusals are skipped (counted in `skipped`); the
+query was refused all the same and the report says so.
+
 Used by `safedeploy run` (a thread while the command runs) and by the OCI hook (prestart
 starts one small process per container, `spawn`, in the container's network namespace; it
 ends with the container's process, or when the cgroup's policy is gone).
@@ -63,6 +69,59 @@ def answer(r: Refusal) -> tuple[int, str, bytes]:
     return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, dst), ip6 + udp
 
 
+_NONLOCAL_BIND = {4: "/proc/sys/net/ipv4/ip_nonlocal_bind", 6: "/proc/sys/net/ipv6/ip_nonlocal_bind"}
+
+
+def _nonlocal_bind(family: int) -> bool:
+    """Whether this (the calling thread's) network namespace lets any socket bind a non-local
+    address (unreadable counts as yes)."""
+    try:
+        with open(_NONLOCAL_BIND[family], "rb") as f:
+            return f.read().strip() != b"0"
+    except OSError:
+        return True
+
+
+def _if_inet6() -> set[bytes]:
+    """The IPv6 addresses of the calling thread's network namespace's interfaces."""
+    with open("/proc/thread-self/net/if_inet6") as f:
+        return {bytes.fromhex(line.split()[0]) for line in f if line.strip()}
+
+
+def is_local(family: int, addr: bytes) -> bool:
+    """Whether addr (4 or 16 bytes) is an address of the calling thread's network namespace:
+    the one an answer to it is sent in. A UDP socket bound to (addr, 0) without IP_FREEBIND,
+    IPV6_FREEBIND or IP_TRANSPARENT: the kernel takes only a local address (EADDRINUSE says
+    local too; EADDRNOTAVAIL, or EINVAL for a link-local address without a scope, not). That
+    holds while net.ipv4.ip_nonlocal_bind / net.ipv6.ip_nonlocal_bind are 0, which a policed
+    process cannot change without CAP_NET_ADMIN over the namespace; where one is not 0, IPv6
+    is looked up in if_inet6 and IPv4 is not answered at all. Multicast, broadcast and
+    unspecified addresses are never anyone's own."""
+    import errno  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+    if family == 4:
+        if len(addr) != 4 or addr[0] >= 224 or addr == b"\0\0\0\0":  # multicast, class E, broadcast
+            return False
+        af = socket.AF_INET
+    else:
+        if len(addr) != 16 or addr[0] == 0xFF or addr == bytes(16) or addr[:12] == bytes(10) + b"\xff\xff":
+            return False                                 # multicast, unspecified, IPv4-mapped
+        af = socket.AF_INET6
+    if _nonlocal_bind(family):
+        return family == 6 and addr in _if_inet6()
+    try:
+        s = socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        s.bind((socket.inet_ntop(af, addr), 0))
+        return True
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    finally:
+        s.close()
+
+
 class Refuser:
     """Answers what one cgroup's refusals queue holds (queue_fd: the caller's, kept open)."""
 
@@ -71,6 +130,7 @@ class Refuser:
         self.socks: dict[int, object] = {}
         self.answered = 0
         self.failed = 0
+        self.skipped = 0     # not answered: the query's source is not an address of this namespace
 
     def _sock(self, family: int):
         import socket  # noqa: PLC0415
@@ -86,6 +146,11 @@ class Refuser:
             n += 1
             try:
                 family, dst, packet = answer(r)
+                fam = 4 if r.family == 4 else 6            # as answer() reads it
+                client = bytes(r.client)[12:] if fam == 4 else bytes(r.client)
+                if not is_local(fam, client):               # here: in the namespace the answer goes out in
+                    self.skipped += 1
+                    continue
                 self._sock(family).sendto(packet, (dst, 0))
                 self.answered += 1
             except OSError:

@@ -83,7 +83,8 @@ def run(cmd: list[str], policy: "Policy", report_path: Path | None = None, log=N
                 answering = None  # only dig & co.'s fast failure is lost, not the policy
         try:
             hide = [p for _daemon, p in nss.live_sockets()]  # nscd/resolved: their lookups would bypass DNS
-            proc = subprocess.Popen(cmd, preexec_fn=lambda: confine.confine(path, drop, hide))
+            readonly = confine.protected_paths()  # safedeploy's own state, policies, reports and code
+            proc = subprocess.Popen(cmd, preexec_fn=lambda: confine.confine(path, drop, hide, readonly))
         except subprocess.SubprocessError:
             raise RunError(f"cannot start {cmd[0]}: its confinement failed (see above)") from None
         except OSError as e:

@@ -388,15 +388,18 @@ def test_answers_cut_anywhere_across_segments_are_all_learned(policed, server, l
 
 
 def test_many_pipelined_queries_on_one_connection(policed, server, listener):
-    """30 queries in one write, answered in one send: every one judged, every answer learned."""
+    """30 queries in one write, answered in one send: every one judged; the first answers are
+    learned, and those past the per-packet tail-call budget are reported as cut."""
     v6 = listener("::1")
     p = policed(POLICY)
     names = [("pkgs.internal", "A"), ("v6only.internal", "AAAA"), ("pkgs.internal", "AAAA")] * 10
     res = p.run(tcp_exchange, SERVER, [_q(n, t) for n, t in names])
     assert res["writes"] == ["ok"] and len(res["answers"]) == 30, res
     assert p.run(connect, "::1", v6.port) == "ok"
-    dns = [r for r in p.close() if r["kind"] == "dns"]
+    recs = p.close()
+    dns = [r for r in recs if r["kind"] == "dns" and r["rule"] != "answer-cut"]
     assert sum(r["count"] for r in dns) == 30 and {r["verdict"] for r in dns} == {"allowed"}
+
 
 
 def _v6_resolver_in_own_netns(listen_port: int):
@@ -670,3 +673,77 @@ def test_bytes_written_around_the_sockhash_are_judged_per_packet(policed, server
     assert res["answer"] is None, res
     assert all("auth.internal" not in c["messages"] for c in _conns_since(server, seen))
     assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query")
+
+
+def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed):
+    """A resolver that writes ten pipelined answers in one segment: the kernel walks as many
+    as its tail-call budget allows (about six) and cuts the rest. The cut answers teach
+    nothing (under default allow, the denied CNAME target's addresses then fall to the
+    default: documented), so the report must say so: an `answer-cut` row in the cgroup's own
+    report, not only a global counter (found by an attacker: the seventh answer vanished)."""
+    import struct
+    import threading
+
+    def enc(name):
+        return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+
+    def answer(q):
+        i = 12
+        while q[i]:
+            i += q[i] + 1
+        qsec = q[12:i + 5]
+        rrs = []
+        if q[13:18] == b"alias":
+            target = enc("auth.deny.test")
+            rrs.append(b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(target)) + target)
+            ptr = struct.pack("!H", 0xc000 | (12 + len(qsec) + 12))
+            rrs += [ptr + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 2, k]) for k in (2, 3, 4, 5)]
+        else:
+            rrs.append(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 3, 3]))
+        return q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, len(rrs), 0, 0) + qsec + b"".join(rrs)
+
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.166", 53))
+    lst.listen(4)
+    names = [f"j{k}.ok.test" for k in range(9)] + ["alias.ok.test"]
+
+    def serve():
+        c, _ = lst.accept()
+        buf, qs = b"", []
+        while len(qs) < len(names):
+            d = c.recv(65536)
+            if not d:
+                return
+            buf += d
+            while len(buf) >= 2 and len(buf) >= 2 + int.from_bytes(buf[:2], "big"):
+                n = int.from_bytes(buf[:2], "big")
+                qs.append(buf[2:2 + n])
+                buf = buf[2 + n:]
+        c.sendall(b"".join(struct.pack("!H", len(a)) + a for a in map(answer, qs)))
+        c.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    def client():
+        with socket.create_connection(("127.0.0.166", 53), timeout=3) as s:
+            s.sendall(b"".join(struct.pack("!H", len(q)) + q for q in
+                               (struct.pack("!HHHHHH", 0x100 + k, 0x0100, 1, 0, 0, 0) + enc(n) + b"\0\x01\0\x01"
+                                for k, n in enumerate(names))))
+            got = b""
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    return len(got)
+                got += d
+    try:
+        p = policed("version: 1\nname: cut\ndefault: allow\ndeny: [{domain: auth.deny.test, reason: denied}]\n")
+        got = p.run(client)
+        recs = p.close()
+    finally:
+        lst.close()
+        t.join(timeout=5)
+    assert got > 0
+    cuts = [r for r in recs if r["rule"] == "answer-cut"]
+    assert cuts, [(r["kind"], r["rule"], r.get("domain")) for r in recs]
+    assert "TCP messages in one packet" in cuts[0]["reason"]

@@ -213,3 +213,69 @@ def test_tcp_query_with_qr_set_never_reaches_the_resolver(policed, dns):
     assert p.run(tcp_query) == "EACCES"          # the stream path fails the write (test_dns_tcp.py)
     assert "evil.denied" not in dns.zone.seen
     assert _blocked(p.close(), kind="dns", rule="malformed-query")
+
+
+def _enc(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+
+
+@pytest.mark.parametrize("first_owner", ["abcd.ok.test", "bbcd.ok.test"])
+def test_owners_written_out_are_told_apart_by_more_than_their_first_bytes(policed, first_owner):
+    """An answer to an allowed name whose A records carry owners written out in full (not
+    compressed): `abcd.ok.test` and then `auth.deny.test`. Their first two bytes are the
+    same (4, 'a'): compared by those, the denied name's address was learned as the allowed
+    question's (found by an attacker). Two owners written out are two owners: nothing is
+    learned, and under default deny neither address connects."""
+    import threading
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.164", 53))
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                q, peer = srv.recvfrom(4096)
+            except OSError:
+                continue
+            i = 12
+            while q[i]:
+                i += q[i] + 1
+            rrs = [_enc(first_owner) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 2]),
+                   _enc("auth.deny.test") + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 3])]
+            srv.sendto(q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, len(rrs), 0, 0) + q[12:i + 5] + b"".join(rrs),
+                       peer)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    policy = """
+version: 1
+name: collide
+default: deny
+allow: [alias.ok.test]
+deny: [{domain: auth.deny.test, reason: denied name}]
+dns: {resolvers: ["127.0.0.164"]}
+"""
+
+    def client():
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.settimeout(2)
+        c.sendto(struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + _enc("alias.ok.test") + b"\0\x01\0\x01",
+                 ("127.0.0.164", 53))
+        c.recv(4096)
+        out = []
+        for addr in ("127.0.1.2", "127.0.1.3"):
+            with socket.socket() as s:
+                s.settimeout(1)
+                out.append(err(lambda: s.connect((addr, 9)) or "ok"))
+        return out
+    try:
+        p = policed(policy)
+        got = p.run(client)
+        recs = p.close()
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+    assert got == ["EPERM", "EPERM"], got                     # not "ok"/"refused" for 127.0.1.3
+    denied = [r for r in recs if r["kind"] == "connect" and r["dst_ip"] == "127.0.1.3"]
+    assert denied and all(r["verdict"] == "blocked" and r.get("domain") != "alias.ok.test" for r in denied), denied

@@ -286,3 +286,188 @@ def test_a_spawned_refuser_ends_with_the_containers_process_not_with_its_policy(
         assert not _refusers(p.cgid)                                 # gone with the process...
         with PinnedMaps.open(pins) as maps:
             assert maps.policy_of(p.cgid) is not None                # ...before the policy
+
+
+# The refuser answers "to the query's source": a policed process that sends a refused query from
+# an address that is not its own (IPV6_FREEBIND needs no capability) must not make it deliver
+# packets (16 chosen bits each, the DNS id) to that address, a host the policy denies.
+# Namespace A (the client's): fd77::1, 10.77.0.1 on a veth; B (the denied host): fd77::2,
+# 10.77.0.2; the resolver fd77::3 / 10.77.0.3 is only a neighbour entry (nothing answers).
+EXFIL_POLICY = """
+version: 1
+name: refuse-exfil
+default: deny
+allow:
+  - "[fd77::3]:53"
+  - "10.77.0.3:53"
+deny:
+  - {domain: auth.refuse.test, reason: "denied name"}
+  - {cidr: "fd77::2/128", reason: "the denied host"}
+  - {cidr: "10.77.0.2/32", reason: "the denied host"}
+dns:
+  resolvers: ["fd77::3", "10.77.0.3"]
+"""
+
+DENIED_HOST = r"""
+import select, socket, sys, time
+socks = [socket.socket(socket.AF_INET6, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+socks[0].bind(("fd77::2", 7777)); socks[1].bind(("10.77.0.2", 7777))
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    for s in select.select(socks, [], [], 0.1)[0]:
+        d, a = s.recvfrom(2048)
+        print("got", a[0], d[:2].hex(), flush=True)
+"""
+
+EXFIL_ASKER = r"""
+import socket, struct, sys, time
+if sys.argv[1:] == ["wait"]:
+    sys.stdin.readline()                              # "go": the process is in the policed cgroup
+name = b"\x04auth\x06refuse\x04test\x00\x00\x01\x00\x01"
+def query(txid): return struct.pack("!HHHHHH", txid, 0x0100, 1, 0, 0, 0) + name
+def send(s, q, dst):
+    try:
+        s.sendto(q, dst)
+    except OSError:
+        pass                                          # refused at egress (EPERM), or not routable
+for txid, (fam, level, opt, src, res) in enumerate([   # IPV6_FREEBIND, IP_FREEBIND: no capability needed
+        (socket.AF_INET6, socket.IPPROTO_IPV6, 78, "fd77::2", "fd77::3"),
+        (socket.AF_INET, socket.IPPROTO_IP, 15, "10.77.0.2", "10.77.0.3")], 0x4558):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.setsockopt(level, opt, 1)
+    s.bind((src, 7777))                               # the denied host's address as the source
+    send(s, query(txid), (res, 53))
+    s.close()
+for fam, src, res, txid in [(socket.AF_INET6, "fd77::1", "fd77::3", 0x1236), (socket.AF_INET, "10.77.0.1", "10.77.0.3", 0x1234)]:
+    s = socket.socket(fam, socket.SOCK_DGRAM)         # an ordinary query from our own address
+    s.bind((src, 0))
+    send(s, query(txid), (res, 53))
+    s.settimeout(2)
+    try:
+        a = s.recv(512)
+        print("answer", hex(struct.unpack("!H", a[:2])[0]), a[3] & 15)
+    except socket.timeout:
+        print("timeout", hex(txid))
+"""
+
+
+@pytest.fixture
+def exfil_ns():
+    """(client namespace, denied host namespace) joined by a veth pair."""
+    a, b = f"sdrxa{os.getpid() % 100000}", f"sdrxb{os.getpid() % 100000}"
+    ip = ["ip"]
+    for ns in (a, b):
+        subprocess.run([*ip, "netns", "add", ns], check=True)
+    try:
+        subprocess.run([*ip, "link", "add", "sdrxa", "netns", a, "type", "veth", "peer", "name", "sdrxb",
+                        "netns", b], check=True)
+        for ns, dev, n in ((a, "sdrxa", 1), (b, "sdrxb", 2)):
+            for cmd in (["addr", "add", f"fd77::{n}/64", "dev", dev, "nodad"], ["addr", "add", f"10.77.0.{n}/24", "dev", dev],
+                        ["link", "set", dev, "up"], ["link", "set", "lo", "up"]):
+                subprocess.run([*ip, "-n", ns, *cmd], check=True)
+        subprocess.run([*ip, "-n", a, "-6", "neigh", "add", "fd77::3", "lladdr", "02:00:00:00:00:03", "dev", "sdrxa"], check=True)
+        subprocess.run([*ip, "-n", a, "neigh", "add", "10.77.0.3", "lladdr", "02:00:00:00:00:03", "dev", "sdrxa"], check=True)
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run([*ip, "netns", "del", ns])
+
+
+def _denied_host(ns: str, seconds: float) -> subprocess.Popen:
+    host = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", DENIED_HOST, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert host.stdout.readline().strip() == "ready"
+    return host
+
+
+@pytest.mark.parametrize("path", ["container", "run"])
+def test_a_query_from_a_non_local_source_is_not_answered_to_the_denied_host(tmp_path, pins, policed, exfil_ns, path):
+    """Queries sent from the denied host's address (IPV6_FREEBIND; IPv4 tried the same way) are
+    refused and reported, and the denied host gets nothing; an ordinary query from the client's
+    own address is still answered REFUSED at once, in both families. Both refusers: the
+    container's (spawn, after setns) and `safedeploy run`'s thread."""
+    a, b = exfil_ns
+    host = _denied_host(b, 4.0)
+    try:
+        if path == "container":
+            p = policed(EXFIL_POLICY)
+            asker = subprocess.Popen(["nsenter", f"--net=/run/netns/{a}", sys.executable, "-c", EXFIL_ASKER, "wait"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                (p.path / "cgroup.procs").write_text(str(asker.pid))
+                refuser.spawn(pins, p.cgid, asker.pid)
+                deadline = time.monotonic() + 3
+                while not _refusers(p.cgid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                out, _ = asker.communicate("go\n", timeout=10)
+            finally:
+                asker.kill()
+            recs = p.close()
+        else:
+            pol = tmp_path / "p.yaml"
+            pol.write_text(EXFIL_POLICY)
+            rep = tmp_path / "report.jsonl"
+            res = subprocess.run(["nsenter", f"--net=/run/netns/{a}", sys.executable, "-m", "ocihook.cli", "run", "--policy",
+                                  str(pol), "--report", str(rep), "--", sys.executable, "-c", EXFIL_ASKER],
+                                 capture_output=True, text=True, timeout=60)
+            out, recs = res.stdout, report.load(rep)
+        got, _ = host.communicate(timeout=10)
+    finally:
+        host.kill()
+    assert out.split("\n")[:2] == ["answer 0x1236 5", "answer 0x1234 5"], out      # our own address: REFUSED
+    assert got == "", got                                                          # the denied host: nothing
+    blocked = {(r["domain"], r["dst_ip"]) for r in recs
+               if r["verdict"] == "blocked" and r["kind"] == "dns"}
+    assert ("auth.refuse.test", "fd77::3") in blocked and ("auth.refuse.test", "10.77.0.3") in blocked, recs
+
+
+FORGER = r"""
+import json, sys
+from ocihook.abi import Refusal
+from ocihook.pinned import PinnedMaps
+from ocihook import refuser
+with PinnedMaps.open(sys.argv[1]) as maps:
+    fd = maps.inner(int(sys.argv[2]), "refusals")
+r = refuser.Refuser(fd)
+r.drain(100)
+print(json.dumps({"answered": r.answered, "skipped": r.skipped, "failed": r.failed}))
+"""
+
+
+def test_forged_refusals_to_non_local_clients_are_skipped_in_both_families(pins, policed, exfil_ns):
+    """The check itself, for both families (the kernel does not route IPv4 from a non-local
+    source without IP_TRANSPARENT, so IPv4 cannot be queued the way IPv6 is above): refusals
+    pushed into the cgroup's queue by hand, drained by a Refuser in the client's namespace.
+    Those to the denied host's addresses (and to multicast) are skipped, those to the client's
+    own answered."""
+    import json
+    from ocihook import bpfsys
+    from ocihook.pinned import PinnedMaps
+    a, b = exfil_ns
+    p = policed(EXFIL_POLICY)
+    with PinnedMaps.open(pins) as maps:
+        fd = maps.inner(p.cgid, "refusals")
+    assert fd is not None, "no refusals queue for the policed cgroup"
+    try:
+        for client, resolver in [("fd77::2", "fd77::3"), ("10.77.0.2", "10.77.0.3"), ("ff02::1", "fd77::3"),
+                                 ("224.0.0.1", "10.77.0.3"), ("fd77::1", "fd77::3"), ("10.77.0.1", "10.77.0.3")]:
+            v6 = ":" in client
+            r = Refusal(cport=7777, rport=53, txid=0x4558, flags=0x01, family=6 if v6 else 4)
+            for field, addr in (("client", client), ("resolver", resolver)):
+                raw = socket.inet_pton(socket.AF_INET6, addr if v6 else "::ffff:" + addr)
+                for i in range(4):
+                    getattr(r, field)[i] = int.from_bytes(raw[4 * i:4 * i + 4], sys.byteorder)
+            bpfsys.map_update(fd, None, r)
+    finally:
+        os.close(fd)
+    host = _denied_host(b, 1.5)
+    try:
+        res = subprocess.run(["nsenter", f"--net=/run/netns/{a}", sys.executable, "-c", FORGER, str(pins), str(p.cgid)],
+                             capture_output=True, text=True, timeout=30)
+        got, _ = host.communicate(timeout=10)
+    finally:
+        host.kill()
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"answered": 2, "skipped": 4, "failed": 0}, res.stdout
+    assert got == "", got
