@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,12 +116,27 @@ def test_a_full_state_dir_leaves_the_records_in_the_kernel_until_gc(tmp_path, mo
         code = "import socket\nfor _ in range(3):\n    s = socket.socket()\n    try: s.connect(('127.0.0.2', 9))\n    except OSError as e: print(e.errno)\n"
         filler = state / "filler"
 
-        # fill the state dir while the command runs: the run's own state file is already written
-        fill = f"open({str(filler)!r}, 'wb').write(b'x' * (1 << 20))"
-        script = code + f"try:\n    {fill}\nexcept OSError:\n    pass\n"
-        res = subprocess.run([*CLI, "run", "--policy", str(pol), "--", sys.executable, "-c", script],
-                             capture_output=True, text=True, timeout=60)
-        assert res.stdout.split() == ["1", "1", "1"] and res.returncode == 1, res.stderr
+        # fill the state dir (from here: a run cannot write it) while the command runs, after
+        # the run's own state file is written; the command waits for that
+        ready, go = tmp_path / "ready", tmp_path / "go"
+        script = code + (f"import os, time\nopen({str(ready)!r}, 'w').close()\n"
+                         f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\n")
+        proc = subprocess.Popen([*CLI, "run", "--policy", str(pol), "--", sys.executable, "-c", script],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(3000):
+                if ready.exists() or proc.poll() is not None:
+                    break
+                time.sleep(0.01)
+            try:
+                filler.write_bytes(b"x" * (1 << 20))
+            except OSError:
+                pass  # full: what the test wants
+            go.touch()
+            out, errs = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert out.split() == ["1", "1", "1"] and proc.returncode == 1, errs
         (rec_path,) = state.glob("run-*.json")
         rec = json.loads(rec_path.read_text())
         with PinnedMaps.open(rec["attachment"]["pin_dir"]) as maps:
