@@ -67,9 +67,9 @@ def test_gc_finishes_a_run_whose_safedeploy_process_was_killed(tmp_path):
     run = subprocess.Popen([sys.executable, "-m", "ocihook.cli", "run", "--policy", str(pol), "--", "sh", "-c",
                             f"{sys.executable} -c \"{code}\" > {out}"], start_new_session=True)
     sdir = Path(hook.settings.state_dir())
-    for _ in range(200):
-        recs = [r for r in hook.state_records().values() if r.get("kind") == "run" and r.get("attachment")]
-        if recs:
+    for _ in range(200):                             # its command runs (waiting for `go`) in its cgroup
+        recs = [r for r in hook.state_records().values() if r.get("kind") == "run"]
+        if recs and os.path.exists(recs[0]["cgroup"]) and cgroup.procs(recs[0]["cgroup"]):
             break
         time.sleep(0.05)
     (rec,) = recs
