@@ -40,12 +40,15 @@ def test_root_run_cannot_rewrite_safedeploy_state_policies_or_code(tmp_path):
     state, policies, logs = (Path(os.environ[v]) for v in
                              ("SAFEDEPLOY_STATE_DIR", "SAFEDEPLOY_POLICY_DIR", "SAFEDEPLOY_LOG_DIR"))
     cached = state / "policy-cache" / f"{tag}.json"
+    # the code: a checkout's root (the launcher puts it first on sys.path), or, installed, the
+    # package directory only (not the site-packages around it, which apt/pip in a run write)
+    code = Path(resources.PKG_DIR if resources.installed() else resources.PKG_ROOT)
     victims = {
         "policy_cache": cached,
         "source_hash": state / ".source-hash-probe",
         "policy": policies / "deploy.yaml",
         "log": logs / f"old-{tag}.jsonl",
-        "pkg_root": Path(resources.PKG_ROOT) / f".sd-readonly-{tag}",
+        "pkg_root": code / f".sd-readonly-{tag}",
         "pkg_dir": Path(resources.PKG_DIR) / f"_sd_readonly_{tag}.py",
     }
     for p in victims.values():
@@ -53,7 +56,7 @@ def test_root_run_cannot_rewrite_safedeploy_state_policies_or_code(tmp_path):
         p.write_text("original")
     attempts = {name: str(p) for name, p in victims.items()}
     attempts["state_new"] = str(state / f"new-{tag}")                  # creating files fails too
-    attempts["pkg_new"] = str(Path(resources.PKG_ROOT) / f".sd-new-{tag}")
+    attempts["pkg_new"] = str(code / f".sd-new-{tag}")
     elsewhere = tmp_path / "elsewhere.txt"
     pol = tmp_path / "p.yaml"
     pol.write_text(POLICY)
@@ -71,7 +74,7 @@ def test_root_run_cannot_rewrite_safedeploy_state_policies_or_code(tmp_path):
         written = list(logs.glob("run-*.jsonl"))
         assert len(written) == 1 and report.load_summary(written[0])["capabilities_kept"] == []
         # nothing leaked back to the host: the same directories are writable here
-        for d in (state, policies, logs, Path(resources.PKG_ROOT)):
+        for d in (state, policies, logs, code):
             probe = d / f".sd-host-{tag}"
             probe.write_text("x")
             probe.unlink()
