@@ -787,11 +787,10 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgb
 
 /* The end of an answer: report a cut, check the CNAME chain's end; 1 when its addresses are
  * to be learned (as s->l_verdict, s->l_rule, s->l_target: sd_dns_store). */
-static __always_inline int sd_learn_answer(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
+static __always_inline int sd_learn_answer(struct sd_msgbuf *mb, struct sd_scratch *s)
 {
     __u64 cgid = s->cgid;
     __u64 tables = s->tables;
-    __u32 name_id = s->name_id;
     if (s->cut)
         sd_record_cut(s, s->name_id);
     if (s->mixed)
@@ -853,7 +852,7 @@ int sd_dns_learn(struct __sk_buff *skb)
     struct sd_scratch *s = sd_walk_state(&mb);
     if (!s || !mb)
         return 1;
-    if (sd_learn_answer(skb, mb, s)) {
+    if (sd_learn_answer(mb, s)) {
         s->l_next = 0;
         sd_tail(skb, s, SD_TAIL_STORE); /* returns only when sd_dns_store is missing */
     }

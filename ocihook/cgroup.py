@@ -33,18 +33,30 @@ def _unmangle(field: str) -> str:
     return "".join(out)
 
 
+def _each_mount(mountinfo: str):
+    with open(mountinfo) as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields = pre.split(" ")
+            if len(fields) > 4:
+                yield _unmangle(fields[4]), post.split(" ", 1)[0]
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount of this mount namespace, in mountinfo
+    order, the kernel's escapes decoded. OSError when mountinfo cannot be read."""
+    return list(_each_mount(mountinfo))
+
+
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
-    """The first cgroup2 mount point of this mount namespace."""
+    """The first cgroup2 mount point of this mount namespace (read up to it, no further)."""
     try:
-        with open(mountinfo) as f:
-            for line in f:
-                pre, _, post = line.partition(" - ")
-                fields = pre.split(" ")
-                if post.split(" ", 1)[0] == "cgroup2" and len(fields) > 4:
-                    return _unmangle(fields[4])
+        found = next((point for point, fstype in _each_mount(mountinfo) if fstype == "cgroup2"), None)
     except OSError as e:
         raise CgroupError(f"cannot read {mountinfo}: {e.strerror}") from None
-    raise CgroupError("no cgroup v2 hierarchy is mounted (need cgroup2 in /proc/self/mountinfo)")
+    if found is None:
+        raise CgroupError("no cgroup v2 hierarchy is mounted (need cgroup2 in /proc/self/mountinfo)")
+    return found
 
 
 def cgroup_id(path) -> int:

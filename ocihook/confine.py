@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 
-from . import caps
+from . import caps, cgroup
 from .errors import SafedeployError
 
 CLONE_NEWNS = 0x00020000
@@ -73,20 +72,9 @@ def _check(rc: int, what: str) -> None:
         raise ConfineError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (\\040 space, \\011 tab, \\012 newline, \\134 backslash)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _mounts(fstype: str | None = None) -> list[str]:
     """Mount points (of fstype, or all), in mountinfo order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            if fstype is None or post.split(" ", 1)[0] == fstype:
-                out.append(_unescape(pre.split(" ")[4]))
-    return out
+    return [point for point, t in cgroup.mounts() if fstype is None or t == fstype]
 
 
 def protected_paths() -> list[str]:

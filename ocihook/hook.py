@@ -303,14 +303,11 @@ def register_and_apply(record: dict, log=None) -> dict:
             os.makedirs(os.path.dirname(link), exist_ok=True)
             _unlink(link)
             os.symlink(os.path.join("..", f"{cid}.json"), link)
-            att = session.apply(record["cgroup"], record["compiled"], log, pins=pins)
+            session.apply(record["cgroup"], record["compiled"], log, pins=pins)
         except BaseException:
             _unlink(link)
             _unlink(state_path(cid))
             raise
-        if att.to_dict() != record["attachment"]:  # pragma: no cover — the same cgroup, id and pins
-            record["attachment"] = att.to_dict()
-            write_state(cid, record)
     return record
 
 

@@ -144,13 +144,8 @@ def is_pinned(path) -> bool:
 
 def _bpffs_mounted(path) -> bool:
     target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            mnt = pre.split(" ")[4]
-            if post.split(" ", 1)[0] == BPFFS_MAGIC_TYPE and (target == mnt or target.startswith(mnt.rstrip("/") + "/")):
-                return True
-    return False
+    return any(fstype == BPFFS_MAGIC_TYPE and (target == mnt or target.startswith(mnt.rstrip("/") + "/"))
+               for mnt, fstype in cgroup.mounts())
 
 
 def ensure_bpffs() -> str:

@@ -135,7 +135,7 @@ class _OpenOnUse(dict):
     """Map name -> fd, each pinned map opened on its first use: a start touches a few of
     them, and every bpf(2) obj_get it skips is time the runtime waits for."""
 
-    NAMES = frozenset((*MAPS, *(f"cg_{n}" for n in INNER), *(f"tpl_{t}" for t in TEMPLATES)))
+    NAMES = frozenset(pin_names())
 
     def __init__(self, pin_dir: str):
         super().__init__()

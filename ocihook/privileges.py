@@ -6,7 +6,7 @@ Warm path: plain dicts from ocihook.jsonfast, no re, no json."""
 
 import os
 
-from . import caps
+from . import caps, cgroup
 from .jsonfast import loads
 
 
@@ -55,14 +55,7 @@ def host_cgroupns(cfg: dict) -> bool:
 
 def _fs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
     """(mount point, fs type) of every cgroup, cgroup2 and bpf filesystem here."""
-    out = []
-    with open(mountinfo) as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fstype = post.split(" ", 1)[0]
-            if fstype in ("cgroup", "cgroup2", "bpf"):
-                out.append((pre.split(" ")[4].replace("\\040", " "), fstype))
-    return out
+    return [(point, fstype) for point, fstype in cgroup.mounts(mountinfo) if fstype in ("cgroup", "cgroup2", "bpf")]
 
 
 def risky_mounts(cfg: dict, host_mounts=None) -> list[str]:

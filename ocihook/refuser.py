@@ -88,25 +88,26 @@ def _if_inet6() -> set[bytes]:
         return {bytes.fromhex(line.split()[0]) for line in f if line.strip()}
 
 
-def is_local(family: int, addr: bytes) -> bool:
-    """Whether addr (4 or 16 bytes) is an address of the calling thread's network namespace:
-    the one an answer to it is sent in. A UDP socket bound to (addr, 0) without IP_FREEBIND,
-    IPV6_FREEBIND or IP_TRANSPARENT: the kernel takes only a local address (EADDRINUSE says
-    local too; EADDRNOTAVAIL, or EINVAL for a link-local address without a scope, not). That
-    holds while net.ipv4.ip_nonlocal_bind / net.ipv6.ip_nonlocal_bind are 0, which a policed
-    process cannot change without CAP_NET_ADMIN over the namespace; where one is not 0, IPv6
-    is looked up in if_inet6 and IPv4 is not answered at all. Multicast, broadcast and
-    unspecified addresses are never anyone's own."""
+def is_local(af: int, host: str) -> bool:
+    """Whether host (socket.AF_INET or AF_INET6, as answer() gives it) is an address of the
+    calling thread's network namespace: the one an answer to it is sent in. A UDP socket bound
+    to (host, 0) without IP_FREEBIND, IPV6_FREEBIND or IP_TRANSPARENT: the kernel takes only a
+    local address (EADDRINUSE says local too; EADDRNOTAVAIL, or EINVAL for a link-local address
+    without a scope, not). That holds while net.ipv4.ip_nonlocal_bind / net.ipv6.ip_nonlocal_bind
+    are 0, which a policed process cannot change without CAP_NET_ADMIN over the namespace; where
+    one is not 0, IPv6 is looked up in if_inet6 and IPv4 is not answered at all. Multicast,
+    broadcast and unspecified addresses are never anyone's own."""
     import errno  # noqa: PLC0415
     import socket  # noqa: PLC0415
-    if family == 4:
-        if len(addr) != 4 or addr[0] >= 224 or addr == b"\0\0\0\0":  # multicast, class E, broadcast
+    addr = socket.inet_pton(af, host)
+    if af == socket.AF_INET:
+        if addr[0] >= 224 or addr == b"\0\0\0\0":  # multicast, class E, broadcast, unspecified
             return False
-        af = socket.AF_INET
+        family = 4
     else:
-        if len(addr) != 16 or addr[0] == 0xFF or addr == bytes(16) or addr[:12] == bytes(10) + b"\xff\xff":
-            return False                                 # multicast, unspecified, IPv4-mapped
-        af = socket.AF_INET6
+        if addr[0] == 0xFF or addr == bytes(16) or addr[:12] == bytes(10) + b"\xff\xff":
+            return False                             # multicast, unspecified, IPv4-mapped
+        family = 6
     if _nonlocal_bind(family):
         return family == 6 and addr in _if_inet6()
     try:
@@ -114,7 +115,7 @@ def is_local(family: int, addr: bytes) -> bool:
     except OSError:
         return False
     try:
-        s.bind((socket.inet_ntop(af, addr), 0))
+        s.bind((host, 0))
         return True
     except OSError as e:
         return e.errno == errno.EADDRINUSE
@@ -146,9 +147,7 @@ class Refuser:
             n += 1
             try:
                 family, dst, packet = answer(r)
-                fam = 4 if r.family == 4 else 6            # as answer() reads it
-                client = bytes(r.client)[12:] if fam == 4 else bytes(r.client)
-                if not is_local(fam, client):               # here: in the namespace the answer goes out in
+                if not is_local(family, dst):               # here: in the namespace the answer goes out in
                     self.skipped += 1
                     continue
                 self._sock(family).sendto(packet, (dst, 0))

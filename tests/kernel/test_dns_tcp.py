@@ -675,10 +675,17 @@ def test_bytes_written_around_the_sockhash_are_judged_per_packet(policed, server
     assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query")
 
 
-def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed):
-    """A resolver that writes ten pipelined answers in one segment: the kernel walks as many
-    as its tail-call budget allows (about six) and cuts the rest. The cut answers teach
-    nothing (under default allow, the denied CNAME target's addresses then fall to the
+@pytest.mark.parametrize("names, per_alias", [
+    ([f"j{k}.ok.test" for k in range(9)] + ["alias.ok.test"], 4),    # the tenth message is never walked
+    (["j0.ok.test", "j1.ok.test", "alias.ok.test"], 256),            # walked, but its last addresses
+    ([f"alias{k}.ok.test" for k in range(3)], 256),                  # find the budget spent (64 per call)
+])
+def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed, names, per_alias):
+    """A resolver that writes pipelined answers in one segment: the kernel walks as many
+    as its tail-call budget allows (about six small ones; fewer when each has 256 addresses to
+    learn, 64 per call) and cuts the rest: whole messages (the stream), records (the walker) or
+    addresses (sd_dns_store: the second case fails without its record). The cut answers teach nothing, or only part of their
+    addresses (under default allow, the denied CNAME target's addresses then fall to the
     default: documented), so the report must say so: an `answer-cut` row in the cgroup's own
     report, not only a global counter (found by an attacker: the seventh answer vanished)."""
     import struct
@@ -697,7 +704,8 @@ def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed):
             target = enc("auth.deny.test")
             rrs.append(b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(target)) + target)
             ptr = struct.pack("!H", 0xc000 | (12 + len(qsec) + 12))
-            rrs += [ptr + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 2, k]) for k in (2, 3, 4, 5)]
+            rrs += [ptr + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 2 + k // 250, 1, k % 250 + 1])
+                    for k in range(per_alias)]
         else:
             rrs.append(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 3, 3]))
         return q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, len(rrs), 0, 0) + qsec + b"".join(rrs)
@@ -706,7 +714,6 @@ def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed):
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind(("127.0.0.166", 53))
     lst.listen(4)
-    names = [f"j{k}.ok.test" for k in range(9)] + ["alias.ok.test"]
 
     def serve():
         c, _ = lst.accept()

@@ -219,32 +219,49 @@ def _enc(name: str) -> bytes:
     return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 @pytest.mark.parametrize("first_owner", ["abcd.ok.test", "bbcd.ok.test"])
-def test_owners_written_out_are_told_apart_by_more_than_their_first_bytes(policed, first_owner):
+def test_owners_written_out_are_told_apart_by_more_than_their_first_bytes(policed, first_owner, transport):
     """An answer to an allowed name whose A records carry owners written out in full (not
     compressed): `abcd.ok.test` and then `auth.deny.test`. Their first two bytes are the
     same (4, 'a'): compared by those, the denied name's address was learned as the allowed
     question's (found by an attacker). Two owners written out are two owners: nothing is
-    learned, and under default deny neither address connects."""
+    learned, and under default deny neither address connects. Over UDP and over TCP (the
+    stream path walks the same records)."""
     import threading
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    proto = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+    srv = socket.socket(socket.AF_INET, proto)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.164", 53))
+    if transport == "tcp":
+        srv.listen(2)
     stop = threading.Event()
+
+    def answer(q):
+        i = 12
+        while q[i]:
+            i += q[i] + 1
+        rrs = [_enc(first_owner) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 2]),
+               _enc("auth.deny.test") + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 3])]
+        return q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, len(rrs), 0, 0) + q[12:i + 5] + b"".join(rrs)
 
     def serve():
         srv.settimeout(0.2)
         while not stop.is_set():
             try:
-                q, peer = srv.recvfrom(4096)
+                if transport == "udp":
+                    q, peer = srv.recvfrom(4096)
+                    srv.sendto(answer(q), peer)
+                else:
+                    c, _ = srv.accept()
+                    with c:
+                        c.settimeout(2)
+                        n = int.from_bytes(c.recv(2), "big")
+                        q = c.recv(n)
+                        a = answer(q)
+                        c.sendall(len(a).to_bytes(2, "big") + a)
             except OSError:
                 continue
-            i = 12
-            while q[i]:
-                i += q[i] + 1
-            rrs = [_enc(first_owner) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 2]),
-                   _enc("auth.deny.test") + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 3])]
-            srv.sendto(q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, len(rrs), 0, 0) + q[12:i + 5] + b"".join(rrs),
-                       peer)
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     policy = """
@@ -257,11 +274,18 @@ dns: {resolvers: ["127.0.0.164"]}
 """
 
     def client():
-        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        c.settimeout(2)
-        c.sendto(struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + _enc("alias.ok.test") + b"\0\x01\0\x01",
-                 ("127.0.0.164", 53))
-        c.recv(4096)
+        q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + _enc("alias.ok.test") + b"\0\x01\0\x01"
+        if transport == "udp":
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.settimeout(2)
+            c.sendto(q, ("127.0.0.164", 53))
+            c.recv(4096)
+        else:
+            with socket.create_connection(("127.0.0.164", 53), timeout=2) as c:
+                c.sendall(len(q).to_bytes(2, "big") + q)
+                n = int.from_bytes(c.recv(2), "big")
+                while n > 0:
+                    n -= len(c.recv(n))
         out = []
         for addr in ("127.0.1.2", "127.0.1.3"):
             with socket.socket() as s:

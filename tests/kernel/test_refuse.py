@@ -339,6 +339,26 @@ for txid, (fam, level, opt, src, res) in enumerate([   # IPV6_FREEBIND, IP_FREEB
     s.bind((src, 7777))                               # the denied host's address as the source
     send(s, query(txid), (res, 53))
     s.close()
+# the same source by other paths: a connected socket's send(), and per-message ancillary data
+# (IPV6_PKTINFO naming the denied host's address on a wildcard-bound FREEBIND socket)
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, 78, 1)
+s.bind(("fd77::2", 7777))
+try:
+    s.connect(("fd77::3", 53))
+    s.send(query(0x4560))
+except OSError:
+    pass
+s.close()
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, 78, 1)
+s.bind(("::", 7777))
+try:
+    s.sendmsg([query(0x4561)], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                                 socket.inet_pton(socket.AF_INET6, "fd77::2") + struct.pack("I", 0))], 0, ("fd77::3", 53))
+except OSError:
+    pass
+s.close()
 for fam, src, res, txid in [(socket.AF_INET6, "fd77::1", "fd77::3", 0x1236), (socket.AF_INET, "10.77.0.1", "10.77.0.3", 0x1234)]:
     s = socket.socket(fam, socket.SOCK_DGRAM)         # an ordinary query from our own address
     s.bind((src, 0))
@@ -383,8 +403,9 @@ def _denied_host(ns: str, seconds: float) -> subprocess.Popen:
 
 @pytest.mark.parametrize("path", ["container", "run"])
 def test_a_query_from_a_non_local_source_is_not_answered_to_the_denied_host(tmp_path, pins, policed, exfil_ns, path):
-    """Queries sent from the denied host's address (IPV6_FREEBIND; IPv4 tried the same way) are
-    refused and reported, and the denied host gets nothing; an ordinary query from the client's
+    """Queries sent from the denied host's address (IPV6_FREEBIND: sendto on a bound socket,
+    send on a connected one, sendmsg with IPV6_PKTINFO; IPv4 tried the same way) are refused
+    and reported, and the denied host gets nothing; an ordinary query from the client's
     own address is still answered REFUSED at once, in both families. Both refusers: the
     container's (spawn, after setns) and `safedeploy run`'s thread."""
     a, b = exfil_ns

@@ -26,11 +26,25 @@ def err(f):
 def write(path, mode="w"):
     with open(path, mode) as f:
         f.write("attacker")
-out = {}
+out, others = {}, {}
 for name, path in json.loads(sys.argv[1]).items():
     out[name] = err(lambda: write(path))
+    if len(sys.argv) > 3 and os.path.exists(path):   # the other ways to change a file there
+        others[name] = sorted({err(lambda: os.unlink(path)), err(lambda: os.rename(path, path + ".x")),
+                               err(lambda: os.chmod(path, 0o777)), err(lambda: os.truncate(path, 0)),
+                               err(lambda: os.symlink("/etc/passwd", path + ".l")),
+                               err(lambda: os.mkdir(os.path.join(os.path.dirname(path), ".sd-dir")))})
 out["elsewhere"] = err(lambda: write(sys.argv[2]))
+if len(sys.argv) > 3:                                 # and undoing the read-only view
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    def call(rc):
+        return errno.errorcode.get(ctypes.get_errno(), "?") if rc else "ok"
+    out["remount"] = call(libc.mount(None, sys.argv[3].encode(), None, 0x20 | 0x1000, None))  # MS_REMOUNT|MS_BIND, rw
+    out["umount"] = call(libc.umount2(sys.argv[3].encode(), 2))                               # MNT_DETACH
+    out["unshare"] = call(libc.unshare(0x00020000))                                           # CLONE_NEWNS
 print("PROBE " + json.dumps(out))
+print("OTHERS " + json.dumps(others))
 '''
 
 
@@ -62,11 +76,16 @@ def test_root_run_cannot_rewrite_safedeploy_state_policies_or_code(tmp_path):
     pol.write_text(POLICY)
     try:
         res = subprocess.run([*CLI, "run", "--policy", str(pol), "--", sys.executable, "-c", PROBE,
-                              json.dumps(attempts), str(elsewhere)], capture_output=True, text=True, timeout=120)
+                              json.dumps(attempts), str(elsewhere), str(state)], capture_output=True, text=True,
+                             timeout=120)
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith("PROBE ")), None)
         assert res.returncode == 0 and line, (res.stdout, res.stderr)
         out = json.loads(line[6:])
-        assert {k: v for k, v in out.items() if k != "elsewhere"} == {k: "EROFS" for k in attempts}, out
+        others = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("OTHERS "))[7:])
+        tries = {k: v for k, v in out.items() if k not in ("elsewhere", "remount", "umount", "unshare")}
+        assert tries == {k: "EROFS" for k in attempts}, out
+        assert others and all(v == ["EROFS"] for v in others.values()), others   # unlink, rename, chmod...
+        assert (out["remount"], out["umount"], out["unshare"]) == ("EPERM", "EPERM", "EPERM"), out
         assert out["elsewhere"] == "ok" and elsewhere.read_text() == "attacker"
         assert all(p.read_text() == "original" for p in victims.values())
         assert not Path(attempts["state_new"]).exists() and not Path(attempts["pkg_new"]).exists()
@@ -79,8 +98,11 @@ def test_root_run_cannot_rewrite_safedeploy_state_policies_or_code(tmp_path):
             probe.write_text("x")
             probe.unlink()
     finally:
-        for p in (*victims.values(), Path(attempts["pkg_new"])):
-            p.unlink(missing_ok=True)
+        for p in (*victims.values(), Path(attempts["pkg_new"])):   # also what a failing run made
+            for q in (p, Path(f"{p}.x"), Path(f"{p}.l")):
+                q.unlink(missing_ok=True)
+            if (p.parent / ".sd-dir").is_dir():
+                (p.parent / ".sd-dir").rmdir()
 
 
 def test_kept_sys_admin_leaves_them_writable(tmp_path):

@@ -32,6 +32,16 @@ def test_the_first_cgroup2_mount_point(tmp_path, text, mount):
     assert cgroup.cgroup2_mount(str(tmp_path / "mountinfo")) == mount
 
 
+def test_every_mount_with_its_type_and_escapes_decoded(tmp_path):
+    """cgroup.mounts: the one mountinfo parser (the cgroup view, the bpffs check, the
+    container mount judgement and the run's read-only binds all read it)."""
+    (tmp_path / "mountinfo").write_text(HYBRID + ESCAPED + DECOY + "garbage\n")
+    assert cgroup.mounts(str(tmp_path / "mountinfo")) == [
+        ("/sys", "sysfs"), ("/sys/fs/cgroup", "tmpfs"), ("/sys/fs/cgroup/unified", "cgroup2"),
+        ("/sys/fs/cgroup/systemd", "cgroup"), ("/mnt/my cg\tx\\y", "cgroup2"), ("/not/it", "tmpfs"),
+        ("/sys/fs/cgroup", "cgroup2")]
+
+
 @pytest.mark.parametrize("text", [V1_ONLY, "", "garbage without fields - cgroup2\n", "\n\n"])
 def test_no_cgroup2_mount_is_a_clear_error(tmp_path, text):
     (tmp_path / "mountinfo").write_text(text)
