@@ -57,6 +57,11 @@ class Server:
         self.tcp.stop()
 
 
+def wire_name(name: str) -> bytes:
+    """A name in DNS wire form, written out in full (no compression)."""
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+
+
 def query(name: str, server: str = "127.0.0.153", qtype: str = "A", tcp: bool = False, timeout: float = 2.0):
     """Send one real query; ('ok', [addresses]), ('EPERM', ms), ('timeout', ms) or ('<errno>', ms)."""
     packet = DNSRecord.question(name, qtype).pack()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dnsutil import StreamServer, Zone, getaddrinfo_in, query, read_until_quiet, tcp_exchange
+from dnsutil import StreamServer, Zone, getaddrinfo_in, query, read_until_quiet, tcp_exchange, wire_name
 from helpers import require
 from kutil import connect
 
@@ -691,9 +691,6 @@ def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed, nam
     import struct
     import threading
 
-    def enc(name):
-        return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
-
     def answer(q):
         i = 12
         while q[i]:
@@ -701,7 +698,7 @@ def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed, nam
         qsec = q[12:i + 5]
         rrs = []
         if q[13:18] == b"alias":
-            target = enc("auth.deny.test")
+            target = wire_name("auth.deny.test")
             rrs.append(b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(target)) + target)
             ptr = struct.pack("!H", 0xc000 | (12 + len(qsec) + 12))
             rrs += [ptr + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 2 + k // 250, 1, k % 250 + 1])
@@ -735,7 +732,7 @@ def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed, nam
     def client():
         with socket.create_connection(("127.0.0.166", 53), timeout=3) as s:
             s.sendall(b"".join(struct.pack("!H", len(q)) + q for q in
-                               (struct.pack("!HHHHHH", 0x100 + k, 0x0100, 1, 0, 0, 0) + enc(n) + b"\0\x01\0\x01"
+                               (struct.pack("!HHHHHH", 0x100 + k, 0x0100, 1, 0, 0, 0) + wire_name(n) + b"\0\x01\0\x01"
                                 for k, n in enumerate(names))))
             got = b""
             while True:

@@ -9,7 +9,7 @@ import struct
 import pytest
 from dnslib import DNSRecord
 
-from dnsutil import Server, Zone
+from dnsutil import Server, Zone, wire_name
 from netns import err, hopopts_pad, own_netns
 
 RESOLVER = "127.0.0.163"
@@ -215,10 +215,6 @@ def test_tcp_query_with_qr_set_never_reaches_the_resolver(policed, dns):
     assert _blocked(p.close(), kind="dns", rule="malformed-query")
 
 
-def _enc(name: str) -> bytes:
-    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
-
-
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 @pytest.mark.parametrize("first_owner", ["abcd.ok.test", "bbcd.ok.test"])
 def test_owners_written_out_are_told_apart_by_more_than_their_first_bytes(policed, first_owner, transport):
@@ -241,8 +237,8 @@ def test_owners_written_out_are_told_apart_by_more_than_their_first_bytes(police
         i = 12
         while q[i]:
             i += q[i] + 1
-        rrs = [_enc(first_owner) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 2]),
-               _enc("auth.deny.test") + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 3])]
+        rrs = [wire_name(first_owner) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 2]),
+               wire_name("auth.deny.test") + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 1, 3])]
         return q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, len(rrs), 0, 0) + q[12:i + 5] + b"".join(rrs)
 
     def serve():
@@ -274,7 +270,7 @@ dns: {resolvers: ["127.0.0.164"]}
 """
 
     def client():
-        q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + _enc("alias.ok.test") + b"\0\x01\0\x01"
+        q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + wire_name("alias.ok.test") + b"\0\x01\0\x01"
         if transport == "udp":
             c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             c.settimeout(2)
