@@ -261,12 +261,21 @@ def test_a_spawned_refuser_keeps_none_of_its_starters_descriptors(policed, pins)
         sleeper.wait()
 
 
+def _holds_bpf_maps(pid: int) -> bool:
+    fds = f"/proc/{pid}/fd"
+    try:
+        return any(os.readlink(f"{fds}/{fd}") == "anon_inode:bpf-map" for fd in os.listdir(fds))
+    except OSError:
+        return False
+
+
 def test_a_spawned_refuser_ends_with_the_containers_process_not_with_its_policy(policed, pins):
     """Orphaned, the refuser is reparented to the nearest child subreaper: under podman,
     conmon, which after the container's exit waits for all its children before it exits, and
     `podman run` waits for conmon (a 250 ms poll): a refuser alive until the policy's release
     cost every podman run ~200 ms. It must end as soon as the container's process does, while
-    the policy is still there; one that ends before START_S never starts Python."""
+    the policy is still there; until START_S it only waits (nothing of safedeploy loaded, no
+    map open), and one whose container ends by then never loads anything."""
     from ocihook.pinned import PinnedMaps
     p = policed(POLICY)
     for lifetime in (3 * refuser.START_S, 0.0):
@@ -274,13 +283,17 @@ def test_a_spawned_refuser_ends_with_the_containers_process_not_with_its_policy(
         try:
             (p.path / "cgroup.procs").write_text(str(sleeper.pid))
             refuser.spawn(pins, p.cgid, sleeper.pid)
-            time.sleep(lifetime)
-            started = bool(_refusers(p.cgid))
-            assert started == (lifetime > 0)                         # deferred by START_S
+            waiting = _refusers(p.cgid)
+            assert waiting                                           # a process at once...
+            if lifetime:
+                time.sleep(refuser.START_S / 2)
+                assert not any(map(_holds_bpf_maps, waiting))        # ...that waits START_S
+                time.sleep(lifetime - refuser.START_S / 2)
+                assert _refusers(p.cgid) == waiting and all(map(_holds_bpf_maps, waiting))
         finally:
             sleeper.kill()
             sleeper.wait()
-        deadline = time.monotonic() + 0.2
+        deadline = time.monotonic() + 0.5
         while _refusers(p.cgid) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not _refusers(p.cgid)                                 # gone with the process...
