@@ -402,7 +402,14 @@ static __always_inline int sd_tcp_streamed(struct __sk_buff *skb, struct sd_pkt 
     __u32 seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
     __u32 pay = p->l4 + (th[12] >> 4) * 4;
     __u32 len = skb->len > pay ? skb->len - pay : 0;
-    return sd_stream_owns(skb, seq, len);
+    if (!sd_stream_owns(skb, seq, len))
+        return 0;
+    if (!SD_TX_ACCOUNTED || !len)
+        return 1;
+    struct bpf_sock *sk = skb->sk;
+    if (sk)
+        sk = bpf_sk_fullsock(sk);
+    return sk && sd_stream_same(skb, sk, pay, seq, len);
 }
 
 /* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel

@@ -127,10 +127,11 @@ int sd_stream_msg(struct sk_msg_md *msg)
     ss->streamed = 1; /* from now on this program sees what is written: skip the per-packet parsers */
     /* where this message starts in the stream: what earlier verdicts let through is in TCP's
      * queue already, what is held (corked) is not */
-    __u32 ws = 0;
+    __u32 ws = 0, una = 0;
 #ifdef SD_OFF_TCP_WRITE_SEQ
     struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-    if (!tp || bpf_probe_read_kernel(&ws, sizeof(ws), (void *)tp + SD_OFF_TCP_WRITE_SEQ) < 0)
+    if (!tp || bpf_probe_read_kernel(&ws, sizeof(ws), (void *)tp + SD_OFF_TCP_WRITE_SEQ) < 0 ||
+        bpf_probe_read_kernel(&una, sizeof(una), (void *)tp + SD_OFF_TCP_SND_UNA) < 0)
         return SK_DROP;
     if (!ss->tx_seen) {
         ss->tx_lo = ws; /* anything before this went by unjudged: egress judges it per packet */
@@ -169,6 +170,15 @@ int sd_stream_msg(struct sk_msg_md *msg)
         return SK_DROP;
     struct sd_dest d = {};
     SD_SOCK_PEER(msg, &d);
+    if (SD_TX_ACCOUNTED && (need >= SD_TXRING || ws + need - una >= SD_TXRING)) {
+        /* egress could not compare all that TCP may still send with what was judged
+         * (sd_txring): refused, whatever the policy (a query is a few dozen bytes) */
+        sd_stat(SD_STAT_DNS_MALFORMED);
+        struct sd_why big = {};
+        big.rule = SD_RULE_MALFORMED;
+        sd_verdict_return(cgid, pol, &d, pol->mode == SD_MODE_AUDIT ? SD_ALLOW : SD_DENY, &big, SD_KIND_DNS);
+        return pol->mode == SD_MODE_AUDIT ? SK_PASS : SK_DROP;
+    }
 
     __u8 hdr[12] = {};
     int have_hdr = 0;
@@ -204,6 +214,24 @@ int sd_stream_msg(struct sk_msg_md *msg)
         return SK_DROP; /* apply_bytes 0: the rest of this write goes with it (EACCES) */
     if (name_id)
         sd_pending_put(cgid, pol->tables, d.addr, ((__u16)hdr[0] << 8) | hdr[1], name_id);
+#ifdef SD_OFF_TCP_WRITE_SEQ
+    /* keep the judged bytes for egress to compare with (sd_txring), in two parts where the
+     * ring wraps; need < SD_TXRING (above) */
+    struct sd_txring *r = sd_txring.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!r || bpf_msg_pull_data(msg, 0, need, 0))
+        return SK_DROP;
+    void *data = msg->data;
+    __u32 off = ws & (SD_TXRING - 1);
+    __u32 n1 = SD_TXRING - off;
+    if (n1 > need)
+        n1 = need;
+    n1 &= SD_TXRING - 1;
+    __u32 n2 = (need - n1) & (SD_TXRING - 1);
+    if (n1 && bpf_probe_read_kernel(&r->b[off], n1, data) < 0)
+        return SK_DROP;
+    if (n2 && bpf_probe_read_kernel(&r->b[0], n2, data + n1) < 0)
+        return SK_DROP;
+#endif
     bpf_msg_apply_bytes(msg, need);
     ss->tx_hi = ws + need; /* judged: egress lets these bytes through as they are */
     return SK_PASS;

@@ -51,6 +51,23 @@ static __always_inline void sd_sock_reset(struct sd_sock *ss, __u64 cgid)
 #define SD_TX_ACCOUNTED 0 /* no kernel BTF: the streamed mark alone (see docs/policy.md) */
 #endif
 
+/* The bytes the sk_msg program judged and let through, by sequence number: the byte of
+ * sequence s is at b[s % SD_TXRING] while s is among the last SD_TXRING - 1 judged bytes.
+ * The program lets a message through only while every byte not yet acknowledged fits
+ * (write_seq + the message - snd_una < SD_TXRING), so every byte TCP may still (re)send is
+ * here. Egress compares a segment it would let through unjudged with these bytes: after
+ * a push the kernel failed (an interrupted write that sent none of its judged message), the
+ * kernel lets the next write's bytes through on the old verdict, without the program, in
+ * the very sequence range that was judged; they differ from what was judged, so egress
+ * judges them per packet. Twice SD_TXRING: a masked offset plus a masked length fit. */
+#define SD_TXRING 4096
+struct sd_txring {
+    __u8 b[2 * SD_TXRING];
+};
+BPF_SK_STORAGE(sd_txring, struct sd_txring);
+_Static_assert(sizeof(struct sd_txring) == 2 * SD_TXRING, "a masked offset plus a masked length must fit");
+_Static_assert((SD_TXRING & (SD_TXRING - 1)) == 0, "SD_TXRING is a power of two (masks)");
+
 /* an answer message that arrived in pieces, put together until its last byte is in; twice
  * SD_MSGBUF so that the verifier can see a masked offset plus a masked length fit. Created
  * only for a message that spans segments. */
@@ -84,7 +101,47 @@ static __always_inline int sd_stream_owns(struct __sk_buff *skb, __u32 seq, __u3
         return 0;
     if (!SD_TX_ACCOUNTED)
         return 1;
-    return ss->tx_seen && (__s32)(seq - ss->tx_lo) >= 0 && (__s32)(seq + len - ss->tx_hi) <= 0;
+    if (!ss->tx_seen || (__s32)(seq - ss->tx_lo) < 0 || (__s32)(seq + len - ss->tx_hi) > 0)
+        return 0;
+    /* inside what was judged: only as far back as the kept bytes reach (then egress compares) */
+    return (__s32)(ss->tx_hi - seq) < SD_TXRING;
+}
+
+/* Are the len bytes of this segment's payload (at offset pay, sequence seq) the bytes the
+ * sk_msg program judged for those sequence numbers (sd_txring)? len < SD_TXRING (the caller
+ * checked sd_stream_owns). SD_CMP_CHUNK bytes per step, one branch each (the verifier
+ * follows at most 8192 jumps on a path), then the last bytes one by one. */
+#define SD_CMP_CHUNK 16
+static __always_inline int sd_stream_same(struct __sk_buff *skb, struct bpf_sock *sk, __u32 pay, __u32 seq, __u32 len)
+{
+    struct sd_txring *r = sd_txring.sk_storage_get(sk, 0, 0);
+    if (!r)
+        return 0;
+    __u8 buf[SD_CMP_CHUNK];
+    __u32 i = 0;
+    for (int k = 0; k < SD_TXRING / SD_CMP_CHUNK; k++) {
+        if (i + SD_CMP_CHUNK > len)
+            break;
+        if (bpf_skb_load_bytes(skb, pay + i, buf, SD_CMP_CHUNK) < 0)
+            return 0;
+        __u8 diff = 0;
+#pragma unroll
+        for (int j = 0; j < SD_CMP_CHUNK; j++)
+            diff |= buf[j] ^ r->b[(seq + i + j) & (SD_TXRING - 1)];
+        if (diff)
+            return 0;
+        i += SD_CMP_CHUNK;
+    }
+    for (int k = 0; k < SD_CMP_CHUNK; k++) {
+        if (i >= len)
+            return 1;
+        if (bpf_skb_load_bytes(skb, pay + i, buf, 1) < 0)
+            return 0;
+        if (buf[0] != r->b[(seq + i) & (SD_TXRING - 1)])
+            return 0;
+        i++;
+    }
+    return i >= len;
 }
 
 #endif /* SD_DNS_STREAM_H */

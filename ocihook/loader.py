@@ -183,9 +183,10 @@ BTF_EXE_OFFSETS = {("mm_struct", "exe_file"): "SD_OFF_MM_EXE_FILE", ("file", "f_
                    ("mount", "mnt_mountpoint"): "SD_OFF_MOUNT_MNT_MOUNTPOINT",
                    ("vfsmount", "mnt_root"): "SD_OFF_VFSMOUNT_MNT_ROOT"}
 
-# where the next byte written to a TCP socket goes (the sk_msg program accounts for the
-# stream it judged: bpf/dns_stream.h); optional on its own
-BTF_TCP_OFFSETS = {("tcp_sock", "write_seq"): "SD_OFF_TCP_WRITE_SEQ"}
+# where the next byte written to a TCP socket goes and the oldest one not acknowledged (the
+# sk_msg program accounts for the stream it judged and keeps its bytes: bpf/dns_stream.h);
+# optional on its own
+BTF_TCP_OFFSETS = {("tcp_sock", "write_seq"): "SD_OFF_TCP_WRITE_SEQ", ("tcp_sock", "snd_una"): "SD_OFF_TCP_SND_UNA"}
 
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:

@@ -675,6 +675,126 @@ def test_bytes_written_around_the_sockhash_are_judged_per_packet(policed, server
     assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query")
 
 
+PAUSED = "127.0.155.53"   # a resolver that reads nothing until told (the failed-push test)
+
+
+class _PausedResolver:
+    """One TCP connection on PAUSED:53 with a small receive buffer, not read until a byte
+    arrives on `go` (a pipe the policed child writes); then everything is read until the
+    client closes (or is quiet for 2 s). `data`: the bytes received, in order."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)      # inherited by the connection
+        self.sock.bind((PAUSED, 53))
+        self.sock.listen(1)
+        self.go_r, self.go = os.pipe()
+        self.data = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        c, _ = self.sock.accept()
+        with c:
+            os.read(self.go_r, 1)
+            c.settimeout(2)
+            try:
+                while d := c.recv(65536):
+                    self.data += d
+            except OSError:
+                pass
+
+    def messages(self) -> list:
+        import struct
+        from dnslib import DNSRecord
+        out, buf = [], self.data
+        while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
+            n = 2 + struct.unpack("!H", buf[:2])[0]
+            out.append(str(DNSRecord.parse(buf[2:n]).q.qname).rstrip("."))
+            buf = buf[n:]
+        return out
+
+    def close(self):
+        self.thread.join(timeout=10)
+        self.sock.close()
+        os.close(self.go_r)
+        os.close(self.go)
+
+
+def _denied_on_the_verdict_of_a_failed_push(server: str, go: int, mode: str, count: int = 64) -> dict:
+    """Found by an attacker (a helper session): fill the send queue with allowed queries in one write (MSG_EOR: every
+    message its own skb, so each push starts a new segment and checks for send-buffer room
+    before copying a byte) until the push of a judged, allowed query fails with none of it
+    sent: EAGAIN (MSG_DONTWAIT) or a signal while blocked. The kernel keeps that verdict
+    (psock->eval = PASS, apply_bytes = its length) for the next write, which the program
+    then never sees; its bytes take exactly the sequence range the program recorded as
+    judged. Then let the resolver read, and write a denied query of the same length.
+    (MSG_EOR makes "none of it sent" certain; a plain write of a few hundred queries does the
+    same on loopback, each push leaving as its own segment while the window is open.)"""
+    import errno as _errno
+    import fcntl
+    import signal
+    import struct
+    import termios
+    allowed, denied = _q("pkgs.internal"), _q("auth.internal")
+    assert len(allowed) == len(denied)
+    one = struct.pack("!H", len(allowed)) + allowed
+    out: dict = {"one": len(one), "count": count}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)                # the minimum
+        s.connect((server, 53))
+        if mode == "nonblocking":
+            out["batch"] = s.send(one * count, socket.MSG_DONTWAIT | socket.MSG_EOR)
+        else:
+            signal.signal(signal.SIGALRM, lambda *_: None)                  # no SA_RESTART
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            try:
+                out["batch"] = s.send(one * count, socket.MSG_EOR)          # blocks, then interrupted
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        os.write(go, b"x")                                                  # the resolver reads now
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:                                  # until all of it is acked
+            q = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            if q == 0:
+                break
+            time.sleep(0.01)
+        out["outq"] = q
+        try:
+            out["denied"] = s.send(struct.pack("!H", len(denied)) + denied)
+        except OSError as e:
+            out["denied"] = _errno.errorcode.get(e.errno, str(e.errno))
+        time.sleep(0.3)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["nonblocking", "interrupted"])
+def test_a_verdict_left_by_a_failed_push_does_not_let_a_denied_query_through(policed, mode):
+    """The kernel (tcp_bpf_send_verdict) keeps an allow verdict whose push failed for the
+    next write on the socket, unjudged by the program; when the failed push sent nothing,
+    that write's bytes fall exactly in the range the program recorded as judged, so egress
+    trusts them: a denied query of the allowed one's length would reach the resolver."""
+    srv = _PausedResolver()
+    try:
+        p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{PAUSED}:53"\n', 1))
+        res = p.run(_denied_on_the_verdict_of_a_failed_push, PAUSED, srv.go, mode)
+    finally:
+        srv.close()
+    msgs = srv.messages()
+    # the precondition: the write stopped at a message boundary (the push of a judged, allowed
+    # query failed with none of it sent), and the resolver got exactly what it returned
+    k, rem = divmod(res["batch"], res["one"])
+    assert rem == 0 and 0 < k < res["count"] and res["outq"] == 0, res
+    assert msgs[:k] == ["pkgs.internal"] * k and srv.data[:res["batch"]].count(b"\x04pkgs") == k, (res, msgs)
+    judged = sum(r["count"] for r in _recs(p, kind="dns", domain="pkgs.internal", verdict="allowed"))
+    assert judged == k + 1, (res, judged)                            # message k+1: judged, never sent
+    # the denied query written next never reaches the resolver, and the report says so
+    assert "auth.internal" not in msgs, (res, msgs[k:])
+    assert _recs(p, verdict="blocked", kind="dns", domain="auth.internal"), res
+
+
 @pytest.mark.parametrize("names, per_alias", [
     ([f"j{k}.ok.test" for k in range(9)] + ["alias.ok.test"], 4),    # the tenth message is never walked
     (["j0.ok.test", "j1.ok.test", "alias.ok.test"], 256),            # walked, but its last addresses
