@@ -683,12 +683,12 @@ class _PausedResolver:
     arrives on `go` (a pipe the policed child writes); then everything is read until the
     client closes (or is quiet for 2 s). `data`: the bytes received, in order."""
 
-    def __init__(self):
+    def __init__(self, addr: str = PAUSED):
         import threading
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)      # inherited by the connection
-        self.sock.bind((PAUSED, 53))
+        self.sock.bind((addr, 53))
         self.sock.listen(1)
         self.go_r, self.go = os.pipe()
         self.data = b""
@@ -742,7 +742,7 @@ def _denied_on_the_verdict_of_a_failed_push(server: str, go: int, mode: str, cou
     assert len(allowed) == len(denied)
     one = struct.pack("!H", len(allowed)) + allowed
     out: dict = {"one": len(one), "count": count}
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)                # the minimum
         s.connect((server, 53))
         if mode == "nonblocking":
@@ -770,16 +770,18 @@ def _denied_on_the_verdict_of_a_failed_push(server: str, go: int, mode: str, cou
     return out
 
 
+@pytest.mark.parametrize("addr", [PAUSED, "::1"])
 @pytest.mark.parametrize("mode", ["nonblocking", "interrupted"])
-def test_a_verdict_left_by_a_failed_push_does_not_let_a_denied_query_through(policed, mode):
+def test_a_verdict_left_by_a_failed_push_does_not_let_a_denied_query_through(policed, mode, addr):
     """The kernel (tcp_bpf_send_verdict) keeps an allow verdict whose push failed for the
     next write on the socket, unjudged by the program; when the failed push sent nothing,
     that write's bytes fall exactly in the range the program recorded as judged, so egress
     trusts them: a denied query of the allowed one's length would reach the resolver."""
-    srv = _PausedResolver()
+    srv = _PausedResolver(addr)
     try:
-        p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{PAUSED}:53"\n', 1))
-        res = p.run(_denied_on_the_verdict_of_a_failed_push, PAUSED, srv.go, mode)
+        rule = f"[{addr}]:53" if ":" in addr else f"{addr}:53"
+        p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{rule}"\n', 1))
+        res = p.run(_denied_on_the_verdict_of_a_failed_push, addr, srv.go, mode)
     finally:
         srv.close()
     msgs = srv.messages()
