@@ -797,6 +797,44 @@ def test_a_verdict_left_by_a_failed_push_does_not_let_a_denied_query_through(pol
     assert _recs(p, verdict="blocked", kind="dns", domain="auth.internal"), res
 
 
+def _queries_past_the_kept_window(server: str, go: int, count: int = 400) -> dict:
+    """Allowed queries written in one go to a resolver that reads nothing (its window closes,
+    so written bytes stay unacknowledged), then one more write."""
+    import errno as _errno
+    import struct
+    allowed = _q("pkgs.internal")
+    one = struct.pack("!H", len(allowed)) + allowed
+    out: dict = {"one": len(one)}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.connect((server, 53))
+        for key in ("batch", "next"):
+            try:
+                out[key] = s.send(one * count, socket.MSG_DONTWAIT)
+            except OSError as e:
+                out[key] = _errno.errorcode.get(e.errno, str(e.errno))
+        os.write(go, b"x")
+        time.sleep(0.3)
+    return out
+
+
+def test_a_query_that_would_leave_4k_unacknowledged_is_refused_and_reported(policed):
+    """Egress compares what it lets through with the judged bytes the sk_msg program keeps (a
+    4 KB ring): a query that would leave more unacknowledged than the ring holds is refused
+    (the write stops before it, the next fails with EACCES) and reported as unparseable,
+    whatever the policy; everything before it reaches the resolver whole."""
+    srv = _PausedResolver()
+    try:
+        p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{PAUSED}:53"\n', 1))
+        res = p.run(_queries_past_the_kept_window, PAUSED, srv.go)
+    finally:
+        srv.close()
+    k, rem = divmod(res["batch"], res["one"]) if isinstance(res["batch"], int) else (0, 1)
+    assert rem == 0 and 0 < k * res["one"] < 4096 and res["next"] == "EACCES", res
+    assert srv.messages() == ["pkgs.internal"] * k
+    assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query"), res
+
+
 @pytest.mark.parametrize("names, per_alias", [
     ([f"j{k}.ok.test" for k in range(9)] + ["alias.ok.test"], 4),    # the tenth message is never walked
     (["j0.ok.test", "j1.ok.test", "alias.ok.test"], 256),            # walked, but its last addresses
