@@ -6,6 +6,7 @@
 #define SD_DNS_H
 
 #define SD_DNS_PORT 53
+#define SD_TCP_URG 0x20 /* the urgent flag of a TCP header's flags byte (offset 13) */
 
 /* Reads of the message being walked (struct sd_msgbuf, maps.h), bounds checked: -1 past
  * what was copied (len <= SD_MSGBUF). The source is a map value, so the helper cannot

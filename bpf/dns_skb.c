@@ -180,6 +180,7 @@ struct sd_pkt {
     __u16 txid;
     __u8 dns_flags;     /* the DNS header's third byte */
     __u8 parsed;        /* sd_parse_pkt succeeded */
+    __u8 unjudged;      /* TCP data the stream programs never judged, or urgent data: refused */
     __u32 dns_name_id;
     __u64 cgid;         /* the policed cgroup (egress: for the tail calls) */
 };
@@ -395,21 +396,29 @@ static __always_inline __u32 sd_dns_locate(struct __sk_buff *skb, struct sd_pkt 
 static __always_inline int sd_tcp_streamed(struct __sk_buff *skb, struct sd_pkt *p)
 {
     if (p->d.proto != IPPROTO_TCP)
-        return 0;
-    __u8 th[13];
+        return SD_STREAM_PARSE;
+    __u8 th[14];
     if (bpf_skb_load_bytes(skb, p->l4, th, sizeof(th)) < 0)
-        return 0;
+        return SD_STREAM_PARSE;
+    /* urgent data (MSG_OOB): the resolver takes the urgent byte out of the stream, and reads
+     * every later message one byte off from what was judged (found by an attacker) */
+    if (th[13] & SD_TCP_URG)
+        return SD_STREAM_UNJUDGED;
     __u32 seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
     __u32 pay = p->l4 + (th[12] >> 4) * 4;
     __u32 len = skb->len > pay ? skb->len - pay : 0;
-    if (!sd_stream_owns(skb, seq, len))
-        return 0;
-    if (!SD_TX_ACCOUNTED || !len)
-        return 1;
     struct bpf_sock *sk = skb->sk;
     if (sk)
         sk = bpf_sk_fullsock(sk);
-    return sk && sd_stream_same(skb, sk, pay, seq, len);
+    if (!sk)
+        return SD_STREAM_PARSE;
+    int c = sd_stream_class(sk, seq, len, 1);
+    if (c != SD_STREAM_OWNED || !SD_TX_ACCOUNTED || !len || sd_stream_same(skb, sk, pay, seq, len))
+        return c;
+    /* in the judged range but not the bytes judged there: classed as bytes nobody judged
+     * (a failed push that sent none of the last message is parsed: the resolver reads a new
+     * message at their start) */
+    return sd_stream_class(sk, seq, len, 0);
 }
 
 /* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel
@@ -437,6 +446,16 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
         __u8 len2[2] = {};
         bpf_skb_load_bytes(skb, payload, len2, 2);
         whole = 2 + (((__u32)len2[0] << 8) | len2[1]) == skb->len - payload;
+        if (p->unjudged) {
+            /* bytes of a judged stream nobody judged where the resolver does not read a new
+             * message, or urgent data: refused whatever the policy (sd_tcp_streamed) */
+            sd_stat(SD_STAT_DNS_MALFORMED);
+            p->dns_verdict = SD_DENY;
+            p->dns_rule = SD_RULE_MALFORMED;
+            p->txid = 0;
+            p->dns_flags = 0;
+            return 1;
+        }
     }
     __u8 hdr[12] = {};
     __u32 wire_len = 0;
@@ -562,9 +581,13 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
     pp->cgid = cgid;
     /* a streamed TCP connection's queries were judged whole as they were written (stream
      * path, dns_stream.c): its segments need not start at a message */
-    if (pp->parsed && pp->has_ports && pp->d.port == SD_DNS_PORT && !sd_tcp_streamed(skb, pp)) {
-        sd_egress_tails.call(skb, SD_ETAIL_QUERY);
-        return 0; /* the query parser is missing: nothing to a DNS port leaves unjudged */
+    if (pp->parsed && pp->has_ports && pp->d.port == SD_DNS_PORT) {
+        int c = sd_tcp_streamed(skb, pp);
+        if (c != SD_STREAM_OWNED) {
+            pp->unjudged = c == SD_STREAM_UNJUDGED;
+            sd_egress_tails.call(skb, SD_ETAIL_QUERY);
+            return 0; /* the query parser is missing: nothing to a DNS port leaves unjudged */
+        }
     }
     return sd_egress_verdict(skb, sk, cgid, pol, pp);
 }

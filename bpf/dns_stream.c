@@ -233,6 +233,7 @@ int sd_stream_msg(struct sk_msg_md *msg)
         return SK_DROP;
 #endif
     bpf_msg_apply_bytes(msg, need);
+    ss->tx_msg = ws;
     ss->tx_hi = ws + need; /* judged: egress lets these bytes through as they are */
     return SK_PASS;
 }

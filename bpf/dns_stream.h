@@ -35,6 +35,7 @@ struct sd_sock {
      * left over from an interrupted write). */
     __u32 tx_lo;
     __u32 tx_hi;
+    __u32 tx_msg;       /* where the last judged message starts (tx_hi - its length) */
 };
 BPF_SK_STORAGE(sd_socks, struct sd_sock);
 
@@ -85,26 +86,34 @@ BPF_SOCKHASH(dns_socks, __u64, 65536);
 #define SD_SCRATCH_MSG 0
 BPF_PERCPU_ARRAY(stream_scratch, struct sd_scratch, 1);
 
-/* Were the bytes [seq, seq + len) of this TCP packet judged by the stream programs? Then
- * the per-packet DNS parser of egress leaves them alone (a segment need not start at a
- * message). */
-static __always_inline int sd_stream_owns(struct __sk_buff *skb, __u32 seq, __u32 len)
+/* What egress does with the bytes [seq, seq + len) of a TCP segment to a DNS port:
+ * SD_STREAM_PARSE: judge them per packet (one whole message: bytes written before the
+ *   connection entered the sockhash, or a connection the stream programs do not follow);
+ * SD_STREAM_OWNED: they lie in what the sk_msg program judged, if they are the bytes it kept
+ *   (sd_stream_same, the caller's check): let them through as they are;
+ * SD_STREAM_UNJUDGED: bytes of a judged stream that the program never saw (the kernel let
+ *   them through on a verdict left over from a failed push) and that do not start where the
+ *   resolver reads a new message: a message parsed from their start would not be the one
+ *   the resolver reads (a push that sent part of a message desynchronises the two), so they
+ *   are refused whatever they hold. */
+#define SD_STREAM_PARSE 0
+#define SD_STREAM_OWNED 1
+#define SD_STREAM_UNJUDGED 2
+static __always_inline int sd_stream_class(struct bpf_sock *sk, __u32 seq, __u32 len, int may_own)
 {
-    struct bpf_sock *sk = skb->sk;
-    if (!sk)
-        return 0;
-    sk = bpf_sk_fullsock(sk);
-    if (!sk)
-        return 0;
     struct sd_sock *ss = sd_socks.sk_storage_get(sk, 0, 0);
     if (!ss || !ss->streamed)
-        return 0;
+        return SD_STREAM_PARSE;
     if (!SD_TX_ACCOUNTED)
-        return 1;
-    if (!ss->tx_seen || (__s32)(seq - ss->tx_lo) < 0 || (__s32)(seq + len - ss->tx_hi) > 0)
-        return 0;
-    /* inside what was judged: only as far back as the kept bytes reach (then egress compares) */
-    return (__s32)(ss->tx_hi - seq) < SD_TXRING;
+        return SD_STREAM_OWNED;
+    if (!ss->tx_seen || (__s32)(seq + len - ss->tx_lo) <= 0)
+        return SD_STREAM_PARSE; /* all before the program's first message */
+    if (may_own && (__s32)(seq - ss->tx_lo) >= 0 && (__s32)(seq + len - ss->tx_hi) <= 0 &&
+        (__s32)(ss->tx_hi - seq) < SD_TXRING)
+        return SD_STREAM_OWNED; /* inside what was judged, as far back as the kept bytes reach */
+    /* the start of the last judged message, whose push sent none of it: the resolver reads
+     * a new message there, so a whole message parsed from there is what it reads */
+    return seq == ss->tx_msg ? SD_STREAM_PARSE : SD_STREAM_UNJUDGED;
 }
 
 /* Are the len bytes of this segment's payload (at offset pay, sequence seq) the bytes the

@@ -1,5 +1,5 @@
 """Generated from bpf/abi.h by ``python -m ocihook.abigen``. DO NOT EDIT."""
-import ctypes
+from . import cdata
 
 # constants
 SD_MAX_DEPTH = 16
@@ -69,207 +69,207 @@ SD_EXE_DEPTH = 32
 SD_EXE_COMPLETE = 1
 
 
-class Cgroup(ctypes.Structure):
+class Cgroup(cdata.Structure):
     """struct sd_cgroup"""
     _fields_ = [
-        ("mode", ctypes.c_uint8),
-        ("dflt", ctypes.c_uint8),
-        ("has_resolvers", ctypes.c_uint8),
-        ("name_denies", ctypes.c_uint8),
-        ("allow_raw", ctypes.c_uint8),
-        ("unlisted", ctypes.c_uint8),
-        ("allow_srcroute", ctypes.c_uint8),
-        ("serve_dns", ctypes.c_uint8),
-        ("min_ttl", ctypes.c_uint32),
-        ("connect_errno", ctypes.c_uint32),
-        ("protos", ctypes.c_uint8 * 32),
-        ("tables", ctypes.c_uint64),
+        ("mode", cdata.c_uint8),
+        ("dflt", cdata.c_uint8),
+        ("has_resolvers", cdata.c_uint8),
+        ("name_denies", cdata.c_uint8),
+        ("allow_raw", cdata.c_uint8),
+        ("unlisted", cdata.c_uint8),
+        ("allow_srcroute", cdata.c_uint8),
+        ("serve_dns", cdata.c_uint8),
+        ("min_ttl", cdata.c_uint32),
+        ("connect_errno", cdata.c_uint32),
+        ("protos", cdata.c_uint8 * 32),
+        ("tables", cdata.c_uint64),
     ]
 
 
-class Cgstats(ctypes.Structure):
+class Cgstats(cdata.Structure):
     """struct sd_cgstats"""
     _fields_ = [
-        ("allowed", ctypes.c_uint64),
-        ("blocked", ctypes.c_uint64),
-        ("would_block", ctypes.c_uint64),
-        ("events_dropped", ctypes.c_uint64),
-        ("blocked_dropped", ctypes.c_uint64),
-        ("learned_new", ctypes.c_uint64),
-        ("pending_new", ctypes.c_uint64),
-        ("names_new", ctypes.c_uint64),
-        ("procs_new", ctypes.c_uint64),
-        ("pending_busy", ctypes.c_uint64),
+        ("allowed", cdata.c_uint64),
+        ("blocked", cdata.c_uint64),
+        ("would_block", cdata.c_uint64),
+        ("events_dropped", cdata.c_uint64),
+        ("blocked_dropped", cdata.c_uint64),
+        ("learned_new", cdata.c_uint64),
+        ("pending_new", cdata.c_uint64),
+        ("names_new", cdata.c_uint64),
+        ("procs_new", cdata.c_uint64),
+        ("pending_busy", cdata.c_uint64),
     ]
 
 
-class CidrKey(ctypes.Structure):
+class CidrKey(cdata.Structure):
     """struct sd_cidr_key"""
     _fields_ = [
-        ("prefixlen", ctypes.c_uint32),
-        ("proto", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("port", ctypes.c_uint16),
-        ("addr", ctypes.c_uint32 * 4),
+        ("prefixlen", cdata.c_uint32),
+        ("proto", cdata.c_uint8),
+        ("pad", cdata.c_uint8),
+        ("port", cdata.c_uint16),
+        ("addr", cdata.c_uint32 * 4),
     ]
 
 
-class CidrVal(ctypes.Structure):
+class CidrVal(cdata.Structure):
     """struct sd_cidr_val"""
     _fields_ = [
-        ("rule", ctypes.c_uint16),
-        ("verdict", ctypes.c_uint8),
-        ("plen", ctypes.c_uint8),
+        ("rule", cdata.c_uint16),
+        ("verdict", cdata.c_uint8),
+        ("plen", cdata.c_uint8),
     ]
 
 
-class Addr(ctypes.Structure):
+class Addr(cdata.Structure):
     """struct sd_addr"""
     _fields_ = [
-        ("addr", ctypes.c_uint32 * 4),
+        ("addr", cdata.c_uint32 * 4),
     ]
 
 
-class NameKey(ctypes.Structure):
+class NameKey(cdata.Structure):
     """struct sd_name_key"""
     _fields_ = [
-        ("prefixlen", ctypes.c_uint32),
-        ("proto", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("port", ctypes.c_uint16),
-        ("name", ctypes.c_uint8 * 252),
+        ("prefixlen", cdata.c_uint32),
+        ("proto", cdata.c_uint8),
+        ("pad", cdata.c_uint8),
+        ("port", cdata.c_uint16),
+        ("name", cdata.c_uint8 * 252),
     ]
 
 
-class NameVal(ctypes.Structure):
+class NameVal(cdata.Structure):
     """struct sd_name_val"""
     _fields_ = [
-        ("rule", ctypes.c_uint16),
-        ("verdict", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("nlen", ctypes.c_uint32),
+        ("rule", cdata.c_uint16),
+        ("verdict", cdata.c_uint8),
+        ("pad", cdata.c_uint8),
+        ("nlen", cdata.c_uint32),
     ]
 
 
-class QidKey(ctypes.Structure):
+class QidKey(cdata.Structure):
     """struct sd_qid_key"""
     _fields_ = [
-        ("name", ctypes.c_uint8 * 252),
+        ("name", cdata.c_uint8 * 252),
     ]
 
 
-class Learned(ctypes.Structure):
+class Learned(cdata.Structure):
     """struct sd_learned"""
     _fields_ = [
-        ("expires_ns", ctypes.c_uint64),
-        ("name_id", ctypes.c_uint32),
-        ("target_id", ctypes.c_uint32),
-        ("verdict", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("rule", ctypes.c_uint16),
-        ("pad2", ctypes.c_uint32),
+        ("expires_ns", cdata.c_uint64),
+        ("name_id", cdata.c_uint32),
+        ("target_id", cdata.c_uint32),
+        ("verdict", cdata.c_uint8),
+        ("pad", cdata.c_uint8),
+        ("rule", cdata.c_uint16),
+        ("pad2", cdata.c_uint32),
     ]
 
 
-class Answer(ctypes.Structure):
+class Answer(cdata.Structure):
     """struct sd_answer"""
     _fields_ = [
-        ("a", ctypes.c_uint32 * 4),
-        ("ttl", ctypes.c_uint32),
+        ("a", cdata.c_uint32 * 4),
+        ("ttl", cdata.c_uint32),
     ]
 
 
-class PendingKey(ctypes.Structure):
+class PendingKey(cdata.Structure):
     """struct sd_pending_key"""
     _fields_ = [
-        ("addr", ctypes.c_uint32 * 4),
-        ("txid", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
-        ("name_id", ctypes.c_uint32),
+        ("addr", cdata.c_uint32 * 4),
+        ("txid", cdata.c_uint16),
+        ("pad", cdata.c_uint16),
+        ("name_id", cdata.c_uint32),
     ]
 
 
-class EventKey(ctypes.Structure):
+class EventKey(cdata.Structure):
     """struct sd_event_key"""
     _fields_ = [
-        ("pstart", ctypes.c_uint64),
-        ("addr", ctypes.c_uint32 * 4),
-        ("pid", ctypes.c_uint32),
-        ("port", ctypes.c_uint16),
-        ("rule", ctypes.c_uint16),
-        ("verdict", ctypes.c_uint8),
-        ("kind", ctypes.c_uint8),
-        ("proto", ctypes.c_uint8),
-        ("family", ctypes.c_uint8),
-        ("name_id", ctypes.c_uint32),
-        ("target_id", ctypes.c_uint32),
-        ("flags", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("pstart", cdata.c_uint64),
+        ("addr", cdata.c_uint32 * 4),
+        ("pid", cdata.c_uint32),
+        ("port", cdata.c_uint16),
+        ("rule", cdata.c_uint16),
+        ("verdict", cdata.c_uint8),
+        ("kind", cdata.c_uint8),
+        ("proto", cdata.c_uint8),
+        ("family", cdata.c_uint8),
+        ("name_id", cdata.c_uint32),
+        ("target_id", cdata.c_uint32),
+        ("flags", cdata.c_uint8),
+        ("pad", cdata.c_uint8 * 3),
     ]
 
 
-class EventVal(ctypes.Structure):
+class EventVal(cdata.Structure):
     """struct sd_event_val"""
     _fields_ = [
-        ("count", ctypes.c_uint64),
-        ("first_ns", ctypes.c_uint64),
-        ("last_ns", ctypes.c_uint64),
-        ("uid", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("comm", ctypes.c_char * 16),
+        ("count", cdata.c_uint64),
+        ("first_ns", cdata.c_uint64),
+        ("last_ns", cdata.c_uint64),
+        ("uid", cdata.c_uint32),
+        ("pad", cdata.c_uint32),
+        ("comm", cdata.c_char * 16),
     ]
 
 
-class Refusal(ctypes.Structure):
+class Refusal(cdata.Structure):
     """struct sd_refusal"""
     _fields_ = [
-        ("client", ctypes.c_uint32 * 4),
-        ("resolver", ctypes.c_uint32 * 4),
-        ("cport", ctypes.c_uint16),
-        ("rport", ctypes.c_uint16),
-        ("txid", ctypes.c_uint16),
-        ("flags", ctypes.c_uint8),
-        ("family", ctypes.c_uint8),
+        ("client", cdata.c_uint32 * 4),
+        ("resolver", cdata.c_uint32 * 4),
+        ("cport", cdata.c_uint16),
+        ("rport", cdata.c_uint16),
+        ("txid", cdata.c_uint16),
+        ("flags", cdata.c_uint8),
+        ("family", cdata.c_uint8),
     ]
 
 
-class Live(ctypes.Structure):
+class Live(cdata.Structure):
     """struct sd_live"""
     _fields_ = [
-        ("cgid", ctypes.c_uint64),
+        ("cgid", cdata.c_uint64),
         ("k", EventKey),
-        ("ts_ns", ctypes.c_uint64),
-        ("comm", ctypes.c_char * 16),
+        ("ts_ns", cdata.c_uint64),
+        ("comm", cdata.c_char * 16),
     ]
 
 
-class ProcKey(ctypes.Structure):
+class ProcKey(cdata.Structure):
     """struct sd_proc_key"""
     _fields_ = [
-        ("pstart", ctypes.c_uint64),
-        ("tgid", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("pstart", cdata.c_uint64),
+        ("tgid", cdata.c_uint32),
+        ("pad", cdata.c_uint32),
     ]
 
 
-class Ancestor(ctypes.Structure):
+class Ancestor(cdata.Structure):
     """struct sd_ancestor"""
     _fields_ = [
-        ("pid", ctypes.c_uint32),
-        ("comm", ctypes.c_char * 16),
+        ("pid", cdata.c_uint32),
+        ("comm", cdata.c_char * 16),
     ]
 
 
-class Proc(ctypes.Structure):
+class Proc(cdata.Structure):
     """struct sd_proc"""
     _fields_ = [
-        ("len", ctypes.c_uint32),
-        ("chain_len", ctypes.c_uint32),
+        ("len", cdata.c_uint32),
+        ("chain_len", cdata.c_uint32),
         ("chain", Ancestor * 4),
-        ("cmdline", ctypes.c_uint8 * 256),
-        ("exe_len", ctypes.c_uint32),
-        ("exe_flags", ctypes.c_uint32),
-        ("exe", ctypes.c_uint8 * 256),
+        ("cmdline", cdata.c_uint8 * 256),
+        ("exe_len", cdata.c_uint32),
+        ("exe_flags", cdata.c_uint32),
+        ("exe", cdata.c_uint8 * 256),
     ]
 
 

@@ -3,8 +3,8 @@
 bpf/abi.h is the one source of the structs and constants the programs share with userspace.
 This reads the small C subset it is written in (``#define SD_X <int>``; structs of
 ``__u8/__u16/__u32/__u64/char`` fields, nested structs and arrays) and writes ctypes
-structures, the constants, and the layout (size, and offset and size of every field) that C's
-natural alignment gives. ``tests/unit/test_abi.py`` regenerates and diffs, and checks that
+structures (on ``cdata``: ctypes' types without the cost of importing ctypes), the constants,
+and the layout (size, and offset and size of every field) that C's natural alignment gives. ``tests/unit/test_abi.py`` regenerates and diffs, and checks that
 ctypes lays the structures out as C does; a kernel test compares with what bcc compiled.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 
 from .errors import SafedeployError
 
-_SCALARS = {"__u8": ("ctypes.c_uint8", 1), "__u16": ("ctypes.c_uint16", 2), "__u32": ("ctypes.c_uint32", 4),
-            "__u64": ("ctypes.c_uint64", 8), "char": ("ctypes.c_char", 1)}
+_SCALARS = {"__u8": ("cdata.c_uint8", 1), "__u16": ("cdata.c_uint16", 2), "__u32": ("cdata.c_uint32", 4),
+            "__u64": ("cdata.c_uint64", 8), "char": ("cdata.c_char", 1)}
 _DEFINE = re.compile(r"^#define\s+(SD_[A-Z0-9_]+)\s+(0x[0-9a-fA-F]+|\d+)\b")
 _STRUCT = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
 _FIELD = re.compile(r"^(?:volatile\s+)?(struct\s+\w+|\w+)\s+(\w+)(?:\[(\w+)\])?$")
@@ -88,10 +88,10 @@ def generate(text: str) -> str:
     consts, structs = parse(text)
     lay = layout(structs)
     lines = ['"""Generated from bpf/abi.h by ``python -m ocihook.abigen``. DO NOT EDIT."""',
-             "import ctypes", "", "# constants"]
+             "from . import cdata", "", "# constants"]
     lines += [f"{k} = {v:#x}" if k.startswith("SD_RULE_") else f"{k} = {v}" for k, v in consts.items()]
     for sname, fields in structs.items():
-        lines += ["", "", f"class {_class_name(sname)}(ctypes.Structure):", f'    """struct {sname}"""',
+        lines += ["", "", f"class {_class_name(sname)}(cdata.Structure):", f'    """struct {sname}"""',
                   "    _fields_ = ["]
         for name, ctype, n in fields:
             t = _SCALARS[ctype][0] if ctype in _SCALARS else _class_name(ctype.split()[1])

@@ -1,14 +1,14 @@
-"""The bpf(2) syscall, from ctypes: the only way the warm path talks to the kernel.
+"""The bpf(2) syscall, through ctypes' C core (``cdata``): the only way the warm path talks to the kernel.
 
 No bcc, no compile: pinned objects are opened with BPF_OBJ_GET and maps are read and
 written element by element. Errors become :class:`BpfError` with the errno and a
 one-line message naming the operation.
 """
 
-import ctypes
 import errno
 import os
 
+from . import cdata
 from .errors import SafedeployError
 
 # bpf(2) per architecture (os.uname().machine); elsewhere every call is refused
@@ -51,46 +51,45 @@ CGROUP_UDP4_SENDMSG = 14
 CGROUP_UDP6_SENDMSG = 15
 CGROUP_SETSOCKOPT = 22
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_syscall = cdata.libc_function("syscall")
 
-U32, U64 = ctypes.c_uint32, ctypes.c_uint64
+U32, U64 = cdata.c_uint32, cdata.c_uint64
 
 
 # -- union bpf_attr (include/uapi/linux/bpf.h): the members this module uses ---------------
-class ObjAttr(ctypes.Structure):
+class ObjAttr(cdata.Structure):
     """BPF_OBJ_PIN, BPF_OBJ_GET."""
     _fields_ = [("pathname", U64), ("bpf_fd", U32), ("file_flags", U32)]
 
 
-class MapCreateAttr(ctypes.Structure):
+class MapCreateAttr(cdata.Structure):
     """BPF_MAP_CREATE."""
     _fields_ = [("map_type", U32), ("key_size", U32), ("value_size", U32), ("max_entries", U32),
-                ("map_flags", U32), ("inner_map_fd", U32), ("numa_node", U32), ("map_name", ctypes.c_char * 16)]
+                ("map_flags", U32), ("inner_map_fd", U32), ("numa_node", U32), ("map_name", cdata.c_char * 16)]
 
 
-class GetIdAttr(ctypes.Structure):
+class GetIdAttr(cdata.Structure):
     """BPF_MAP_GET_FD_BY_ID."""
     _fields_ = [("id", U32), ("next_id", U32), ("open_flags", U32)]
 
 
-class ElemAttr(ctypes.Structure):
+class ElemAttr(cdata.Structure):
     """BPF_MAP_*_ELEM and BPF_MAP_GET_NEXT_KEY (``value`` is ``next_key`` there)."""
     _fields_ = [("map_fd", U32), ("pad", U32), ("key", U64), ("value", U64), ("flags", U64)]
 
 
-class AttachAttr(ctypes.Structure):
+class AttachAttr(cdata.Structure):
     """BPF_PROG_ATTACH, BPF_PROG_DETACH."""
     _fields_ = [("target_fd", U32), ("attach_bpf_fd", U32), ("attach_type", U32), ("attach_flags", U32)]
 
 
-class QueryAttr(ctypes.Structure):
+class QueryAttr(cdata.Structure):
     """BPF_PROG_QUERY."""
     _fields_ = [("target_fd", U32), ("attach_type", U32), ("query_flags", U32), ("attach_flags", U32),
                 ("prog_ids", U64), ("prog_cnt", U32)]
 
 
-class InfoAttr(ctypes.Structure):
+class InfoAttr(cdata.Structure):
     """BPF_OBJ_GET_INFO_BY_FD."""
     _fields_ = [("bpf_fd", U32), ("info_len", U32), ("info", U64)]
 
@@ -99,29 +98,29 @@ BPF_ENABLE_STATS = 32  # returns an fd; run-time statistics stay on until it is 
 BPF_STATS_RUN_TIME = 0
 
 
-class StatsAttr(ctypes.Structure):
+class StatsAttr(cdata.Structure):
     """BPF_ENABLE_STATS."""
     _fields_ = [("type", U32)]
 
 
-class BpfAttr(ctypes.Union):
+class BpfAttr(cdata.Union):
     """128 bytes, zeroed: the kernel refuses non-zero bytes past a command's members."""
     _fields_ = [("obj", ObjAttr), ("create", MapCreateAttr), ("get_id", GetIdAttr), ("elem", ElemAttr), ("attach", AttachAttr), ("query", QueryAttr),
-                ("info", InfoAttr), ("enable_stats", StatsAttr), ("raw", ctypes.c_uint8 * 128)]
+                ("info", InfoAttr), ("enable_stats", StatsAttr), ("raw", cdata.c_uint8 * 128)]
 
 
-class ProgInfo(ctypes.Structure):
+class ProgInfo(cdata.Structure):
     """struct bpf_prog_info up to verified_insns (the members in between are not used
     here); the kernel fills at most info_len bytes."""
-    _fields_ = [("type", U32), ("id", U32), ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", U32),
-                ("xlated_prog_len", U32), ("unused", ctypes.c_uint8 * 168), ("run_time_ns", U64),
-                ("run_cnt", U64), ("recursion_misses", U64), ("verified_insns", U32), ("rest", ctypes.c_uint8 * 36)]
+    _fields_ = [("type", U32), ("id", U32), ("tag", cdata.c_uint8 * 8), ("jited_prog_len", U32),
+                ("xlated_prog_len", U32), ("unused", cdata.c_uint8 * 168), ("run_time_ns", U64),
+                ("run_cnt", U64), ("recursion_misses", U64), ("verified_insns", U32), ("rest", cdata.c_uint8 * 36)]
 
 
-class MapInfo(ctypes.Structure):
+class MapInfo(cdata.Structure):
     """The head of struct bpf_map_info."""
     _fields_ = [("type", U32), ("id", U32), ("key_size", U32), ("value_size", U32), ("max_entries", U32),
-                ("map_flags", U32), ("rest", ctypes.c_uint8 * 232)]
+                ("map_flags", U32), ("rest", cdata.c_uint8 * 232)]
 
 
 class BpfError(SafedeployError, OSError):
@@ -135,28 +134,28 @@ def _bpf(cmd: int, attr: BpfAttr, what: str) -> int:
     if _NR_BPF is None:
         raise SafedeployError(f"bpf(2) has no known syscall number on this architecture ({MACHINE}): "
                               f"safedeploy supports {', '.join(sorted(_NR_BPF_BY_MACHINE))}")
-    ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    ret = _syscall(_NR_BPF, cmd, cdata.byref(attr), cdata.sizeof(attr))
     if ret < 0:
-        err = ctypes.get_errno()
+        err = cdata.get_errno()
         raise BpfError(err, f"{what}: {os.strerror(err)}")
     return ret
 
 
 def _addr(obj) -> int:
-    return ctypes.addressof(obj)
+    return cdata.addressof(obj)
 
 
 def obj_get(path: str) -> int:
     """Open a pinned object; returns an fd (caller closes)."""
     attr = BpfAttr()
-    p = ctypes.create_string_buffer(os.fsencode(path))
+    p = cdata.create_string_buffer(os.fsencode(path))
     attr.obj.pathname = _addr(p)
     return _bpf(BPF_OBJ_GET, attr, f"open pin {path}")
 
 
 def obj_pin(fd: int, path: str) -> None:
     attr = BpfAttr()
-    p = ctypes.create_string_buffer(os.fsencode(path))
+    p = cdata.create_string_buffer(os.fsencode(path))
     attr.obj.pathname = _addr(p)
     attr.obj.bpf_fd = fd
     _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
@@ -275,7 +274,7 @@ def obj_info(fd: int, info, what: str = "object info"):
     """Fill info (ProgInfo, MapInfo) for a program or map fd (BPF_OBJ_GET_INFO_BY_FD)."""
     attr = BpfAttr()
     attr.info.bpf_fd = fd
-    attr.info.info_len = ctypes.sizeof(info)
+    attr.info.info_len = cdata.sizeof(info)
     attr.info.info = _addr(info)
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
     return info

@@ -4,9 +4,9 @@ What the hook caches (``compile_policy``) is JSON: the warm path loads it withou
 module's caller, the policy module. Nothing here touches the kernel.
 """
 
-import ctypes
 import errno
 
+from . import cdata
 from .abi import SD_PROTO_OTHER
 from .abi import SD_ALLOW, SD_CIDR_FIXED_BITS, SD_DENY, SD_MODE_AUDIT, SD_MODE_ENFORCE, SD_NAME_FIXED_BITS, \
     SD_NAME_KEY, SD_NAME_MAX
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .policy import Policy
 
 IPPROTO = {"tcp": 6, "udp": 17}
-U8 = ctypes.c_uint8
+U8 = cdata.c_uint8
 
 
 def compile_policy(policy: "Policy") -> dict:
@@ -80,7 +80,7 @@ def name_entries(policy: "Policy") -> list[tuple[NameKey, NameVal]]:
     out = []
     for (proto, port, key), (verdict, index) in merged.items():
         k = NameKey(prefixlen=SD_NAME_FIXED_BITS + 8 * len(key), proto=proto, port=port)
-        ctypes.memmove(k.name, key, len(key))
+        cdata.memmove(k.name, key, len(key))
         out.append((k, NameVal(rule=index, verdict=verdict, nlen=len(key))))
     return out
 
@@ -120,7 +120,7 @@ def cidr_entries(policy: "Policy") -> list[tuple[CidrKey, CidrVal]]:
     out = []
     for (proto, port, addr, plen), (verdict, index) in merged.items():
         key = CidrKey(prefixlen=SD_CIDR_FIXED_BITS + plen, proto=proto, port=port)
-        ctypes.memmove(key.addr, addr, 16)
+        cdata.memmove(key.addr, addr, 16)
         out.append((key, CidrVal(rule=index, verdict=verdict, plen=plen)))
     return out
 
@@ -133,7 +133,7 @@ def compiled_entries(compiled: dict):
         yield "names", NameKey.from_buffer_copy(bytes.fromhex(k)), NameVal.from_buffer_copy(bytes.fromhex(v))
     for a in compiled["resolvers"]:
         key = AddrKey()
-        ctypes.memmove(key.addr, bytes.fromhex(a), 16)
+        cdata.memmove(key.addr, bytes.fromhex(a), 16)
         yield "resolvers", key, U8(1)
 
 

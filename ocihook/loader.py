@@ -5,7 +5,6 @@ and map under ``$SAFEDEPLOY_BPFFS/<source-hash>/``. Warm path: the pins exist, s
 :class:`Programs` opens them with plain bpf(2) calls — bcc is imported only to compile.
 """
 
-import ctypes
 import errno
 import os
 import sys
@@ -160,6 +159,7 @@ def ensure_bpffs() -> str:
                               f"only at {system} (mount one yourself: mount -t bpf bpf <dir>)")
         if not _bpffs_mounted(system):
             os.makedirs(system, exist_ok=True)
+            import ctypes  # noqa: PLC0415 — cold path (bpffs not mounted)
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.mount(b"bpf", system.encode(), b"bpf", 0, b"mode=0700") != 0:
                 err = ctypes.get_errno()
@@ -260,7 +260,7 @@ def _compile_and_pin(target: str, log=None) -> None:
                     fn = b.load_func(name, PROG_CGROUP_SKB, attach_type=atype)
                 except Exception as e:
                     raise LoaderError(f"kernel rejected BPF program {name}: {str(e).splitlines()[0]}") from None
-                b.get_table(array)[ctypes.c_int(index)] = ctypes.c_int(fn.fd)
+                b.get_table(array)[index] = fn.fd
             from bcc.libbcc import lib  # noqa: PLC0415 — bcc's tables do not know sockhashes
             for name, ptype, atype, sockmap in MAP_PROGRAMS:
                 try:

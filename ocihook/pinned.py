@@ -3,11 +3,10 @@ policed cgroup, and each cgroup's own maps (map-in-map): a set of them per polic
 drained with it, then emptied and kept as a spare for the next policy (bpf/maps.h).
 """
 
-import ctypes
 import errno
 import os
 
-from . import abi, bpfsys, cgroup
+from . import abi, bpfsys, cdata, cgroup
 from .abi import Cgstats, EventKey, EventVal, NameKey, Proc, ProcKey
 from .compiler import cgroup_entry, compiled_entries, rule_counts
 
@@ -20,9 +19,9 @@ SdCgroup, CidrKey, CidrVal, AddrKey = abi.Cgroup, abi.CidrKey, abi.CidrVal, abi.
 NameVal, QidKey, Learned, PendingKey = abi.NameVal, abi.QidKey, abi.Learned, abi.PendingKey
 LiveEvent = abi.Live
 
-U8 = ctypes.c_uint8
-U32 = ctypes.c_uint32
-U64 = ctypes.c_uint64
+U8 = cdata.c_uint8
+U32 = cdata.c_uint32
+U64 = cdata.c_uint64
 
 # shared maps: name in maps.h -> (key type, value type); the pins are named map_<name>
 MAPS: dict[str, tuple[type, type]] = {
@@ -346,7 +345,7 @@ class PinnedMaps:
         return removed
 
     def _inner_of_key(self, key: int, name: str) -> int | None:
-        map_id = ctypes.c_uint32()
+        map_id = U32()
         if not bpfsys.map_lookup(self.fds[f"cg_{name}"], U64(key), map_id):
             return None
         try:
@@ -482,8 +481,8 @@ class PinnedMaps:
         names = {v: k[len("SD_STAT_"):].lower() for k, v in C.items() if k.startswith("SD_STAT_")}
         out = {}
         for idx, name in sorted(names.items()):
-            buf = (ctypes.c_uint64 * ncpu)()
-            bpfsys.map_lookup(self.fds["stats"], ctypes.c_uint32(idx), buf)
+            buf = (U64 * ncpu)()
+            bpfsys.map_lookup(self.fds["stats"], U32(idx), buf)
             out[name] = sum(buf)
         return out
 

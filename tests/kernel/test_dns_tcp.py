@@ -911,3 +911,66 @@ def test_answers_past_the_budget_of_one_segment_are_reported_as_cut(policed, nam
     cuts = [r for r in recs if r["rule"] == "answer-cut"]
     assert cuts, [(r["kind"], r["rule"], r.get("domain")) for r in recs]
     assert "TCP messages in one packet" in cuts[0]["reason"]
+
+
+def _urgent_byte_desync(server: str, learn_port: int | None = None) -> dict:
+    """Found by an attacker: the last byte of a send(MSG_OOB) is TCP urgent data, which a
+    receiver without SO_OOBINLINE (every resolver) takes out of the stream. The sk_msg program
+    judged it as part of the stream, so from there the resolver frames the stream one byte
+    behind the program: a denied query hidden in the trailing bytes of an allowed message
+    (which the program lets through whole) is, for the resolver, a message of its own."""
+    import errno as _errno
+    import struct
+    from dnslib import DNSRecord
+    first = _q("pkgs.internal")                       # its last byte (qclass low, 0x01) is taken out
+    denied = _q("auth.internal")
+    assert first[-1] == 1
+    # the program: one 256-byte query for pkgs.internal (id 0x0100, flags 0x0028, an/ns/ar 0) with
+    # trailing bytes; the resolver (one byte behind): 0x01 ends the first query, then a 1-byte
+    # message (ignored), a 0x28-byte message with no question (answered REFUSED or ignored)
+    # that swallows the program's question, the denied query, and a filler message to the end
+    body = b"\x01\x00" + b"\x00\x28" + b"\x00\x01" + b"\x00" * 6 + wire_name("pkgs.internal") + b"\x00\x01\x00\x01"
+    body += b"\x00" * (4 + 0x28 - len(body))
+    body += struct.pack("!H", len(denied)) + denied
+    rest = 256 - len(body) - 2
+    body += struct.pack("!H", rest) + b"\x00" * rest
+    assert len(body) == 256
+    out: dict = {}
+    with socket.create_connection((server, 53), timeout=2) as s:
+        try:
+            out["oob"] = s.send(struct.pack("!H", len(first)) + first, socket.MSG_OOB)
+            time.sleep(0.2)
+            out["second"] = s.send(struct.pack("!H", len(body)) + body)
+        except OSError as e:
+            out["error"] = _errno.errorcode.get(e.errno, str(e.errno))
+        got = read_until_quiet(s, 1)
+    out["answers"] = []
+    while len(got) >= 2 and len(got) >= 2 + struct.unpack("!H", got[:2])[0]:
+        n = 2 + struct.unpack("!H", got[:2])[0]
+        r = DNSRecord.parse(got[2:n])
+        out["answers"].append((str(r.q.qname).rstrip("."), [str(a.rdata) for a in r.rr]))
+        got = got[n:]
+    if learn_port is not None:
+        out["connect"] = connect("127.0.153.75", learn_port)
+    return out
+
+
+@pytest.mark.parametrize("resolver", ["server", "server-v4mapped", "dnsmasq"])
+def test_urgent_data_does_not_shift_the_resolvers_framing(policed, request, listener, resolver):
+    """send(MSG_OOB) makes the last byte urgent: the resolver's TCP takes it out of the stream
+    the sk_msg program judged, and frames everything after it one byte earlier. The denied
+    query hidden in an allowed message's trailing bytes must not reach the resolver (here it
+    did, 10/10 against the test server and dnsmasq, answered with its address; the report showed
+    only two allowed pkgs.internal queries)."""
+    srv = request.getfixturevalue("dnsmasq" if resolver == "dnsmasq" else "server")
+    host = {"server": SERVER, "server-v4mapped": f"::ffff:{SERVER}", "dnsmasq": DNSMASQ}[resolver]
+    lst = listener("127.0.153.75")
+    p = policed(POLICY)
+    seen = len(srv.conns) if resolver != "dnsmasq" else 0
+    res = p.run(_urgent_byte_desync, host, lst.port)
+    assert res["connect"] == "EPERM", res                            # its address is not learned
+    assert "auth.internal" not in [a[0] for a in res["answers"]], res  # but the resolver answered it
+    if resolver != "dnsmasq":
+        conn, = _conns_since(srv, seen)
+        assert "auth.internal" not in conn["messages"], (res, conn)
+    assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query"), res   # and it says so
