@@ -283,7 +283,9 @@ def test_a_spawned_refuser_ends_with_the_containers_process_not_with_its_policy(
         try:
             (p.path / "cgroup.procs").write_text(str(sleeper.pid))
             refuser.spawn(pins, p.cgid, sleeper.pid)
-            waiting = _refusers(p.cgid)
+            deadline = time.monotonic() + 0.1   # posix_spawn returns once the exec has begun:
+            while not (waiting := _refusers(p.cgid)) and time.monotonic() < deadline:
+                time.sleep(0.005)               # its argv shows a moment later
             assert waiting                                           # a process at once...
             if lifetime:
                 time.sleep(refuser.START_S / 2)
