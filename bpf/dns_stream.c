@@ -170,14 +170,32 @@ int sd_stream_msg(struct sk_msg_md *msg)
         return SK_DROP;
     struct sd_dest d = {};
     SD_SOCK_PEER(msg, &d);
+    if (SD_TX_ACCOUNTED && ws != ss->tx_hi) {
+        /* bytes this program never saw left since its last verdict: the kernel let a write
+         * through on the verdict of a push that sent part of its message (it lets as many
+         * bytes through as the whole message had). The resolver reads them as part of the
+         * stream, so no message from here on starts where it reads one (found by an attacker:
+         * judged as a message, the gap's bytes were compared with ring slots of 4 KB earlier).
+         * Egress refuses them (past what was judged); this program refuses the rest. */
+        sd_stat(SD_STAT_DNS_MALFORMED);
+        struct sd_why gap = {};
+        gap.rule = SD_RULE_MALFORMED;
+        if (!sd_verdict_return(cgid, pol, &d, SD_DENY, &gap, SD_KIND_DNS))
+            return SK_DROP;
+        ss->tx_hi = ws; /* audit mode: follow the stream from here */
+    }
     if (SD_TX_ACCOUNTED && (need >= SD_TXRING || ws + need - una >= SD_TXRING)) {
         /* egress could not compare all that TCP may still send with what was judged
          * (sd_txring): refused, whatever the policy (a query is a few dozen bytes) */
         sd_stat(SD_STAT_DNS_MALFORMED);
         struct sd_why big = {};
         big.rule = SD_RULE_MALFORMED;
-        sd_verdict_return(cgid, pol, &d, pol->mode == SD_MODE_AUDIT ? SD_ALLOW : SD_DENY, &big, SD_KIND_DNS);
-        return pol->mode == SD_MODE_AUDIT ? SK_PASS : SK_DROP;
+        if (!sd_verdict_return(cgid, pol, &d, SD_DENY, &big, SD_KIND_DNS))
+            return SK_DROP;
+        ss->tx_msg = ws; /* audit mode: let it through, unkept (egress records what differs) */
+        ss->tx_hi = ws + need;
+        bpf_msg_apply_bytes(msg, need);
+        return SK_PASS;
     }
 
     __u8 hdr[12] = {};

@@ -974,3 +974,174 @@ def test_urgent_data_does_not_shift_the_resolvers_framing(policed, request, list
         conn, = _conns_since(srv, seen)
         assert "auth.internal" not in conn["messages"], (res, conn)
     assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query"), res   # and it says so
+
+
+ALIAS_RES = "127.0.157.53"   # the paused resolver of the partial-push test (its own address)
+
+
+class _TwoPhaseResolver:
+    """One TCP connection on ALIAS_RES:53 with a small receive buffer: reads exactly `first`
+    bytes, then nothing until a byte arrives on `go`; then reads everything, answering every
+    whole message it can parse from ZONE (a resolver's framing), until quiet for 2 s."""
+
+    def __init__(self, first: int):
+        import threading
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        self.sock.bind((ALIAS_RES, 53))
+        self.sock.listen(1)
+        self.first = first
+        self.go_r, self.go = os.pipe()
+        self.data = b""
+        self.names: list = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import struct
+        from dnslib import DNSRecord
+        c, _ = self.sock.accept()
+        with c:
+            while len(self.data) < self.first:
+                d = c.recv(self.first - len(self.data))
+                if not d:
+                    return
+                self.data += d
+            os.read(self.go_r, 1)
+            c.settimeout(2)
+            buf = b""
+            try:
+                while d := c.recv(65536):
+                    self.data += d
+                    buf += d
+                    out = b""
+                    while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
+                        n = 2 + struct.unpack("!H", buf[:2])[0]
+                        msg, buf = buf[2:n], buf[n:]
+                        try:
+                            req = DNSRecord.parse(msg)
+                            name = str(req.q.qname).rstrip(".")
+                        except Exception:  # noqa: BLE001
+                            self.names.append(None)
+                            continue
+                        self.names.append(name)
+                        ans = Zone(ZONE).resolve(req, None).pack()
+                        out += struct.pack("!H", len(ans)) + ans
+                    if out:
+                        c.sendall(out)
+            except OSError:
+                pass
+
+    def close(self):
+        self.thread.join(timeout=10)
+        self.sock.close()
+        os.close(self.go_r)
+        os.close(self.go)
+
+
+def _allowed_of_len(total: int, txid: int) -> bytes:
+    """A framed allowed query (pkgs.internal) of `total` bytes: trailing zero bytes after the
+    question, which the sk_msg program judges as part of the allowed message."""
+    import struct
+    from dnslib import DNSRecord
+    r = DNSRecord.question("pkgs.internal", "A")
+    r.header.id = txid
+    m = r.pack()
+    return struct.pack("!H", total - 2) + m + b"\0" * (total - 2 - len(m))
+
+
+def _partial_push_alias(server: str, go: int, first: int, m: int, count: int, alias: bytes | None,
+                        stop: int | None) -> dict:
+    """Attacker: one allowed message of `first` bytes whose trailing bytes hold `alias` at stream
+    offset B - 4096 (B: where the message whose push fails ends); then, to a resolver whose
+    window is closed, allowed messages of `m` bytes in one non-blocking write until a push
+    fails after sending part (p bytes, one MSS) of a message: the kernel keeps the verdict
+    and apply_bytes = the whole message for the next write. More send buffer (the window stays
+    closed, nothing leaves), then one write: the judged message's unsent rest, then p bytes
+    the program never sees (the verdict covers m bytes: they end p bytes past what it judged),
+    then an allowed query the program judges, which moves tx_hi past them. The p bytes sit at
+    ring slots last written by the first message's trailing bytes 4096 bytes earlier: egress
+    takes them for judged bytes. For the resolver they are whole messages of their own."""
+    import errno as _errno
+    import fcntl
+    import struct
+    import termios
+
+    def outq(s):
+        return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+    def acked(s):
+        deadline = time.monotonic() + 3
+        while outq(s) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return outq(s)
+
+    out: dict = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        s.connect((server, 53))
+        head = bytearray(_allowed_of_len(first, 0x1000))
+        if alias is not None:
+            at = first + (stop + 1) * m - 4096
+            assert 40 <= at and at + len(alias) <= first
+            head[at:at + len(alias)] = alias
+        s.sendall(bytes(head))
+        out["acked"] = acked(s)
+        msgs = [_allowed_of_len(m, 0x2000 + i) for i in range(count)]
+        try:
+            out["n"] = s.send(b"".join(msgs), socket.MSG_DONTWAIT)
+        except OSError as e:
+            out["n"] = _errno.errorcode.get(e.errno, str(e.errno))
+        out["stop"], out["p"] = divmod(out["n"], m) if isinstance(out["n"], int) else (None, None)
+        if alias is not None and out["stop"] == stop and out["p"] == len(alias):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+            try:
+                out["w"] = s.send(msgs[stop][out["p"]:] + alias + _allowed_of_len(33, 0x3333), socket.MSG_DONTWAIT)
+            except OSError as e:
+                out["w"] = _errno.errorcode.get(e.errno, str(e.errno))
+        os.write(go, b"x")
+        out["acked2"] = acked(s)
+        got = read_until_quiet(s, 1)
+    out["answers"] = []
+    from dnslib import DNSRecord
+    while len(got) >= 2 and len(got) >= 2 + struct.unpack("!H", got[:2])[0]:
+        n = 2 + struct.unpack("!H", got[:2])[0]
+        r = DNSRecord.parse(got[2:n])
+        out["answers"].append((str(r.q.qname).rstrip("."), [str(a.rdata) for a in r.rr]))
+        got = got[n:]
+    return out
+
+
+def test_a_push_that_sent_part_of_a_message_does_not_let_unjudged_bytes_alias_the_ring(policed):
+    """A failed push that sent PART of a judged message (one MSS of it) leaves the kernel's
+    verdict with apply_bytes = the whole message: the next write's first m bytes pass without
+    the program, p of them past the judged range. Once a later judged message moves tx_hi past
+    them, egress compares them with the ring slots they map to, which hold bytes judged 4096
+    bytes earlier (an allowed message's trailing bytes, chosen by the attacker): equal, so they
+    are let through. For the resolver they are a whole denied query (auth.internal), answered;
+    the report shows only allowed pkgs.internal queries."""
+    import struct
+    first, m, count = 1500, 800, 6
+    p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{ALIAS_RES}:53"\n', 1))
+    # calibration (same sizes, no alias): where the push fails and how much of it was sent
+    srv = _TwoPhaseResolver(first)
+    try:
+        cal = p.run(_partial_push_alias, ALIAS_RES, srv.go, first, m, count, None, None)
+    finally:
+        srv.close()
+    stop, part = cal["stop"], cal["p"]
+    denied = _q("auth.internal")
+    d = struct.pack("!H", len(denied)) + denied
+    assert part and part >= len(d) + 40 and stop is not None, cal      # a push sent part of a message
+    alias = d + _allowed_of_len(part - len(d), 0x4444)
+    srv = _TwoPhaseResolver(first)
+    try:
+        res = p.run(_partial_push_alias, ALIAS_RES, srv.go, first, m, count, alias, stop)
+    finally:
+        srv.close()
+    assert res["stop"] == stop and res["p"] == part, (cal, res)       # the same failed push again
+    recs = p.close()
+    assert "auth.internal" not in srv.names, (res, srv.names)          # the resolver read it as a query
+    assert "auth.internal" not in [a[0] for a in res["answers"]], res  # and answered it
+    assert [r for r in recs if r["verdict"] == "blocked" and r["kind"] == "dns"], recs  # and the report says so
