@@ -210,6 +210,25 @@ class StreamServer:
         self.sock.close()
 
 
+def split_tcp(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The whole length-prefixed DNS messages at the start of a TCP byte stream, and the rest."""
+    out = []
+    while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
+        n = 2 + struct.unpack("!H", buf[:2])[0]
+        out.append(buf[2:n])
+        buf = buf[n:]
+    return out, buf
+
+
+def answers_in(buf: bytes) -> list[tuple[str, list[str]]]:
+    """(question name, the answer records' data) of each whole message in a TCP byte stream."""
+    out = []
+    for msg in split_tcp(buf)[0]:
+        r = DNSRecord.parse(msg)
+        out.append((str(r.q.qname).rstrip("."), [str(a.rdata) for a in r.rr]))
+    return out
+
+
 def read_until_quiet(s: socket.socket, timeout: float) -> bytes:
     """What the peer sends until it closes or is quiet for `timeout`."""
     s.settimeout(timeout)

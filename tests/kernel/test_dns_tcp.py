@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from dnsutil import StreamServer, Zone, getaddrinfo_in, query, read_until_quiet, tcp_exchange, wire_name
+from dnsutil import StreamServer, Zone, answers_in, getaddrinfo_in, query, read_until_quiet, split_tcp, tcp_exchange, \
+    wire_name
 from helpers import require
 from kutil import connect
 
@@ -707,14 +708,8 @@ class _PausedResolver:
                 pass
 
     def messages(self) -> list:
-        import struct
         from dnslib import DNSRecord
-        out, buf = [], self.data
-        while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
-            n = 2 + struct.unpack("!H", buf[:2])[0]
-            out.append(str(DNSRecord.parse(buf[2:n]).q.qname).rstrip("."))
-            buf = buf[n:]
-        return out
+        return [str(DNSRecord.parse(m).q.qname).rstrip(".") for m in split_tcp(self.data)[0]]
 
     def close(self):
         self.thread.join(timeout=10)
@@ -921,7 +916,6 @@ def _urgent_byte_desync(server: str, learn_port: int | None = None) -> dict:
     (which the program lets through whole) is, for the resolver, a message of its own."""
     import errno as _errno
     import struct
-    from dnslib import DNSRecord
     first = _q("pkgs.internal")                       # its last byte (qclass low, 0x01) is taken out
     denied = _q("auth.internal")
     assert first[-1] == 1
@@ -943,13 +937,7 @@ def _urgent_byte_desync(server: str, learn_port: int | None = None) -> dict:
             out["second"] = s.send(struct.pack("!H", len(body)) + body)
         except OSError as e:
             out["error"] = _errno.errorcode.get(e.errno, str(e.errno))
-        got = read_until_quiet(s, 1)
-    out["answers"] = []
-    while len(got) >= 2 and len(got) >= 2 + struct.unpack("!H", got[:2])[0]:
-        n = 2 + struct.unpack("!H", got[:2])[0]
-        r = DNSRecord.parse(got[2:n])
-        out["answers"].append((str(r.q.qname).rstrip("."), [str(a.rdata) for a in r.rr]))
-        got = got[n:]
+        out["answers"] = answers_in(read_until_quiet(s, 1))
     if learn_port is not None:
         out["connect"] = connect("127.0.153.75", learn_port)
     return out
@@ -1102,14 +1090,7 @@ def _partial_push_alias(server: str, go: int, first: int, m: int, count: int, al
                 out["w"] = _errno.errorcode.get(e.errno, str(e.errno))
         os.write(go, b"x")
         out["acked2"] = acked(s)
-        got = read_until_quiet(s, 1)
-    out["answers"] = []
-    from dnslib import DNSRecord
-    while len(got) >= 2 and len(got) >= 2 + struct.unpack("!H", got[:2])[0]:
-        n = 2 + struct.unpack("!H", got[:2])[0]
-        r = DNSRecord.parse(got[2:n])
-        out["answers"].append((str(r.q.qname).rstrip("."), [str(a.rdata) for a in r.rr]))
-        got = got[n:]
+        out["answers"] = answers_in(read_until_quiet(s, 1))
     return out
 
 
