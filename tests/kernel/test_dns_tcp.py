@@ -1004,9 +1004,8 @@ class _TwoPhaseResolver:
                     self.data += d
                     buf += d
                     out = b""
-                    while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
-                        n = 2 + struct.unpack("!H", buf[:2])[0]
-                        msg, buf = buf[2:n], buf[n:]
+                    msgs, buf = split_tcp(buf)
+                    for msg in msgs:
                         try:
                             req = DNSRecord.parse(msg)
                             name = str(req.q.qname).rstrip(".")
