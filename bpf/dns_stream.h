@@ -111,9 +111,12 @@ static __always_inline int sd_stream_class(struct bpf_sock *sk, __u32 seq, __u32
     if (may_own && (__s32)(seq - ss->tx_lo) >= 0 && (__s32)(seq + len - ss->tx_hi) <= 0 &&
         (__s32)(ss->tx_hi - seq) < SD_TXRING)
         return SD_STREAM_OWNED; /* inside what was judged, as far back as the kept bytes reach */
-    /* the start of the last judged message, whose push sent none of it: the resolver reads
-     * a new message there, so a whole message parsed from there is what it reads */
-    return seq == ss->tx_msg ? SD_STREAM_PARSE : SD_STREAM_UNJUDGED;
+    /* exactly the span of the last judged message, whose push sent none of it: the resolver
+     * reads a new message there and the next one where the program does, so one whole message
+     * parsed from there is what it reads. Any other span would move the resolver's next
+     * message start inside what was judged (found by an attacker: a shorter allowed message
+     * there, then the judged message's own trailing bytes, which hid a denied query). */
+    return seq == ss->tx_msg && seq + len == ss->tx_hi ? SD_STREAM_PARSE : SD_STREAM_UNJUDGED;
 }
 
 /* Are the len bytes of this segment's payload (at offset pay, sequence seq) the bytes the

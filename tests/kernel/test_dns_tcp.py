@@ -1122,6 +1122,132 @@ def test_a_push_that_sent_part_of_a_message_does_not_let_unjudged_bytes_alias_th
         srv.close()
     assert res["stop"] == stop and res["p"] == part, (cal, res)       # the same failed push again
     recs = p.close()
+    print("RES", res); print("NAMES", srv.names); print("RECS", [(r["verdict"], r["kind"], r.get("domain"), r["rule"], r.get("count")) for r in recs])
     assert "auth.internal" not in srv.names, (res, srv.names)          # the resolver read it as a query
     assert "auth.internal" not in [a[0] for a in res["answers"]], res  # and answered it
     assert [r for r in recs if r["verdict"] == "blocked" and r["kind"] == "dns"], recs  # and the report says so
+
+
+ATK_RES = "127.0.158.53"   # attacker session 3: its own resolver address
+
+
+class _AtkResolver(_TwoPhaseResolver):
+    """_TwoPhaseResolver on an address of its own."""
+
+    def __init__(self, first: int, addr: str = ATK_RES):
+        import threading
+        self.sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        self.sock.bind((addr, 53))
+        self.sock.listen(1)
+        self.first = first
+        self.go_r, self.go = os.pipe()
+        self.data = b""
+        self.names: list = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+
+def _split_leftover_verdict(server: str, go: int, xlen: int, count: int = 64, mode: str = "nonblocking") -> dict:
+    """Attacker: every message of the batch is M, an allowed query (pkgs.internal) whose
+    trailing bytes hold, at offset xlen, a denied query D (auth.internal) and a filler message
+    to M's end. The push of one M fails with none of it sent (EAGAIN): the kernel keeps its
+    verdict, apply_bytes = len(M). Then, window open, two writes on that verdict (no program):
+    X, a whole allowed query of xlen bytes (its own segment: egress parses it at tx_msg and
+    allows it), then M[xlen:], which equals the judged bytes kept in the ring for those
+    sequence numbers: egress lets it through as judged. The resolver reads X, then D."""
+    import errno as _errno
+    import fcntl
+    import signal
+    import struct
+    import termios
+    denied = _q("auth.internal")
+    d = struct.pack("!H", len(denied)) + denied
+    head = _allowed_of_len(xlen, 0x1111)            # M's first xlen bytes as judged (then padded)
+    need = xlen + len(d) + 40
+    m = bytearray(_allowed_of_len(need, 0x2222))
+    m[xlen:xlen + len(d)] = d
+    rest = need - xlen - len(d)
+    m[xlen + len(d):] = struct.pack("!H", rest - 2) + b"\0" * (rest - 2)
+    m = bytes(m)
+    x = _allowed_of_len(xlen, 0x3333)
+    out: dict = {"one": len(m), "count": count}
+    with socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        s.connect((server, 53))
+        if mode == "nonblocking":
+            out["batch"] = s.send(m * count, socket.MSG_DONTWAIT | socket.MSG_EOR)
+        else:
+            signal.signal(signal.SIGALRM, lambda *_: None)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            try:
+                out["batch"] = s.send(m * count, socket.MSG_EOR)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        os.write(go, b"x")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            q = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            if q == 0:
+                break
+            time.sleep(0.01)
+        out["outq"] = q
+        try:
+            out["x"] = s.send(x)
+            time.sleep(0.1)
+            out["tail"] = s.send(m[xlen:])
+            time.sleep(0.1)
+            out["after"] = s.send(_allowed_of_len(40, 0x4444))
+        except OSError as e:
+            out["err"] = _errno.errorcode.get(e.errno, str(e.errno))
+        got = read_until_quiet(s, 1.5)
+    out["answers"] = []
+    from dnslib import DNSRecord
+    while len(got) >= 2 and len(got) >= 2 + struct.unpack("!H", got[:2])[0]:
+        n = 2 + struct.unpack("!H", got[:2])[0]
+        r = DNSRecord.parse(got[2:n])
+        out["answers"].append((str(r.q.qname).rstrip("."), [str(a.rdata) for a in r.rr]))
+        got = got[n:]
+    out["connect"] = connect("127.0.153.75", 9)     # EPERM: not learned; ECONNREFUSED: learned
+    return out
+
+
+@pytest.mark.parametrize("addr", [ATK_RES, f"::ffff:{ATK_RES}"])
+@pytest.mark.parametrize("mode", ["nonblocking", "interrupted"])
+def test_a_leftover_verdict_split_into_a_whole_allowed_message_and_judged_bytes(policed, mode, addr):
+    """Attacker 3 (after the fix for a push that sent none of its message): the failed push of
+    M (an allowed query with a denied one in its trailing bytes) leaves the kernel's verdict,
+    apply_bytes = len(M). Two writes then go on it unseen by the program, each its own
+    segment: X, a whole allowed query of 60 bytes at tx_msg (egress parses it: allowed), and
+    M[60:], byte for byte what the ring holds for those sequence numbers (egress: owned). The
+    resolver frames the stream X | M[60:]: the denied query, answered; the report shows
+    only allowed pkgs.internal queries (16/16 on 6.18, both modes)."""
+    p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{ATK_RES}:53"\n', 1))
+    srv = _AtkResolver(0)
+    try:
+        res = p.run(_split_leftover_verdict, addr, srv.go, 60, 64, mode)
+    finally:
+        srv.close()
+    recs = p.close()
+    k, rem = divmod(res["batch"], res["one"])
+    assert rem == 0 and 0 < k < res["count"] and res["outq"] == 0, res   # the precondition
+    assert res["connect"] == "EPERM", res                                 # not learned (it is not)
+    assert "auth.internal" not in srv.names, (res, srv.names)             # the resolver read it
+    assert "auth.internal" not in [a[0] for a in res["answers"]], res     # and answered it
+    assert [r for r in recs if r["verdict"] == "blocked" and r["kind"] == "dns"], recs
+
+
+def test_audit_records_the_split_leftover_verdict_as_would_block(policed):
+    """Audit mode: whatever passes must at least be reported as would-block."""
+    p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{ATK_RES}:53"\n', 1), "audit")
+    srv = _AtkResolver(0)
+    try:
+        res = p.run(_split_leftover_verdict, ATK_RES, srv.go, 60, 64, "nonblocking")
+    finally:
+        srv.close()
+    recs = p.close()
+    assert "auth.internal" in srv.names, (res, srv.names)                 # audit: it passes
+    assert [r for r in recs if r["verdict"] == "would-block" and r["kind"] == "dns"], \
+        [(r["verdict"], r["kind"], r.get("domain"), r["rule"]) for r in recs]
