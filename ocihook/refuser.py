@@ -216,42 +216,34 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
         os.close(netns)
         raise
     try:
-        _spawn(pin_dir, cgid, netns, pidfd)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = f"import sys; sys.path.insert(0, {root!r}); from ocihook.refuser import main; main()"
+        if os.fork() == 0:  # pragma: no cover — the child only execs
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                pidfd = os.dup(pidfd) if pidfd == 3 else pidfd  # not overwritten by the netns fd
+                if netns != 3:
+                    os.dup2(netns, 3)
+                if pidfd != 4:
+                    os.dup2(pidfd, 4)
+                os.set_inheritable(3, True)  # and nothing else: a pipe of the runtime's kept
+                os.set_inheritable(4, True)
+                os.closerange(5, 1 << 20)    # open would make the runtime wait for this process
+                import select  # noqa: PLC0415 — in the child: nothing the runtime waits for
+                if select.select([4], [], [], START_S)[0]:
+                    os._exit(0)              # the container ended first: no refuser needed
+                os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code, os.fspath(pin_dir), str(cgid),
+                                          "3", "4"])
+            finally:
+                os._exit(127)
+        # not waited for (a double fork and a wait cost the runtime more): the hook exits next,
+        # and whoever adopts the child reaps it
     finally:
         os.close(netns)
         os.close(pidfd)
-
-
-def _spawn(pin_dir, cgid: int, netns: int, pidfd: int) -> None:
-    """posix_spawn (the hook is not copied: a fork cost it 1-3 ms of page tables and
-    copy-on-write faults while it exits), with the netns as fd 3 and the pidfd as fd 4, in a
-    new session, /dev/null for stdio and no other descriptor. The child waits START_S on the
-    pidfd before it imports anything of safedeploy (a short container's refuser ends then)."""
-    import fcntl  # noqa: PLC0415
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import os, select\nif select.select([4], [], [], {START_S})[0]: os._exit(0)\n"
-            f"import sys; sys.path.insert(0, {root!r})\nfrom ocihook.refuser import main; main()")
-    for name in os.listdir("/proc/self/fd"):  # a runtime's pipe kept open would make it wait
-        if int(name) > 2:
-            try:
-                os.set_inheritable(int(name), False)
-            except OSError:
-                pass  # the listing's own descriptor, closed by now
-    a = fcntl.fcntl(netns, fcntl.F_DUPFD_CLOEXEC, 10)  # >= 10: no dup2 below overwrites another
-    try:
-        b = fcntl.fcntl(pidfd, fcntl.F_DUPFD_CLOEXEC, 10)
-        try:
-            os.posix_spawn(sys.executable,
-                           [sys.executable, "-I", "-S", "-c", code, os.fspath(pin_dir), str(cgid), "3", "4"],
-                           os.environ, setsid=True,
-                           file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
-                                         (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2),
-                                         (os.POSIX_SPAWN_DUP2, a, 3), (os.POSIX_SPAWN_DUP2, b, 4)])
-            # not waited for: the hook exits next, and whoever adopts the child reaps it
-        finally:
-            os.close(b)
-    finally:
-        os.close(a)
 
 
 def _setns(fd: int) -> None:
