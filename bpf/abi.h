@@ -18,6 +18,7 @@
 #define SD_RULE_SERVE_DNS 0xfff9 /* serve_dns: deny (bind to / send from port 53) */
 #define SD_RULE_ANSWER_CUT 0xfff8 /* a DNS answer with more addresses than the kernel learns */
 #define SD_RULE_UNLISTED 0xfff7  /* a lookup of a name no rule covers, let through (dns.unlisted: resolve) */
+#define SD_RULE_ZEROCOPY 0xfff6  /* SO_ZEROCOPY: sent pages the process could change after egress judged them */
 
 #define SD_ALLOW 0
 #define SD_DENY 1

@@ -216,6 +216,8 @@ int sd_bind6(struct bpf_sock_addr *ctx)
 }
 
 #define SD_SOL_IP 0
+#define SD_SOL_SOCKET 1
+#define SD_SO_ZEROCOPY 60
 #define SD_SOL_IPV6 41
 #define SD_IP_OPTIONS 4
 #define SD_IPV6_2292PKTOPTIONS 6
@@ -226,7 +228,10 @@ int sd_bind6(struct bpf_sock_addr *ctx)
  * type, segment routing included), IPV6_2292RTHDR and IPV6_2292PKTOPTIONS (which can carry
  * one). Refused with EPERM unless the policy says source_routes: allow. Per-message
  * ancillary data (IP_RETOPTS, IPV6_RTHDR cmsgs) is not seen here: egress drops those
- * packets. */
+ * packets.
+ * Turning SO_ZEROCOPY on is refused always: MSG_ZEROCOPY sends the process's own pages,
+ * which it can change after egress judged a DNS query in them and before they are read
+ * (found by an attacker: a queue between the egress hook and the wire was enough). */
 int sd_setsockopt(struct bpf_sockopt *ctx)
 {
     int level = ctx->level;
@@ -255,11 +260,20 @@ int sd_setsockopt(struct bpf_sockopt *ctx)
                (name == SD_IPV6_RTHDR || name == SD_IPV6_2292RTHDR || name == SD_IPV6_2292PKTOPTIONS)) {
         bad = ctx->optlen > 0;
     }
+    __u16 rule = SD_RULE_SRCROUTE;
+    if (level == SD_SOL_SOCKET && name == SD_SO_ZEROCOPY) {
+        __u8 *p = ctx->optval;
+        __u8 *end = ctx->optval_end;
+        bad = 1; /* on, or a value not seen */
+        if (ctx->optlen >= 4 && p + 4 <= end && !(p[0] | p[1] | p[2] | p[3]))
+            bad = 0; /* turning it off */
+        rule = SD_RULE_ZEROCOPY;
+    }
     if (!bad)
         return 1;
     __u64 cgid = 0;
     struct sd_cgroup *pol = SD_CURRENT_POLICY(&cgid);
-    if (!pol || pol->allow_srcroute)
+    if (!pol || (rule == SD_RULE_SRCROUTE && pol->allow_srcroute))
         return 1;
     struct sd_dest d = {};
     struct bpf_sock *sk = ctx->sk;
@@ -270,5 +284,5 @@ int sd_setsockopt(struct bpf_sockopt *ctx)
     }
     if (d.family == 4)
         d.addr[2] = bpf_htonl(0xffff);
-    return sd_rule_return(cgid, pol, &d, SD_DENY, SD_RULE_SRCROUTE, SD_KIND_SOCKOPT);
+    return sd_rule_return(cgid, pol, &d, SD_DENY, rule, SD_KIND_SOCKOPT);
 }

@@ -1251,3 +1251,120 @@ def test_audit_records_the_split_leftover_verdict_as_would_block(policed):
     assert "auth.internal" in srv.names, (res, srv.names)                 # audit: it passes
     assert [r for r in recs if r["verdict"] == "would-block" and r["kind"] == "dns"], \
         [(r["verdict"], r["kind"], r.get("domain"), r["rule"]) for r in recs]
+
+
+ZC_NS = "atk4zc"               # attacker session 4: a network namespace of its own
+ZC_RES = "127.0.159.53"        # its resolver (loopback of that namespace)
+
+
+def _setns_net(path: str) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
+def _zerocopy_swap(ns: str, res: str, judged: bytes, sent: bytes, swap_after: float) -> dict:
+    """Attacker: a blocking send(MSG_ZEROCOPY) issued while the handshake is still under way
+    waits inside plain TCP (the socket enters the sockhash meanwhile, but this write never
+    passes the sk_msg program): its segment is judged per packet at egress, reading the
+    bytes from the attacker's own pages, which TCP keeps referencing (zero copy). The
+    segment then waits in the device queue (here a slow tbf; in real life any qdisc backlog,
+    the NIC's TX ring before DMA); the attacker rewrites the pages meanwhile, and the
+    resolver reads the rewritten bytes."""
+    import errno as _errno
+    import mmap
+    import struct
+    _setns_net(f"/run/netns/{ns}")
+    out = {}
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 60, 1)         # SO_ZEROCOPY (else MSG_ZEROCOPY copies)
+        out["zerocopy"] = "on"
+    except OSError as e:
+        out["zerocopy"] = _errno.errorcode.get(e.errno, str(e.errno))
+    s.setblocking(False)
+    out["connect"] = s.connect_ex((res, 53))           # EINPROGRESS: the SYN-ACK waits in the queue
+    s.setblocking(True)
+    buf = mmap.mmap(-1, 4096)
+    m = struct.pack("!H", len(judged)) + judged
+    buf[:len(m)] = m
+    out["sent"] = s.send(memoryview(buf)[:len(m)], 0x4000000)   # MSG_ZEROCOPY: waits for the handshake
+    time.sleep(swap_after)
+    d = struct.pack("!H", len(sent)) + sent
+    assert len(d) == len(m)
+    buf[:len(d)] = d                                    # the pages the queued segment still points at
+    s.settimeout(2)
+    try:
+        out["answer"] = len(s.recv(4096))
+    except OSError as e:
+        out["answer"] = repr(e)
+    s.close()
+    return out
+
+
+@pytest.fixture
+def zc_netns():
+    subprocess.run(["ip", "netns", "del", ZC_NS], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "netns", "add", ZC_NS], check=True)
+    try:
+        subprocess.run(["ip", "-n", ZC_NS, "link", "set", "lo", "up"], check=True)
+        # a slow link: 1000 bytes/s after a 100-byte burst (the SYN passes, the SYN-ACK and the
+        # query wait ~0.1 s each in the queue, after egress judged them)
+        subprocess.run(["tc", "-n", ZC_NS, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit", "burst", "100",
+                        "limit", "20000"], check=True)
+        me = os.open("/proc/self/ns/net", os.O_RDONLY)
+        try:
+            _setns_net(f"/run/netns/{ZC_NS}")
+            srv = StreamServer(Zone(ZONE), ZC_RES)
+        finally:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).setns(me, 0x40000000)
+            os.close(me)
+        yield srv
+        srv.stop()
+    finally:
+        subprocess.run(["ip", "netns", "del", ZC_NS])
+
+
+@pytest.mark.parametrize("mode", [None, "audit"])
+def test_zerocopy_bytes_rewritten_after_egress_judged_them_never_reach_the_resolver(policed, zc_netns, mode):
+    """Found by an attacker: bytes written with MSG_ZEROCOPY before the connection entered
+    the sockhash are judged per packet at egress from the process's own pages; the process
+    rewrote them while the segment waited in the device queue, and the resolver read a denied
+    query that was recorded as an allowed one. SO_ZEROCOPY is refused in policed cgroups
+    (MSG_ZEROCOPY then copies); audit mode lets it on and reports that it would not."""
+    policy = POLICY.replace(f'"{SERVER}:53"', f'"{ZC_RES}:53"')
+    p = policed(policy, mode)
+    seen = len(zc_netns.conns)
+    res = p.run(_zerocopy_swap, ZC_NS, ZC_RES, _q("pkgs.internal"), _q("auth.internal"), 0.02)
+    conns = _conns_since(zc_netns, seen)
+    recs = p.close()
+    verdict = "would-block" if mode == "audit" else "blocked"
+    assert [r for r in recs if r["verdict"] == verdict and r["rule"] == "zerocopy"], (res, recs)
+    if mode != "audit":
+        assert res["zerocopy"] == "EPERM", res
+        assert all("auth.internal" not in c["messages"] for c in conns), (conns, recs)
+
+
+def _zerocopy_on(family: int, kind: int, value: int) -> str:
+    import errno as _errno
+    with socket.socket(family, kind) as s:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, 60, value)                  # SO_ZEROCOPY
+            return "ok"
+        except OSError as e:
+            return _errno.errorcode.get(e.errno, str(e.errno))
+
+
+def test_zerocopy_is_refused_on_every_socket_kind_and_turning_it_off_is_not(policed):
+    p = policed(POLICY)
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            assert p.run(_zerocopy_on, family, kind, 1) == "EPERM", (family, kind)
+            assert p.run(_zerocopy_on, family, kind, 0) == "ok", (family, kind)
+    assert len([r for r in p.close() if r["verdict"] == "blocked" and r["rule"] == "zerocopy"]) >= 1
