@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
+import ocihook
 from ocihook import cdata
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ocihook.__file__)))  # checkout or site-packages
 
 
 @pytest.mark.parametrize("name", ["c_uint8", "c_uint16", "c_uint32", "c_uint64", "c_int", "c_long", "c_char"])
