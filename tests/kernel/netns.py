@@ -22,9 +22,42 @@ def own_netns(addrs: tuple[str, ...] = (), ping: bool = False) -> None:
         ipr.link("set", index=idx, state="up")
         for a in addrs:
             ipr.addr("add", index=idx, address=a, prefixlen=128 if ":" in a else 32)
+    _wait_ipv6_ready([a for a in addrs if ":" in a])
     if ping:
         with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
             f.write("0 2147483647")
+
+
+def _wait_ipv6_ready(addrs: list[str], timeout: float = 5.0) -> None:
+    """Until every IPv6 address added is usable: the kernel adds it tentative and installs its
+    local route only when duplicate-address detection is done (a workqueue, even on lo); a
+    packet sent before then finds no route and is dropped before any egress hook, while
+    sendto() reports success."""
+    import ipaddress
+    import time
+    want = {ipaddress.ip_address(a).exploded.replace(":", "") for a in addrs}
+    deadline = time.monotonic() + timeout
+    while want:
+        ready = set()
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr, _, _, _, flags = line.split()[:5]
+                if not int(flags, 16) & 0x40:  # IFA_F_TENTATIVE
+                    ready.add(hexaddr)
+        if want <= ready and _routable(addrs):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"IPv6 addresses {addrs} still not usable after {timeout} s")
+        time.sleep(0.005)
+
+
+def _routable(addrs: list[str]) -> bool:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        try:
+            return all(ipr.route("get", dst=a) for a in addrs)
+        except Exception:  # noqa: BLE001 — no route yet
+            return False
 
 
 def err(fn) -> str:
