@@ -121,8 +121,8 @@ static __always_inline int sd_stream_class(struct bpf_sock *sk, __u32 seq, __u32
 
 /* Are the len bytes of this segment's payload (at offset pay, sequence seq) the bytes the
  * sk_msg program judged for those sequence numbers (sd_txring)? len < SD_TXRING (the caller
- * checked sd_stream_owns). SD_CMP_CHUNK bytes per step, one branch each (the verifier
- * follows at most 8192 jumps on a path), then the last bytes one by one. */
+ * got SD_STREAM_OWNED from sd_stream_class). SD_CMP_CHUNK bytes per step, one branch each
+ * (the verifier follows at most 8192 jumps on a path), then the last bytes one by one. */
 #define SD_CMP_CHUNK 16
 static __always_inline int sd_stream_same(struct __sk_buff *skb, struct bpf_sock *sk, __u32 pay, __u32 seq, __u32 len)
 {

@@ -676,6 +676,20 @@ def test_bytes_written_around_the_sockhash_are_judged_per_packet(policed, server
     assert _recs(p, verdict="blocked", kind="dns", rule="malformed-query")
 
 
+def _acked(s: socket.socket, timeout: float = 3) -> int:
+    """Wait until everything written on s is acknowledged (TIOCOUTQ 0); the bytes left."""
+    import fcntl
+    import struct
+    import termios
+
+    def outq() -> int:
+        return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    deadline = time.monotonic() + timeout
+    while outq() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return outq()
+
+
 PAUSED = "127.0.155.53"   # a resolver that reads nothing until told (the failed-push test)
 
 
@@ -729,10 +743,8 @@ def _denied_on_the_verdict_of_a_failed_push(server: str, go: int, mode: str, cou
     (MSG_EOR makes "none of it sent" certain; a plain write of a few hundred queries does the
     same on loopback, each push leaving as its own segment while the window is open.)"""
     import errno as _errno
-    import fcntl
     import signal
     import struct
-    import termios
     allowed, denied = _q("pkgs.internal"), _q("auth.internal")
     assert len(allowed) == len(denied)
     one = struct.pack("!H", len(allowed)) + allowed
@@ -750,13 +762,7 @@ def _denied_on_the_verdict_of_a_failed_push(server: str, go: int, mode: str, cou
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         os.write(go, b"x")                                                  # the resolver reads now
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:                                  # until all of it is acked
-            q = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-            if q == 0:
-                break
-            time.sleep(0.01)
-        out["outq"] = q
+        out["outq"] = _acked(s)                                            # until all of it is acked
         try:
             out["denied"] = s.send(struct.pack("!H", len(denied)) + denied)
         except OSError as e:
@@ -968,16 +974,16 @@ ALIAS_RES = "127.0.157.53"   # the paused resolver of the partial-push test (its
 
 
 class _TwoPhaseResolver:
-    """One TCP connection on ALIAS_RES:53 with a small receive buffer: reads exactly `first`
+    """One TCP connection on addr:53 (ALIAS_RES by default) with a small receive buffer: reads exactly `first`
     bytes, then nothing until a byte arrives on `go`; then reads everything, answering every
     whole message it can parse from ZONE (a resolver's framing), until quiet for 2 s."""
 
-    def __init__(self, first: int):
+    def __init__(self, first: int, addr: str = ALIAS_RES):
         import threading
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        self.sock.bind((ALIAS_RES, 53))
+        self.sock.bind((addr, 53))
         self.sock.listen(1)
         self.first = first
         self.go_r, self.go = os.pipe()
@@ -1051,18 +1057,7 @@ def _partial_push_alias(server: str, go: int, first: int, m: int, count: int, al
     ring slots last written by the first message's trailing bytes 4096 bytes earlier: egress
     takes them for judged bytes. For the resolver they are whole messages of their own."""
     import errno as _errno
-    import fcntl
     import struct
-    import termios
-
-    def outq(s):
-        return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-
-    def acked(s):
-        deadline = time.monotonic() + 3
-        while outq(s) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return outq(s)
 
     out: dict = {}
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -1074,7 +1069,7 @@ def _partial_push_alias(server: str, go: int, first: int, m: int, count: int, al
             assert 40 <= at and at + len(alias) <= first
             head[at:at + len(alias)] = alias
         s.sendall(bytes(head))
-        out["acked"] = acked(s)
+        out["acked"] = _acked(s)
         msgs = [_allowed_of_len(m, 0x2000 + i) for i in range(count)]
         try:
             out["n"] = s.send(b"".join(msgs), socket.MSG_DONTWAIT)
@@ -1088,7 +1083,7 @@ def _partial_push_alias(server: str, go: int, first: int, m: int, count: int, al
             except OSError as e:
                 out["w"] = _errno.errorcode.get(e.errno, str(e.errno))
         os.write(go, b"x")
-        out["acked2"] = acked(s)
+        out["acked2"] = _acked(s)
         out["answers"] = answers_in(read_until_quiet(s, 1))
     return out
 
@@ -1131,24 +1126,6 @@ def test_a_push_that_sent_part_of_a_message_does_not_let_unjudged_bytes_alias_th
 ATK_RES = "127.0.158.53"   # attacker session 3: its own resolver address
 
 
-class _AtkResolver(_TwoPhaseResolver):
-    """_TwoPhaseResolver on an address of its own."""
-
-    def __init__(self, first: int, addr: str = ATK_RES):
-        import threading
-        self.sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        self.sock.bind((addr, 53))
-        self.sock.listen(1)
-        self.first = first
-        self.go_r, self.go = os.pipe()
-        self.data = b""
-        self.names: list = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-
 def _split_leftover_verdict(server: str, go: int, xlen: int, count: int = 64, mode: str = "nonblocking") -> dict:
     """Attacker: every message of the batch is M, an allowed query (pkgs.internal) whose
     trailing bytes hold, at offset xlen, a denied query D (auth.internal) and a filler message
@@ -1158,10 +1135,8 @@ def _split_leftover_verdict(server: str, go: int, xlen: int, count: int = 64, mo
     allows it), then M[xlen:], which equals the judged bytes kept in the ring for those
     sequence numbers: egress lets it through as judged. The resolver reads X, then D."""
     import errno as _errno
-    import fcntl
     import signal
     import struct
-    import termios
     denied = _q("auth.internal")
     d = struct.pack("!H", len(denied)) + denied
     head = _allowed_of_len(xlen, 0x1111)            # M's first xlen bytes as judged (then padded)
@@ -1187,13 +1162,7 @@ def _split_leftover_verdict(server: str, go: int, xlen: int, count: int = 64, mo
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         os.write(go, b"x")
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            q = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-            if q == 0:
-                break
-            time.sleep(0.01)
-        out["outq"] = q
+        out["outq"] = _acked(s)
         try:
             out["x"] = s.send(x)
             time.sleep(0.1)
@@ -1225,7 +1194,7 @@ def test_a_leftover_verdict_split_into_a_whole_allowed_message_and_judged_bytes(
     resolver frames the stream X | M[60:]: the denied query, answered; the report shows
     only allowed pkgs.internal queries (16/16 on 6.18, both modes)."""
     p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{ATK_RES}:53"\n', 1))
-    srv = _AtkResolver(0)
+    srv = _TwoPhaseResolver(0, ATK_RES)
     try:
         res = p.run(_split_leftover_verdict, addr, srv.go, 60, 64, mode)
     finally:
@@ -1242,7 +1211,7 @@ def test_a_leftover_verdict_split_into_a_whole_allowed_message_and_judged_bytes(
 def test_audit_records_the_split_leftover_verdict_as_would_block(policed):
     """Audit mode: whatever passes must at least be reported as would-block."""
     p = policed(POLICY.replace("allow:\n", f'allow:\n  - "{ATK_RES}:53"\n', 1), "audit")
-    srv = _AtkResolver(0)
+    srv = _TwoPhaseResolver(0, ATK_RES)
     try:
         res = p.run(_split_leftover_verdict, ATK_RES, srv.go, 60, 64, "nonblocking")
     finally:
