@@ -181,8 +181,10 @@ struct sd_pkt {
     __u8 dns_flags;     /* the DNS header's third byte */
     __u8 parsed;        /* sd_parse_pkt succeeded */
     __u8 unjudged;      /* TCP data the stream programs never judged, or urgent data: refused */
+    __u8 byref;         /* DNS data in pages the process can still change (sd_skb_byref): refused */
     __u32 dns_name_id;
     __u64 cgid;         /* the policed cgroup (egress: for the tail calls) */
+    __u64 skbaddr;      /* sd_skb_byref: the kernel's sk_buff, as a number */
 };
 
 /* in map memory, not on the stack: the verifier then sees the parse results as unknown
@@ -421,6 +423,45 @@ static __always_inline int sd_tcp_streamed(struct __sk_buff *skb, struct sd_pkt 
     return sd_stream_class(sk, seq, len, 0);
 }
 
+/* A query refused whatever it asks and whatever the policy (rule: why). */
+static __always_inline void sd_refuse_query(struct sd_pkt *p, __u16 rule)
+{
+    if (rule == SD_RULE_MALFORMED)
+        sd_stat(SD_STAT_DNS_MALFORMED);
+    p->dns_verdict = SD_DENY;
+    p->dns_rule = rule;
+    p->txid = 0;
+    p->dns_flags = 0;
+}
+
+/* Does this packet's data sit in pages the sending process can still change? Data sent by
+ * reference (splice or vmsplice, sendfile of a file it can write, MSG_ZEROCOPY, io_uring's
+ * zero-copy send) is judged here from those pages, then waits in a queue (a qdisc, the
+ * device's ring) while the process rewrites them: the resolver would read a query nobody
+ * judged. The kernel marks such an skb in its shared info (SKBFL_SHARED_FRAG, and
+ * SKBFL_ZEROCOPY_ENABLE for user pages). A cgroup_skb context is the kernel's sk_buff; its
+ * address goes through map memory to become a number the program may read from (a
+ * privileged loader: the verifier lets pointers become numbers). Without kernel BTF the
+ * offsets are unknown and nothing is refused (docs/security.md). Fails closed: a read that
+ * fails counts as shared. */
+static __always_inline int sd_skb_byref(struct __sk_buff *skb, struct sd_pkt *pp)
+{
+#if defined(SD_OFF_SKB_HEAD) && defined(SD_OFF_SKB_END) && defined(SD_OFF_SHINFO_FLAGS)
+    pp->skbaddr = (__u64)(long)skb;
+    __u64 a = *(volatile __u64 *)&pp->skbaddr;
+    __u64 head = 0;
+    __u32 end = 0; /* sk_buff_data_t: an offset from head on 64-bit kernels */
+    __u8 flags = 0;
+    if (bpf_probe_read_kernel(&head, sizeof(head), (void *)(a + SD_OFF_SKB_HEAD)) < 0 ||
+        bpf_probe_read_kernel(&end, sizeof(end), (void *)(a + SD_OFF_SKB_END)) < 0 ||
+        bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(head + end + SD_OFF_SHINFO_FLAGS)) < 0)
+        return 1;
+    return (flags & (SD_SKBFL_SHARED_FRAG | SD_SKBFL_ZEROCOPY_ENABLE)) != 0;
+#else
+    return 0;
+#endif
+}
+
 /* A packet to a DNS port: judged as a query, whatever its header says. A query the kernel
  * cannot parse (QR set, another opcode, not exactly one question, a bad name, truncated)
  * is denied when the policy denies any name or defaults to deny. Returns 0 when the
@@ -433,6 +474,10 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
         return 0;
     __u32 off = p->l4 + 8;
     int whole = 1;
+    if (p->byref && p->d.proto != IPPROTO_TCP) {
+        sd_refuse_query(p, SD_RULE_ZEROCOPY);
+        return 1;
+    }
     if (p->d.proto == IPPROTO_TCP) {
         __u8 doff = 0;
         bpf_skb_load_bytes(skb, p->l4 + 12, &doff, 1);
@@ -446,14 +491,11 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
         __u8 len2[2] = {};
         bpf_skb_load_bytes(skb, payload, len2, 2);
         whole = 2 + (((__u32)len2[0] << 8) | len2[1]) == skb->len - payload;
-        if (p->unjudged) {
+        if (p->unjudged || p->byref) {
             /* bytes of a judged stream nobody judged where the resolver does not read a new
-             * message, or urgent data: refused whatever the policy (sd_tcp_streamed) */
-            sd_stat(SD_STAT_DNS_MALFORMED);
-            p->dns_verdict = SD_DENY;
-            p->dns_rule = SD_RULE_MALFORMED;
-            p->txid = 0;
-            p->dns_flags = 0;
+             * message, or urgent data: refused whatever the policy (sd_tcp_streamed); bytes
+             * the process can still change: refused whatever they hold (sd_skb_byref) */
+            sd_refuse_query(p, p->unjudged ? SD_RULE_MALFORMED : SD_RULE_ZEROCOPY);
             return 1;
         }
     }
@@ -585,6 +627,7 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
         int c = sd_tcp_streamed(skb, pp);
         if (c != SD_STREAM_OWNED) {
             pp->unjudged = c == SD_STREAM_UNJUDGED;
+            pp->byref = sd_skb_byref(skb, pp);
             sd_egress_tails.call(skb, SD_ETAIL_QUERY);
             return 0; /* the query parser is missing: nothing to a DNS port leaves unjudged */
         }

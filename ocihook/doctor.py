@@ -80,7 +80,8 @@ def _hooks_d(hooks_dir: Path | None = None) -> Check:
 def _kernel() -> Check:
     rel = platform.release()
     ok = Path("/sys/kernel/btf/vmlinux").exists()
-    return ("kernel", True, f"{rel}" + (", BTF" if ok else ", no BTF"), True)
+    return ("kernel", True, f"{rel}" + (", BTF" if ok else ", no BTF (reports lack the command lines of exited "
+                                        "processes; DNS data sent by reference is not refused: docs/security.md)"), True)
 
 
 def _tool(name: str, required: bool) -> Check:

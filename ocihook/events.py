@@ -139,8 +139,8 @@ def rule_of(compiled: dict, index: int) -> tuple[str, str | None]:
     if index == C["SD_RULE_MALFORMED"]:
         return "malformed-query", "a DNS query the kernel could not parse"
     if index == C["SD_RULE_ZEROCOPY"]:
-        return "zerocopy", ("SO_ZEROCOPY: sending pages the process can change after they were judged "
-                            "(refused in policed cgroups)")
+        return "zerocopy", ("data sent by reference (SO_ZEROCOPY, or DNS data by splice/sendfile): pages the "
+                            "process can change after they were judged (refused in policed cgroups)")
     if 0 <= index < len(compiled.get("rules", ())):
         text, reason = compiled["rules"][index]
         return text, reason

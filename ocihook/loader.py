@@ -187,12 +187,21 @@ BTF_EXE_OFFSETS = {("mm_struct", "exe_file"): "SD_OFF_MM_EXE_FILE", ("file", "f_
 # sk_msg program accounts for the stream it judged and keeps its bytes: bpf/dns_stream.h);
 # optional on its own
 BTF_TCP_OFFSETS = {("tcp_sock", "write_seq"): "SD_OFF_TCP_WRITE_SEQ", ("tcp_sock", "snd_una"): "SD_OFF_TCP_SND_UNA"}
+# whether a packet's data sits in pages the process can still change (sent by reference:
+# splice, sendfile, zero-copy): the sk_buff's shared-info flags (bpf/dns_skb.c sd_skb_byref);
+# optional on its own. Enumerators are (None, name).
+BTF_SKB_OFFSETS = {("sk_buff", "head"): "SD_OFF_SKB_HEAD", ("sk_buff", "end"): "SD_OFF_SKB_END",
+                   ("skb_shared_info", "flags"): "SD_OFF_SHINFO_FLAGS",
+                   (None, "SKBFL_SHARED_FRAG"): "SD_SKBFL_SHARED_FRAG",
+                   (None, "SKBFL_ZEROCOPY_ENABLE"): "SD_SKBFL_ZEROCOPY_ENABLE"}
+BTF_GROUPS = (BTF_OFFSETS, BTF_EXE_OFFSETS, BTF_TCP_OFFSETS, BTF_SKB_OFFSETS)
 
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
-    """Byte offsets of the task/mm fields the programs read, from the running kernel's BTF
-    (bcc compiles against Debian's headers, whose layouts need not match this kernel).
-    Empty when BTF or bpftool is missing: the programs then capture no command lines."""
+    """Byte offsets of the kernel fields the programs read (and the values of the enumerators
+    they test), from the running kernel's BTF (bcc compiles against Debian's headers, whose
+    layouts need not match this kernel). Empty when BTF or bpftool is missing: the programs
+    then capture no command lines (and the rest of BTF_GROUPS is off)."""
     import json  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     try:
@@ -202,8 +211,13 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     except (OSError, subprocess.SubprocessError, ValueError, KeyError):
         return {}
     wanted: dict[str, dict[str, str]] = {}
-    for (struct, member), macro in (*BTF_OFFSETS.items(), *BTF_EXE_OFFSETS.items(), *BTF_TCP_OFFSETS.items()):
-        wanted.setdefault(struct, {})[member] = macro
+    enums: dict[str, str] = {}
+    for group in BTF_GROUPS:
+        for (struct, member), macro in group.items():
+            if struct is None:
+                enums[member] = macro
+            else:
+                wanted.setdefault(struct, {})[member] = macro
     found: dict[str, int] = {}
 
     def walk(t: dict, base: int, members: dict[str, str]) -> None:
@@ -219,8 +233,12 @@ def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
     for t in types.values():
         if t.get("kind") == "STRUCT" and t.get("name") in wanted:
             walk(t, 0, wanted[t["name"]])
+        elif t.get("kind") == "ENUM":
+            for v in t.get("values", ()):
+                if v.get("name") in enums:
+                    found[enums[v["name"]]] = v["val"]
     out: dict[str, int] = {}
-    for group in (BTF_OFFSETS, BTF_EXE_OFFSETS, BTF_TCP_OFFSETS):  # each group is used whole or not at all
+    for group in BTF_GROUPS:  # each group is used whole or not at all
         if all(macro in found for macro in group.values()):
             out.update({macro: found[macro] for macro in group.values()})
     return out

@@ -124,8 +124,9 @@ _KEY_PROBLEMS = {
     "source_routes": "a source route was set or sent (pid {pid} {comm}, hop {dst_ip}): add `source_routes: allow` "
                      "only if the deploy really needs it",
     "serve_dns": "DNS was served from port 53 (pid {pid} {comm}): add `serve_dns: allow` only for a DNS server",
-    "zerocopy": "SO_ZEROCOPY was turned on (pid {pid} {comm}): refused in policed cgroups whatever the policy "
-                "(the sender could change what was judged); the deploy must send without it",
+    "zerocopy": "data was sent by reference (SO_ZEROCOPY, or DNS by splice/sendfile; pid {pid} {comm}): refused "
+                "in policed cgroups whatever the policy (the sender could change what was judged); the deploy "
+                "must send without it",
 }
 
 
