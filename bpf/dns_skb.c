@@ -180,7 +180,7 @@ struct sd_pkt {
     __u16 txid;
     __u8 dns_flags;     /* the DNS header's third byte */
     __u8 parsed;        /* sd_parse_pkt succeeded */
-    __u8 unjudged;      /* TCP data the stream programs never judged, or urgent data: refused */
+    __u8 unjudged;      /* TCP data the stream programs never judged, urgent data, UDP GSO: refused */
     __u8 byref;         /* DNS data in pages the process can still change (sd_skb_byref): refused */
     __u32 dns_name_id;
     __u64 cgid;         /* the policed cgroup (egress: for the tail calls) */
@@ -434,29 +434,34 @@ static __always_inline void sd_refuse_query(struct sd_pkt *p, __u16 rule)
     p->dns_flags = 0;
 }
 
-/* Does this packet's data sit in pages the sending process can still change? Data sent by
- * reference (splice or vmsplice, sendfile of a file it can write, MSG_ZEROCOPY, io_uring's
- * zero-copy send) is judged here from those pages, then waits in a queue (a qdisc, the
- * device's ring) while the process rewrites them: the resolver would read a query nobody
- * judged. The kernel marks such an skb in its shared info (SKBFL_SHARED_FRAG, and
- * SKBFL_ZEROCOPY_ENABLE for user pages). A cgroup_skb context is the kernel's sk_buff; its
- * address goes through map memory to become a number the program may read from (a
- * privileged loader: the verifier lets pointers become numbers). Without kernel BTF the
- * offsets are unknown and nothing is refused (docs/security.md). Fails closed: a read that
- * fails counts as shared. */
+/* Does this packet's data sit where the sending process can still change it after egress
+ * judged it? Data sent by reference (splice or vmsplice, sendfile of a file it can write,
+ * MSG_ZEROCOPY, io_uring's zero-copy send) is judged here from the process's pages, then
+ * waits in a queue (a qdisc, the device's ring) while the process rewrites them: the
+ * resolver would read a query nobody judged. The kernel marks such an skb in its shared
+ * info (SKBFL_SHARED_FRAG, and SKBFL_ZEROCOPY_ENABLE for user pages). A datagram the kernel
+ * fragments after this hook is a chain of skbs (the shared info's frag_list), each with
+ * shared info of its own: such a packet is refused whole (found by an attacker: 40 bytes
+ * of IP options and a small MTU put every byte of a spliced query in the chain). A
+ * cgroup_skb context is the kernel's sk_buff; its address goes through map memory to
+ * become a number the program may read from (a privileged loader: the verifier lets
+ * pointers become numbers). Without kernel BTF the offsets are unknown and nothing is
+ * refused (docs/security.md). Fails closed: a read that fails counts as shared. */
 static __always_inline int sd_skb_byref(struct __sk_buff *skb, struct sd_pkt *pp)
 {
-#if defined(SD_OFF_SKB_HEAD) && defined(SD_OFF_SKB_END) && defined(SD_OFF_SHINFO_FLAGS)
+#if defined(SD_OFF_SKB_HEAD) && defined(SD_OFF_SKB_END) && defined(SD_OFF_SHINFO_FLAGS) && \
+    defined(SD_OFF_SHINFO_FRAG_LIST)
     pp->skbaddr = (__u64)(long)skb;
     __u64 a = *(volatile __u64 *)&pp->skbaddr;
-    __u64 head = 0;
+    __u64 head = 0, chain = 0;
     __u32 end = 0; /* sk_buff_data_t: an offset from head on 64-bit kernels */
     __u8 flags = 0;
     if (bpf_probe_read_kernel(&head, sizeof(head), (void *)(a + SD_OFF_SKB_HEAD)) < 0 ||
         bpf_probe_read_kernel(&end, sizeof(end), (void *)(a + SD_OFF_SKB_END)) < 0 ||
-        bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(head + end + SD_OFF_SHINFO_FLAGS)) < 0)
+        bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(head + end + SD_OFF_SHINFO_FLAGS)) < 0 ||
+        bpf_probe_read_kernel(&chain, sizeof(chain), (void *)(head + end + SD_OFF_SHINFO_FRAG_LIST)) < 0)
         return 1;
-    return (flags & (SD_SKBFL_SHARED_FRAG | SD_SKBFL_ZEROCOPY_ENABLE)) != 0;
+    return chain != 0 || (flags & (SD_SKBFL_SHARED_FRAG | SD_SKBFL_ZEROCOPY_ENABLE)) != 0;
 #else
     return 0;
 #endif
@@ -474,8 +479,9 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
         return 0;
     __u32 off = p->l4 + 8;
     int whole = 1;
-    if (p->byref && p->d.proto != IPPROTO_TCP) {
-        sd_refuse_query(p, SD_RULE_ZEROCOPY);
+    if ((p->unjudged || p->byref) && p->d.proto != IPPROTO_TCP) {
+        /* a UDP GSO send (sd_egress_judge), or data the process can still change */
+        sd_refuse_query(p, p->unjudged ? SD_RULE_MALFORMED : SD_RULE_ZEROCOPY);
         return 1;
     }
     if (p->d.proto == IPPROTO_TCP) {
@@ -627,6 +633,12 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
         int c = sd_tcp_streamed(skb, pp);
         if (c != SD_STREAM_OWNED) {
             pp->unjudged = c == SD_STREAM_UNJUDGED;
+            /* UDP GSO (UDP_SEGMENT, by setsockopt or per message): the kernel cuts this
+             * skb into several datagrams after egress, each a message of its own for the
+             * resolver, and only the first would be parsed (found by an attacker). TCP
+             * segmentation keeps the byte stream the resolver reads as it was judged. */
+            if (pp->d.proto != IPPROTO_TCP && skb->gso_size)
+                pp->unjudged = 1;
             pp->byref = sd_skb_byref(skb, pp);
             sd_egress_tails.call(skb, SD_ETAIL_QUERY);
             return 0; /* the query parser is missing: nothing to a DNS port leaves unjudged */

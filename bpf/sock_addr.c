@@ -221,7 +221,7 @@ int sd_bind6(struct bpf_sock_addr *ctx)
 #define SD_SOL_IPV6 41
 #define SD_IP_OPTIONS 4
 #define SD_IPV6_2292PKTOPTIONS 6
-#define SD_IPV6_2292RTHDR 24
+#define SD_IPV6_2292RTHDR 5
 #define SD_IPV6_RTHDR 57
 
 /* setsockopt(2) of a source route: IP_OPTIONS with LSRR/SSRR, IPV6_RTHDR (any routing

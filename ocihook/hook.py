@@ -279,13 +279,25 @@ def start(state: dict, ann: dict[str, str], log=None, creator: dict | None = Non
     record = {"id": cid, "pid": pid, "compiled": compiled, "cgroup": str(path), "cgid": cgroup.cgroup_id(path),
               "started": time.time(), "attachment": None, "extra": extra}
     record = register_and_apply(record, log)
-    if compiled.get("mode") != "audit":  # refused UDP queries answered REFUSED at once (dig & co.)
+    if may_refuse_queries(compiled):  # refused UDP queries answered REFUSED at once (dig & co.)
         from . import refuser  # noqa: PLC0415
         try:
             refuser.spawn(record["attachment"]["pin_dir"], record["cgid"], pid)
         except OSError:
             pass  # only the fast failure of those clients is lost, not the policy
     return record
+
+
+def may_refuse_queries(compiled: dict) -> bool:
+    """Whether egress can refuse a real client's DNS query under this policy, so that the
+    container needs a refuser (ocihook/refuser.py): in enforce mode, a policy whose default
+    is deny (unparseable queries, `dns.unlisted: deny`) or that denies a name, or that names
+    its resolvers. Under any other policy every query is let through by name, and a query to
+    a denied resolver fails at connect()/sendto() already (a container's sockets are all
+    made under the policy): no process is forked for nothing."""
+    if compiled.get("mode") == "audit":
+        return False
+    return bool(compiled.get("default") == "deny" or compiled.get("name_denies") or compiled.get("has_resolvers"))
 
 
 def register_and_apply(record: dict, log=None) -> dict:

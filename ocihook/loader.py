@@ -192,6 +192,7 @@ BTF_TCP_OFFSETS = {("tcp_sock", "write_seq"): "SD_OFF_TCP_WRITE_SEQ", ("tcp_sock
 # optional on its own. Enumerators are (None, name).
 BTF_SKB_OFFSETS = {("sk_buff", "head"): "SD_OFF_SKB_HEAD", ("sk_buff", "end"): "SD_OFF_SKB_END",
                    ("skb_shared_info", "flags"): "SD_OFF_SHINFO_FLAGS",
+                   ("skb_shared_info", "frag_list"): "SD_OFF_SHINFO_FRAG_LIST",
                    (None, "SKBFL_SHARED_FRAG"): "SD_SKBFL_SHARED_FRAG",
                    (None, "SKBFL_ZEROCOPY_ENABLE"): "SD_SKBFL_ZEROCOPY_ENABLE"}
 BTF_GROUPS = (BTF_OFFSETS, BTF_EXE_OFFSETS, BTF_TCP_OFFSETS, BTF_SKB_OFFSETS)

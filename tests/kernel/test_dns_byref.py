@@ -7,6 +7,7 @@ whatever it holds (bpf/dns_skb.c sd_skb_byref), reported as rule `zerocopy`.
 The queue here is a slow tbf on the loopback of a network namespace the test creates."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as _errno
 import mmap
@@ -150,32 +151,53 @@ def _tcp_sendfile(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
     return out
 
 
-@pytest.fixture
-def slow_netns():
-    subprocess.run(["ip", "netns", "del", NS], stderr=subprocess.DEVNULL)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
+@contextlib.contextmanager
+def _resolver_netns(name: str, slow: bool, mtu: int | None = None, v6: bool = False):
+    """A network namespace of the test's own: lo up (mtu), a resolver on RES (UDP, and TCP:
+    StreamServer) and on ::1 (UDP, v6), a slow tbf on lo when slow: 1000 bytes/s after a
+    100-byte burst, so a packet behind the first waits ~0.1 s after egress judged it.
+    Yields (zone, tcp server)."""
+    subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    servers = []
     try:
-        subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True)
-        # 1000 bytes/s after a 100-byte burst: a packet behind the first waits ~0.1 s, after
-        # egress judged it
-        subprocess.run(["tc", "-n", NS, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit", "burst", "100",
-                       "limit", "20000"], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up", *(["mtu", str(mtu)] if mtu else [])],
+                       check=True)
+        if slow:
+            subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit", "burst",
+                            "100", "limit", "20000"], check=True)
         zone = Zone(ZONE)
         me = os.open("/proc/self/ns/net", os.O_RDONLY)
         try:
-            _setns_net(f"/run/netns/{NS}")
+            _setns_net(f"/run/netns/{name}")
             quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
-            udp = DNSServer(zone, address=RES, port=53, logger=quiet)
-            udp.start_thread()
+            for addr in (RES, "::1") if v6 else (RES,):
+                deadline = time.monotonic() + 5
+                while True:   # ::1 is usable once duplicate-address detection let it be
+                    try:
+                        servers.append(DNSServer(zone, address=addr, port=53, logger=quiet))
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+                servers[-1].start_thread()
             tcp = StreamServer(zone, RES)
         finally:
             ctypes.CDLL(None, use_errno=True).setns(me, 0x40000000)
             os.close(me)
         yield zone, tcp
-        udp.stop()
+        for srv in servers:
+            srv.stop()
         tcp.stop()
     finally:
-        subprocess.run(["ip", "netns", "del", NS])
+        subprocess.run(["ip", "netns", "del", name])
+
+
+@pytest.fixture
+def slow_netns():
+    with _resolver_netns(NS, slow=True) as out:
+        yield out
 
 
 def _seen(zone: Zone, tcp: StreamServer) -> list[str]:
@@ -206,3 +228,113 @@ def test_dns_pages_rewritten_after_egress_judged_them_never_reach_the_resolver(p
             assert seen.count("pkgs.internal") == 2, (res, seen)   # the copied queries before it
     verdict = "would-block" if mode == "audit" else "blocked"
     assert [r for r in recs if r["verdict"] == verdict and r["rule"] == "zerocopy"], (res, seen, recs)
+
+
+def _fraglist(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
+    """Found by an attacker: a datagram the kernel fragments is a chain of skbs (frag_list),
+    each with shared info of its own. 40 bytes of IP options (NOPs: no source route, no
+    privilege) and an MTU of 68 leave the head skb only the UDP header: every byte of the
+    vmspliced query sits in the chain, whose shared flags the check did not read. The
+    rewrite keeps the UDP checksum (computed at splice time) by choosing the txid."""
+    _setns_net(f"/run/netns/{ns}")
+    os.setgid(65534)
+    os.setuid(65534)                                       # nothing below needs privilege
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((res, 53))
+    _fill_queue(s)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"\x01" * 39 + b"\x00")
+    buf = mmap.mmap(-1, 4096)
+    buf[:len(judged)] = judged
+    iov = Iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), len(judged))
+    r, w = os.pipe()
+    if libc.vmsplice(w, ctypes.byref(iov), 1, 0) != len(judged):
+        raise OSError(ctypes.get_errno(), "vmsplice")
+    out = {}
+    try:
+        out["send"] = os.splice(r, s.fileno(), len(judged))
+    except OSError as e:
+        out["send"] = _err(e)
+    buf[:len(sent)] = sent                                 # while the fragments wait in tbf
+    time.sleep(1.0)
+    s.close()
+    del iov
+    return out
+
+
+def _ocsum(b: bytes) -> int:
+    b += b"\0" * (len(b) % 2)
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return s
+
+
+def _same_sum(judged: bytes, name: str) -> bytes:
+    """A query for name with judged's length and ones' complement sum (its txid chosen)."""
+    s0 = _q(name, 0)
+    out = struct.pack("!H", (_ocsum(judged) - _ocsum(s0)) % 0xffff) + s0[2:]
+    assert len(out) == len(judged) and _ocsum(out) == _ocsum(judged)
+    return out
+
+
+def test_a_spliced_query_in_a_fragmented_datagram_never_reaches_the_resolver(policed):
+    with _resolver_netns(NS + "f", slow=True, mtu=68) as (zone, tcp):
+        p = policed(POLICY)
+        judged = _q("pkgs.internal", 0x4242)
+        res = p.run(_fraglist, NS + "f", RES, judged, _same_sum(judged, "auth.internal"))
+        seen = _seen(zone, tcp)
+        recs = p.close()
+    assert "auth.internal" not in seen, (res, seen, recs)
+    assert res["send"] == "EPERM", res
+    assert [r for r in recs if r["verdict"] == "blocked" and r["rule"] == "zerocopy"], (res, seen, recs)
+
+
+SOL_UDP, UDP_SEGMENT = 17, 103
+
+
+def _gso_send(ns: str, res: str, how: str) -> dict:
+    """Found by an attacker: one UDP GSO send of two queries (UDP_SEGMENT of one query's
+    length) is one skb at egress, cut into two datagrams after it; the second was never
+    judged. As nobody: no capability needed."""
+    _setns_net(f"/run/netns/{ns}")
+    os.setgid(65534)
+    os.setuid(65534)
+    a, b = _q("pkgs.internal", 0x1111), _q("auth.internal", 0x2222)   # the same length
+    s = socket.socket(socket.AF_INET6 if ":" in res else socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((res, 53))
+    out = {}
+    try:
+        if how == "setsockopt":
+            s.setsockopt(SOL_UDP, UDP_SEGMENT, len(a))
+            out["sent"] = s.send(a + b)
+        else:                                              # per message: no setsockopt at all
+            out["sent"] = s.sendmsg([a + b], [(SOL_UDP, UDP_SEGMENT, struct.pack("H", len(a)))])
+    except OSError as e:
+        out["sent"] = _err(e)
+    s.settimeout(0.5)
+    answers = []
+    try:
+        while len(answers) < 2:
+            answers.append(s.recv(4096)[:2].hex())
+    except OSError:
+        pass
+    s.close()
+    out["answers"] = answers
+    return out
+
+
+@pytest.mark.parametrize("how", ["setsockopt", "cmsg"])
+@pytest.mark.parametrize("res", [RES, "::1"])
+def test_a_udp_gso_send_of_several_queries_is_refused_whole(policed, res, how):
+    with _resolver_netns(NS + "g", slow=False, v6=True) as (zone, tcp):
+        p = policed(POLICY.replace(f'"{RES}:53"', f'"{RES}:53"\n  - "[::1]:53"'))
+        out = p.run(_gso_send, NS + "g", res, how)
+        seen = _seen(zone, tcp)
+        recs = p.close()
+    assert "auth.internal" not in seen and "pkgs.internal" not in seen, (out, seen, recs)
+    assert out["sent"] == "EPERM", out
+    assert [r for r in recs if r["verdict"] == "blocked" and r["rule"] == "malformed-query"], (out, recs)

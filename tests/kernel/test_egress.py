@@ -12,7 +12,7 @@ import pytest
 from netns import err, lsrr, own_netns, rthdr2, srh, unpoliced
 
 SOL_IP, IP_OPTIONS, IP_RETOPTS = 0, 4, 7
-SOL_IPV6, IPV6_RTHDR, IPV6_2292RTHDR, IPV6_2292PKTOPTIONS, IPV6_HOPOPTS = 41, 57, 24, 6, 54
+SOL_IPV6, IPV6_RTHDR, IPV6_2292RTHDR, IPV6_2292PKTOPTIONS, IPV6_HOPOPTS = 41, 57, 5, 6, 54
 
 V4 = """
 version: 1
@@ -53,12 +53,18 @@ def _v6_rthdr_setsockopt(kind, opt):
         return err(lambda: s.setsockopt(SOL_IPV6, opt, srh(["::1", "fd00::2"])) or "set")
 
 
+def _v6_mtu_is_fine():
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        return err(lambda: s.setsockopt(SOL_IPV6, 24, 1280) or "set")     # IPV6_MTU
+
+
 def test_setsockopt_source_routes_are_refused(policed):
     p = policed(V4)
     assert p.run(_v4_setsockopt, socket.SOCK_DGRAM) == "EPERM"
     assert p.run(_v4_setsockopt, socket.SOCK_STREAM) == "EPERM"
     assert p.run(_v4_ssrr_setsockopt) == "EPERM"
     assert p.run(_v4_timestamp_option_is_fine) == "set"     # options without a route are not refused
+    assert p.run(_v6_mtu_is_fine) == "set"                  # 24, once taken for IPV6_2292RTHDR (5)
     assert p.run(_v6_rthdr_setsockopt, socket.SOCK_DGRAM, IPV6_RTHDR) == "EPERM"
     assert p.run(_v6_rthdr_setsockopt, socket.SOCK_STREAM, IPV6_RTHDR) == "EPERM"
     assert p.run(_v6_rthdr_setsockopt, socket.SOCK_DGRAM, IPV6_2292RTHDR) == "EPERM"

@@ -5,8 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from pathlib import Path
+
+import pytest
 
 from helpers import plain_bundle
 from ocihook import cgroup
@@ -116,3 +119,48 @@ def test_launcher_recompiles_missing_programs_with_a_cached_policy(tmp_path, mon
         child.wait()
         cgroup.remove(path)
         sh.rmtree(root, ignore_errors=True)
+
+
+def _refusers(cgid: int) -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"ocihook.refuser" in a for a in argv) and str(cgid).encode() in argv:
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.parametrize("policy, refuses", [
+    (POLICY, False),                                                                   # CIDR deny, default allow
+    ('{"version": 1, "name": "n", "default": "allow", "deny": ["auth.internal"]}', True),  # a name denied
+    ('{"version": 1, "name": "d", "default": "deny", "allow": ["127.0.0.1"]}', True),      # default deny
+    ('{"version": 1, "name": "r", "default": "allow", "dns": {"resolvers": ["127.0.0.53"]}}', True),
+    ('{"version": 1, "name": "a", "mode": "audit", "default": "deny"}', False),           # audit refuses nothing
+])
+def test_a_container_gets_a_refuser_only_when_its_policy_can_refuse_a_query(pins, policy, refuses):
+    """The prestart forks a refuser (ocihook/refuser.py) per container only under a policy
+    whose egress can refuse a client's DNS query by name; under any other, nothing waits
+    for the container's process."""
+    from ocihook import refuser
+    path = Path(cgroup.create(f"hookref-{os.getpid()}"))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    cid = f"ref-{os.getpid()}"
+    try:
+        (path / "cgroup.procs").write_text(str(child.pid))
+        st = {"id": cid, "pid": child.pid, "status": "creating", "bundle": BUNDLE,
+              "annotations": {"safedeploy.policy": policy}}
+        res = _hook(st, "prestart")
+        assert res.returncode == 0, res.stderr
+        cgid = cgroup.cgroup_id(path)
+        deadline = time.monotonic() + 10 * refuser.START_S
+        while not _refusers(cgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert bool(_refusers(cgid)) == refuses
+    finally:
+        child.kill()
+        child.wait()
+        _hook({"id": cid, "status": "stopped"}, "poststop")
+        cgroup.remove(path)
