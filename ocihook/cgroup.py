@@ -48,10 +48,12 @@ def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
     return list(_each_mount(mountinfo))
 
 
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
-    """The first cgroup2 mount point of this mount namespace (read up to it, no further)."""
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo", mounts=None) -> str:
+    """The first cgroup2 mount point of this mount namespace (read up to it, no further), or
+    of mounts (a list from mounts(), read once by a caller that needs both)."""
     try:
-        found = next((point for point, fstype in _each_mount(mountinfo) if fstype == "cgroup2"), None)
+        found = next((point for point, fstype in (mounts if mounts is not None else _each_mount(mountinfo))
+                      if fstype == "cgroup2"), None)
     except OSError as e:
         raise CgroupError(f"cannot read {mountinfo}: {e.strerror}") from None
     if found is None:

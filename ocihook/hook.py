@@ -227,10 +227,10 @@ def state_records() -> dict[int, dict]:
 
 
 # -- stages -----------------------------------------------------------------------------
-def container_cgroup(pid: int) -> str:
+def container_cgroup(pid: int, mount: str | None = None) -> str:
     """The container's own cgroup v2; never the root or the runtime's own cgroup (that
-    would police the host)."""
-    mount = cgroup.cgroup2_mount()
+    would police the host). mount: the cgroup2 mount point, when the caller has it."""
+    mount = mount or cgroup.cgroup2_mount()
     path = cgroup.cgroup_of_pid(pid, mount=mount)
     if path == mount:
         raise HookError(f"container process {pid} is in the root cgroup v2: no cgroup of its own to police")
@@ -266,19 +266,24 @@ def start(state: dict, ann: dict[str, str], log=None, creator: dict | None = Non
         compiled = theirs
     else:
         compiled = resolve_policy(ann[ANNOTATION], ann.get(MODE_ANNOTATION))
+    try:  # mountinfo read once: the privileges check, the container's cgroup and the apply
+        host = cgroup.mounts()
+    except OSError as e:
+        raise HookError(f"cannot read /proc/self/mountinfo: {e.strerror}") from None
+    mount = cgroup.cgroup2_mount(mounts=host)
     try:
-        allowed = privileges.judge(privileges.read_config(state.get("bundle")), compiled, cid)
+        allowed = privileges.judge(privileges.read_config(state.get("bundle")), compiled, cid, host)
     except privileges.Refused as e:
         raise HookError(str(e)) from None
     if creator is not None and creator["nested"]:
         return None  # inside the policed cgroup already: its programs and report cover it
-    path = container_cgroup(pid)
+    path = container_cgroup(pid, mount)
     if read_state_file(cid) is not None:
         raise HookError(f"container {cid} is already policed (state file {state_path(cid)} exists)")
     extra = dict(allowed, parent=creator["id"]) if creator is not None else allowed
     record = {"id": cid, "pid": pid, "compiled": compiled, "cgroup": str(path), "cgid": cgroup.cgroup_id(path),
               "started": time.time(), "attachment": None, "extra": extra}
-    record = register_and_apply(record, log)
+    record = register_and_apply(record, log, mount)
     if may_refuse_queries(compiled):  # refused UDP queries answered REFUSED at once (dig & co.)
         from . import refuser  # noqa: PLC0415
         try:
@@ -300,7 +305,7 @@ def may_refuse_queries(compiled: dict) -> bool:
     return bool(compiled.get("default") == "deny" or compiled.get("name_denies") or compiled.get("has_resolvers"))
 
 
-def register_and_apply(record: dict, log=None) -> dict:
+def register_and_apply(record: dict, log=None, mount: str | None = None) -> dict:
     """State file first, naming the attachment about to be made (a crash from here on leaves
     something gc can clean: releasing what was not attached yet is harmless), then the
     policy, under the lock gc takes before it looks for map entries nobody owns."""
@@ -315,7 +320,7 @@ def register_and_apply(record: dict, log=None) -> dict:
             os.makedirs(os.path.dirname(link), exist_ok=True)
             _unlink(link)
             os.symlink(os.path.join("..", f"{cid}.json"), link)
-            session.apply(record["cgroup"], record["compiled"], log, pins=pins)
+            session.apply(record["cgroup"], record["compiled"], log, pins=pins, mount=mount)
         except BaseException:
             _unlink(link)
             _unlink(state_path(cid))

@@ -138,7 +138,11 @@ def _pin_names() -> list[str]:
 
 
 def is_pinned(path) -> bool:
-    return all(os.path.exists(os.path.join(path, name)) for name in _pin_names())
+    try:
+        have = set(os.listdir(path))  # one call, not a stat per pin (the warm path asks every start)
+    except OSError:
+        return False
+    return have.issuperset(_pin_names())
 
 
 def _bpffs_mounted(path) -> bool:

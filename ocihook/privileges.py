@@ -53,16 +53,20 @@ def host_cgroupns(cfg: dict) -> bool:
     return True
 
 
+_FS_TYPES = ("cgroup", "cgroup2", "bpf")
+
+
 def _fs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
     """(mount point, fs type) of every cgroup, cgroup2 and bpf filesystem here."""
-    return [(point, fstype) for point, fstype in cgroup.mounts(mountinfo) if fstype in ("cgroup", "cgroup2", "bpf")]
+    return [(point, fstype) for point, fstype in cgroup.mounts(mountinfo) if fstype in _FS_TYPES]
 
 
 def risky_mounts(cfg: dict, host_mounts=None) -> list[str]:
     """Why each risky mount is risky: a writable cgroup filesystem (a process writes its
     pid into any cgroup.procs it can reach), or any view of a bpf filesystem (pinned
-    programs are detached by file permission alone)."""
-    host = _fs_mounts() if host_mounts is None else host_mounts
+    programs are detached by file permission alone). host_mounts: cgroup.mounts() of the
+    host, when the caller read them already."""
+    host = _fs_mounts() if host_mounts is None else [(p, t) for p, t in host_mounts if t in _FS_TYPES]
     out = []
     mounts = cfg.get("mounts")
     for m in mounts if isinstance(mounts, list) else ():
@@ -95,7 +99,7 @@ def risky_mounts(cfg: dict, host_mounts=None) -> list[str]:
     return out
 
 
-def judge(cfg: dict, compiled: dict, cid: str) -> dict:
+def judge(cfg: dict, compiled: dict, cid: str, host_mounts=None) -> dict:
     """Refuse (raise Refused naming the first problem) unless the policy allows it; else
     what was allowed, for the state record and the report's summary line."""
     have = capabilities_of(cfg)
@@ -116,7 +120,7 @@ def judge(cfg: dict, compiled: dict, cid: str) -> dict:
                 fix = f"capabilities: [{cap[4:]}]"
             raise Refused(f"container {cid} {what}: refused, {cap} {caps.DANGEROUS[cap]}; policy {name!r} "
                           f"allows it only with '{fix}' (docs/security.md)")
-        risky = risky_mounts(cfg)
+        risky = risky_mounts(cfg, host_mounts)
         if risky:
             raise Refused(f"container {cid} {risky[0]}: refused, it could leave its cgroup or detach the "
                           f"programs; policy {name!r} allows it only with 'privileged: true' (docs/security.md)")

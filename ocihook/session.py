@@ -25,11 +25,13 @@ class Attachment:
         return cls(d["cgroup"], int(d["cgid"]), d["pin_dir"])
 
 
-def apply(cgroup_path, compiled: dict, log=None, pins=None) -> Attachment:
+def apply(cgroup_path, compiled: dict, log=None, pins=None, mount: str | None = None) -> Attachment:
     """Load a compiled policy (compiler.compile_policy) for cgroup_path and attach the shared
-    programs (pinned at pins, by default those of loader.ensure_programs) to it."""
+    programs (pinned at pins, by default those of loader.ensure_programs) to it. mount: the
+    cgroup2 mount point, when the caller has it already."""
     cgroup_path = os.fspath(cgroup_path)
-    depth = len([p for p in os.path.relpath(cgroup_path, cgroup.cgroup2_mount()).split("/") if p not in ("", ".")])
+    mount = mount or cgroup.cgroup2_mount()
+    depth = len([p for p in os.path.relpath(cgroup_path, mount).split("/") if p not in ("", ".")])
     if depth >= SD_MAX_DEPTH:
         raise cgroup.CgroupError(f"cgroup {cgroup_path} is {depth} levels deep: the programs look "
                                  f"{SD_MAX_DEPTH - 1} levels down at most; refusing to leave it unpoliced")
