@@ -225,6 +225,7 @@ struct sd_event_val {
  * ignore a failed send (dig, host, nslookup wait 10-15 s for an answer) then fail fast.
  * Addresses as in sd_dest (IPv4 v4-mapped); ports and id in host order. */
 #define SD_REFUSALS 64      /* queued per cgroup; the oldest goes when it is full */
+#define SD_REFUSAL_Q 260    /* a question: its name (at most 255 bytes on the wire), type and class */
 struct sd_refusal {
     __u32 client[4];    /* the query's source */
     __u32 resolver[4];  /* its destination */
@@ -233,6 +234,9 @@ struct sd_refusal {
     __u16 txid;
     __u8 flags;         /* the query's third header byte: opcode and RD, copied to the answer */
     __u8 family;        /* 4 or 6 */
+    __u16 qlen;         /* bytes of q in use; 0: no question (the answer has none either) */
+    __u8 q[SD_REFUSAL_Q]; /* the question, as the answer repeats it (glibc matches it) */
+    __u8 pad[2];
 };
 
 /* live: blocked and would-block decisions as they happen, for `safedeploy watch` */

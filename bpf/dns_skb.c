@@ -535,23 +535,26 @@ static __always_inline void sd_queue_refusal(struct __sk_buff *skb, struct sd_cg
 {
     __u64 tables = pol->tables;
     void *q = cg_refusals.lookup(&tables);
-    if (!q)
+    __u32 slot = SD_SCRATCH_EGRESS;
+    struct sd_scratch *s = scratch.lookup(&slot);
+    if (!q || !s)
         return;
-    struct sd_refusal r = {};
-    __builtin_memcpy(r.resolver, p->d.addr, sizeof(r.resolver));
+    struct sd_refusal *r = &s->ref; /* in map memory: a question does not fit the stack */
+    __builtin_memset(r, 0, sizeof(*r));
+    __builtin_memcpy(r->resolver, p->d.addr, sizeof(r->resolver));
     if (p->d.family == 4) {
-        r.client[2] = bpf_htonl(0xffff);
-        if (bpf_skb_load_bytes(skb, 12, &r.client[3], 4) < 0) /* iphdr.saddr */
+        r->client[2] = bpf_htonl(0xffff);
+        if (bpf_skb_load_bytes(skb, 12, &r->client[3], 4) < 0) /* iphdr.saddr */
             return;
-    } else if (bpf_skb_load_bytes(skb, 8, r.client, 16) < 0) { /* ipv6hdr.saddr */
+    } else if (bpf_skb_load_bytes(skb, 8, r->client, 16) < 0) { /* ipv6hdr.saddr */
         return;
     }
-    r.cport = p->sport;
-    r.rport = p->d.port;
-    r.txid = p->txid;
-    r.flags = p->dns_flags;
-    r.family = p->d.family;
-    bpf_map_push_elem(q, &r, BPF_EXIST);
+    r->cport = p->sport;
+    r->rport = p->d.port;
+    r->txid = p->txid;
+    r->flags = p->dns_flags;
+    r->family = p->d.family;
+    bpf_map_push_elem(q, r, BPF_EXIST);
 }
 
 /* The full judgement of a packet that did not take the fast path, on the parse results in
@@ -722,6 +725,7 @@ static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, __u
     s->qverdict = (s->found && s->qv_verdict == SD_DENY) ? SD_DENY : SD_ALLOW;
     s->qrule = s->found ? s->qv_rule : SD_RULE_DEFAULT;
     s->aoff = SD_DNS_HDR + wire_len + 4;
+    s->qend = s->aoff;
     s->naddr = 0;
     s->owner = 0;
     s->mixed = 0;
@@ -812,6 +816,23 @@ int sd_dns_ingress(struct __sk_buff *skb)
         return 1;
     if (off >= skb->len || !sd_mb_fill(skb, mb, off, skb->len - off))
         return 1;
+    s->l_drop = 0;
+    if (d.proto == IPPROTO_UDP) { /* who to answer REFUSED if the answer is dropped */
+        __builtin_memset(&s->ref, 0, sizeof(s->ref));
+        if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+            s->ref.client[2] = bpf_htonl(0xffff);
+            if (bpf_skb_load_bytes(skb, 16, &s->ref.client[3], 4) < 0) /* iphdr.daddr */
+                return 1;
+            s->ref.family = 4;
+        } else {
+            if (bpf_skb_load_bytes(skb, 24, s->ref.client, 16) < 0) /* ipv6hdr.daddr */
+                return 1;
+            s->ref.family = 6;
+        }
+        __builtin_memcpy(s->ref.resolver, d.addr, sizeof(s->ref.resolver));
+        s->ref.cport = p->sport;
+        s->ref.rport = d.port;
+    }
     s->tc = 0;
     s->rx_cuts = 0;
     s->rx = 0;
@@ -876,6 +897,7 @@ static __always_inline int sd_learn_answer(struct sd_msgbuf *mb, struct sd_scrat
 {
     __u64 cgid = s->cgid;
     __u64 tables = s->tables;
+    s->l_drop = 0;
     if (s->cut)
         sd_record_cut(s, s->name_id);
     if (s->mixed)
@@ -898,6 +920,45 @@ static __always_inline int sd_learn_answer(struct sd_msgbuf *mb, struct sd_scrat
     s->l_verdict = verdict;
     s->l_rule = rule;
     s->l_target = target_id;
+    /* a UDP answer whose chain ends in a denied name fails the lookup as the denied name's own
+     * would: dropped, its client answered REFUSED (sd_block_answer). Over TCP the answer is
+     * part of a stream: it goes on, its addresses learned as denied. */
+    s->l_drop = target_id && !s->rx && s->proto == IPPROTO_UDP;
+    return 1;
+}
+
+/* A UDP answer dropped (s->l_drop): recorded (the queried name and the denied chain end);
+ * in enforce mode its client is answered REFUSED in the resolver's name by the refuser
+ * (sd_queue_refusal's queue, with the question, which glibc wants repeated); in audit mode
+ * it goes on, recorded as would-block. 1: drop it. */
+static __always_inline int sd_block_answer(struct sd_msgbuf *mb, struct sd_scratch *s)
+{
+    struct sd_cgroup *pol = sd_cgroup_of(s->cgid);
+    int audit = !pol || pol->mode == SD_MODE_AUDIT;
+    struct sd_dest d = {};
+    __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
+    d.port = SD_DNS_PORT;
+    d.proto = s->proto;
+    d.family = s->family;
+    struct sd_why why = {};
+    why.rule = s->l_rule;
+    why.name_id = s->name_id;
+    why.target_id = s->l_target;
+    sd_record(s->cgid, s->tables, &d, &why, audit ? SD_EV_WOULD_BLOCK : SD_EV_BLOCKED, SD_KIND_DNS);
+    if (audit)
+        return 0;
+    __u64 tables = s->tables;
+    void *q = cg_refusals.lookup(&tables);
+    __u8 hdr[3];
+    if (q && sd_mb_load(mb, 0, hdr, sizeof(hdr)) == 0) {
+        s->ref.txid = ((__u16)hdr[0] << 8) | hdr[1];
+        s->ref.flags = hdr[2];
+        __u32 qlen = s->qend - SD_DNS_HDR;
+        s->ref.qlen = qlen <= SD_REFUSAL_Q ? qlen : 0;
+        _Static_assert(SD_DNS_HDR + SD_REFUSAL_Q <= 2 * SD_MSGBUF, "the question's copy stays in the buffer");
+        if (bpf_probe_read_kernel(s->ref.q, SD_REFUSAL_Q, &mb->b[SD_DNS_HDR]) == 0)
+            bpf_map_push_elem(q, &s->ref, BPF_EXIST);
+    }
     return 1;
 }
 
@@ -938,8 +999,11 @@ int sd_dns_learn(struct __sk_buff *skb)
     if (!s || !mb)
         return 1;
     if (sd_learn_answer(mb, s)) {
+        if (s->l_drop)
+            s->l_drop = sd_block_answer(mb, s);
         s->l_next = 0;
         sd_tail(skb, s, SD_TAIL_STORE); /* returns only when sd_dns_store is missing */
+        return !s->l_drop;
     }
     if (s->rx && s->tc < SD_TAIL_BUDGET)
         sd_tail(skb, s, SD_TAIL_RX); /* the budget was kept for it (sd_rx_walk) */
@@ -960,5 +1024,5 @@ int sd_dns_store(struct __sk_buff *skb)
     }
     if (s->rx && s->tc < SD_TAIL_BUDGET)
         sd_tail(skb, s, SD_TAIL_RX); /* the budget was kept for it (sd_rx_walk) */
-    return 1;
+    return !s->l_drop; /* the last program of the walk decides the packet's fate */
 }

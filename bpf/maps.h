@@ -96,7 +96,12 @@ struct sd_scratch {
     volatile __u32 rx_cuts;       /* TCP answer messages cut in this segment, not recorded yet */
     volatile __u16 l_rule;
     volatile __u8 l_verdict;
-    __u8 pad3;
+    volatile __u8 l_drop;         /* a UDP answer whose CNAME chain ends in a denied name: dropped */
+    volatile __u32 qend;          /* where the answer's question ends (its records start) */
+    __u32 pad4;
+    /* a UDP answer's addresses and ports (sd_dns_ingress), for the refusal that answers its
+     * client REFUSED in the resolver's name when the answer is dropped */
+    struct sd_refusal ref;
 };
 /* one slot per program kind: an ingress program may interrupt an egress one on a CPU,
  * and either may interrupt a connect */

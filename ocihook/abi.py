@@ -62,6 +62,7 @@ SD_NTAILS = 5
 SD_MSGBUF = 8192
 SD_EVF_EXPIRED = 1
 SD_REFUSALS = 64
+SD_REFUSAL_Q = 260
 SD_CMDLINE = 256
 SD_CHAIN = 4
 SD_EXE = 256
@@ -231,6 +232,9 @@ class Refusal(cdata.Structure):
         ("txid", cdata.c_uint16),
         ("flags", cdata.c_uint8),
         ("family", cdata.c_uint8),
+        ("qlen", cdata.c_uint16),
+        ("q", cdata.c_uint8 * 260),
+        ("pad", cdata.c_uint8 * 2),
     ]
 
 
@@ -289,7 +293,7 @@ LAYOUT = {
     "sd_pending_key": (24, {'addr': (0, 16), 'txid': (16, 2), 'pad': (18, 2), 'name_id': (20, 4)}),
     "sd_event_key": (48, {'pstart': (0, 8), 'addr': (8, 16), 'pid': (24, 4), 'port': (28, 2), 'rule': (30, 2), 'verdict': (32, 1), 'kind': (33, 1), 'proto': (34, 1), 'family': (35, 1), 'name_id': (36, 4), 'target_id': (40, 4), 'flags': (44, 1), 'pad': (45, 3)}),
     "sd_event_val": (48, {'count': (0, 8), 'first_ns': (8, 8), 'last_ns': (16, 8), 'uid': (24, 4), 'pad': (28, 4), 'comm': (32, 16)}),
-    "sd_refusal": (40, {'client': (0, 16), 'resolver': (16, 16), 'cport': (32, 2), 'rport': (34, 2), 'txid': (36, 2), 'flags': (38, 1), 'family': (39, 1)}),
+    "sd_refusal": (304, {'client': (0, 16), 'resolver': (16, 16), 'cport': (32, 2), 'rport': (34, 2), 'txid': (36, 2), 'flags': (38, 1), 'family': (39, 1), 'qlen': (40, 2), 'q': (42, 260), 'pad': (302, 2)}),
     "sd_live": (80, {'cgid': (0, 8), 'k': (8, 48), 'ts_ns': (56, 8), 'comm': (64, 16)}),
     "sd_proc_key": (16, {'pstart': (0, 8), 'tgid': (8, 4), 'pad': (12, 4)}),
     "sd_ancestor": (20, {'pid': (0, 4), 'comm': (4, 16)}),

@@ -49,10 +49,14 @@ def _checksum(data: bytes) -> int:
 
 def answer(r: Refusal) -> tuple[int, str, bytes]:
     """(address family, destination address, the whole IP packet) answering refusal r: a DNS
-    header with the query's id, QR, its opcode and RD, RA, RCODE REFUSED, and no sections."""
+    header with the query's id, QR, its opcode and RD, RA, RCODE REFUSED, and no records; the
+    question repeated when the refusal carries it (a dropped answer: glibc ignores an answer
+    whose question is not its query's)."""
     import socket  # noqa: PLC0415
     import struct  # noqa: PLC0415
-    dns = struct.pack("!HBBHHHH", r.txid, 0x80 | (r.flags & 0x79), 0x80 | RCODE_REFUSED, 0, 0, 0, 0)
+    question = bytes(r.q[:r.qlen]) if 0 < r.qlen <= len(r.q) else b""  # an answer the kernel dropped
+    dns = struct.pack("!HBBHHHH", r.txid, 0x80 | (r.flags & 0x79), 0x80 | RCODE_REFUSED, 1 if question else 0,
+                      0, 0, 0) + question
     ulen = 8 + len(dns)
     if r.family == 4:
         src, dst = bytes(r.resolver)[12:], bytes(r.client)[12:]

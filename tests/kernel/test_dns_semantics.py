@@ -116,11 +116,28 @@ def test_service_lookups_are_judged_as_the_name(policed, dns):
 
 
 def test_a_cname_to_a_denied_name_names_the_target_in_the_report(policed, dns, listener):
+    """The answer (UDP) is dropped: the lookup fails as the denied name's own would (here no
+    refuser answers REFUSED: the client times out). Its addresses are learned as denied all
+    the same, and both rows name the queried name and the denied chain end."""
     lst = listener("127.0.0.92")
     p = policed(POLICY)
-    assert p.run(query, "cdn.allowed.test", SERVER) == ("ok", ["127.0.0.92"])
+    assert p.run(query, "cdn.allowed.test", SERVER, "A", False, 0.5)[0] == "timeout"
     assert p.run(connect, "127.0.0.92", lst.port) == "EPERM"      # the CIDR allows it, the name denies
-    rec = [r for r in p.close() if r["kind"] == "connect"][0]
+    recs = p.close()
+    rec = [r for r in recs if r["kind"] == "connect"][0]
     assert (rec["domain"], rec["target"], rec["reason"]) == ("cdn.allowed.test", "auth.denied.test",
                                                              "circular: the auth service")
     assert "CNAME of auth.denied.test" in rec["note"]
+    dns_rec = [r for r in recs if r["kind"] == "dns" and r["verdict"] == "blocked"]
+    assert [(r["domain"], r["target"], r["reason"]) for r in dns_rec] == [
+        ("cdn.allowed.test", "auth.denied.test", "circular: the auth service")], recs
+
+
+def test_over_tcp_a_cname_to_a_denied_name_still_answers_and_teaches_denied(policed, dns, listener):
+    """A TCP answer is part of a stream: it goes on (its addresses learned as denied)."""
+    lst = listener("127.0.0.92")
+    p = policed(POLICY)
+    assert p.run(query, "cdn.allowed.test", SERVER, "A", True) == ("ok", ["127.0.0.92"])
+    assert p.run(connect, "127.0.0.92", lst.port) == "EPERM"
+    rec = [r for r in p.close() if r["kind"] == "connect"][0]
+    assert (rec["domain"], rec["target"]) == ("cdn.allowed.test", "auth.denied.test")

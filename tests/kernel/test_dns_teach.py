@@ -129,8 +129,9 @@ def test_a_server_bound_before_the_policy_cannot_answer_its_own_queries(pins):
 
 def test_a_reused_id_does_not_overwrite_the_pending_question(policed, dns):
     """alias.allowed is a CNAME of a denied name: its answer teaches 127.0.0.177 as denied,
-    which beats the CIDR allow. A second question with the same id, sent at once, must not
-    replace the first one (else the first answer teaches nothing and the CIDR allows)."""
+    which beats the CIDR allow (and is dropped: the lookup fails). A second question with
+    the same id, sent at once, must not replace the first one (else the first answer teaches
+    nothing and the CIDR allows)."""
     p = policed(POLICY)
 
     def race():
@@ -141,12 +142,17 @@ def test_a_reused_id_does_not_overwrite_the_pending_question(policed, dns):
             second.header.id = first.header.id
             c.sendto(first.pack(), (RESOLVER, 53))
             c.sendto(second.pack(), (RESOLVER, 53))
-            answers = sorted(str(DNSRecord.parse(c.recv(4096)).q.qname) for _ in range(2))
+            answers = []
+            try:
+                while len(answers) < 2:
+                    answers.append(str(DNSRecord.parse(c.recv(4096)).q.qname))
+            except OSError:
+                pass
         with socket.socket() as t:
             t.settimeout(1)
-            return answers, err(lambda: t.connect(("127.0.0.177", 80)) or "ok")
+            return sorted(answers), err(lambda: t.connect(("127.0.0.177", 80)) or "ok")
     answers, verdict = p.run(race)
-    assert answers == ["alias.allowed.", "other.allowed."]
+    assert answers == ["other.allowed."]   # alias.allowed's answer was dropped (its chain end is denied)
     assert verdict == "EPERM"
     rec = _blocked(p.close(), kind="connect", dst_ip="127.0.0.177")
     assert rec and rec[0]["rule"] == "evil.denied" and rec[0]["domain"] == "alias.allowed"

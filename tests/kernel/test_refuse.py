@@ -18,13 +18,15 @@ from ocihook import refuser, report
 from ocihook.abi import Refusal
 
 SERVER = "127.0.0.158"
-ZONE = {"mirror.refuse.test": [("A", "127.0.0.80", 60)], "auth.refuse.test": [("A", "127.0.0.81", 60)]}
+ZONE = {"mirror.refuse.test": [("A", "127.0.0.80", 60)], "auth.refuse.test": [("A", "127.0.0.81", 60)],
+        "alias.refuse.test": [("CNAME", "auth.refuse.test", 60)]}
 POLICY = f"""
 version: 1
 name: refuse-test
 default: deny
 allow:
   - mirror.refuse.test
+  - alias.refuse.test
   - "{SERVER}:53"
   - "[::1]:53"
 deny:
@@ -504,3 +506,49 @@ def test_forged_refusals_to_non_local_clients_are_skipped_in_both_families(pins,
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"answered": 2, "skipped": 4, "failed": 0}, res.stdout
     assert got == "", got
+
+
+KERNEL_TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("server", [SERVER, "::1"], ids=["ipv4", "ipv6"])
+def test_a_cname_to_a_denied_name_fails_the_lookup_at_once(tmp_path, dns, pins, server):
+    """alias.refuse.test is allowed but a CNAME of the denied auth.refuse.test: its UDP answer
+    is dropped and the client answered REFUSED, with its question (glibc ignores an answer
+    whose question is not its query's), so glibc's getaddrinfo (GNU wget, curl, python) fails
+    at once instead of resolving to addresses every connect to is refused (GNU wget retried
+    those 20 times). The report names both names."""
+    require(shutil.which("unshare") is not None, "unshare not installed (util-linux)")
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(f"nameserver {server}\noptions timeout:2 attempts:1\n")
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    out = tmp_path / "report.jsonl"
+    lookup = ("import socket, time\nt = time.monotonic()\n"
+              "try:\n    socket.getaddrinfo('alias.refuse.test', 80, type=socket.SOCK_STREAM); print('resolved')\n"
+              "except socket.gaierror as e:\n    print('error', e)\n"
+              "print(f'{time.monotonic() - t:.3f}')\n")
+    cli = f"{sys.executable} -m ocihook.cli run --policy {pol} --report {out} -- {sys.executable} -c \"$L\""
+    # glibc reads /etc/resolv.conf: a private one, bound in a mount namespace around the run
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          f"mount --bind {conf} /etc/resolv.conf && {cli}"], env={**os.environ, "L": lookup},
+                         capture_output=True, text=True, timeout=60)
+    lines = res.stdout.split("\n")
+    assert lines[0].startswith("error") and float(lines[1]) < 1.0, res.stdout + res.stderr
+    recs = report.load(out)
+    blocked = [r for r in recs if r["verdict"] == "blocked" and r["kind"] == "dns"]
+    assert blocked and all((r["domain"], r.get("target"), r["reason"]) ==
+                           ("alias.refuse.test", "auth.refuse.test", "circular: the auth service")
+                           for r in blocked), recs
+    if shutil.which("dig"):
+        res, _, _ = _run(tmp_path, ["dig", f"@{server}", "alias.refuse.test"])
+        assert _client_wall(res) < 1.0 and "status: REFUSED" in res.stdout, res.stdout
+        assert "WARNING" not in res.stdout and "QUERY: 1," in res.stdout and ";alias.refuse.test." in res.stdout, \
+            res.stdout
+
+
+def test_in_audit_mode_a_cname_to_a_denied_name_resolves_and_is_reported(tmp_path, dns, pins):
+    res, _, recs = _run(tmp_path, ["dig", f"@{SERVER}", "+short", "alias.refuse.test"], mode="audit")
+    assert "127.0.0.81" in res.stdout.split(), res.stdout
+    rows = [(r["verdict"], r["domain"], r.get("target")) for r in recs if r["kind"] == "dns"]
+    assert ("would-block", "alias.refuse.test", "auth.refuse.test") in rows, rows
