@@ -245,8 +245,8 @@ def _process(r: dict) -> str:
 
 def _violation(r: dict) -> str:
     why = f" ({visible(r['reason'])})" if r.get("reason") else ""
-    return (f"{visible(r['verdict'])}: {dest_text(r)} by pid {r['pid']} {visible(r['comm'])} x{r['count']} "
-            f"rule {visible(r['rule'])}{why}")
+    who = f"pid {r['pid']} {visible(r['comm'])}" if r.get("pid") else "(kernel, no process)"
+    return f"{visible(r['verdict'])}: {dest_text(r)} by {who} x{r['count']} rule {visible(r['rule'])}{why}"
 
 
 def _violations(records: list[dict]) -> list[dict]:
