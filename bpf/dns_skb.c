@@ -634,6 +634,13 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
      * path, dns_stream.c): its segments need not start at a message */
     if (pp->parsed && pp->has_ports && pp->d.port == SD_DNS_PORT) {
         int c = sd_tcp_streamed(skb, pp);
+        if (c == SD_STREAM_OWNED && sd_skb_byref(skb, pp)) {
+            /* bytes that match what was judged but sit in pages someone can still change
+             * (the stream program's own pushes are copies: never shared; found by reading) */
+            pp->byref = 1;
+            sd_egress_tails.call(skb, SD_ETAIL_QUERY);
+            return 0;
+        }
         if (c != SD_STREAM_OWNED) {
             pp->unjudged = c == SD_STREAM_UNJUDGED;
             /* UDP GSO (UDP_SEGMENT, by setsockopt or per message): the kernel cuts this
