@@ -7,8 +7,8 @@ deploy does: it fetches its artefact from the package mirror it is allowed to us
 (``mirror.demo.test``, 127.0.0.1) and then asks the auth service for a token — the service
 this very deploy is meant to repair (``auth.demo.test``, 127.0.0.2, which accepts and then
 hangs, as a broken service does). The policy refuses that circular dependency at once: the
-lookup of the denied name fails, and so does the connect through a CDN alias whose CNAME
-leads to it (``token.cdn.demo.test``). The report says who tried which name and which rule
+lookup of the denied name fails, and so does the lookup of a CDN alias whose CNAME leads to
+it (``token.cdn.demo.test``: its answer is refused). The report says who tried which name and which rule
 refused it.
 """
 from __future__ import annotations

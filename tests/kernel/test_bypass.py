@@ -141,15 +141,19 @@ def test_denied_name_reached_through_a_cname_stays_denied(policed, dns, listener
     lst = listener("127.0.0.85")
     p = policed(DENY.replace("default: allow", "default: deny\nallow: ['*.example.test', '127.0.0.155:53']"))
     assert p.run(query, "auth.internal", "127.0.0.155")[0] == "EPERM"          # asked directly: dropped
-    assert p.run(query, "deep.example.test", "127.0.0.155") == ("ok", ["127.0.0.85"])   # allowed name...
-    assert p.run(connect, "127.0.0.85", lst.port) == "EPERM"                   # ...but it is auth.internal
-    rec = [r for r in p.close() if r["kind"] == "connect" and r["dst_ip"] == "127.0.0.85"][0]
+    # an allowed name, but a CNAME of auth.internal: its answer is dropped (no refuser here)
+    assert p.run(query, "deep.example.test", "127.0.0.155", "A", False, 0.5)[0] == "timeout"
+    assert p.run(connect, "127.0.0.85", lst.port) == "EPERM"                   # learned as auth.internal's
+    recs = p.close()
+    rec = [r for r in recs if r["kind"] == "connect" and r["dst_ip"] == "127.0.0.85"][0]
     assert rec["verdict"] == "blocked" and rec["rule"] == "auth.internal" and rec["domain"] == "deep.example.test"
+    assert [r for r in recs if r["kind"] == "dns" and r["verdict"] == "blocked" and r["domain"] == "deep.example.test"
+            and r["target"] == "auth.internal"], recs
 
 
 def test_direct_connect_to_a_denied_names_learned_ip(policed, dns, listener):
     lst = listener("127.0.0.85")
     p = policed(DENY)                                                           # default allow
     assert p.run(connect, "127.0.0.85", lst.port) == "ok"                       # nothing known yet
-    assert p.run(query, "alias.example.test", "127.0.0.155") == ("ok", ["127.0.0.85"])
+    assert p.run(query, "alias.example.test", "127.0.0.155", "A", False, 0.5)[0] == "timeout"  # dropped
     assert p.run(connect, "127.0.0.85", lst.port) == "EPERM"                    # now known as auth.internal
