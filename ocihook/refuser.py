@@ -220,34 +220,43 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
         os.close(netns)
         raise
     try:
+        if netns < 5 or pidfd < 5:  # dup2 to 3 and 4 must neither be a no-op nor overwrite the other
+            import fcntl  # noqa: PLC0415
+            netns, old_netns = fcntl.fcntl(netns, fcntl.F_DUPFD_CLOEXEC, 5), netns
+            pidfd, old_pidfd = fcntl.fcntl(pidfd, fcntl.F_DUPFD_CLOEXEC, 5), pidfd
+            os.close(old_netns)
+            os.close(old_pidfd)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from ocihook.refuser import main; main()"
-        if os.fork() == 0:  # pragma: no cover — the child only execs
-            try:
-                os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-                pidfd = os.dup(pidfd) if pidfd == 3 else pidfd  # not overwritten by the netns fd
-                if netns != 3:
-                    os.dup2(netns, 3)
-                if pidfd != 4:
-                    os.dup2(pidfd, 4)
-                os.set_inheritable(3, True)  # and nothing else: a pipe of the runtime's kept
-                os.set_inheritable(4, True)
-                os.closerange(5, 1 << 20)    # open would make the runtime wait for this process
-                import select  # noqa: PLC0415 — in the child: nothing the runtime waits for
-                if select.select([4], [], [], START_S)[0]:
-                    os._exit(0)              # the container ended first: no refuser needed
-                os.execv(sys.executable, [sys.executable, "-S", "-E", "-c", code, os.fspath(pin_dir), str(cgid),
-                                          "3", "4"])
-            finally:
-                os._exit(127)
-        # not waited for (a double fork and a wait cost the runtime more): the hook exits next,
-        # and whoever adopts the child reaps it
+        # posix_spawn (vfork: the hook pays no fork of its own memory, nor the copy-on-write
+        # faults a fork costs it afterwards) of a shell that waits START_S, then starts Python
+        # only if the container's process still runs. The code travels in the environment:
+        # nothing named ocihook.refuser exists before Python does.
+        wait = f"sleep {START_S}; kill -0 {int(pid)} 2>/dev/null && exec \"$0\" -S -E -c \"$SD_REFUSER\" \"$@\""
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 0, 1),
+                   (os.POSIX_SPAWN_DUP2, 0, 2), (os.POSIX_SPAWN_DUP2, netns, 3), (os.POSIX_SPAWN_DUP2, pidfd, 4)]
+        for fd in _inheritable_fds():  # a pipe of the runtime's kept open would make it wait
+            if fd > 4 and fd not in (netns, pidfd):
+                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+        env = {"SD_REFUSER": code, "PATH": os.environ.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin"}
+        os.posix_spawn("/bin/sh", ["sh", "-c", wait, sys.executable, os.fspath(pin_dir), str(cgid), "3", "4"], env,
+                       file_actions=actions, setsid=True)
+        # not waited for: the hook exits next, and whoever adopts the child reaps it
     finally:
         os.close(netns)
         os.close(pidfd)
+
+
+def _inheritable_fds() -> list[int]:
+    """This process's descriptors that an exec would keep (not close-on-exec)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.get_inheritable(int(name)):
+                out.append(int(name))
+        except OSError:
+            pass  # the listdir's own descriptor, closed by now
+    return out
 
 
 def _setns(fd: int) -> None:
