@@ -764,6 +764,15 @@ static __always_inline void sd_tail(struct __sk_buff *skb, struct sd_scratch *s,
     sd_tails.call(skb, index);
 }
 
+/* The resolver an answer walk is reading, as a destination for a record. */
+static __always_inline void sd_walk_resolver(struct sd_scratch *s, struct sd_dest *d)
+{
+    __builtin_memcpy(d->addr, s->resolver, sizeof(d->addr));
+    d->port = SD_DNS_PORT;
+    d->proto = s->proto;
+    d->family = s->family;
+}
+
 /* An answer with more than the walk covers (addresses, records, or TCP messages in one
  * segment): counted, and recorded in the cgroup's report (rule SD_RULE_ANSWER_CUT, the
  * queried name when known). */
@@ -771,10 +780,7 @@ static __always_inline void sd_record_cut(struct sd_scratch *s, __u32 name_id)
 {
     sd_stat(SD_STAT_ANSWERS_CUT);
     struct sd_dest d = {};
-    __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
-    d.port = SD_DNS_PORT;
-    d.proto = s->proto;
-    d.family = s->family;
+    sd_walk_resolver(s, &d);
     struct sd_why why = {};
     why.rule = SD_RULE_ANSWER_CUT;
     why.name_id = name_id;
@@ -943,10 +949,7 @@ static __always_inline int sd_block_answer(struct sd_msgbuf *mb, struct sd_scrat
     struct sd_cgroup *pol = sd_cgroup_of(s->cgid);
     int audit = !pol || pol->mode == SD_MODE_AUDIT;
     struct sd_dest d = {};
-    __builtin_memcpy(d.addr, s->resolver, sizeof(d.addr));
-    d.port = SD_DNS_PORT;
-    d.proto = s->proto;
-    d.family = s->family;
+    sd_walk_resolver(s, &d);
     struct sd_why why = {};
     why.rule = s->l_rule;
     why.name_id = s->name_id;

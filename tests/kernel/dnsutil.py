@@ -1,11 +1,13 @@
 """A real DNS server (dnslib) on a loopback address, and clients for policed processes."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -285,3 +287,67 @@ def tcp_exchange(server: str, messages: list[bytes], chunks: list[int] | None = 
         buf = buf[n:]
         res["answers"].append(sorted(str(rr.rdata) for rr in reply.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)))
     return res
+
+
+@contextlib.contextmanager
+def resolver_netns(name: str, zone: Zone, address: str, *, udp: bool = True, slow: bool = False,
+                   mtu: int | None = None, v6: bool = False):
+    """A network namespace of the test's own (/run/netns/NAME; a policed process joins it
+    with netns.setns_net): lo up (mtu), a DNS-over-TCP StreamServer on address, a dnslib UDP
+    server there too (udp) and on ::1 (v6), and with slow a tbf on lo of 1000 bytes/s after a
+    100-byte burst, so a packet behind the first waits ~0.1 s after egress judged it. Yields
+    the StreamServer (the zone records what the UDP servers were asked)."""
+    from netns import setns_net  # noqa: PLC0415
+    subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    servers = []
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up", *(["mtu", str(mtu)] if mtu else [])],
+                       check=True)
+        if slow:
+            subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit", "burst",
+                            "100", "limit", "20000"], check=True)
+        me = os.open("/proc/self/ns/net", os.O_RDONLY)
+        try:
+            setns_net(f"/run/netns/{name}")
+            quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
+            for addr in ((address, "::1") if v6 else (address,)) if udp else ():
+                deadline = time.monotonic() + 5
+                while True:   # ::1 is usable once duplicate-address detection let it be
+                    try:
+                        servers.append(DNSServer(zone, address=addr, port=53, logger=quiet))
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+                servers[-1].start_thread()
+            tcp = StreamServer(zone, address)
+        finally:
+            ctypes.CDLL(None, use_errno=True).setns(me, 0x40000000)
+            os.close(me)
+        yield tcp
+        for srv in servers:
+            srv.stop()
+        tcp.stop()
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
+
+
+def connect_pending(server: str, port: int = 53) -> tuple[socket.socket, int]:
+    """A blocking TCP socket whose connect() was started and not waited for (EINPROGRESS): a
+    send on it waits for the handshake inside plain TCP. (socket, connect_ex's errno)."""
+    s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    rc = s.connect_ex((server, port))
+    s.setblocking(True)
+    return s, rc
+
+
+def recv_or_error(s: socket.socket, timeout: float) -> int | str:
+    """The length of what one recv() got within timeout, or the error it raised (repr)."""
+    s.settimeout(timeout)
+    try:
+        return len(s.recv(4096))
+    except OSError as e:
+        return repr(e)

@@ -97,3 +97,16 @@ class Listener:
 
     def close(self):
         self.sock.close()
+
+
+def refusers(cgid: int) -> list[int]:
+    """Pids of the running refusers (ocihook/refuser.py) of cgroup cgid."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"ocihook.refuser" in a for a in argv) and str(cgid).encode() in argv:
+            out.append(int(pid))
+    return out

@@ -3,10 +3,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import socket
 import struct
 
 CLONE_NEWNET = 0x40000000
+
+
+def setns_net(path: str) -> None:
+    """Move the calling thread into the network namespace at path (a /run/netns/NAME)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
 
 
 def own_netns(addrs: tuple[str, ...] = (), ping: bool = False) -> None:

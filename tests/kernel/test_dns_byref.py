@@ -7,7 +7,6 @@ whatever it holds (bpf/dns_skb.c sd_skb_byref), reported as rule `zerocopy`.
 The queue here is a slow tbf on the loopback of a network namespace the test creates."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno as _errno
 import mmap
@@ -19,9 +18,9 @@ import tempfile
 import time
 
 import pytest
-from dnslib.server import DNSLogger, DNSServer
 
-from dnsutil import StreamServer, Zone
+from dnsutil import StreamServer, Zone, connect_pending, recv_or_error, resolver_netns
+from netns import setns_net
 
 NS = "sdbyref"
 RES = "127.0.159.54"      # the namespace's resolver (UDP and TCP, port 53)
@@ -50,18 +49,16 @@ def _q(name: str, txid: int = 0x1234) -> bytes:
     return r.pack()
 
 
-def _setns_net(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), "setns")
-    finally:
-        os.close(fd)
-
-
 def _err(e: OSError) -> str:
     return _errno.errorcode.get(e.errno, str(e.errno))
+
+
+def _attempt(fn, *args):
+    """fn(*args), or the name of the errno it failed with."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        return _err(e)
 
 
 def _fill_queue(s: socket.socket) -> None:
@@ -70,10 +67,23 @@ def _fill_queue(s: socket.socket) -> None:
         s.send(_q("pkgs.internal", 0x100 + i))
 
 
+def _vmspliced(buf: mmap.mmap, n: int) -> int:
+    """A pipe's read end holding the first n bytes of buf by reference (vmsplice)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    iov = Iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), n)
+    r, w = os.pipe()
+    if libc.vmsplice(w, ctypes.byref(iov), 1, 0) != n:
+        raise OSError(ctypes.get_errno(), "vmsplice")
+    return r
+
+
 def _udp_sendfile(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
     """sendfile() of a file the process can write: the datagram's data are the page cache's
     pages; pwrite() changes them while the datagram waits."""
-    _setns_net(f"/run/netns/{ns}")
+    setns_net(f"/run/netns/{ns}")
     out = {}
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((res, 53))
@@ -81,43 +91,33 @@ def _udp_sendfile(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
     with tempfile.TemporaryFile() as f:
         f.write(judged)
         f.flush()
-        try:
-            out["send"] = os.sendfile(s.fileno(), f.fileno(), 0, len(judged))
-        except OSError as e:
-            out["send"] = _err(e)
+        out["send"] = _attempt(os.sendfile, s.fileno(), f.fileno(), 0, len(judged))
         os.pwrite(f.fileno(), sent, 0)
         time.sleep(0.6)
     s.close()
     return out
 
 
-def _udp_vmsplice(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
+def _udp_vmsplice(ns: str, res: str, judged: bytes, sent: bytes, ip_options: bytes = b"") -> dict:
     """vmsplice() of the process's own pages into a pipe, splice() of the pipe into the socket:
-    the datagram references those pages, rewritten while it waits."""
-    _setns_net(f"/run/netns/{ns}")
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    class Iovec(ctypes.Structure):
-        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    the datagram references those pages, rewritten while it waits. As nobody: nothing here
+    needs privilege."""
+    setns_net(f"/run/netns/{ns}")
+    os.setgid(65534)
+    os.setuid(65534)
     out = {}
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((res, 53))
     _fill_queue(s)
+    if ip_options:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, ip_options)
     buf = mmap.mmap(-1, 4096)
     buf[:len(judged)] = judged
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    iov = Iovec(addr, len(judged))
-    r, w = os.pipe()
-    if libc.vmsplice(w, ctypes.byref(iov), 1, 0) != len(judged):
-        raise OSError(ctypes.get_errno(), "vmsplice")
-    try:
-        out["send"] = os.splice(r, s.fileno(), len(judged))
-    except OSError as e:
-        out["send"] = _err(e)
-    buf[:len(sent)] = sent
-    time.sleep(0.6)
+    r = _vmspliced(buf, len(judged))
+    out["send"] = _attempt(os.splice, r, s.fileno(), len(judged))
+    buf[:len(sent)] = sent                                 # while the datagram waits in the tbf
+    time.sleep(1.0)
     s.close()
-    del iov, addr
     return out
 
 
@@ -125,79 +125,27 @@ def _tcp_sendfile(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
     """TCP: a sendfile() issued while the handshake is under way waits inside plain TCP (the
     connection enters the sockhash meanwhile, but this write never passes the stream
     program): egress judges its segment per packet, from the page cache's pages."""
-    _setns_net(f"/run/netns/{ns}")
+    setns_net(f"/run/netns/{ns}")
     out = {}
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setblocking(False)
-    out["connect"] = s.connect_ex((res, 53))           # EINPROGRESS: the SYN-ACK waits in the queue
-    s.setblocking(True)
+    s, out["connect"] = connect_pending(res)          # EINPROGRESS: the SYN-ACK waits in the queue
     with tempfile.TemporaryFile() as f:
         m = struct.pack("!H", len(judged)) + judged
         d = struct.pack("!H", len(sent)) + sent
         f.write(m)
         f.flush()
-        try:
-            out["send"] = os.sendfile(s.fileno(), f.fileno(), 0, len(m))
-        except OSError as e:
-            out["send"] = _err(e)
+        out["send"] = _attempt(os.sendfile, s.fileno(), f.fileno(), 0, len(m))
         time.sleep(0.02)
         os.pwrite(f.fileno(), d, 0)
-        s.settimeout(1)
-        try:
-            out["answer"] = len(s.recv(4096))
-        except OSError as e:
-            out["answer"] = repr(e)
+        out["answer"] = recv_or_error(s, 1)
     s.close()
     return out
 
 
-@contextlib.contextmanager
-def _resolver_netns(name: str, slow: bool, mtu: int | None = None, v6: bool = False):
-    """A network namespace of the test's own: lo up (mtu), a resolver on RES (UDP, and TCP:
-    StreamServer) and on ::1 (UDP, v6), a slow tbf on lo when slow: 1000 bytes/s after a
-    100-byte burst, so a packet behind the first waits ~0.1 s after egress judged it.
-    Yields (zone, tcp server)."""
-    subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    servers = []
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up", *(["mtu", str(mtu)] if mtu else [])],
-                       check=True)
-        if slow:
-            subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit", "burst",
-                            "100", "limit", "20000"], check=True)
-        zone = Zone(ZONE)
-        me = os.open("/proc/self/ns/net", os.O_RDONLY)
-        try:
-            _setns_net(f"/run/netns/{name}")
-            quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
-            for addr in (RES, "::1") if v6 else (RES,):
-                deadline = time.monotonic() + 5
-                while True:   # ::1 is usable once duplicate-address detection let it be
-                    try:
-                        servers.append(DNSServer(zone, address=addr, port=53, logger=quiet))
-                        break
-                    except OSError:
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.05)
-                servers[-1].start_thread()
-            tcp = StreamServer(zone, RES)
-        finally:
-            ctypes.CDLL(None, use_errno=True).setns(me, 0x40000000)
-            os.close(me)
-        yield zone, tcp
-        for srv in servers:
-            srv.stop()
-        tcp.stop()
-    finally:
-        subprocess.run(["ip", "netns", "del", name])
-
-
 @pytest.fixture
 def slow_netns():
-    with _resolver_netns(NS, slow=True) as out:
-        yield out
+    zone = Zone(ZONE)
+    with resolver_netns(NS, zone, RES, slow=True) as tcp:
+        yield zone, tcp
 
 
 def _seen(zone: Zone, tcp: StreamServer) -> list[str]:
@@ -230,41 +178,6 @@ def test_dns_pages_rewritten_after_egress_judged_them_never_reach_the_resolver(p
     assert [r for r in recs if r["verdict"] == verdict and r["rule"] == "zerocopy"], (res, seen, recs)
 
 
-def _fraglist(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
-    """Found by an attacker: a datagram the kernel fragments is a chain of skbs (frag_list),
-    each with shared info of its own. 40 bytes of IP options (NOPs: no source route, no
-    privilege) and an MTU of 68 leave the head skb only the UDP header: every byte of the
-    vmspliced query sits in the chain, whose shared flags the check did not read. The
-    rewrite keeps the UDP checksum (computed at splice time) by choosing the txid."""
-    _setns_net(f"/run/netns/{ns}")
-    os.setgid(65534)
-    os.setuid(65534)                                       # nothing below needs privilege
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    class Iovec(ctypes.Structure):
-        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.connect((res, 53))
-    _fill_queue(s)
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"\x01" * 39 + b"\x00")
-    buf = mmap.mmap(-1, 4096)
-    buf[:len(judged)] = judged
-    iov = Iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), len(judged))
-    r, w = os.pipe()
-    if libc.vmsplice(w, ctypes.byref(iov), 1, 0) != len(judged):
-        raise OSError(ctypes.get_errno(), "vmsplice")
-    out = {}
-    try:
-        out["send"] = os.splice(r, s.fileno(), len(judged))
-    except OSError as e:
-        out["send"] = _err(e)
-    buf[:len(sent)] = sent                                 # while the fragments wait in tbf
-    time.sleep(1.0)
-    s.close()
-    del iov
-    return out
-
-
 def _ocsum(b: bytes) -> int:
     b += b"\0" * (len(b) % 2)
     s = sum(struct.unpack(f"!{len(b) // 2}H", b))
@@ -282,10 +195,17 @@ def _same_sum(judged: bytes, name: str) -> bytes:
 
 
 def test_a_spliced_query_in_a_fragmented_datagram_never_reaches_the_resolver(policed):
-    with _resolver_netns(NS + "f", slow=True, mtu=68) as (zone, tcp):
+    zone = Zone(ZONE)
+    with resolver_netns(NS + "f", zone, RES, slow=True, mtu=68) as tcp:
         p = policed(POLICY)
         judged = _q("pkgs.internal", 0x4242)
-        res = p.run(_fraglist, NS + "f", RES, judged, _same_sum(judged, "auth.internal"))
+        # found by an attacker: a datagram the kernel fragments is a chain of skbs (frag_list),
+        # each with shared info of its own; 40 bytes of IP options (NOPs: no source route) and
+        # an MTU of 68 leave the head skb only the UDP header, every byte of the vmspliced query
+        # in the chain. The rewrite keeps the UDP checksum (computed at splice time): its txid
+        # is chosen for that
+        res = p.run(_udp_vmsplice, NS + "f", RES, judged, _same_sum(judged, "auth.internal"),
+                    b"\x01" * 39 + b"\x00")
         seen = _seen(zone, tcp)
         recs = p.close()
     assert "auth.internal" not in seen, (res, seen, recs)
@@ -300,7 +220,7 @@ def _gso_send(ns: str, res: str, how: str) -> dict:
     """Found by an attacker: one UDP GSO send of two queries (UDP_SEGMENT of one query's
     length) is one skb at egress, cut into two datagrams after it; the second was never
     judged. As nobody: no capability needed."""
-    _setns_net(f"/run/netns/{ns}")
+    setns_net(f"/run/netns/{ns}")
     os.setgid(65534)
     os.setuid(65534)
     a, b = _q("pkgs.internal", 0x1111), _q("auth.internal", 0x2222)   # the same length
@@ -330,7 +250,8 @@ def _gso_send(ns: str, res: str, how: str) -> dict:
 @pytest.mark.parametrize("how", ["setsockopt", "cmsg"])
 @pytest.mark.parametrize("res", [RES, "::1"])
 def test_a_udp_gso_send_of_several_queries_is_refused_whole(policed, res, how):
-    with _resolver_netns(NS + "g", slow=False, v6=True) as (zone, tcp):
+    zone = Zone(ZONE)
+    with resolver_netns(NS + "g", zone, RES, v6=True) as tcp:
         p = policed(POLICY.replace(f'"{RES}:53"', f'"{RES}:53"\n  - "[::1]:53"'))
         out = p.run(_gso_send, NS + "g", res, how)
         seen = _seen(zone, tcp)

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from dnsutil import StreamServer, Zone, answers_in, getaddrinfo_in, query, read_until_quiet, split_tcp, tcp_exchange, \
-    wire_name
+from dnsutil import StreamServer, Zone, answers_in, connect_pending, getaddrinfo_in, query, read_until_quiet, \
+    recv_or_error, resolver_netns, split_tcp, tcp_exchange, wire_name
 from helpers import require
 from kutil import connect
+from netns import setns_net
 
 SERVER = f"127.0.153.{__import__('random').randint(100, 199)}"  # the pipelining test server (one per run)
 DNSMASQ = "127.0.153.12"      # a real resolver
@@ -1226,17 +1227,6 @@ ZC_NS = "atk4zc"               # attacker session 4: a network namespace of its 
 ZC_RES = "127.0.159.53"        # its resolver (loopback of that namespace)
 
 
-def _setns_net(path: str) -> None:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), "setns")
-    finally:
-        os.close(fd)
-
-
 def _zerocopy_swap(ns: str, res: str, judged: bytes, sent: bytes, swap_after: float) -> dict:
     """Attacker: a blocking send(MSG_ZEROCOPY) issued while the handshake is still under way
     waits inside plain TCP (the socket enters the sockhash meanwhile, but this write never
@@ -1248,17 +1238,14 @@ def _zerocopy_swap(ns: str, res: str, judged: bytes, sent: bytes, swap_after: fl
     import errno as _errno
     import mmap
     import struct
-    _setns_net(f"/run/netns/{ns}")
+    setns_net(f"/run/netns/{ns}")
     out = {}
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s, out["connect"] = connect_pending(res)          # EINPROGRESS: the SYN-ACK waits in the queue
     try:
         s.setsockopt(socket.SOL_SOCKET, 60, 1)         # SO_ZEROCOPY (else MSG_ZEROCOPY copies)
         out["zerocopy"] = "on"
     except OSError as e:
         out["zerocopy"] = _errno.errorcode.get(e.errno, str(e.errno))
-    s.setblocking(False)
-    out["connect"] = s.connect_ex((res, 53))           # EINPROGRESS: the SYN-ACK waits in the queue
-    s.setblocking(True)
     buf = mmap.mmap(-1, 4096)
     m = struct.pack("!H", len(judged)) + judged
     buf[:len(m)] = m
@@ -1267,37 +1254,17 @@ def _zerocopy_swap(ns: str, res: str, judged: bytes, sent: bytes, swap_after: fl
     d = struct.pack("!H", len(sent)) + sent
     assert len(d) == len(m)
     buf[:len(d)] = d                                    # the pages the queued segment still points at
-    s.settimeout(2)
-    try:
-        out["answer"] = len(s.recv(4096))
-    except OSError as e:
-        out["answer"] = repr(e)
+    out["answer"] = recv_or_error(s, 2)
     s.close()
     return out
 
 
 @pytest.fixture
 def zc_netns():
-    subprocess.run(["ip", "netns", "del", ZC_NS], stderr=subprocess.DEVNULL)
-    subprocess.run(["ip", "netns", "add", ZC_NS], check=True)
-    try:
-        subprocess.run(["ip", "-n", ZC_NS, "link", "set", "lo", "up"], check=True)
-        # a slow link: 1000 bytes/s after a 100-byte burst (the SYN passes, the SYN-ACK and the
-        # query wait ~0.1 s each in the queue, after egress judged them)
-        subprocess.run(["tc", "-n", ZC_NS, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit", "burst", "100",
-                        "limit", "20000"], check=True)
-        me = os.open("/proc/self/ns/net", os.O_RDONLY)
-        try:
-            _setns_net(f"/run/netns/{ZC_NS}")
-            srv = StreamServer(Zone(ZONE), ZC_RES)
-        finally:
-            import ctypes
-            ctypes.CDLL(None, use_errno=True).setns(me, 0x40000000)
-            os.close(me)
+    # the SYN passes the tbf's burst, the SYN-ACK and the query wait ~0.1 s each in its queue,
+    # after egress judged them
+    with resolver_netns(ZC_NS, Zone(ZONE), ZC_RES, udp=False, slow=True) as srv:
         yield srv
-        srv.stop()
-    finally:
-        subprocess.run(["ip", "netns", "del", ZC_NS])
 
 
 @pytest.mark.parametrize("mode", [None, "audit"])

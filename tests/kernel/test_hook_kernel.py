@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import plain_bundle
+from kutil import refusers
 from ocihook import cgroup
 
 BUNDLE = plain_bundle()
@@ -121,18 +122,6 @@ def test_launcher_recompiles_missing_programs_with_a_cached_policy(tmp_path, mon
         sh.rmtree(root, ignore_errors=True)
 
 
-def _refusers(cgid: int) -> list[int]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if any(b"ocihook.refuser" in a for a in argv) and str(cgid).encode() in argv:
-            out.append(int(pid))
-    return out
-
-
 @pytest.mark.parametrize("policy, refuses", [
     (POLICY, False),                                                                   # CIDR deny, default allow
     ('{"version": 1, "name": "n", "default": "allow", "deny": ["auth.internal"]}', True),  # a name denied
@@ -156,9 +145,9 @@ def test_a_container_gets_a_refuser_only_when_its_policy_can_refuse_a_query(pins
         assert res.returncode == 0, res.stderr
         cgid = cgroup.cgroup_id(path)
         deadline = time.monotonic() + 10 * refuser.START_S
-        while not _refusers(cgid) and time.monotonic() < deadline:
+        while not refusers(cgid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert bool(_refusers(cgid)) == refuses
+        assert bool(refusers(cgid)) == refuses
     finally:
         child.kill()
         child.wait()

@@ -14,6 +14,7 @@ import pytest
 
 from dnsutil import Server, Zone
 from helpers import require
+from kutil import refusers
 from ocihook import refuser, report
 from ocihook.abi import Refusal
 
@@ -153,18 +154,6 @@ except socket.timeout:
 """
 
 
-def _refusers(cgid: int) -> list[int]:
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if any(b"ocihook.refuser" in a for a in argv) and str(cgid).encode() in argv:
-            out.append(int(pid))
-    return out
-
-
 def test_a_container_refuser_answers_in_the_containers_network_namespace_and_ends_with_its_policy(policed, pins):
     """The container path (refuser.spawn, as the prestart hook does): a process in a network
     namespace of its own, with only loopback, gets the REFUSED answer there; the refuser ends
@@ -180,9 +169,9 @@ def test_a_container_refuser_answers_in_the_containers_network_namespace_and_end
             (p.path / "cgroup.procs").write_text(str(asker.pid))
             refuser.spawn(pins, p.cgid, asker.pid)
             deadline = time.monotonic() + 3
-            while not _refusers(p.cgid) and time.monotonic() < deadline:   # (it execs a moment later)
+            while not refusers(p.cgid) and time.monotonic() < deadline:   # (it execs a moment later)
                 time.sleep(0.05)
-            assert _refusers(p.cgid)
+            assert refusers(p.cgid)
             out, _ = asker.communicate("go\n", timeout=10)
         finally:
             asker.kill()
@@ -191,9 +180,9 @@ def test_a_container_refuser_answers_in_the_containers_network_namespace_and_end
         recs = p.close()
         assert [(r["verdict"], r["domain"]) for r in recs if r["kind"] == "dns"] == [("blocked", "auth.refuse.test")], recs
         deadline = time.monotonic() + 3
-        while _refusers(p.cgid) and time.monotonic() < deadline:
+        while refusers(p.cgid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _refusers(p.cgid)                            # ended with the policy
+        assert not refusers(p.cgid)                            # ended with the policy
     finally:
         subprocess.run(["ip", "netns", "del", ns])
 
@@ -251,12 +240,12 @@ def test_a_spawned_refuser_keeps_none_of_its_starters_descriptors(policed, pins)
         os.close(w)
         assert starter.returncode == 0, starter.stderr
         deadline = time.monotonic() + 3
-        while not _refusers(p.cgid) and time.monotonic() < deadline:
+        while not refusers(p.cgid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _refusers(p.cgid)                                     # it runs...
+        assert refusers(p.cgid)                                     # it runs...
         readable, _, _ = select.select([r], [], [], 2.0)
         assert readable and os.read(r, 1) == b""                      # ...without the starter's pipe
-        assert _refusers(p.cgid)                                     # and it still runs
+        assert refusers(p.cgid)                                     # and it still runs
     finally:
         os.close(r)
         sleeper.kill()
@@ -287,17 +276,17 @@ def test_a_spawned_refuser_ends_with_the_containers_process_not_with_its_policy(
             refuser.spawn(pins, p.cgid, sleeper.pid)
             if lifetime:
                 time.sleep(refuser.START_S / 2)
-                assert not _refusers(p.cgid)                         # deferred by START_S...
+                assert not refusers(p.cgid)                         # deferred by START_S...
                 time.sleep(lifetime - refuser.START_S / 2)
-                started = _refusers(p.cgid)
+                started = refusers(p.cgid)
                 assert started and all(map(_holds_bpf_maps, started))  # ...then serving
         finally:
             sleeper.kill()
             sleeper.wait()
         deadline = time.monotonic() + 0.5
-        while _refusers(p.cgid) and time.monotonic() < deadline:
+        while refusers(p.cgid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not _refusers(p.cgid)                                 # gone with the process...
+        assert not refusers(p.cgid)                                 # gone with the process...
         with PinnedMaps.open(pins) as maps:
             assert maps.policy_of(p.cgid) is not None                # ...before the policy
 
@@ -433,7 +422,7 @@ def test_a_query_from_a_non_local_source_is_not_answered_to_the_denied_host(tmp_
                 (p.path / "cgroup.procs").write_text(str(asker.pid))
                 refuser.spawn(pins, p.cgid, asker.pid)
                 deadline = time.monotonic() + 3
-                while not _refusers(p.cgid) and time.monotonic() < deadline:
+                while not refusers(p.cgid) and time.monotonic() < deadline:
                     time.sleep(0.05)
                 out, _ = asker.communicate("go\n", timeout=10)
             finally:
