@@ -191,6 +191,13 @@ struct sd_pending_key {
     __u16 pad;
     __u32 name_id;
 };
+/* who asked: the answer's record names that process (pid 0: sent by no process of the cgroup) */
+struct sd_pending_val {
+    __u64 pstart;
+    __u32 pid;
+    __u32 uid;
+    char comm[16];
+};
 
 /* events and blocked: aggregation of decisions, drained into the report. Allowed and
  * blocked decisions have separate maps, so allowed traffic never crowds out a violation. */

@@ -174,15 +174,23 @@ static __always_inline void sd_pending_put(__u64 cgid, __u64 tables, __u32 *reso
     __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
     pk.txid = txid;
     pk.name_id = name_id;
-    __u8 one = 1;
-    if (bpf_map_update_elem(pending, &pk, &one, BPF_NOEXIST) == 0)
+    struct sd_pending_val who = {};
+    if (sd_current_in(cgid)) { /* the asking process, for the answer's record (sd_block_answer) */
+        who.pid = bpf_get_current_pid_tgid() >> 32;
+        who.pstart = sd_current_pstart();
+        who.uid = (__u32)bpf_get_current_uid_gid();
+        bpf_get_current_comm(&who.comm, sizeof(who.comm));
+    }
+    if (bpf_map_update_elem(pending, &pk, &who, BPF_NOEXIST) == 0)
         __sync_fetch_and_add(&st->pending_new, 1);
     else
         __sync_fetch_and_add(&st->pending_busy, 1);
 }
 
-/* Take the pending query an answer belongs to: 1 when (resolver, id, question) was asked. */
-static __always_inline int sd_pending_take(__u64 tables, __u32 *resolver, __u16 txid, __u32 name_id)
+/* Take the pending query an answer belongs to: 1 when (resolver, id, question) was asked
+ * (who: the process that asked). */
+static __always_inline int sd_pending_take(__u64 tables, __u32 *resolver, __u16 txid, __u32 name_id,
+                                           struct sd_pending_val *who)
 {
     void *pending = cg_pending.lookup(&tables);
     if (!pending || !name_id)
@@ -191,8 +199,10 @@ static __always_inline int sd_pending_take(__u64 tables, __u32 *resolver, __u16 
     __builtin_memcpy(pk.addr, resolver, sizeof(pk.addr));
     pk.txid = txid;
     pk.name_id = name_id;
-    if (!bpf_map_lookup_elem(pending, &pk))
+    struct sd_pending_val *v = bpf_map_lookup_elem(pending, &pk);
+    if (!v)
         return 0;
+    __builtin_memcpy(who, v, sizeof(*who));
     bpf_map_delete_elem(pending, &pk);
     return 1;
 }

@@ -725,7 +725,7 @@ static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, __u
     if (!wire_len)
         return 0; /* not judged by name: its addresses are not learned */
     __u32 name_id = sd_known_name_id(tables, s);
-    if (!sd_pending_take(tables, d->addr, ((__u16)hdr[0] << 8) | hdr[1], name_id))
+    if (!sd_pending_take(tables, d->addr, ((__u16)hdr[0] << 8) | hdr[1], name_id, &s->who))
         return 0; /* no such question went to that resolver from here: nothing to learn */
     /* learned-as-denied only when a rule denies the name (a name that merely falls to the
      * default is judged at connect by CIDR rules and the default, as decide() does) */
@@ -954,7 +954,9 @@ static __always_inline int sd_block_answer(struct sd_msgbuf *mb, struct sd_scrat
     why.rule = s->l_rule;
     why.name_id = s->name_id;
     why.target_id = s->l_target;
-    sd_record(s->cgid, s->tables, &d, &why, audit ? SD_EV_WOULD_BLOCK : SD_EV_BLOCKED, SD_KIND_DNS);
+    /* received in whoever's context (the resolver's send on loopback, a softirq): the record
+     * names the process that asked */
+    sd_record_who(s->cgid, s->tables, &d, &why, audit ? SD_EV_WOULD_BLOCK : SD_EV_BLOCKED, SD_KIND_DNS, &s->who);
     if (audit)
         return 0;
     __u64 tables = s->tables;

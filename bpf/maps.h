@@ -29,7 +29,7 @@ BPF_F_TABLE("lpm_trie", struct sd_cidr_key, struct sd_cidr_val, tpl_cidrs, 1, BP
 BPF_F_TABLE("lpm_trie", struct sd_name_key, struct sd_name_val, tpl_names, 1, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct sd_addr, __u8, tpl_resolvers, 1, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", struct sd_addr, struct sd_learned, tpl_learned, 1);
-BPF_TABLE("lru_hash", struct sd_pending_key, __u8, tpl_pending, 1);
+BPF_TABLE("lru_hash", struct sd_pending_key, struct sd_pending_val, tpl_pending, 1);
 BPF_TABLE("lru_hash", struct sd_qid_key, __u32, tpl_qids, 1);
 BPF_TABLE("lru_hash", __u32, struct sd_name_key, tpl_qnames, 1);
 BPF_TABLE("lru_hash", struct sd_proc_key, struct sd_proc, tpl_procs, 1);
@@ -102,6 +102,7 @@ struct sd_scratch {
     /* a UDP answer's addresses and ports (sd_dns_ingress), for the refusal that answers its
      * client REFUSED in the resolver's name when the answer is dropped */
     struct sd_refusal ref;
+    struct sd_pending_val who;    /* who asked the question being answered (sd_pending_take) */
 };
 /* one slot per program kind: an ingress program may interrupt an egress one on a CPU,
  * and either may interrupt a connect */

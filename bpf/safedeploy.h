@@ -232,7 +232,8 @@ static __always_inline int sd_current_in(__u64 cgid)
 
 /* Count a decision exactly (cgstats) and keep its details (events or blocked map of the
  * cgroup, in its table set `tables`) while its quota lasts. */
-static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
+static __always_inline void sd_record_who(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
+                                          __u8 kind, struct sd_pending_val *who)
 {
     struct sd_cgstats *st = cgstats.lookup(&cgid);
     if (st) {
@@ -245,8 +246,13 @@ static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *
     }
     struct sd_event_key k = {};
     __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
-    int mine = SD_KIND_BY_TASK(kind) || sd_current_in(cgid);
-    if (mine) {
+    /* who: a process named by the caller (an answer's asker), else the current task when
+     * it belongs to the cgroup */
+    int mine = who ? who->pid != 0 : SD_KIND_BY_TASK(kind) || sd_current_in(cgid);
+    if (who) {
+        k.pid = who->pid;
+        k.pstart = who->pstart;
+    } else if (mine) {
         k.pid = bpf_get_current_pid_tgid() >> 32;
         k.pstart = sd_current_pstart();
     }
@@ -267,7 +273,9 @@ static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *
             live_ev->cgid = cgid;
             __builtin_memcpy(&live_ev->k, &k, sizeof(k));
             live_ev->ts_ns = now;
-            if (mine)
+            if (who)
+                __builtin_memcpy(live_ev->comm, who->comm, sizeof(live_ev->comm));
+            else if (mine)
                 bpf_get_current_comm(&live_ev->comm, sizeof(live_ev->comm));
             live.ringbuf_submit(live_ev, 0);
         } else {
@@ -289,7 +297,10 @@ static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *
     nv.count = 1;
     nv.first_ns = now;
     nv.last_ns = now;
-    if (mine) {
+    if (who && mine) { /* captured when it asked */
+        nv.uid = who->uid;
+        __builtin_memcpy(nv.comm, who->comm, sizeof(nv.comm));
+    } else if (mine) {
         nv.uid = (__u32)bpf_get_current_uid_gid();
         bpf_get_current_comm(&nv.comm, sizeof(nv.comm));
         sd_capture_proc(cgid, tables, k.pid, k.pstart);
@@ -310,6 +321,11 @@ static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *
             }
         }
     }
+}
+
+static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
+{
+    sd_record_who(cgid, tables, d, why, ev, kind, 0);
 }
 
 /* Record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */

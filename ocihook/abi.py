@@ -191,6 +191,16 @@ class PendingKey(cdata.Structure):
     ]
 
 
+class PendingVal(cdata.Structure):
+    """struct sd_pending_val"""
+    _fields_ = [
+        ("pstart", cdata.c_uint64),
+        ("pid", cdata.c_uint32),
+        ("uid", cdata.c_uint32),
+        ("comm", cdata.c_char * 16),
+    ]
+
+
 class EventKey(cdata.Structure):
     """struct sd_event_key"""
     _fields_ = [
@@ -291,6 +301,7 @@ LAYOUT = {
     "sd_learned": (24, {'expires_ns': (0, 8), 'name_id': (8, 4), 'target_id': (12, 4), 'verdict': (16, 1), 'pad': (17, 1), 'rule': (18, 2), 'pad2': (20, 4)}),
     "sd_answer": (20, {'a': (0, 16), 'ttl': (16, 4)}),
     "sd_pending_key": (24, {'addr': (0, 16), 'txid': (16, 2), 'pad': (18, 2), 'name_id': (20, 4)}),
+    "sd_pending_val": (32, {'pstart': (0, 8), 'pid': (8, 4), 'uid': (12, 4), 'comm': (16, 16)}),
     "sd_event_key": (48, {'pstart': (0, 8), 'addr': (8, 16), 'pid': (24, 4), 'port': (28, 2), 'rule': (30, 2), 'verdict': (32, 1), 'kind': (33, 1), 'proto': (34, 1), 'family': (35, 1), 'name_id': (36, 4), 'target_id': (40, 4), 'flags': (44, 1), 'pad': (45, 3)}),
     "sd_event_val": (48, {'count': (0, 8), 'first_ns': (8, 8), 'last_ns': (16, 8), 'uid': (24, 4), 'pad': (28, 4), 'comm': (32, 16)}),
     "sd_refusal": (304, {'client': (0, 16), 'resolver': (16, 16), 'cport': (32, 2), 'rport': (34, 2), 'txid': (36, 2), 'flags': (38, 1), 'family': (39, 1), 'qlen': (40, 2), 'q': (42, 260), 'pad': (302, 2)}),
@@ -312,6 +323,7 @@ STRUCTS = {
     "sd_learned": Learned,
     "sd_answer": Answer,
     "sd_pending_key": PendingKey,
+    "sd_pending_val": PendingVal,
     "sd_event_key": EventKey,
     "sd_event_val": EventVal,
     "sd_refusal": Refusal,

@@ -49,7 +49,7 @@ INNER: dict[str, tuple[type, type, str, int | None]] = {
     "names": (NameKey, NameVal, "names", None),
     "resolvers": (AddrKey, U8, "resolvers", None),
     "learned": (AddrKey, Learned, "learned", 8192),
-    "pending": (PendingKey, U8, "pending", 1024),
+    "pending": (PendingKey, abi.PendingVal, "pending", 1024),
     "qids": (QidKey, U32, "qids", 2048),
     "qnames": (U32, NameKey, "qnames", 2048),
     "procs": (ProcKey, Proc, "procs", 1024),

@@ -131,6 +131,9 @@ def test_a_cname_to_a_denied_name_names_the_target_in_the_report(policed, dns, l
     dns_rec = [r for r in recs if r["kind"] == "dns" and r["verdict"] == "blocked"]
     assert [(r["domain"], r["target"], r["reason"]) for r in dns_rec] == [
         ("cdn.allowed.test", "auth.denied.test", "circular: the auth service")], recs
+    asked = [r for r in recs if r["kind"] == "dns" and r["verdict"] == "allowed" and r["domain"] == "cdn.allowed.test"]
+    assert asked and dns_rec[0]["pid"] == asked[0]["pid"] != 0, recs     # the row names who asked
+    assert dns_rec[0]["comm"] == asked[0]["comm"] and dns_rec[0]["cmdline"] == asked[0]["cmdline"], recs
 
 
 def test_over_tcp_a_cname_to_a_denied_name_still_answers_and_teaches_denied(policed, dns, listener):

@@ -24,6 +24,7 @@ def test_demo_runs_a_real_container_and_prints_the_report(runtime):
     assert "BLOCKED (3 attempts)" in out
     assert "token.cdn.demo.test (127.0.53." in out and "auth.demo.test (127.0.53." in out
     assert "[the domain is a CNAME of auth.demo.test]" in out
+    assert "(kernel, no process)" not in out                       # the dropped answer names who asked
     assert "mirror.demo.test (127.0.0.1:" in out
     assert "circular: the auth service is what this deploy repairs" in out
     assert "the circular dependency (auth.demo.test, and its CDN alias) failed fast and was reported" in out
