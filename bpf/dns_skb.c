@@ -529,6 +529,30 @@ static __always_inline int sd_dns_query(struct __sk_buff *skb, struct sd_pkt *p,
     return 1;
 }
 
+/* The addresses and ports of a refusal (ocihook/refuser.py answers REFUSED from the resolver
+ * to the client) from the packet of a DNS exchange: the client is the packet's source
+ * (a query, at egress) or its destination (an answer, at ingress). In map memory: a
+ * refusal carries a question, which does not fit the stack. 0: the packet is too short. */
+static __always_inline int sd_refusal_of(struct __sk_buff *skb, struct sd_refusal *r, __u32 *resolver,
+                                         __u16 cport, __u16 rport, int client_is_dst)
+{
+    __builtin_memset(r, 0, sizeof(*r));
+    __builtin_memcpy(r->resolver, resolver, sizeof(r->resolver));
+    if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
+        r->client[2] = bpf_htonl(0xffff);
+        r->family = 4;
+        if (bpf_skb_load_bytes(skb, client_is_dst ? 16 : 12, &r->client[3], 4) < 0) /* iphdr daddr/saddr */
+            return 0;
+    } else {
+        r->family = 6;
+        if (bpf_skb_load_bytes(skb, client_is_dst ? 24 : 8, r->client, 16) < 0) /* ipv6hdr daddr/saddr */
+            return 0;
+    }
+    r->cport = cport;
+    r->rport = rport;
+    return 1;
+}
+
 /* A refused UDP query, queued for userspace to answer REFUSED in the resolver's name (the
  * client's send already failed with EPERM; dig and friends would wait for an answer). */
 static __always_inline void sd_queue_refusal(struct __sk_buff *skb, struct sd_cgroup *pol, struct sd_pkt *p)
@@ -537,24 +561,11 @@ static __always_inline void sd_queue_refusal(struct __sk_buff *skb, struct sd_cg
     void *q = cg_refusals.lookup(&tables);
     __u32 slot = SD_SCRATCH_EGRESS;
     struct sd_scratch *s = scratch.lookup(&slot);
-    if (!q || !s)
+    if (!q || !s || !sd_refusal_of(skb, &s->ref, p->d.addr, p->sport, p->d.port, 0))
         return;
-    struct sd_refusal *r = &s->ref; /* in map memory: a question does not fit the stack */
-    __builtin_memset(r, 0, sizeof(*r));
-    __builtin_memcpy(r->resolver, p->d.addr, sizeof(r->resolver));
-    if (p->d.family == 4) {
-        r->client[2] = bpf_htonl(0xffff);
-        if (bpf_skb_load_bytes(skb, 12, &r->client[3], 4) < 0) /* iphdr.saddr */
-            return;
-    } else if (bpf_skb_load_bytes(skb, 8, r->client, 16) < 0) { /* ipv6hdr.saddr */
-        return;
-    }
-    r->cport = p->sport;
-    r->rport = p->d.port;
-    r->txid = p->txid;
-    r->flags = p->dns_flags;
-    r->family = p->d.family;
-    bpf_map_push_elem(q, r, BPF_EXIST);
+    s->ref.txid = p->txid;
+    s->ref.flags = p->dns_flags;
+    bpf_map_push_elem(q, &s->ref, BPF_EXIST);
 }
 
 /* The full judgement of a packet that did not take the fast path, on the parse results in
@@ -634,14 +645,10 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
      * path, dns_stream.c): its segments need not start at a message */
     if (pp->parsed && pp->has_ports && pp->d.port == SD_DNS_PORT) {
         int c = sd_tcp_streamed(skb, pp);
-        if (c == SD_STREAM_OWNED && sd_skb_byref(skb, pp)) {
-            /* bytes that match what was judged but sit in pages someone can still change
-             * (the stream program's own pushes are copies: never shared; found by reading) */
-            pp->byref = 1;
-            sd_egress_tails.call(skb, SD_ETAIL_QUERY);
-            return 0;
-        }
-        if (c != SD_STREAM_OWNED) {
+        /* data in pages someone can still change is refused whatever its class (the stream
+         * program's own pushes are copies: never shared) */
+        pp->byref = sd_skb_byref(skb, pp);
+        if (c != SD_STREAM_OWNED || pp->byref) {
             pp->unjudged = c == SD_STREAM_UNJUDGED;
             /* UDP GSO (UDP_SEGMENT, by setsockopt or per message): the kernel cuts this
              * skb into several datagrams after egress, each a message of its own for the
@@ -649,7 +656,6 @@ static __always_inline int sd_egress_judge(struct __sk_buff *skb, struct bpf_soc
              * segmentation keeps the byte stream the resolver reads as it was judged. */
             if (pp->d.proto != IPPROTO_TCP && skb->gso_size)
                 pp->unjudged = 1;
-            pp->byref = sd_skb_byref(skb, pp);
             sd_egress_tails.call(skb, SD_ETAIL_QUERY);
             return 0; /* the query parser is missing: nothing to a DNS port leaves unjudged */
         }
@@ -829,23 +835,6 @@ int sd_dns_ingress(struct __sk_buff *skb)
         return 1;
     if (off >= skb->len || !sd_mb_fill(skb, mb, off, skb->len - off))
         return 1;
-    s->l_drop = 0;
-    if (d.proto == IPPROTO_UDP) { /* who to answer REFUSED if the answer is dropped */
-        __builtin_memset(&s->ref, 0, sizeof(s->ref));
-        if (skb->protocol == bpf_htons(SD_ETH_P_IP)) {
-            s->ref.client[2] = bpf_htonl(0xffff);
-            if (bpf_skb_load_bytes(skb, 16, &s->ref.client[3], 4) < 0) /* iphdr.daddr */
-                return 1;
-            s->ref.family = 4;
-        } else {
-            if (bpf_skb_load_bytes(skb, 24, s->ref.client, 16) < 0) /* ipv6hdr.daddr */
-                return 1;
-            s->ref.family = 6;
-        }
-        __builtin_memcpy(s->ref.resolver, d.addr, sizeof(s->ref.resolver));
-        s->ref.cport = p->sport;
-        s->ref.rport = d.port;
-    }
     s->tc = 0;
     s->rx_cuts = 0;
     s->rx = 0;
@@ -944,7 +933,7 @@ static __always_inline int sd_learn_answer(struct sd_msgbuf *mb, struct sd_scrat
  * in enforce mode its client is answered REFUSED in the resolver's name by the refuser
  * (sd_queue_refusal's queue, with the question, which glibc wants repeated); in audit mode
  * it goes on, recorded as would-block. 1: drop it. */
-static __always_inline int sd_block_answer(struct sd_msgbuf *mb, struct sd_scratch *s)
+static __always_inline int sd_block_answer(struct __sk_buff *skb, struct sd_msgbuf *mb, struct sd_scratch *s)
 {
     struct sd_cgroup *pol = sd_cgroup_of(s->cgid);
     int audit = !pol || pol->mode == SD_MODE_AUDIT;
@@ -961,8 +950,11 @@ static __always_inline int sd_block_answer(struct sd_msgbuf *mb, struct sd_scrat
         return 0;
     __u64 tables = s->tables;
     void *q = cg_refusals.lookup(&tables);
+    __u32 pslot = SD_PKT_INGRESS; /* this packet's parse (sd_dns_ingress): its local port */
+    struct sd_pkt *p = pktscratch.lookup(&pslot);
     __u8 hdr[3];
-    if (q && sd_mb_load(mb, 0, hdr, sizeof(hdr)) == 0) {
+    if (q && p && sd_refusal_of(skb, &s->ref, s->resolver, p->sport, SD_DNS_PORT, 1) &&
+        sd_mb_load(mb, 0, hdr, sizeof(hdr)) == 0) {
         s->ref.txid = ((__u16)hdr[0] << 8) | hdr[1];
         s->ref.flags = hdr[2];
         __u32 qlen = s->qend - SD_DNS_HDR;
@@ -1012,7 +1004,7 @@ int sd_dns_learn(struct __sk_buff *skb)
         return 1;
     if (sd_learn_answer(mb, s)) {
         if (s->l_drop)
-            s->l_drop = sd_block_answer(mb, s);
+            s->l_drop = sd_block_answer(skb, mb, s);
         s->l_next = 0;
         sd_tail(skb, s, SD_TAIL_STORE); /* returns only when sd_dns_store is missing */
         return !s->l_drop;

@@ -99,9 +99,7 @@ struct sd_scratch {
     volatile __u8 l_drop;         /* a UDP answer whose CNAME chain ends in a denied name: dropped */
     volatile __u32 qend;          /* where the answer's question ends (its records start) */
     __u32 pad4;
-    /* a UDP answer's addresses and ports (sd_dns_ingress), for the refusal that answers its
-     * client REFUSED in the resolver's name when the answer is dropped */
-    struct sd_refusal ref;
+    struct sd_refusal ref;        /* a refusal being queued (sd_refusal_of): too big for the stack */
     struct sd_pending_val who;    /* who asked the question being answered (sd_pending_take) */
 };
 /* one slot per program kind: an ingress program may interrupt an egress one on a CPU,

@@ -227,10 +227,9 @@ def state_records() -> dict[int, dict]:
 
 
 # -- stages -----------------------------------------------------------------------------
-def container_cgroup(pid: int, mount: str | None = None) -> str:
-    """The container's own cgroup v2; never the root or the runtime's own cgroup (that
-    would police the host). mount: the cgroup2 mount point, when the caller has it."""
-    mount = mount or cgroup.cgroup2_mount()
+def container_cgroup(pid: int, mount: str) -> str:
+    """The container's own cgroup v2 (under mount, the cgroup2 mount point); never the root
+    or the runtime's own cgroup (that would police the host)."""
     path = cgroup.cgroup_of_pid(pid, mount=mount)
     if path == mount:
         raise HookError(f"container process {pid} is in the root cgroup v2: no cgroup of its own to police")

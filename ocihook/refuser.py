@@ -220,12 +220,6 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
         os.close(netns)
         raise
     try:
-        if netns < 5 or pidfd < 5:  # dup2 to 3 and 4 must neither be a no-op nor overwrite the other
-            import fcntl  # noqa: PLC0415
-            netns, old_netns = fcntl.fcntl(netns, fcntl.F_DUPFD_CLOEXEC, 5), netns
-            pidfd, old_pidfd = fcntl.fcntl(pidfd, fcntl.F_DUPFD_CLOEXEC, 5), pidfd
-            os.close(old_netns)
-            os.close(old_pidfd)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = f"import sys; sys.path.insert(0, {root!r}); from ocihook.refuser import main; main()"
         # posix_spawn (vfork: the hook pays no fork of its own memory, nor the copy-on-write
@@ -233,14 +227,16 @@ def spawn(pin_dir, cgid: int, pid: int) -> None:
         # only if the container's process still runs. The code travels in the environment:
         # nothing named ocihook.refuser exists before Python does.
         wait = f"sleep {START_S}; kill -0 {int(pid)} 2>/dev/null && exec \"$0\" -S -E -c \"$SD_REFUSER\" \"$@\""
+        # the two descriptors the refuser needs go across by number; stdio is /dev/null, and
+        # nothing else: a pipe of the runtime's kept open would make the runtime wait
         actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 0, 1),
-                   (os.POSIX_SPAWN_DUP2, 0, 2), (os.POSIX_SPAWN_DUP2, netns, 3), (os.POSIX_SPAWN_DUP2, pidfd, 4)]
-        for fd in _inheritable_fds():  # a pipe of the runtime's kept open would make it wait
-            if fd > 4 and fd not in (netns, pidfd):
-                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+                   (os.POSIX_SPAWN_DUP2, 0, 2)]
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2]
+        os.set_inheritable(netns, True)
+        os.set_inheritable(pidfd, True)
         env = {"SD_REFUSER": code, "PATH": os.environ.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin"}
-        os.posix_spawn("/bin/sh", ["sh", "-c", wait, sys.executable, os.fspath(pin_dir), str(cgid), "3", "4"], env,
-                       file_actions=actions, setsid=True)
+        os.posix_spawn("/bin/sh", ["sh", "-c", wait, sys.executable, os.fspath(pin_dir), str(cgid), str(netns),
+                                   str(pidfd)], env, file_actions=actions, setsid=True)
         # not waited for: the hook exits next, and whoever adopts the child reaps it
     finally:
         os.close(netns)

@@ -37,6 +37,7 @@ default: deny
 allow:
   - "pkgs.internal"
   - "{RES}:53"
+  - "[::1]:53"
 deny:
   - {{domain: "auth.internal", reason: "circular"}}
 """
@@ -85,7 +86,7 @@ def _udp_sendfile(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
     pages; pwrite() changes them while the datagram waits."""
     setns_net(f"/run/netns/{ns}")
     out = {}
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in res else socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((res, 53))
     _fill_queue(s)
     with tempfile.TemporaryFile() as f:
@@ -106,7 +107,7 @@ def _udp_vmsplice(ns: str, res: str, judged: bytes, sent: bytes, ip_options: byt
     os.setgid(65534)
     os.setuid(65534)
     out = {}
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in res else socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((res, 53))
     _fill_queue(s)
     if ip_options:
@@ -144,7 +145,7 @@ def _tcp_sendfile(ns: str, res: str, judged: bytes, sent: bytes) -> dict:
 @pytest.fixture
 def slow_netns():
     zone = Zone(ZONE)
-    with resolver_netns(NS, zone, RES, slow=True) as tcp:
+    with resolver_netns(NS, zone, RES, slow=True, v6=True) as tcp:
         yield zone, tcp
 
 
@@ -158,24 +159,26 @@ def _seen(zone: Zone, tcp: StreamServer) -> list[str]:
 ATTACKS = {"udp-sendfile": _udp_sendfile, "udp-vmsplice": _udp_vmsplice, "tcp-sendfile": _tcp_sendfile}
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("attack, res", [(a, r) for a in sorted(ATTACKS) for r in (RES, "::1")
+                                         if r == RES or a.startswith("udp")])
 @pytest.mark.parametrize("mode", [None, "audit"])
-def test_dns_pages_rewritten_after_egress_judged_them_never_reach_the_resolver(policed, slow_netns, attack, mode):
+def test_dns_pages_rewritten_after_egress_judged_them_never_reach_the_resolver(policed, slow_netns, attack, res,
+                                                                               mode):
     """Found by reading the kernel (the same rewrite an attacker did with MSG_ZEROCOPY): the
     data of a query sent by reference is refused at egress whatever it holds; audit mode
     lets it through and reports that it would not."""
     zone, tcp = slow_netns
     p = policed(POLICY, mode)
-    res = p.run(ATTACKS[attack], NS, RES, _q("pkgs.internal"), _q("auth.internal"))
+    out = p.run(ATTACKS[attack], NS, res, _q("pkgs.internal"), _q("auth.internal"))
     seen = _seen(zone, tcp)
     recs = p.close()
     if mode != "audit":
-        assert "auth.internal" not in seen, (res, seen, recs)
+        assert "auth.internal" not in seen, (out, seen, recs)
         if attack.startswith("udp"):
-            assert res["send"] == "EPERM", res
-            assert seen.count("pkgs.internal") == 2, (res, seen)   # the copied queries before it
+            assert out["send"] == "EPERM", out
+            assert seen.count("pkgs.internal") == 2, (out, seen)   # the copied queries before it
     verdict = "would-block" if mode == "audit" else "blocked"
-    assert [r for r in recs if r["verdict"] == verdict and r["rule"] == "zerocopy"], (res, seen, recs)
+    assert [r for r in recs if r["verdict"] == verdict and r["rule"] == "zerocopy"], (out, seen, recs)
 
 
 def _ocsum(b: bytes) -> int:
@@ -252,7 +255,7 @@ def _gso_send(ns: str, res: str, how: str) -> dict:
 def test_a_udp_gso_send_of_several_queries_is_refused_whole(policed, res, how):
     zone = Zone(ZONE)
     with resolver_netns(NS + "g", zone, RES, v6=True) as tcp:
-        p = policed(POLICY.replace(f'"{RES}:53"', f'"{RES}:53"\n  - "[::1]:53"'))
+        p = policed(POLICY)
         out = p.run(_gso_send, NS + "g", res, how)
         seen = _seen(zone, tcp)
         recs = p.close()
