@@ -176,8 +176,10 @@ static __always_inline void sd_pending_put(__u64 cgid, __u64 tables, __u32 *reso
     pk.name_id = name_id;
     struct sd_pending_val who = {};
     if (sd_current_in(cgid)) { /* the asking process, for the answer's record (sd_block_answer) */
-        who.pid = bpf_get_current_pid_tgid() >> 32;
-        who.pstart = sd_current_pstart();
+        struct sd_self cur;
+        sd_self_current(&cur);
+        who.pid = cur.pid;
+        who.pstart = cur.pstart;
         who.uid = (__u32)bpf_get_current_uid_gid();
         bpf_get_current_comm(&who.comm, sizeof(who.comm));
     }

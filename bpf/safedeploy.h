@@ -62,6 +62,8 @@ static __always_inline struct sd_cgroup *sd_cgroup_of(__u64 id)
         found_;                                                              \
     })
 #define SD_CURRENT_POLICY(cgid_out) SD_FIND_POLICY(sd_current_ancestor_cgroup_id, bpf_get_current_cgroup_id(), cgid_out)
+/* the same for a task already read (sd_self_current) */
+#define SD_SELF_POLICY(self, cgid_out) SD_FIND_POLICY(sd_current_ancestor_cgroup_id, (self)->cgid, cgid_out)
 
 static __always_inline int sd_is_v4mapped(const __u32 *a)
 {
@@ -231,9 +233,11 @@ static __always_inline int sd_current_in(__u64 cgid)
     ((kind) == SD_KIND_CONNECT || (kind) == SD_KIND_SENDMSG || (kind) == SD_KIND_BIND || (kind) == SD_KIND_SOCKOPT)
 
 /* Count a decision exactly (cgstats) and keep its details (events or blocked map of the
- * cgroup, in its table set `tables`) while its quota lasts. */
-static __always_inline void sd_record_who(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
-                                          __u8 kind, struct sd_pending_val *who)
+ * cgroup, in its table set `tables`) while its quota lasts. who: the process an answer's
+ * query came from; self: the current task, already read by a program judging its own
+ * syscall; neither: the current task if it belongs to the cgroup, else no process. */
+static __always_inline void sd_record_as(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
+                                         __u8 kind, struct sd_pending_val *who, struct sd_self *self)
 {
     struct sd_cgstats *st = cgstats.lookup(&cgid);
     if (st) {
@@ -248,13 +252,18 @@ static __always_inline void sd_record_who(__u64 cgid, __u64 tables, struct sd_de
     __builtin_memcpy(k.addr, d->addr, sizeof(k.addr));
     /* who: a process named by the caller (an answer's asker), else the current task when
      * it belongs to the cgroup */
-    int mine = who ? who->pid != 0 : SD_KIND_BY_TASK(kind) || sd_current_in(cgid);
+    int mine = who ? who->pid != 0 : self || SD_KIND_BY_TASK(kind) || sd_current_in(cgid);
     if (who) {
         k.pid = who->pid;
         k.pstart = who->pstart;
+    } else if (self) {
+        k.pid = self->pid;
+        k.pstart = self->pstart;
     } else if (mine) {
-        k.pid = bpf_get_current_pid_tgid() >> 32;
-        k.pstart = sd_current_pstart();
+        struct sd_self cur;
+        sd_self_current(&cur);
+        k.pid = cur.pid;
+        k.pstart = cur.pstart;
     }
     k.port = d->port;
     k.rule = why->rule;
@@ -323,27 +332,40 @@ static __always_inline void sd_record_who(__u64 cgid, __u64 tables, struct sd_de
     }
 }
 
-static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
+static __always_inline void sd_record_who(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
+                                          __u8 kind, struct sd_pending_val *who)
 {
-    sd_record_who(cgid, tables, d, why, ev, kind, 0);
+    sd_record_as(cgid, tables, d, why, ev, kind, who, 0);
 }
 
-/* Record, and turn the verdict into the program's return value (1 pass, 0 EPERM). */
-static __always_inline int sd_verdict_return(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
-                                             struct sd_why *why, __u8 kind)
+static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
+{
+    sd_record_as(cgid, tables, d, why, ev, kind, 0, 0);
+}
+
+/* Record, and turn the verdict into the program's return value (1 pass, 0 EPERM). self: the
+ * current task when already read (else 0). */
+static __always_inline int sd_verdict_return_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
+                                                struct sd_why *why, __u8 kind, struct sd_self *self)
 {
     sd_stat(SD_STAT_DECISIONS);
     if (verdict == SD_ALLOW) {
-        sd_record(cgid, pol->tables, d, why, SD_EV_ALLOWED, kind);
+        sd_record_as(cgid, pol->tables, d, why, SD_EV_ALLOWED, kind, 0, self);
         return 1;
     }
     sd_stat(SD_STAT_DENIED);
     if (pol->mode == SD_MODE_AUDIT) {
-        sd_record(cgid, pol->tables, d, why, SD_EV_WOULD_BLOCK, kind);
+        sd_record_as(cgid, pol->tables, d, why, SD_EV_WOULD_BLOCK, kind, 0, self);
         return 1;
     }
-    sd_record(cgid, pol->tables, d, why, SD_EV_BLOCKED, kind);
+    sd_record_as(cgid, pol->tables, d, why, SD_EV_BLOCKED, kind, 0, self);
     return 0;
+}
+
+static __always_inline int sd_verdict_return(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 verdict,
+                                             struct sd_why *why, __u8 kind)
+{
+    return sd_verdict_return_as(cgid, pol, d, verdict, why, kind, 0);
 }
 
 /* A verdict with only a rule behind it (no name). */
@@ -414,12 +436,12 @@ static __always_inline __u8 sd_decide_as(struct sd_cgroup *pol, struct sd_dest *
 }
 
 static __always_inline int sd_enforce_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
-                                         __u32 slot, __u8 kind)
+                                         __u32 slot, __u8 kind, struct sd_self *self)
 {
     struct sd_why why = {};
     why.rule = SD_RULE_DEFAULT;
     __u8 verdict = sd_decide_as(pol, d, jproto, slot, &why);
-    return sd_verdict_return(cgid, pol, d, verdict, &why, kind);
+    return sd_verdict_return_as(cgid, pol, d, verdict, &why, kind, self);
 }
 
 /* IPv4 options: is there a loose or strict source route (LSRR 0x83, SSRR 0x89)? Options

@@ -12,7 +12,7 @@
  * (the first is refused with EPERM and recorded); an allowed peer's first datagram is
  * judged in full and recorded, the rest take the fast path. */
 static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid, struct sd_cgroup *pol,
-                                          struct sd_dest *d, __u8 jproto)
+                                          struct sd_dest *d, __u8 jproto, struct sd_self *self)
 {
     struct sd_why why = {};
     why.rule = SD_RULE_DEFAULT;
@@ -20,7 +20,7 @@ static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid,
     struct bpf_sock *sk = ctx->sk;
     struct sd_sk *st = sk ? sk_judged.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
     if (!st)
-        return sd_verdict_return(cgid, pol, d, verdict, &why, SD_KIND_CONNECT); /* judged here, then */
+        return sd_verdict_return_as(cgid, pol, d, verdict, &why, SD_KIND_CONNECT, self); /* judged here, then */
     /* connected again: only the new peer's verdict counts. The generation first, then the
      * verdict: egress reads the verdict first (sd_dest_judged). */
     st->peer_gen = st->peer_gen + 1;
@@ -30,8 +30,10 @@ static __always_inline int sd_udp_connect(struct bpf_sock_addr *ctx, __u64 cgid,
 
 static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_dest *d, __u8 kind)
 {
+    struct sd_self self;
+    sd_self_current(&self);
     __u64 cgid = 0;
-    struct sd_cgroup *pol = SD_CURRENT_POLICY(&cgid);
+    struct sd_cgroup *pol = SD_SELF_POLICY(&self, &cgid);
     if (!pol)
         return 0; /* these programs run only for sockets of policed cgroups: a connect or send
                    * by a task under no policy (the kernel worker that opens an MPTCP subflow
@@ -42,8 +44,8 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
     if (!d->port)
         d->port = bpf_ntohs((__u16)ctx->user_port);
     if (kind == SD_KIND_CONNECT && d->proto == IPPROTO_UDP)
-        return sd_udp_connect(ctx, cgid, pol, d, sd_judged_proto(pol, proto));
-    int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, kind);
+        return sd_udp_connect(ctx, cgid, pol, d, sd_judged_proto(pol, proto), &self);
+    int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, kind, &self);
     __u32 err = pol->connect_errno;
     if (!ret && err && err < 4096)
         bpf_set_retval(-(int)err); /* connect_error: the refusal's errno (else EPERM) */

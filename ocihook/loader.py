@@ -199,7 +199,11 @@ BTF_SKB_OFFSETS = {("sk_buff", "head"): "SD_OFF_SKB_HEAD", ("sk_buff", "end"): "
                    ("skb_shared_info", "frag_list"): "SD_OFF_SHINFO_FRAG_LIST",
                    (None, "SKBFL_SHARED_FRAG"): "SD_SKBFL_SHARED_FRAG",
                    (None, "SKBFL_ZEROCOPY_ENABLE"): "SD_SKBFL_ZEROCOPY_ENABLE"}
-BTF_GROUPS = (BTF_OFFSETS, BTF_EXE_OFFSETS, BTF_TCP_OFFSETS, BTF_SKB_OFFSETS)
+# the current task's cgroup id from the task (bpf/proc.h sd_self_current: one helper call for
+# the cgroup, pid and start time of a connect); optional on its own
+BTF_CGROUP_OFFSETS = {("task_struct", "cgroups"): "SD_OFF_TASK_CGROUPS", ("css_set", "dfl_cgrp"): "SD_OFF_CSS_SET_DFL_CGRP",
+                      ("cgroup", "kn"): "SD_OFF_CGROUP_KN", ("kernfs_node", "id"): "SD_OFF_KERNFS_NODE_ID"}
+BTF_GROUPS = (BTF_OFFSETS, BTF_EXE_OFFSETS, BTF_TCP_OFFSETS, BTF_SKB_OFFSETS, BTF_CGROUP_OFFSETS)
 
 
 def btf_offsets(vmlinux: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
