@@ -67,6 +67,10 @@ struct sd_cgroup {
     __u32 min_ttl;      /* seconds a learned address stays valid at least (dns.min_ttl) */
     __u32 connect_errno; /* the errno a refused connect/sendmsg returns (connect_error); 0: EPERM */
     __u8 protos[32];    /* bitmap of the IP protocols (other than TCP/UDP) the policy names */
+    __u32 unlisted_errno; /* the errno of a refused connect/sendmsg to an address that only a name no
+                           * rule covers resolved to (default deny): EHOSTUNREACH unless
+                           * connect_error says otherwise (GNU wget retries EPERM 20 times) */
+    __u32 pad;
     __u64 tables;       /* the key of this cgroup's own maps in the outer cg_* maps: a set of
                          * them is made once and reused, emptied, by later cgroups (maps.h) */
 };

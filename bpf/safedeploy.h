@@ -435,15 +435,6 @@ static __always_inline __u8 sd_decide_as(struct sd_cgroup *pol, struct sd_dest *
     return sd_decide(pol, &j, slot, why);
 }
 
-static __always_inline int sd_enforce_as(__u64 cgid, struct sd_cgroup *pol, struct sd_dest *d, __u8 jproto,
-                                         __u32 slot, __u8 kind, struct sd_self *self)
-{
-    struct sd_why why = {};
-    why.rule = SD_RULE_DEFAULT;
-    __u8 verdict = sd_decide_as(pol, d, jproto, slot, &why);
-    return sd_verdict_return_as(cgid, pol, d, verdict, &why, kind, self);
-}
-
 /* IPv4 options: is there a loose or strict source route (LSRR 0x83, SSRR 0x89)? Options
  * that cannot be walked count as one. o->b holds o->len (<= 40) bytes. */
 static __always_inline int sd_v4_srcroute(struct sd_opts *o)

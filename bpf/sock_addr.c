@@ -45,10 +45,17 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
         d->port = bpf_ntohs((__u16)ctx->user_port);
     if (kind == SD_KIND_CONNECT && d->proto == IPPROTO_UDP)
         return sd_udp_connect(ctx, cgid, pol, d, sd_judged_proto(pol, proto), &self);
-    int ret = sd_enforce_as(cgid, pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, kind, &self);
+    struct sd_why why = {};
+    why.rule = SD_RULE_DEFAULT;
+    __u8 verdict = sd_decide_as(pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, &why);
+    int ret = sd_verdict_return_as(cgid, pol, d, verdict, &why, kind, &self);
+    /* connect_error: the refusal's errno (else EPERM); an address only an unlisted name
+     * resolved to (no rule covers it, the default denies it) has its own */
     __u32 err = pol->connect_errno;
+    if (why.rule == SD_RULE_DEFAULT && why.name_id && !(why.flags & SD_EVF_EXPIRED))
+        err = pol->unlisted_errno;
     if (!ret && err && err < 4096)
-        bpf_set_retval(-(int)err); /* connect_error: the refusal's errno (else EPERM) */
+        bpf_set_retval(-(int)err);
     /* an unconnected send: remember where it was judged to go, for the egress fast path (a
      * connected socket's peer is its judged destination already) */
     if (ret && kind == SD_KIND_SENDMSG && (d->proto == IPPROTO_UDP || d->proto == SD_IPPROTO_UDPLITE)) {

@@ -114,7 +114,8 @@ def policy_explain(
     named = ", ".join(str(protocol_name(p)) for p in pol.protocols) or "none"
     typer.echo(f"policy: other IP protocols allowed: {named}; raw_sockets: {pol.raw_sockets}; "
                f"source_routes: {pol.source_routes}; serve_dns: {pol.serve_dns}; "
-               f"a refused connect returns {pol.connect_error}")
+               f"a refused connect returns {pol.connect_error}"
+               f"{' (EHOSTUNREACH to an address only an unlisted name resolved to)' if pol.connect_error == 'EPERM' else ''}")
 
 
 def _privileges(pol) -> str:

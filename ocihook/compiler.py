@@ -43,6 +43,9 @@ def compile_policy(policy: "Policy") -> dict:
         "allow_srcroute": policy.source_routes == "allow",
         "serve_dns": policy.serve_dns == "allow",
         "connect_errno": CONNECT_ERRNOS[policy.connect_error],
+        # a connect the default refuses to an address a lookup taught (a name no rule covers
+        # for that port): "no route to host", which GNU wget does not retry (EPERM: 20 tries)
+        "unlisted_errno": CONNECT_ERRNOS[policy.connect_error] or errno.EHOSTUNREACH,
         "protocols": list(policy.protocols),
     }
 
@@ -94,7 +97,8 @@ def cgroup_entry(compiled: dict) -> SdCgroup:
                     unlisted=1 if compiled.get("unlisted") else 0, min_ttl=compiled.get("min_ttl", 0),
                     allow_srcroute=1 if compiled.get("allow_srcroute") else 0,
                     serve_dns=1 if compiled.get("serve_dns") else 0,
-                    connect_errno=compiled.get("connect_errno", 0))
+                    connect_errno=compiled.get("connect_errno", 0),
+                    unlisted_errno=compiled.get("unlisted_errno", 0))
     for proto in compiled.get("protocols", ()):
         entry.protos[proto >> 3] |= 1 << (proto & 7)
     return entry

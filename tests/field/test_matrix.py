@@ -41,7 +41,6 @@ CASES = {
 LOOKUP_ONLY_SKIP = {"cname-to-denied"}   # a lookup client has nothing to connect to there
 
 KNOWN = {  # (client, case, options) -> reason; None = any options
-    ("wget", "unlisted", None): "issue 12: GNU wget retries a connect refused with EPERM 20 times",
     # measured (docs/policy.md): pip retries every failed connection 5 times with back-off, whatever
     # the errno or DNS answer (NXDOMAIN too): no kernel error alone will flip these
     ("pip", "cname-to-denied", None): "issue 12: pip retries a failed lookup 5 times (~10 s), whatever the error",

@@ -18,6 +18,7 @@ ZONE = {
     "auth.denied.test": [("A", "127.0.0.92", 60)],
     "cdn.allowed.test": [("CNAME", "auth.denied.test", 60)],
     "other.unlisted.test": [("A", "127.0.0.93", 60)],
+    "six.unlisted.test": [("AAAA", "::1", 60)],
 }
 POLICY = f"""
 version: 1
@@ -80,12 +81,62 @@ def test_a_denied_name_still_fails_fast_under_a_search_list(policed, dns):
 
 
 def test_an_unlisted_name_resolves_but_its_address_stays_denied(policed, dns, listener):
+    """The address fails with "no route to host" (a client such as GNU wget retries EPERM 20
+    times); a bare IP the default denies keeps EPERM. TCP and UDP, IPv4 and IPv6."""
+    lst = listener("127.0.0.93")
+    lst6 = listener("::1")
+    p = policed(POLICY)
+    assert p.run(connect, "127.0.0.93", lst.port) == "EPERM"                  # not learned yet: a bare IP
+    assert p.run(query, "other.unlisted.test", SERVER) == ("ok", ["127.0.0.93"])
+    assert p.run(query, "six.unlisted.test", SERVER, "AAAA") == ("ok", ["::1"])
+    assert p.run(connect, "127.0.0.93", lst.port) == "EHOSTUNREACH"
+    assert p.run(connect, "127.0.0.93", 9, "udp") == "EHOSTUNREACH"           # unconnected sendto
+    assert p.run(connect, "::1", lst6.port) == "EHOSTUNREACH"
+    assert p.run(connect, "127.0.0.94", lst.port) == "EPERM"                  # no lookup taught it
+    recs = [r for r in p.close() if r["kind"] == "connect"]
+    learned = [r for r in recs if r["domain"] == "other.unlisted.test"]
+    assert learned and all(r["verdict"] == "blocked" and r["rule"] == "default" for r in learned)
+    assert {r["dst_ip"] for r in recs if r["domain"] == "six.unlisted.test"} == {"::1"}
+
+
+def test_connect_error_applies_to_an_unlisted_names_address_too(policed, dns, listener):
+    lst = listener("127.0.0.93")
+    p = policed(POLICY + "connect_error: ECONNREFUSED\n")
+    assert p.run(query, "other.unlisted.test", SERVER) == ("ok", ["127.0.0.93"])
+    assert p.run(connect, "127.0.0.93", lst.port) == "refused"
+    assert p.run(connect, "127.0.0.94", lst.port) == "refused"
+
+
+def test_a_name_rule_that_denies_keeps_eperm(policed, dns, listener):
+    """Only the default's refusal of a learned address changes its errno: a denied name's
+    address (here through an allowed CNAME) is refused with EPERM."""
+    lst = listener("127.0.0.92")
+    p = policed(POLICY.replace(', "127.0.0.92"]', "]"))
+    assert p.run(query, "cdn.allowed.test", SERVER, "A", False, 0.5)[0] != "ok"    # the answer is dropped
+    assert p.run(connect, "127.0.0.92", lst.port) == "EPERM"
+    rec = [r for r in p.close() if r["kind"] == "connect"][0]
+    assert (rec["rule"], rec["domain"], rec["target"]) == ("auth.denied.test", "cdn.allowed.test", "auth.denied.test")
+
+
+def _wget_by_name(conf: str, url: str) -> tuple[int, float, str]:
+    import subprocess
+    _resolv_conf(conf)
+    t0 = time.monotonic()
+    r = subprocess.run(["wget", "-O", "/dev/null", url], capture_output=True, text=True, timeout=60)
+    return r.returncode, time.monotonic() - t0, r.stderr
+
+
+def test_gnu_wget_gives_up_at_once_on_an_unlisted_names_address(policed, dns, listener):
+    import shutil
+    from helpers import require
+    require(shutil.which("wget") is not None, "GNU wget not installed (packaging/setup-host.sh installs it)")
     lst = listener("127.0.0.93")
     p = policed(POLICY)
-    assert p.run(query, "other.unlisted.test", SERVER) == ("ok", ["127.0.0.93"])
-    assert p.run(connect, "127.0.0.93", lst.port) == "EPERM"
-    rec = [r for r in p.close() if r["kind"] == "connect"][0]
-    assert rec["verdict"] == "blocked" and rec["domain"] == "other.unlisted.test" and rec["rule"] == "default"
+    rc, took, err = p.run(_wget_by_name, f"nameserver {SERVER}\noptions timeout:2 attempts:1\n",
+                          f"http://other.unlisted.test:{lst.port}/")
+    assert rc != 0 and took < 1.0 and "No route to host" in err, (rc, took, err)
+    recs = p.close()
+    assert sum(r["count"] for r in recs if r["kind"] == "connect" and r["verdict"] == "blocked") == 1
 
 
 def test_unlisted_deny_refuses_the_lookup(policed, dns):
