@@ -9,6 +9,7 @@
 #define SD_ABI_H
 
 #define SD_MAX_DEPTH 16          /* cgroup levels walked to find a policy */
+#define SD_MAX_TABLES 16384      /* slots of the outer cg_* arrays: table sets, spares included */
 #define SD_RULE_DEFAULT 0xffff   /* event/verdict came from the policy default */
 #define SD_RULE_RESOLVERS 0xfffe /* event/verdict came from dns.resolvers */
 #define SD_RULE_MALFORMED 0xfffd /* a DNS query the kernel could not parse */
@@ -70,9 +71,9 @@ struct sd_cgroup {
     __u32 unlisted_errno; /* the errno of a refused connect/sendmsg to an address that only a name no
                            * rule covers resolved to (default deny): EHOSTUNREACH unless
                            * connect_error says otherwise (GNU wget retries EPERM 20 times) */
-    __u32 pad;
-    __u64 tables;       /* the key of this cgroup's own maps in the outer cg_* maps: a set of
-                         * them is made once and reused, emptied, by later cgroups (maps.h) */
+    __u32 tables;       /* the slot of this cgroup's own maps in the outer cg_* arrays (1 ..
+                         * SD_MAX_TABLES - 1; maps.h): a set of them is made once and reused,
+                         * emptied, by later cgroups */
 };
 
 /* cgstats: u64 cgroup id -> exact counters of one policed cgroup, written by the programs.

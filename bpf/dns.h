@@ -26,7 +26,7 @@ static __always_inline int sd_mb_byte(struct sd_msgbuf *mb, __u32 off, __u8 *c)
 /* Judge the dotted name in s->text[0..len): write it reversed into s->key (the names-trie
  * and qids key: `gro.naibed` then a 0 terminator, zero padded) and look up the verdict of
  * a query for it (s->found, s->qv_*). */
-static __always_inline void sd_judge_name(__u64 tables, struct sd_scratch *s, __u32 len)
+static __always_inline void sd_judge_name(__u32 tables, struct sd_scratch *s, __u32 len)
 {
     s->found = 0;
     /* a service lookup _service._proto.NAME (RFC 2782) is judged as NAME: srv = where the
@@ -120,7 +120,7 @@ static __always_inline void sd_name_start(struct sd_scratch *s, __u32 pos)
 }
 
 /* After a name's last byte: check it, then judge it. */
-static __always_inline int sd_name_end(__u64 tables, struct sd_scratch *s)
+static __always_inline int sd_name_end(__u32 tables, struct sd_scratch *s)
 {
     __u32 len = s->out;
     if (!s->done || len == 0 || len > SD_NAME_MAX)
@@ -131,7 +131,7 @@ static __always_inline int sd_name_end(__u64 tables, struct sd_scratch *s)
 
 /* The id of the name in s->key in this cgroup (qids of its table set), given the next id
  * (counted in its cgstats) when it has none yet; 0 when the cgroup's maps are gone. */
-static __always_inline __u32 sd_name_id(__u64 cgid, __u64 tables, struct sd_scratch *s)
+static __always_inline __u32 sd_name_id(__u64 cgid, __u32 tables, struct sd_scratch *s)
 {
     void *qids = cg_qids.lookup(&tables);
     void *qnames = cg_qnames.lookup(&tables);
@@ -154,7 +154,7 @@ static __always_inline __u32 sd_name_id(__u64 cgid, __u64 tables, struct sd_scra
 }
 
 /* The id of an already named name (no new id): 0 when unknown. */
-static __always_inline __u32 sd_known_name_id(__u64 tables, struct sd_scratch *s)
+static __always_inline __u32 sd_known_name_id(__u32 tables, struct sd_scratch *s)
 {
     void *qids = cg_qids.lookup(&tables);
     __u32 *have = qids ? bpf_map_lookup_elem(qids, s->key.name) : 0;
@@ -164,7 +164,7 @@ static __always_inline __u32 sd_known_name_id(__u64 tables, struct sd_scratch *s
 /* Remember a query let through, so that only its answer teaches addresses. An entry is
  * never overwritten: a query reusing the id of a pending one for another question has its
  * own entry (the question is part of the key). */
-static __always_inline void sd_pending_put(__u64 cgid, __u64 tables, __u32 *resolver, __u16 txid, __u32 name_id)
+static __always_inline void sd_pending_put(__u64 cgid, __u32 tables, __u32 *resolver, __u16 txid, __u32 name_id)
 {
     void *pending = cg_pending.lookup(&tables);
     struct sd_cgstats *st = cgstats.lookup(&cgid);
@@ -191,7 +191,7 @@ static __always_inline void sd_pending_put(__u64 cgid, __u64 tables, __u32 *reso
 
 /* Take the pending query an answer belongs to: 1 when (resolver, id, question) was asked
  * (who: the process that asked). */
-static __always_inline int sd_pending_take(__u64 tables, __u32 *resolver, __u16 txid, __u32 name_id,
+static __always_inline int sd_pending_take(__u32 tables, __u32 *resolver, __u16 txid, __u32 name_id,
                                            struct sd_pending_val *who)
 {
     void *pending = cg_pending.lookup(&tables);
@@ -218,7 +218,7 @@ static __always_inline void sd_learn_via(__u64 cgid, __u32 *addr, __u32 name_id,
     struct sd_cgroup *pol = sd_cgroup_of(cgid);
     if (!pol)
         return; /* released: its table set is no longer its own */
-    __u64 tables = pol->tables;
+    __u32 tables = pol->tables;
     void *learned = cg_learned.lookup(&tables);
     if (!learned)
         return;

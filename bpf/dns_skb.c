@@ -77,7 +77,7 @@ static __always_inline __u32 sd_qname_span(__u32 len, __u32 off)
 /* The question name loaded into s->wire (n bytes, no compression allowed there): parse it
  * into s->q and judge it. Returns the name's wire length, or 0 when it cannot be parsed
  * (compression in the question, bad or over-long labels, a dot inside a label, truncation). */
-static __always_inline __u32 sd_parse_wire_qname(__u64 tables, struct sd_scratch *s, __u32 n)
+static __always_inline __u32 sd_parse_wire_qname(__u32 tables, struct sd_scratch *s, __u32 n)
 {
     sd_name_start(s, 0);
     for (int i = 0; i < SD_NAME_BUF; i++) {
@@ -95,7 +95,7 @@ static __always_inline __u32 sd_parse_wire_qname(__u64 tables, struct sd_scratch
 }
 
 /* The question name at off of a packet (a query at egress). */
-static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u64 tables, struct sd_scratch *s)
+static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __u32 tables, struct sd_scratch *s)
 {
     __u32 n = sd_qname_span(skb->len, off);
     if (!n || bpf_skb_load_bytes(skb, off, s->wire, n) < 0)
@@ -104,7 +104,7 @@ static __always_inline __u32 sd_parse_qname(struct __sk_buff *skb, __u32 off, __
 }
 
 /* The question name at off of the message buffer (an answer's question). */
-static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, __u64 tables, struct sd_scratch *s)
+static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, __u32 tables, struct sd_scratch *s)
 {
     __u32 n = sd_qname_span(mb->len, off);
     if (!n || sd_mb_load(mb, off, s->wire, n) < 0)
@@ -116,7 +116,7 @@ static __always_inline __u32 sd_parse_qname_mb(struct sd_msgbuf *mb, __u32 off, 
  * into s->q and judge it. Pointers must point backwards (no loops) and at most 16 are
  * followed. Returns 1 when parsed. */
 #define SD_MAX_JUMPS 16
-static __always_inline int sd_parse_name_at(struct sd_msgbuf *mb, __u32 off, __u64 tables, struct sd_scratch *s)
+static __always_inline int sd_parse_name_at(struct sd_msgbuf *mb, __u32 off, __u32 tables, struct sd_scratch *s)
 {
     sd_name_start(s, off);
     s->skipped = 0; /* pointers followed */
@@ -557,7 +557,7 @@ static __always_inline int sd_refusal_of(struct __sk_buff *skb, struct sd_refusa
  * client's send already failed with EPERM; dig and friends would wait for an answer). */
 static __always_inline void sd_queue_refusal(struct __sk_buff *skb, struct sd_cgroup *pol, struct sd_pkt *p)
 {
-    __u64 tables = pol->tables;
+    __u32 tables = pol->tables;
     void *q = cg_refusals.lookup(&tables);
     __u32 slot = SD_SCRATCH_EGRESS;
     struct sd_scratch *s = scratch.lookup(&slot);
@@ -717,7 +717,7 @@ int sd_egress(struct __sk_buff *skb)
  * (NOERROR, one question) to a pending question of this cgroup. Fills the walk's state in s
  * for sd_walk_answers; 0 when there is nothing to learn. Shared by the datagram path
  * (below) and the TCP answer stream (sd_dns_rx, dns_stream.c). */
-static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, __u64 tables, struct sd_dest *d,
+static __always_inline int sd_answer_begin(struct sd_msgbuf *mb, __u64 cgid, __u32 tables, struct sd_dest *d,
                                            struct sd_scratch *s)
 {
     __u8 hdr[SD_DNS_HDR];
@@ -796,7 +796,7 @@ static __always_inline void sd_record_cut(struct sd_scratch *s, __u32 name_id)
 #include "dns_rx.h"
 
 /* The walk's resolver, cgroup and budget into s, then the question (sd_dns_begin). */
-static __always_inline void sd_answer_walk(struct __sk_buff *skb, struct sd_scratch *s, __u64 cgid, __u64 tables,
+static __always_inline void sd_answer_walk(struct __sk_buff *skb, struct sd_scratch *s, __u64 cgid, __u32 tables,
                                            struct sd_dest *d)
 {
     s->cgid = cgid;
@@ -898,7 +898,7 @@ static __always_inline int sd_walk_answers(struct __sk_buff *skb, struct sd_msgb
 static __always_inline int sd_learn_answer(struct sd_msgbuf *mb, struct sd_scratch *s)
 {
     __u64 cgid = s->cgid;
-    __u64 tables = s->tables;
+    __u32 tables = s->tables;
     s->l_drop = 0;
     if (s->cut)
         sd_record_cut(s, s->name_id);
@@ -948,7 +948,7 @@ static __always_inline int sd_block_answer(struct __sk_buff *skb, struct sd_msgb
     sd_record_who(s->cgid, s->tables, &d, &why, audit ? SD_EV_WOULD_BLOCK : SD_EV_BLOCKED, SD_KIND_DNS, &s->who);
     if (audit)
         return 0;
-    __u64 tables = s->tables;
+    __u32 tables = s->tables;
     void *q = cg_refusals.lookup(&tables);
     __u32 pslot = SD_PKT_INGRESS; /* this packet's parse (sd_dns_ingress): its local port */
     struct sd_pkt *p = pktscratch.lookup(&pslot);

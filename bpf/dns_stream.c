@@ -93,7 +93,7 @@ int sd_stream_sockops(struct bpf_sock_ops *skops)
 
 /* Parse the question name of the query whose DNS header is at offset 2 of msg (len bytes
  * of message) and judge it into s. Returns the name's wire length, 0 when unparseable. */
-static __always_inline __u32 sd_msg_qname(struct sk_msg_md *msg, __u64 tables, __u32 len, struct sd_scratch *s)
+static __always_inline __u32 sd_msg_qname(struct sk_msg_md *msg, __u32 tables, __u32 len, struct sd_scratch *s)
 {
     __u32 n = len > 12 + SD_NAME_BUF ? 12 + SD_NAME_BUF : len;
     if (bpf_msg_pull_data(msg, 2, 2 + n, 0))

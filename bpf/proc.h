@@ -144,7 +144,7 @@ static __always_inline void sd_capture_exe(__u64 mm, struct sd_proc *p)
 
 #if defined(SD_OFF_TASK_MM) && defined(SD_OFF_MM_ARG_START) && defined(SD_OFF_MM_ARG_END) && \
     defined(SD_OFF_TASK_REAL_PARENT) && defined(SD_OFF_TASK_TGID) && defined(SD_OFF_TASK_COMM)
-static __always_inline void sd_capture_proc(__u64 cgid, __u64 tables, __u32 tgid, __u64 pstart)
+static __always_inline void sd_capture_proc(__u64 cgid, __u32 tables, __u32 tgid, __u64 pstart)
 {
     void *procs = cg_procs.lookup(&tables);
     if (!procs)
@@ -195,7 +195,7 @@ static __always_inline void sd_capture_proc(__u64 cgid, __u64 tables, __u32 tgid
     }
 }
 #else
-static __always_inline void sd_capture_proc(__u64 cgid, __u64 tables, __u32 tgid, __u64 pstart) {}
+static __always_inline void sd_capture_proc(__u64 cgid, __u32 tables, __u32 tgid, __u64 pstart) {}
 #endif
 
 #endif /* SD_PROC_H */

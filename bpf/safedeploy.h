@@ -95,7 +95,8 @@ struct sd_dest {
 struct sd_why {
     __u16 rule;         /* rule index, or SD_RULE_* */
     __u8 flags;         /* SD_EVF_* */
-    __u8 pad;
+    __u8 unlisted;      /* 1: the address was learned (TTL not passed) from a lookup of a name
+                         * no rule covers: a refusal by the default has its own errno */
     __u32 name_id;      /* the name the address was learned from (qnames id), or 0 */
     __u32 target_id;    /* the denied CNAME target behind a deny, or 0 */
 };
@@ -118,7 +119,7 @@ static __always_inline struct sd_name_val *sd_better_name(struct sd_name_val *a,
 /* The name rule deciding a connection to an address learned from the name q: the most
  * specific rule for (proto, port) or for (proto, any port). The trie key is built in the
  * caller's per-CPU scratch slot (too big for the stack). */
-static __always_inline int sd_name_verdict(__u64 tables, struct sd_name_key *q, __u8 proto, __u16 port,
+static __always_inline int sd_name_verdict(__u32 tables, struct sd_name_key *q, __u8 proto, __u16 port,
                                            __u32 slot, struct sd_name_val *out)
 {
     void *names = cg_names.lookup(&tables);
@@ -143,7 +144,7 @@ static __always_inline int sd_name_verdict(__u64 tables, struct sd_name_key *q, 
  * slot. */
 static __always_inline __u8 sd_decide(struct sd_cgroup *pol, struct sd_dest *d, __u32 slot, struct sd_why *why)
 {
-    __u64 tables = pol->tables;
+    __u32 tables = pol->tables;
     struct sd_addr a = {};
     __builtin_memcpy(a.addr, d->addr, sizeof(a.addr));
     if (pol->has_resolvers && d->port == 53) {
@@ -181,6 +182,7 @@ static __always_inline __u8 sd_decide(struct sd_cgroup *pol, struct sd_dest *d, 
             nv.verdict = SD_DENY;
             have_name = 1;
         } else {
+            why->unlisted = l->rule == SD_RULE_DEFAULT; /* the question matched no rule */
             __u32 id = l->name_id;
             void *qnames = cg_qnames.lookup(&tables);
             struct sd_name_key *q = qnames ? bpf_map_lookup_elem(qnames, &id) : 0;
@@ -236,7 +238,7 @@ static __always_inline int sd_current_in(__u64 cgid)
  * cgroup, in its table set `tables`) while its quota lasts. who: the process an answer's
  * query came from; self: the current task, already read by a program judging its own
  * syscall; neither: the current task if it belongs to the cgroup, else no process. */
-static __always_inline void sd_record_as(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
+static __always_inline void sd_record_as(__u64 cgid, __u32 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
                                          __u8 kind, struct sd_pending_val *who, struct sd_self *self)
 {
     struct sd_cgstats *st = cgstats.lookup(&cgid);
@@ -332,13 +334,13 @@ static __always_inline void sd_record_as(__u64 cgid, __u64 tables, struct sd_des
     }
 }
 
-static __always_inline void sd_record_who(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
+static __always_inline void sd_record_who(__u64 cgid, __u32 tables, struct sd_dest *d, struct sd_why *why, __u8 ev,
                                           __u8 kind, struct sd_pending_val *who)
 {
     sd_record_as(cgid, tables, d, why, ev, kind, who, 0);
 }
 
-static __always_inline void sd_record(__u64 cgid, __u64 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
+static __always_inline void sd_record(__u64 cgid, __u32 tables, struct sd_dest *d, struct sd_why *why, __u8 ev, __u8 kind)
 {
     sd_record_as(cgid, tables, d, why, ev, kind, 0, 0);
 }

@@ -50,9 +50,9 @@ static __always_inline int sd_sock_addr(struct bpf_sock_addr *ctx, struct sd_des
     __u8 verdict = sd_decide_as(pol, d, sd_judged_proto(pol, proto), SD_SCRATCH_SOCK, &why);
     int ret = sd_verdict_return_as(cgid, pol, d, verdict, &why, kind, &self);
     /* connect_error: the refusal's errno (else EPERM); an address only an unlisted name
-     * resolved to (no rule covers it, the default denies it) has its own */
+     * resolved to (no rule covers the name, the default denies the address) has its own */
     __u32 err = pol->connect_errno;
-    if (why.rule == SD_RULE_DEFAULT && why.name_id && !(why.flags & SD_EVF_EXPIRED))
+    if (why.rule == SD_RULE_DEFAULT && why.unlisted)
         err = pol->unlisted_errno;
     if (!ret && err && err < 4096)
         bpf_set_retval(-(int)err);

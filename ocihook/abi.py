@@ -3,6 +3,7 @@ from . import cdata
 
 # constants
 SD_MAX_DEPTH = 16
+SD_MAX_TABLES = 16384
 SD_RULE_DEFAULT = 0xffff
 SD_RULE_RESOLVERS = 0xfffe
 SD_RULE_MALFORMED = 0xfffd
@@ -86,8 +87,7 @@ class Cgroup(cdata.Structure):
         ("connect_errno", cdata.c_uint32),
         ("protos", cdata.c_uint8 * 32),
         ("unlisted_errno", cdata.c_uint32),
-        ("pad", cdata.c_uint32),
-        ("tables", cdata.c_uint64),
+        ("tables", cdata.c_uint32),
     ]
 
 
@@ -292,7 +292,7 @@ class Proc(cdata.Structure):
 
 # struct -> (size, {field: (offset, size)}) as C lays it out
 LAYOUT = {
-    "sd_cgroup": (64, {'mode': (0, 1), 'dflt': (1, 1), 'has_resolvers': (2, 1), 'name_denies': (3, 1), 'allow_raw': (4, 1), 'unlisted': (5, 1), 'allow_srcroute': (6, 1), 'serve_dns': (7, 1), 'min_ttl': (8, 4), 'connect_errno': (12, 4), 'protos': (16, 32), 'unlisted_errno': (48, 4), 'pad': (52, 4), 'tables': (56, 8)}),
+    "sd_cgroup": (56, {'mode': (0, 1), 'dflt': (1, 1), 'has_resolvers': (2, 1), 'name_denies': (3, 1), 'allow_raw': (4, 1), 'unlisted': (5, 1), 'allow_srcroute': (6, 1), 'serve_dns': (7, 1), 'min_ttl': (8, 4), 'connect_errno': (12, 4), 'protos': (16, 32), 'unlisted_errno': (48, 4), 'tables': (52, 4)}),
     "sd_cgstats": (80, {'allowed': (0, 8), 'blocked': (8, 8), 'would_block': (16, 8), 'events_dropped': (24, 8), 'blocked_dropped': (32, 8), 'learned_new': (40, 8), 'pending_new': (48, 8), 'names_new': (56, 8), 'procs_new': (64, 8), 'pending_busy': (72, 8)}),
     "sd_cidr_key": (24, {'prefixlen': (0, 4), 'proto': (4, 1), 'pad': (5, 1), 'port': (6, 2), 'addr': (8, 16)}),
     "sd_cidr_val": (4, {'rule': (0, 2), 'verdict': (2, 1), 'plen': (3, 1)}),

@@ -43,8 +43,8 @@ def compile_policy(policy: "Policy") -> dict:
         "allow_srcroute": policy.source_routes == "allow",
         "serve_dns": policy.serve_dns == "allow",
         "connect_errno": CONNECT_ERRNOS[policy.connect_error],
-        # a connect the default refuses to an address a lookup taught (a name no rule covers
-        # for that port): "no route to host", which GNU wget does not retry (EPERM: 20 tries)
+        # a connect the default refuses to an address only an unlisted name (no rule covers
+        # it) resolved to: "no route to host", which GNU wget does not retry (EPERM: 20 tries)
         "unlisted_errno": CONNECT_ERRNOS[policy.connect_error] or errno.EHOSTUNREACH,
         "protocols": list(policy.protocols),
     }

@@ -29,6 +29,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "cgstats": (U64, Cgstats),
     "stats": (U32, U64),
     "spares": (U64, U8),
+    "slots": (U32, U8),
 }
 RINGBUFS = ("live",)  # pinned like the maps, read by `safedeploy watch`
 # DNS over TCP (bpf/dns_stream.h), pinned like the maps: the dns_socks sockhash holds the
@@ -184,15 +185,29 @@ class PinnedMaps:
                                  info["flags"], f"sd_{name}")
 
     # -- table sets (the per-cgroup maps) ---------------------------------------
+    def _claim_slot(self) -> int:
+        """A free slot of the outer arrays, claimed: inserting it into `slots` is the claim
+        (one taker wins). Slots are tried at random; 64 tries find one unless nearly all of
+        the SD_MAX_TABLES are taken (as many as policed cgroups can be)."""
+        for _ in range(64):
+            slot = 1 + int.from_bytes(os.urandom(4), "little") % (C["SD_MAX_TABLES"] - 1)
+            try:
+                bpfsys.map_update(self.fds["slots"], U32(slot), U8(1), bpfsys.BPF_NOEXIST)
+                return slot
+            except bpfsys.BpfError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+        raise bpfsys.BpfError(errno.E2BIG, "no free table slot: too many policed cgroups")
+
     def _make_tables(self) -> int:
-        """A new, empty set of per-cgroup maps under a new table key (random, top bit set:
-        never a cgroup id). Waits for an RCU grace period per outer map, in parallel."""
-        key = int.from_bytes(os.urandom(8), "little") | 1 << 63
+        """A new, empty set of per-cgroup maps in a newly claimed slot of the outer arrays.
+        Waits for an RCU grace period per outer map, in parallel."""
+        key = self._claim_slot()
         fds: dict[str, int] = {}
         try:
             for name, (_, _, _, quota) in INNER.items():
                 fds[name] = self._create_inner(name, RULES_QUOTA if quota is None else quota)
-            _parallel([(bpfsys.map_update, self.fds[f"cg_{name}"], U64(key), U32(fd), bpfsys.BPF_NOEXIST)
+            _parallel([(bpfsys.map_update, self.fds[f"cg_{name}"], U32(key), U32(fd), bpfsys.BPF_ANY)
                        for name, fd in fds.items()])
         except Exception:
             self._drop_tables(key)
@@ -203,9 +218,12 @@ class PinnedMaps:
         return key
 
     def _drop_tables(self, key: int) -> int:
-        """Remove a table set from the outer maps. When this returns, no program still uses
-        it (each delete waits for an RCU grace period). Returns the entries removed."""
-        return sum(_parallel([(bpfsys.map_delete, self.fds[f"cg_{name}"], U64(key)) for name in INNER]))
+        """Remove a table set from the outer maps, then free its slot. When this returns, no
+        program still uses it (each delete waits for an RCU grace period). Returns the
+        entries removed."""
+        removed = sum(_parallel([(bpfsys.map_delete, self.fds[f"cg_{name}"], U32(key)) for name in INNER]))
+        bpfsys.map_delete(self.fds["slots"], U32(key))
+        return removed
 
     def spares(self) -> list[int]:
         """The table keys of the emptied sets ready for the next policies."""
@@ -215,7 +233,7 @@ class PinnedMaps:
         """Keys of table sets that neither a policy header names nor the spares hold: a
         start killed between taking or making a set and writing its header, or a release
         killed while making a spare (or either of them still at work)."""
-        keys = {k.value for name in INNER for k in bpfsys.map_keys(self.fds[f"cg_{name}"], U64)}
+        keys = {k.value for k in bpfsys.map_keys(self.fds["slots"], U32)}
         return keys - {h.tables for h in self.policed_cgroups().values()} - set(self.spares())
 
     def _spares_lock(self):
@@ -346,7 +364,7 @@ class PinnedMaps:
 
     def _inner_of_key(self, key: int, name: str) -> int | None:
         map_id = U32()
-        if not bpfsys.map_lookup(self.fds[f"cg_{name}"], U64(key), map_id):
+        if not bpfsys.map_lookup(self.fds[f"cg_{name}"], U32(key), map_id):
             return None
         try:
             return bpfsys.map_fd_by_id(map_id.value)
@@ -487,9 +505,9 @@ class PinnedMaps:
         return out
 
     def fill(self) -> dict[str, tuple[int, int]]:
-        """(entries, max_entries) of the shared maps."""
+        """(entries, max_entries) of the shared maps (slots: the table sets in use)."""
         out = {}
-        for name in ("cgroups", "cgstats"):
+        for name in ("cgroups", "cgstats", "slots"):
             n = len(bpfsys.map_keys(self.fds[name], MAPS[name][0]))
             out[name] = (n, bpfsys.map_info(self.fds[name])["max_entries"])
         return out
