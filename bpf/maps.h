@@ -25,7 +25,7 @@ BPF_HASH(cgstats, __u64, struct sd_cgstats, 16384);
 BPF_HASH(spares, __u64, __u8, 64);
 /* the table slots in use, a set each (made, spare or a policy's): inserting the key claims
  * the slot, deleting it after the set is gone frees it (userspace only) */
-BPF_HASH(slots, __u32, __u8, SD_MAX_TABLES);
+BPF_F_TABLE("hash", __u32, __u8, slots, SD_MAX_TABLES, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(stats, __u64, SD_NSTATS);
 BPF_RINGBUF_OUTPUT(live, 64);
 

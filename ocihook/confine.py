@@ -165,6 +165,58 @@ def drop_capabilities(names) -> None:
     _check(c.capset(ctypes.byref(hdr), data), "capset")
 
 
+# -- no new user namespaces (seccomp) ---------------------------------------------------
+# A user namespace needs no capability to make, and gives its creator every capability over
+# the namespaces it then makes: CAP_NET_RAW over a network namespace of its own is enough to
+# inject a forged DNS answer there (AF_PACKET), which the cgroup's programs would learn from
+# (found by an attacker). So a run whose capabilities are dropped cannot make one: unshare(2)
+# and clone(2) with CLONE_NEWUSER fail with EPERM, clone3(2) (whose flags a filter cannot
+# read) with ENOSYS, which makes glibc fall back to clone(2); x32 system calls with ENOSYS.
+CLONE_NEWUSER = 0x10000000
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
+# audit arch -> (unshare, clone, clone3, x32 bit or 0)
+_USERNS_CALLS = {0xC000003E: (272, 56, 435, 0x40000000),   # x86_64
+                 0x40000003: (310, 120, 435, 0),            # i386 (compat, int 0x80)
+                 0xC00000B7: (97, 220, 435, 0)}             # aarch64
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def userns_filter() -> list[tuple[int, int, int, int]]:
+    """The classic BPF program: (code, jt, jf, k) each. Reads struct seccomp_data: nr at 0,
+    arch at 4, the first argument's low 32 bits at 16 (little-endian)."""
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
+    errno_ = _RET_ERRNO
+    prog: list[tuple[int, int, int, int]] = [(ld, 0, 0, 4)]
+    for arch, (unshare_nr, clone_nr, clone3_nr, x32) in _USERNS_CALLS.items():
+        body = [(ld, 0, 0, 0)]
+        if x32:
+            body += [(jset, 0, 1, x32), (ret, 0, 0, errno_ | 38)]           # ENOSYS
+        body += [(jeq, 0, 1, clone3_nr), (ret, 0, 0, errno_ | 38),          # ENOSYS
+                 (jeq, 1, 0, unshare_nr), (jeq, 0, 3, clone_nr),
+                 (ld, 0, 0, 16), (jset, 0, 1, CLONE_NEWUSER), (ret, 0, 0, errno_ | 1),   # EPERM
+                 (ret, 0, 0, _RET_ALLOW)]
+        prog += [(jeq, 0, len(body), arch)] + body
+    prog.append((ret, 0, 0, _RET_ALLOW))
+    return prog
+
+
+def forbid_user_namespaces() -> None:
+    """Install userns_filter() for this process and what it runs (needs CAP_SYS_ADMIN, or
+    no_new_privs, which would break setuid programs: call it before dropping capabilities)."""
+    prog = userns_filter()
+    arr = (_SockFilter * len(prog))(*(_SockFilter(*ins) for ins in prog))
+    fprog = _SockFprog(len(prog), arr)
+    _check(_c().prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "seccomp")
+
+
 def confine(cgroup_path: str, drop: list[str], hide: list[str] = (), readonly: list[str] = ()) -> None:
     """All of it, in the child between fork and exec (hide: paths to cover with /dev/null;
     readonly: paths to make read-only, when CAP_SYS_ADMIN is dropped: a command keeping it
@@ -180,6 +232,8 @@ def confine(cgroup_path: str, drop: list[str], hide: list[str] = (), readonly: l
             nss.hide_sockets(list(hide))
         if readonly and "CAP_SYS_ADMIN" in drop:
             make_readonly(readonly)
+        if drop:
+            forbid_user_namespaces()
         drop_capabilities(drop)
     except Exception as e:  # noqa: BLE001 — whatever it was, the command must not run
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or e.__class__.__name__

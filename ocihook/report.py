@@ -100,8 +100,11 @@ def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str 
     path = Path(path)
     old = None
     if path.exists():
-        old = load_summary(path) or {}
-        records = load(path) + records
+        # a file the policed command could have written (found by an attacker: a planted
+        # summary of -1 blocked made --fail-on-violation exit 0): counts that are not
+        # positive integers are not merged, so nothing there can lower the kernel's counts
+        old = {k: v for k, v in (load_summary(path) or {}).items() if not _bad_count(v)}
+        records = [r for r in load(path) if _count_ok(r.get("count"))] + records
         dropped += old.get("events_dropped", 0)
         kept = {k: v for k, v in old.items() if k not in summarize([]) and k != "quota"}
         extra = {**kept, **(extra or {})}
@@ -110,6 +113,15 @@ def write(records: Iterable[dict], path: Path, dropped: int = 0, container: str 
                             separators=(",", ":")))
     write_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def _count_ok(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _bad_count(v) -> bool:
+    """A number that cannot be a count (negative, fractional, a bool in a count's place)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or v != int(v))
 
 
 def find(target: str, log_dir: str) -> Path:

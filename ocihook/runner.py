@@ -35,8 +35,8 @@ class RunResult:
     def violations(self) -> int:
         """Blocked and would-block decisions: the kernel's exact counts (the summary), not
         only those whose details fit in the report."""
-        detailed = sum(r["count"] for r in self.records if r["verdict"] != "allowed")
-        return max(detailed, self.summary.get("blocked", 0) + self.summary.get("would_block", 0))
+        detailed = sum(r["count"] for r in self.records if r["verdict"] != "allowed" and r["count"] > 0)
+        return max(detailed, max(0, self.summary.get("blocked", 0)) + max(0, self.summary.get("would_block", 0)))
 
 
 def kept_capabilities(policy: "Policy", keep=()) -> list[str]:

@@ -140,3 +140,68 @@ def test_a_cgroup_deeper_than_the_programs_look_is_refused_whole(pins, tmp_path)
             if p.is_dir():
                 p.rmdir()
         top.rmdir()
+
+
+PLANT = r"""
+import json, socket, sys
+path = sys.argv[1]
+rec = {"verdict": "blocked", "kind": "connect", "proto": "tcp", "family": 4, "dst_ip": "127.0.0.2", "dst_port": 1,
+       "rule": "default", "count": -1, "pid": 1}
+same = dict(rec, dst_port=9, rule="127.0.0.2/32", count=-5)
+summ = {"summary": True, "blocked": -1, "would_block": -3.5, "allowed": 0, "events_dropped": 0}
+open(path, "w").write("\n".join(json.dumps(x) for x in (rec, same, summ)) + "\n")
+s = socket.socket()
+print(s.connect_ex(("127.0.0.2", 9)))
+"""
+
+
+def test_a_report_planted_by_the_command_cannot_cancel_its_violations(tmp_path):
+    """Found by an attacker: the command wrote the --report file first, with negative counts,
+    and the merge made --fail-on-violation exit 0 after a blocked connect."""
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    rep = tmp_path / "r.jsonl"
+    res = safedeploy("run", "--policy", str(pol), "--fail-on-violation", "--report", str(rep), "--",
+                     sys.executable, "-c", PLANT, str(rep))
+    assert res.returncode == 3, (res.stdout, res.stderr)
+    summary = report.load_summary(rep)
+    assert summary["blocked"] == 1 and summary["would_block"] == 0
+    assert all(r["count"] > 0 for r in report.load(rep))
+
+
+USERNS = r"""
+import ctypes, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def errno_of(rc):
+    return "ok" if rc == 0 else os.strerror(ctypes.get_errno())
+out = {"unshare": errno_of(libc.unshare(0x10000000)),                          # CLONE_NEWUSER
+       "unshare_net": errno_of(libc.unshare(0x10000000 | 0x40000000)),         # with CLONE_NEWNET
+       "clone3": errno_of(libc.syscall(435, 0, 0))}
+pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)                           # clone(CLONE_NEWUSER|SIGCHLD)
+if pid == 0:
+    os._exit(0)
+out["clone"] = "ok" if pid > 0 else os.strerror(ctypes.get_errno())
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+out["thread"] = "ok"
+out["fork"] = subprocess.run(["true"]).returncode
+out["tool"] = subprocess.run(["unshare", "-U", "-r", "-n", "true"], capture_output=True, text=True).returncode
+print(out)
+"""
+
+
+def test_a_run_cannot_make_a_user_namespace(tmp_path):
+    """Found by an attacker: in a user namespace of its own a command regains CAP_NET_RAW over
+    a network namespace of its own, and forged a DNS answer there (AF_PACKET) that the
+    programs learned from. unshare/clone with CLONE_NEWUSER fail with EPERM, clone3 with ENOSYS
+    (glibc falls back to clone); threads and processes still start."""
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY)
+    res = safedeploy("run", "--policy", str(pol), "--", sys.executable, "-c", USERNS)
+    assert res.returncode == 0, res.stderr
+    out = eval(res.stdout.strip().splitlines()[-1])  # noqa: S307 — our own script's dict
+    assert out == {"unshare": "Operation not permitted", "unshare_net": "Operation not permitted",
+                   "clone3": "Function not implemented", "clone": "Operation not permitted",
+                   "thread": "ok", "fork": 0, "tool": 1}, out
+    # outside a run, the same script makes its namespaces (the filter is the run's)
+    outside = subprocess.run([sys.executable, "-c", USERNS], capture_output=True, text=True)
+    assert "'unshare': 'ok'" in outside.stdout, outside.stdout
