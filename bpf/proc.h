@@ -6,13 +6,12 @@
 #define SD_PROC_H
 
 #if defined(SD_OFF_TASK_GROUP_LEADER) && defined(SD_OFF_TASK_START_TIME)
-/* Start time of the current thread group's leader: with the tgid, it names one process
+/* Start time of a task's thread-group leader: with the tgid, it names one process
  * for the life of the machine (pids are reused, start times are not). */
-static __always_inline __u64 sd_current_pstart(void)
+static __always_inline __u64 sd_task_pstart(void *task)
 {
     /* a BTF pointer: plain loads, checked by the verifier against the kernel's types (two
      * bpf_probe_read_kernel calls cost about a third of an allowed connect's program) */
-    void *task = bpf_get_current_task_btf();
     void *leader;
     __u64 start;
     if (!task)
@@ -23,6 +22,8 @@ static __always_inline __u64 sd_current_pstart(void)
     asm volatile("%0 = *(u64 *)(%1 + %2)" : "=r"(start) : "r"(leader), "i"(SD_OFF_TASK_START_TIME));
     return start;
 }
+
+static __always_inline __u64 sd_current_pstart(void) { return sd_task_pstart(bpf_get_current_task_btf()); }
 #else
 static __always_inline __u64 sd_current_pstart(void) { return 0; }
 #endif
@@ -53,12 +54,7 @@ static __always_inline void sd_self_current(struct sd_self *s)
         return;
     asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(pid) : "r"(task), "i"(SD_OFF_TASK_TGID));
     s->pid = pid;
-    /* task->group_leader->start_time, as sd_current_pstart */
-    asm volatile("%0 = *(u64 *)(%1 + %2)" : "=r"(p) : "r"(task), "i"(SD_OFF_TASK_GROUP_LEADER));
-    if (p) {
-        asm volatile("%0 = *(u64 *)(%1 + %2)" : "=r"(v) : "r"(p), "i"(SD_OFF_TASK_START_TIME));
-        s->pstart = v;
-    }
+    s->pstart = sd_task_pstart(task);
     /* task->cgroups->dfl_cgrp->kn->id: what bpf_get_current_cgroup_id() returns */
     asm volatile("%0 = *(u64 *)(%1 + %2)" : "=r"(p) : "r"(task), "i"(SD_OFF_TASK_CGROUPS));
     if (!p)

@@ -25,6 +25,7 @@ docs/security.md ("Leaving the cgroup") explains each choice.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from . import caps, cgroup
@@ -193,15 +194,15 @@ def userns_filter() -> list[tuple[int, int, int, int]]:
     """The classic BPF program: (code, jt, jf, k) each. Reads struct seccomp_data: nr at 0,
     arch at 4, the first argument's low 32 bits at 16 (little-endian)."""
     ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
-    errno_ = _RET_ERRNO
+    enosys, eperm = _RET_ERRNO | errno.ENOSYS, _RET_ERRNO | errno.EPERM
     prog: list[tuple[int, int, int, int]] = [(ld, 0, 0, 4)]
     for arch, (unshare_nr, clone_nr, clone3_nr, x32) in _USERNS_CALLS.items():
         body = [(ld, 0, 0, 0)]
         if x32:
-            body += [(jset, 0, 1, x32), (ret, 0, 0, errno_ | 38)]           # ENOSYS
-        body += [(jeq, 0, 1, clone3_nr), (ret, 0, 0, errno_ | 38),          # ENOSYS
+            body += [(jset, 0, 1, x32), (ret, 0, 0, enosys)]
+        body += [(jeq, 0, 1, clone3_nr), (ret, 0, 0, enosys),
                  (jeq, 1, 0, unshare_nr), (jeq, 0, 3, clone_nr),
-                 (ld, 0, 0, 16), (jset, 0, 1, CLONE_NEWUSER), (ret, 0, 0, errno_ | 1),   # EPERM
+                 (ld, 0, 0, 16), (jset, 0, 1, CLONE_NEWUSER), (ret, 0, 0, eperm),
                  (ret, 0, 0, _RET_ALLOW)]
         prog += [(jeq, 0, len(body), arch)] + body
     prog.append((ret, 0, 0, _RET_ALLOW))
